@@ -1,0 +1,43 @@
+# CytoNode: `make demo` runs the main job, `make test` the whole suite.
+# Both work on a fresh machine: they create .venv, install the package with its
+# test extras and, as root, the Debian packages the tests use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEBS := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-wsi redis-server libturbojpeg0 chromium
+
+.PHONY: demo test deps debs bench-ingest clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	touch $@
+
+debs:
+	@missing=""; \
+	for p in $(DEBS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  else \
+	    echo "missing Debian packages:$$missing (run make as root, or install them)" >&2; \
+	  fi; \
+	fi
+
+deps: debs $(BIN)/.installed
+
+test: deps
+	$(BIN)/pytest
+
+demo: deps
+	$(BIN)/cytonode demo --exit
+
+bench-ingest: deps
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,108 @@
+"""The class-conditional denoising diffusion model (CytoDiffusion, small).
+
+The model is a diffusers :class:`~diffusers.UNet2DModel` with one class
+embedding per cell class and a diffusers DDPM noise scheduler, in pixel space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from analysis.classes import CLASS_NAMES
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and noise schedule of the diffusion model.
+
+    Parameters
+    ----------
+    image_size:
+        Side of the square RGB input in pixels.
+    block_out_channels:
+        Channels of each UNet resolution level.
+    layers_per_block:
+        ResNet layers in each down block.
+    attention_levels:
+        Indices of the levels that use self-attention.
+    num_train_timesteps:
+        Length of the DDPM noise schedule.
+    beta_schedule:
+        diffusers name of the beta schedule.
+    """
+
+    image_size: int = 48
+    block_out_channels: tuple[int, ...] = (16, 32, 64, 128)
+    layers_per_block: int = 1
+    attention_levels: tuple[int, ...] = (3,)
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    class_names: tuple[str, ...] = CLASS_NAMES
+
+    def __post_init__(self) -> None:
+        levels = len(self.block_out_channels)
+        if levels < 2:
+            raise ValueError("block_out_channels needs at least two levels")
+        if self.image_size % (2 ** (levels - 1)) != 0:
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by 2**{levels - 1}"
+            )
+        if any(not 0 <= i < levels for i in self.attention_levels):
+            raise ValueError("attention_levels must index block_out_channels")
+        if any(c % min(32, self.block_out_channels[0]) for c in self.block_out_channels):
+            raise ValueError("every block_out_channels entry must be divisible by the first (max 32)")
+        if self.num_train_timesteps < 10:
+            raise ValueError("num_train_timesteps must be at least 10")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        raw: dict[str, Any] = json.loads(text)
+        for key in ("block_out_channels", "attention_levels", "class_names"):
+            raw[key] = tuple(raw[key])
+        return cls(**raw)
+
+
+def build_unet(config: ModelConfig) -> UNet2DModel:
+    """Build the class-conditional UNet described by ``config``."""
+    levels = len(config.block_out_channels)
+    down = tuple(
+        "AttnDownBlock2D" if i in config.attention_levels else "DownBlock2D"
+        for i in range(levels)
+    )
+    up = tuple(
+        "AttnUpBlock2D" if (levels - 1 - i) in config.attention_levels else "UpBlock2D"
+        for i in range(levels)
+    )
+    return UNet2DModel(
+        sample_size=config.image_size,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=config.layers_per_block,
+        block_out_channels=config.block_out_channels,
+        down_block_types=down,
+        up_block_types=up,
+        num_class_embeds=len(config.class_names),
+        norm_num_groups=min(32, config.block_out_channels[0]),  # divides every level
+        attention_head_dim=32,
+    )
+
+
+def build_scheduler(config: ModelConfig) -> DDPMScheduler:
+    """Build the DDPM noise scheduler used in training and classification."""
+    return DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        prediction_type="epsilon",
+    )
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,56 @@
+"""Loading the PBC single-cell dataset (Acevedo et al. 2020, CC BY 4.0)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from analysis.classes import CLASS_NAMES
+from analysis.errors import DatasetError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledImages:
+    """Images as ``uint8`` array ``(N, H, W, 3)`` with class indices ``(N,)``."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    paths: tuple[str, ...]
+
+
+def read_split(root: Path, split: str) -> list[tuple[str, int]]:
+    """Relative paths and class indices of one split of ``splits.csv``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    table = root / "splits.csv"
+    if not table.is_file():
+        raise DatasetError(f"{table} not found: is {root} the PBC folder?")
+    rows: list[tuple[str, int]] = []
+    with table.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["split"] == split:
+                rows.append((row["path"], CLASS_NAMES.index(row["label"])))
+    return rows
+
+
+def load_images(
+    root: Path, rows: list[tuple[str, int]], size: int, *, progress: bool = False
+) -> LabelledImages:
+    """Decode and resize the listed images to ``size`` x ``size`` RGB."""
+    images = np.empty((len(rows), size, size, 3), dtype=np.uint8)
+    for i, (rel, _) in enumerate(rows):
+        with Image.open(root / rel) as im:
+            images[i] = np.asarray(
+                im.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+            )
+        if progress and (i + 1) % 2000 == 0:
+            print(f"loaded {i + 1}/{len(rows)} images", file=sys.stderr, flush=True)
+    labels = np.array([label for _, label in rows], dtype=np.int64)
+    return LabelledImages(images, labels, tuple(rel for rel, _ in rows))

@@ -1,0 +1,195 @@
+"""Training of the diffusion classifier and of the discriminative baseline.
+
+Training is resumable: every ``checkpoint_every`` steps the model, its EMA
+copy, the optimiser and the step count are written atomically to ``out_dir``;
+running the same command again continues from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from analysis.augment import augment
+from analysis.errors import CheckpointError
+from analysis.model import ModelConfig, build_scheduler, build_unet, count_parameters
+from analysis.pbc import load_images, read_split
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.safetensors"
+OPTIMIZER = "optimizer.pt"
+STATE = "train_state.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train the diffusion model.
+
+    Parameters
+    ----------
+    data_dir:
+        The PBC folder (with ``splits.csv``).
+    out_dir:
+        Where checkpoints and the final weights go.
+    steps:
+        Total optimiser steps (a resumed run stops at the same total).
+    """
+
+    data_dir: Path
+    out_dir: Path
+    steps: int = 20000
+    batch_size: int = 64
+    learning_rate: float = 2e-4
+    warmup_steps: int = 500
+    ema_decay: float = 0.999
+    seed: int = 0
+    device: str = "cpu"
+    bf16: bool = False
+    checkpoint_every: int = 250
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError("steps must be positive")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be positive")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError("ema_decay must lie in (0, 1)")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError("device must be 'cpu' or 'cuda'")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but CUDA is not available")
+
+
+def _atomic_save(write: "callable[[Path], None]", path: Path) -> None:  # type: ignore[valid-type]
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _balanced_sampler(labels: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+    counts = np.bincount(labels)
+    weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.float64)
+    return weights
+
+
+def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, float]:
+    """Train (or continue training) the class-conditional diffusion model.
+
+    Returns
+    -------
+    dict
+        Summary: steps done, wall time, final loss.
+    """
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    out = train.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(train.device)
+    generator = torch.Generator("cpu").manual_seed(train.seed)
+
+    model = build_unet(model_config).to(device)
+    ema = build_unet(model_config).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    scheduler = build_scheduler(model_config)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=0.0)
+    step = 0
+    elapsed_before = 0.0
+    state_path = out / STATE
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        if ModelConfig.from_json(state["model_config"]) != model_config:
+            raise CheckpointError(f"{out} holds a checkpoint of another model configuration")
+        tensors = load_file(str(out / CHECKPOINT))
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        if (out / OPTIMIZER).exists():
+            optimiser.load_state_dict(torch.load(out / OPTIMIZER, map_location=device))
+        step = int(state["step"])
+        elapsed_before = float(state.get("elapsed_s", 0.0))
+        generator.manual_seed(train.seed + step)
+        log.info("resumed from step %d (%.0f s of training so far)", step, elapsed_before)
+    log.info("model: %d parameters, %s", count_parameters(model), model_config.to_json())
+
+    rows = read_split(train.data_dir, "train")
+    data = load_images(train.data_dir, rows, model_config.image_size, progress=True)
+    images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(data.labels)
+    weights = _balanced_sampler(data.labels, generator)
+    log.info("training on %d images of the train split", len(rows))
+
+    alphas = scheduler.alphas_cumprod.to(device)
+    t0 = time.monotonic()
+    start_step = step
+    loss_avg = math.nan
+
+    def save() -> None:
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
+        _atomic_save(lambda p: save_file(tensors, str(p)), out / CHECKPOINT)
+        _atomic_save(lambda p: torch.save(optimiser.state_dict(), p), out / OPTIMIZER)
+        elapsed = elapsed_before + time.monotonic() - t0
+        text = json.dumps({"step": step, "elapsed_s": elapsed, "loss": loss_avg,
+                           "model_config": model_config.to_json(),
+                           "train_config": {k: str(v) for k, v in dataclasses.asdict(train).items()}})
+        _atomic_save(lambda p: p.write_text(text), state_path)
+
+    model.train()
+    while step < train.steps:
+        idx = torch.multinomial(weights, train.batch_size, replacement=True, generator=generator)
+        x = images[idx].float().div_(255.0)
+        x = augment(x, generator, model_config.image_size).mul_(2.0).sub_(1.0).to(device)
+        y = labels[idx].to(device)
+        noise = torch.randn(x.shape, generator=generator).to(device)
+        t = torch.randint(0, model_config.num_train_timesteps, (x.shape[0],), generator=generator).to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x + (1 - a).sqrt() * noise
+        lr = train.learning_rate * min(1.0, (step + 1) / train.warmup_steps)
+        for group in optimiser.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=train.bf16):
+            pred = model(noisy, t, class_labels=y).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        decay = min(train.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1.0 - decay)
+        step += 1
+        value = float(loss.detach())
+        loss_avg = value if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * value
+        if step % 50 == 0 or step == train.steps:
+            rate = (step - start_step) / max(time.monotonic() - t0, 1e-9)
+            eta = (train.steps - step) / max(rate, 1e-9)
+            log.info("step %d/%d loss %.4f  %.2f steps/s  ETA %s", step, train.steps, loss_avg,
+                     rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
+        if step % train.checkpoint_every == 0 or step == train.steps:
+            save()
+    return {"steps": float(step), "elapsed_s": elapsed_before + time.monotonic() - t0, "loss": loss_avg}
+
+
+def export_weights(out_dir: Path, weights_path: Path) -> None:
+    """Write the EMA weights and model configuration of a checkpoint as one safetensors file."""
+    state = json.loads((out_dir / STATE).read_text())
+    tensors = load_file(str(out_dir / CHECKPOINT))
+    ema = {k[4:]: v.to(torch.float32) for k, v in tensors.items() if k.startswith("ema.")}
+    metadata = {"model_config": state["model_config"], "step": str(state["step"]),
+                "elapsed_s": f"{state['elapsed_s']:.0f}"}
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save(lambda p: save_file(ema, str(p), metadata=metadata), weights_path)

@@ -1,0 +1,147 @@
+"""``cytonode serve``: the SCP, the router, the outbox and the embedded worker in one process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from dicom_node.ae import configure_pynetdicom, make_ae
+from dicom_node.jobs import configure_celery, dispatch
+from dicom_node.outbox import deliver_due
+from dicom_node.routing import mark_queued, pending_jobs, route_stable_series
+from dicom_node.settings import Settings
+from dicom_node.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class _Loop(threading.Thread):
+    """Calls ``step`` every ``interval`` seconds until stopped; logs and survives errors."""
+
+    def __init__(self, name: str, step: Callable[[], object], interval: float,
+                 stop: threading.Event) -> None:
+        super().__init__(name=name, daemon=True)
+        self.step, self.interval, self.stop = step, interval, stop
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.step()
+            except Exception:  # a loop edge: log and go on, never kill the node
+                log.exception("%s failed; retrying", self.name)
+            self.stop.wait(self.interval)
+
+
+class Node:
+    """A running node. ``start()`` returns once the SCP listens; ``stop()`` shuts down cleanly."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop_event = threading.Event()
+        configure_pynetdicom(settings)
+        configure_celery(settings)
+        self.store = Store(settings)
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.loops: list[_Loop] = []
+
+    def start(self) -> None:
+        s = self.settings
+        log.info("effective settings: %s", json.dumps(s.redacted(), sort_keys=True))
+        removed = self.store.clean_tmp()
+        if removed:
+            log.warning("removed %d partial files left by an interrupted run", removed)
+        self.ae, handlers = make_ae(s, self.store)
+        self.server = self.ae.start_server((s.bind_address, s.dicom_port), block=False,
+                                           evt_handlers=handlers)
+        port = self.server.server_address[1]
+        log.info("DICOM SCP %s listening on %s:%d", s.ae_title, s.bind_address, port)
+        if s.workers > 0:
+            self._start_worker()
+        self.loops = [
+            _Loop("router", self._route, 0.5, self.stop_event),
+            _Loop("outbox", lambda: deliver_due(self.store, s), 1.0, self.stop_event),
+        ]
+        if s.workers > 0:
+            self.loops.append(_Loop("worker-watch", self._watch_worker, 2.0, self.stop_event))
+        for loop in self.loops:
+            loop.start()
+
+    def _route(self) -> None:
+        s = self.settings
+        route_stable_series(self.store, s.routing_rules, s.stable_age_s)
+        for job_id in pending_jobs(self.store):
+            dispatch(job_id)
+            mark_queued(self.store, job_id)
+            log.info("job %d queued", job_id)
+
+    def _start_worker(self) -> None:
+        cmd = [sys.executable, "-m", "dicom_node.cli", "worker"]
+        self.worker = subprocess.Popen(cmd)
+        log.info("started embedded worker (pid %d)", self.worker.pid)
+
+    def _watch_worker(self) -> None:
+        if self.worker is not None and self.worker.poll() is not None and not self.stop_event.is_set():
+            log.error("embedded worker exited with %s; restarting it", self.worker.returncode)
+            self._start_worker()
+
+    def wait(self) -> None:
+        while not self.stop_event.wait(0.5):
+            pass
+
+    def stop(self) -> None:
+        """Stop accepting, let in-flight associations finish (grace period), stop the rest."""
+        log.info("shutting down")
+        self.stop_event.set()
+        self.server.shutdown()  # stops accepting; running associations go on
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.ae.active_associations:
+            log.warning("aborting %d associations still active after %.0f s",
+                        len(self.ae.active_associations), self.settings.shutdown_grace_s)
+        self.ae.shutdown()
+        for loop in self.loops:
+            loop.join(timeout=self.settings.network_timeout_s)
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.terminate()  # Celery's warm shutdown: finishes the running task
+            try:
+                self.worker.wait(timeout=self.settings.shutdown_grace_s)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+        self.store.close()
+        log.info("stopped")
+
+
+def serve(settings: Settings) -> int:
+    node = Node(settings)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        node.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node.start()
+    node.wait()
+    node.stop()
+    return 0
+
+
+def run_worker(settings: Settings) -> int:
+    """``cytonode worker``: a Celery worker consuming analysis jobs."""
+    app = configure_celery(settings)
+    import dicom_node.jobs  # noqa: F401  (registers the task)
+
+    argv = ["worker", "--loglevel=INFO", f"--concurrency={max(settings.workers, 1)}",
+            "--pool=solo" if settings.workers <= 1 else "--pool=prefork",
+            "-Q", "cytonode", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    app.worker_main(argv)
+    return 0

@@ -1,0 +1,72 @@
+"""The outbox: persistent rows, one per (instance, destination), retried with backoff."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from sqlalchemy import select
+
+from dicom_node.errors import SendRefusedError
+from dicom_node.index import Instance, OutboxItem
+from dicom_node.send import send_instances
+from dicom_node.settings import Destination, Settings
+from dicom_node.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def deliver_due(store: Store, settings: Settings, now: float | None = None) -> int:
+    """Try every outbox row that is due; return how many were delivered."""
+    now = time.time() if now is None else now
+    with store.session() as session:
+        rows = session.execute(
+            select(OutboxItem.id, OutboxItem.destination, Instance.sop_instance_uid,
+                   Instance.sop_class_uid, Instance.transfer_syntax_uid, Instance.path)
+            .join(Instance, Instance.sop_instance_uid == OutboxItem.sop_instance_uid)
+            .where(OutboxItem.state == "pending", OutboxItem.next_attempt_at <= now)
+            .order_by(OutboxItem.id)).all()
+    by_dest: dict[str, list[tuple[int, str, str, str, Path]]] = defaultdict(list)
+    for row_id, dest, sop, sop_class, syntax, rel in rows:
+        by_dest[dest].append((row_id, sop, sop_class, syntax, store.root / rel))
+    delivered = 0
+    for dest_text, items in by_dest.items():
+        destination = Destination.parse(dest_text)
+        ids = {sop: row_id for row_id, sop, *_ in items}
+
+        def mark_sent(sop_uid: str) -> None:
+            nonlocal delivered
+            with store.session() as session:
+                item = session.get(OutboxItem, ids[sop_uid])
+                assert item is not None
+                item.state, item.sent_at = "sent", time.time()
+                item.attempts += 1
+                item.last_error = ""
+                session.commit()
+            delivered += 1
+            log.info("delivered %s to %s", sop_uid, dest_text)
+
+        try:
+            send_instances([(sop, c, s, p) for _, sop, c, s, p in items], destination,
+                           settings.ae_title, timeout_s=settings.network_timeout_s,
+                           on_success=mark_sent)
+        except (SendRefusedError, OSError) as exc:
+            _backoff(store, settings, [i[0] for i in items], str(exc))
+            log.warning("outbox: %s; will retry", exc)
+    return delivered
+
+
+def _backoff(store: Store, settings: Settings, row_ids: list[int], error: str) -> None:
+    with store.session() as session:
+        for row_id in row_ids:
+            item = session.get(OutboxItem, row_id)
+            if item is None or item.state != "pending":
+                continue
+            item.attempts += 1
+            delay = min(settings.outbox_retry_max_s,
+                        settings.outbox_retry_initial_s * 2 ** min(item.attempts - 1, 20))
+            item.next_attempt_at = time.time() + delay
+            item.last_error = error[:1000]
+        session.commit()

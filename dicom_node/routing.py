@@ -1,0 +1,73 @@
+"""Routing: a series is stable after ``stable_age_s`` without a new instance; then the
+rules decide whether it is analysed, and exactly one job is made for it."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from dicom_node.index import Instance, Job, Series
+from dicom_node.settings import RoutingRule
+from dicom_node.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def rule_matches(rule: RoutingRule, series: Series, instances: list[Instance]) -> bool:
+    """True if ``rule`` selects the series (modality, SOP class and ImageType)."""
+    if rule.modality and series.modality != rule.modality:
+        return False
+    for inst in instances:
+        if rule.sop_class_uid and inst.sop_class_uid != rule.sop_class_uid:
+            continue
+        if rule.image_type and rule.image_type not in inst.image_type.split("\\"):
+            continue
+        return True
+    return False
+
+
+def route_stable_series(store: Store, rules: tuple[RoutingRule, ...], stable_age_s: float,
+                        now: float | None = None) -> list[int]:
+    """Make a job for each stable series a rule matches; return the new job ids."""
+    now = time.time() if now is None else now
+    new_jobs: list[int] = []
+    with store.session() as session:
+        stable = session.scalars(select(Series).where(
+            Series.routing.is_(None), Series.last_received_at <= now - stable_age_s)).all()
+        for series in stable:
+            instances = list(session.scalars(select(Instance).where(
+                Instance.series_instance_uid == series.series_instance_uid)).all())
+            if any(rule_matches(rule, series, instances) for rule in rules):
+                job = Job(series_instance_uid=series.series_instance_uid, state="pending")
+                session.add(job)
+                series.routing = "job"
+                try:
+                    session.commit()
+                except IntegrityError:  # another router made it first
+                    session.rollback()
+                    continue
+                new_jobs.append(job.id)
+                log.info("series %s is stable (%d instances): job %d", series.series_instance_uid,
+                         len(instances), job.id)
+            else:
+                series.routing = "ignored"
+                session.commit()
+                log.info("series %s is stable; no routing rule matches", series.series_instance_uid)
+    return new_jobs
+
+
+def pending_jobs(store: Store) -> list[int]:
+    """Jobs made but not yet handed to the broker (e.g. after a crash)."""
+    with store.session() as session:
+        return list(session.scalars(select(Job.id).where(Job.state == "pending")).all())
+
+
+def mark_queued(store: Store, job_id: int) -> None:
+    with store.session() as session:
+        job = session.get(Job, job_id)
+        if job is not None and job.state == "pending":
+            job.state = "queued"
+            session.commit()

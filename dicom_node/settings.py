@@ -1,0 +1,277 @@
+"""The node's settings: one frozen object built once from the environment.
+
+Every value comes from an environment variable prefixed ``CYTONODE_`` or from
+the optional TOML file named by ``CYTONODE_CONFIG`` (environment wins). This is
+the only module that reads :data:`os.environ`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dicom_node.errors import SettingsError
+
+PREFIX = "CYTONODE_"
+_AE_RE = re.compile(r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14})$")  # PS3.5 6.2 AE
+VL_WSM = "1.2.840.10008.5.1.4.1.1.77.1.6"
+
+
+class ReleasePolicyValues(str, enum.Enum):
+    """When results leave the node: at once as preliminary, or only after sign-off."""
+
+    IMMEDIATE = "immediate"
+    FINAL_ONLY = "final-only"
+
+
+class DuplicatePolicyValues(str, enum.Enum):
+    """What to do when a SOP Instance UID arrives again with different content."""
+
+    KEEP = "keep"
+    OVERWRITE = "overwrite"
+
+
+class DeviceValues(str, enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+def check_ae_title(value: str, name: str) -> str:
+    """Return ``value`` if it is a valid AE title (PS3.5 6.2), else raise."""
+    if not _AE_RE.match(value) or value != value.strip():
+        raise SettingsError(f"{name}: {value!r} is not a valid AE title (1-16 characters, no backslash)")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Destination:
+    """A peer that receives what the node creates, written ``AE@host:port``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        check_ae_title(self.ae_title, "destination AE title")
+        if not 0 < self.port < 65536:
+            raise SettingsError(f"destination port {self.port} is out of range")
+        if not self.host or any(c.isspace() for c in self.host):
+            raise SettingsError(f"destination host {self.host!r} is invalid")
+
+    @classmethod
+    def parse(cls, text: str) -> "Destination":
+        m = re.fullmatch(r"([^@]+)@(\[[^\]]+\]|[^:]+):(\d+)", text.strip())
+        if not m:
+            raise SettingsError(f"destination {text!r} is not of the form AE@host:port")
+        return cls(m.group(1), m.group(2).strip("[]"), int(m.group(3)))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingRule:
+    """Which stable series are analysed. Empty fields match anything.
+
+    Parameters
+    ----------
+    modality:
+        Required Modality (0008,0060) of the series.
+    sop_class_uid:
+        Required SOP Class UID of at least one instance.
+    image_type:
+        A value that ImageType (0008,0008) of that instance must contain.
+    """
+
+    modality: str = "SM"
+    sop_class_uid: str = VL_WSM
+    image_type: str = "VOLUME"
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> "RoutingRule":
+        unknown = set(raw) - {"modality", "sop_class_uid", "image_type"}
+        if unknown:
+            raise SettingsError(f"routing rule has unknown keys {sorted(unknown)}")
+        return cls(**{k: str(v) for k, v in raw.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """All settings of a node, validated on construction."""
+
+    data_dir: Path = Path("var")
+    ae_title: str = "CYTONODE"
+    bind_address: str = "0.0.0.0"
+    dicom_port: int = 11112
+    http_port: int = 8080
+    allowed_aes: tuple[str, ...] = ()
+    require_called_ae: bool = True
+    max_associations: int = 16
+    max_pdu: int = 4 * 1024 * 1024
+    network_timeout_s: float = 60.0
+    destinations: tuple[Destination, ...] = ()
+    stable_age_s: float = 10.0
+    routing_rules: tuple[RoutingRule, ...] = (RoutingRule(),)
+    duplicate_policy: DuplicatePolicyValues = DuplicatePolicyValues.KEEP
+    database_url: str = ""
+    broker_url: str = ""
+    workers: int = 1
+    device: DeviceValues = DeviceValues.AUTO
+    release_policy: ReleasePolicyValues = ReleasePolicyValues.IMMEDIATE
+    outbox_retry_initial_s: float = 2.0
+    outbox_retry_max_s: float = 300.0
+    shutdown_grace_s: float = 30.0
+    min_free_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        check_ae_title(self.ae_title, "ae_title")
+        for ae in self.allowed_aes:
+            check_ae_title(ae, "allowed_aes")
+        for name in ("dicom_port", "http_port"):
+            port = getattr(self, name)
+            if not 0 <= port < 65536:
+                raise SettingsError(f"{name} {port} is out of range 0-65535")
+        if self.max_associations < 1:
+            raise SettingsError("max_associations must be at least 1")
+        if self.max_pdu != 0 and self.max_pdu < 4096:
+            raise SettingsError("max_pdu must be 0 (unlimited) or at least 4096 bytes")
+        if self.stable_age_s < 0 or self.network_timeout_s <= 0 or self.shutdown_grace_s < 0:
+            raise SettingsError("stable_age_s, network_timeout_s and shutdown_grace_s must be positive")
+        if not 0 < self.outbox_retry_initial_s <= self.outbox_retry_max_s:
+            raise SettingsError("need 0 < outbox_retry_initial_s <= outbox_retry_max_s")
+        if self.workers < 0:
+            raise SettingsError("workers must be 0 (no embedded worker) or more")
+        for name, enum_type in (("duplicate_policy", DuplicatePolicyValues),
+                                ("device", DeviceValues),
+                                ("release_policy", ReleasePolicyValues)):
+            try:
+                object.__setattr__(self, name, enum_type(getattr(self, name)))
+            except ValueError:
+                allowed = ", ".join(v.value for v in enum_type)
+                raise SettingsError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}") from None
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+
+    # Derived locations -------------------------------------------------
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as plain values, with passwords in URLs masked, for logs."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = [str(v) if isinstance(v, Destination) else
+                         dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+            if isinstance(value, str) and "://" in value:
+                value = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", value)
+            out[field.name] = value
+        out["effective_database_url"] = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@",
+                                               self.effective_database_url)
+        out["effective_broker_url"] = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@",
+                                             self.effective_broker_url)
+        return out
+
+    # Construction --------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Build the settings from ``CYTONODE_*`` variables and ``CYTONODE_CONFIG``.
+
+        Raises
+        ------
+        SettingsError
+            If a variable is unknown, malformed or out of range.
+        """
+        env = dict(os.environ if environ is None else environ)
+        raw: dict[str, Any] = {}
+        config = env.get(PREFIX + "CONFIG")
+        if config:
+            try:
+                with open(config, "rb") as fh:
+                    raw.update(tomllib.load(fh))
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise SettingsError(f"CYTONODE_CONFIG {config}: {exc}") from exc
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in env.items():
+            if not key.startswith(PREFIX) or key == PREFIX + "CONFIG":
+                continue
+            name = key[len(PREFIX):].lower()
+            if name not in fields:
+                raise SettingsError(f"unknown setting {key}")
+            raw[name] = value
+        unknown = set(raw) - set(fields)
+        if unknown:
+            raise SettingsError(f"unknown settings in {config}: {sorted(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for name, value in raw.items():
+            kwargs[name] = _convert(name, value, fields[name].type)
+        return cls(**kwargs)
+
+
+def _split(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return [v for v in (p.strip() for p in value.split(",")) if v]
+    if isinstance(value, list):
+        return value
+    raise SettingsError(f"expected a list, got {value!r}")
+
+
+def _convert(name: str, value: Any, type_: Any) -> Any:
+    text = str(type_)
+    try:
+        if name == "destinations":
+            return tuple(v if isinstance(v, Destination) else Destination.parse(str(v)) for v in _split(value))
+        if name == "routing_rules":
+            rules = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(rules, list):
+                raise SettingsError("routing_rules must be a list of tables")
+            return tuple(RoutingRule.from_mapping(r) for r in rules)
+        if name == "allowed_aes":
+            return tuple(str(v).strip() for v in _split(value))
+        if text == "bool":
+            if isinstance(value, bool):
+                return value
+            lowered = str(value).strip().lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise SettingsError(f"{name}: {value!r} is not a boolean")
+            return lowered in ("1", "true", "yes", "on")
+        if text == "int":
+            return int(value)
+        if text == "float":
+            return float(value)
+        if text == "Path":
+            return Path(str(value))
+        return value
+    except (ValueError, json.JSONDecodeError) as exc:
+        if isinstance(exc, SettingsError):
+            raise
+        raise SettingsError(f"setting {name}: {exc}") from exc

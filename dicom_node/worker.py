@@ -1,0 +1,99 @@
+"""The analysis job: open the stored slide and record what it is.
+
+Later stages (cell finding, classification, encoding) hang off :func:`run_job`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import select, update
+
+from dicom_node.index import Instance, Job
+from dicom_node.store import Store
+
+log = logging.getLogger(__name__)
+
+VL_WSM = "1.2.840.10008.5.1.4.1.1.77.1.6"
+
+
+def claim(store: Store, job_id: int) -> bool:
+    """Atomically move a job from pending/queued to running; False if someone else has it."""
+    with store.session() as session:
+        result = session.execute(
+            update(Job).where(Job.id == job_id, Job.state.in_(("pending", "queued")))
+            .values(state="running", started_at=time.time(), attempts=Job.attempts + 1,
+                    progress="opening slide"))
+        session.commit()
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def slide_metadata(paths: list[str]) -> dict[str, Any]:
+    """Levels, sizes, pixel spacing and frame counts of one WSI series, read with wsidicom."""
+    from wsidicom import WsiDicom
+
+    with WsiDicom.open(paths) as slide:
+        levels = []
+        for level in slide.levels:
+            spacing = level.pixel_spacing
+            levels.append({
+                "level": level.level,
+                "width": level.size.width,
+                "height": level.size.height,
+                "tile_width": level.tile_size.width,
+                "tile_height": level.tile_size.height,
+                "pixel_spacing_mm": [spacing.width, spacing.height] if spacing else None,
+            })
+        base = levels[0]
+        return {
+            "levels": levels,
+            "width": base["width"],
+            "height": base["height"],
+            "pixel_spacing_um": ([base["pixel_spacing_mm"][0] * 1000.0,
+                                  base["pixel_spacing_mm"][1] * 1000.0]
+                                 if base["pixel_spacing_mm"] else None),
+        }
+
+
+def run_job(store: Store, job_id: int) -> None:
+    """Run one analysis job; its outcome and any error are recorded in the index."""
+    if not claim(store, job_id):
+        log.info("job %d is not pending (already taken or finished)", job_id)
+        return
+    with store.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        instances = session.scalars(select(Instance).where(
+            Instance.series_instance_uid == job.series_instance_uid,
+            Instance.sop_class_uid == VL_WSM)).all()
+        paths = [str(store.path_of(i)) for i in instances]
+        frames = sum(i.number_of_frames for i in instances)
+    log.info("job %d: series %s, %d instances", job_id, job.series_instance_uid, len(paths))
+    try:
+        if not paths:
+            raise ValueError("the series holds no VL Whole Slide Microscopy instance")
+        meta = slide_metadata(paths)
+        meta.update({"instances": len(paths), "frames": frames})
+    except Exception as exc:  # job edge: record any failure on the job row
+        log.exception("job %d failed", job_id)
+        _finish(store, job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        return
+    _finish(store, job_id, "done", result=meta)
+    log.info("job %d done: %s", job_id, json.dumps(meta))
+
+
+def _finish(store: Store, job_id: int, state: str, *, result: dict[str, Any] | None = None,
+            error: str = "") -> None:
+    with store.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.state = state
+        job.finished_at = time.time()
+        job.progress = state
+        job.error = error
+        if result is not None:
+            job.result_json = json.dumps(result)
+        session.commit()

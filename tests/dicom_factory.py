@@ -1,0 +1,95 @@
+"""Real DICOM objects for tests, built from real images (BCCD fields, MIT) or from the
+highdicom test files with fresh UIDs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from tests.peers import BCCD_IMAGES
+
+MF_TRUE_COLOR_SC = "1.2.840.10008.5.1.4.1.1.7.4"
+
+
+def bccd_fields(count: int, start: int = 0) -> list[Path]:
+    files = sorted(BCCD_IMAGES.glob("*.jpg"))
+    return [files[(start + i) % len(files)] for i in range(count)]
+
+
+def multiframe_sc(out: Path, frames: int, *, start: int = 0, study_uid: str | None = None,
+                  series_uid: str | None = None) -> Path:
+    """A Multi-frame True Color Secondary Capture of ``frames`` BCCD fields (uncompressed)."""
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in bccd_fields(frames, start)])
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = MF_TRUE_COLOR_SC
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.PatientID, ds.PatientName, ds.Modality = "TEST01", "Test^Smear", "OT"
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "20261129", "120000", "", ""
+    ds.SeriesNumber, ds.InstanceNumber, ds.StudyID = 1, 1, "1"
+    ds.ConversionType = "WSD"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.NumberOfFrames = frames
+    ds.Rows, ds.Columns = pixels.shape[1], pixels.shape[2]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def with_new_uids(source: Path, out: Path, *, series_uid: str | None = None,
+                  study_uid: str | None = None) -> Path:
+    """A copy of ``source`` under a new SOP Instance UID (and optionally series/study)."""
+    ds = dcmread(source)
+    ds = copy.deepcopy(ds)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if series_uid:
+        ds.SeriesInstanceUID = series_uid
+    if study_uid:
+        ds.StudyInstanceUID = study_uid
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def dataset_digest(path: Path) -> tuple[str, str, bytes]:
+    """(SOP Instance UID, transfer syntax, pixel/content bytes) for comparing copies."""
+    ds = dcmread(path)
+    content = ds.PixelData if "PixelData" in ds else ds.to_json().encode()
+    return str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID), bytes(content)
+
+
+def comprehensive_3d_sr(evidence: Path, out: Path) -> Path:
+    """A small TID 1500 measurement report (highdicom) that references ``evidence``."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    ref = dcmread(evidence)
+    observer = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=hd.UID(), name="cytonode test device")))
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="test cells"),
+        measurements=[hd.sr.Measurement(name=codes.SCT.Area, value=42.0,
+                                        unit=codes.UCUM.SquareMicrometer)])
+    report = hd.sr.MeasurementReport(observation_context=observer,
+                                     procedure_reported=codes.SCT.LightMicroscopy,
+                                     imaging_measurements=[group])
+    sr = hd.sr.Comprehensive3DSR(evidence=[ref], content=report, series_instance_uid=hd.UID(),
+                                 series_number=10, sop_instance_uid=hd.UID(), instance_number=1,
+                                 manufacturer="CytoNode tests")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sr.save_as(out, enforce_file_format=True)
+    return out

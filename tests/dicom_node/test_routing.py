@@ -1,0 +1,77 @@
+"""Routing and jobs: stable series, rules, exactly one job, Celery (file system and Redis)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from tests.dicom_factory import multiframe_sc, with_new_uids
+from tests.peers import HIGHDICOM_FILES, RedisProcess, require_tool
+
+WSI = HIGHDICOM_FILES / "sm_image.dcm"
+
+
+def storescu(port: int, *files: Path) -> None:
+    tool = require_tool("storescu")
+    subprocess.run([tool, "-R", "-xy", "-aec", "CYTONODE", "127.0.0.1", str(port), *map(str, files)],
+                   check=True, capture_output=True, timeout=120)
+
+
+def test_series_over_two_associations_makes_exactly_one_job(start_node, tmp_path: Path) -> None:
+    node = start_node(workers=1, stable_age_s=20)
+    series, study = generate_uid(), generate_uid()
+    first = with_new_uids(WSI, tmp_path / "a.dcm", series_uid=series, study_uid=study)
+    second = with_new_uids(WSI, tmp_path / "b.dcm", series_uid=series, study_uid=study)
+    other = multiframe_sc(tmp_path / "sc.dcm", 1)  # not SM: no rule matches
+    sent = time.monotonic()
+    storescu(node.port, first)
+    status = node.status()
+    assert time.monotonic() - sent < 20, "too slow to observe the unstable series"
+    # Younger than the stable age: stored, not routed yet.
+    assert status["jobs"] == [] and status["series"][0]["routing"] == "receiving"
+    storescu(node.port, second, other)
+    status = node.wait_for(lambda s: s["jobs"] and s["jobs"][0]["state"] == "done",
+                           timeout=240, what="the job to finish")
+    assert len(status["jobs"]) == 1
+    job = status["jobs"][0]
+    assert job["series_instance_uid"] == series
+    ds = dcmread(WSI, stop_before_pixels=True)
+    assert job["result"]["instances"] == 2
+    assert job["result"]["frames"] == 2 * int(ds.NumberOfFrames)
+    assert job["result"]["width"] == int(ds.TotalPixelMatrixColumns)
+    assert job["result"]["height"] == int(ds.TotalPixelMatrixRows)
+    spacing = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    assert abs(job["result"]["pixel_spacing_um"][0] - float(spacing[1]) * 1000) < 1e-6
+    routing = {s["series_instance_uid"]: s["routing"] for s in status["series"]}
+    assert routing[series] == "job"
+    assert routing[str(dcmread(other).SeriesInstanceUID)] == "ignored"
+    # A resend after the job does not start a second one.
+    storescu(node.port, first)
+    time.sleep(2)
+    assert len(node.status()["jobs"]) == 1
+
+
+def test_routing_rules_from_settings(start_node, tmp_path: Path) -> None:
+    # A rule that selects nothing we send: the WSI series is ignored, no job.
+    node = start_node(workers=0, routing_rules='[{"modality": "SM", "image_type": "LABEL"}]')
+    storescu(node.port, with_new_uids(WSI, tmp_path / "a.dcm"))
+    status = node.wait_for(lambda s: s["series"] and s["series"][0]["routing"] != "receiving",
+                           what="routing")
+    assert status["series"][0]["routing"] == "ignored"
+    assert status["jobs"] == []
+
+
+def test_redis_broker_runs_the_same_job(start_node, tmp_path: Path) -> None:
+    redis = RedisProcess(tmp_path / "redis").start()
+    try:
+        node = start_node(workers=1, broker_url=f"redis://127.0.0.1:{redis.port}/0")
+        storescu(node.port, with_new_uids(WSI, tmp_path / "a.dcm"))
+        status = node.wait_for(lambda s: s["jobs"] and s["jobs"][0]["state"] == "done",
+                               timeout=240, what="the job over Redis")
+        assert status["jobs"][0]["result"]["levels"][0]["width"] > 0
+    finally:
+        redis.stop()
