@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEBS := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-wsi redis-server libturbojpeg0 chromium
+DEBS := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-wsi redis-server libturbojpeg0 chromium postgresql
 
 .PHONY: demo test deps debs bench-ingest clean
 

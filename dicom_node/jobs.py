@@ -42,6 +42,7 @@ def configure_celery(settings: Settings) -> Celery:
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "store_processed": False,
+            "control_folder": str(folder / "control"),
         }
         # The file-system transport has no fan-out exchange for remote control.
         conf["worker_enable_remote_control"] = False

@@ -9,7 +9,7 @@ import sys
 from dicom_node.settings import Settings
 
 
-NODE_COMMANDS = ("serve", "worker", "status")
+NODE_COMMANDS = ("serve", "worker", "status", "demo")
 
 
 def add_node_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -17,6 +17,9 @@ def add_node_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.set_defaults(func=lambda a: _serve())
     p = sub.add_parser("worker", help="run only an analysis worker (scale-out)")
     p.set_defaults(func=lambda a: _worker())
+    from dicom_node.demo import add_demo
+
+    add_demo(sub)
     p = sub.add_parser("status", help="studies, series, jobs and outbox of a node")
     p.add_argument("--json", action="store_true", help="print JSON (the only format so far)")
     p.set_defaults(func=_status)

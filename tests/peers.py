@@ -225,3 +225,40 @@ class RedisProcess:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
+
+
+class PostgresProcess:
+    """A throw-away PostgreSQL cluster on a free loopback port (trust auth)."""
+
+    def __init__(self, workdir: Path) -> None:
+        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not bins:
+            require_tool("initdb")  # fails under CI, skips elsewhere
+        self.bindir = bins[-1].parent
+        self.workdir = workdir
+        self.port = free_port()
+        self.as_root = os.geteuid() == 0
+
+    def _run(self, *args: str) -> None:
+        cmd = [str(self.bindir / args[0]), *args[1:]]
+        if self.as_root:  # PostgreSQL refuses to run as root
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> "PostgresProcess":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.as_root:
+            shutil.chown(self.workdir, "postgres")
+            os.chmod(self.workdir.parent, 0o755)
+        data = self.workdir / "pgdata"
+        self._run("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self._run("pg_ctl", "-D", str(data), "-l", str(self.workdir / "pg.log"), "-w", "-o",
+                  f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1", "start")
+        return self
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.workdir / "pgdata"), "-m", "fast", "-w", "stop")

@@ -75,3 +75,22 @@ def test_redis_broker_runs_the_same_job(start_node, tmp_path: Path) -> None:
         assert status["jobs"][0]["result"]["levels"][0]["width"] > 0
     finally:
         redis.stop()
+
+
+def test_postgresql_index_works_the_same(start_node, tmp_path: Path) -> None:
+    from tests.peers import PostgresProcess
+
+    pg_dir = Path("/tmp") / f"cytonode-pg-{tmp_path.name}"  # readable by the postgres user
+    pg = PostgresProcess(pg_dir).start()
+    try:
+        node = start_node(workers=1, database_url=pg.url)
+        storescu(node.port, with_new_uids(WSI, tmp_path / "a.dcm"))
+        status = node.wait_for(lambda s: s["jobs"] and s["jobs"][0]["state"] == "done",
+                               timeout=240, what="the job with a PostgreSQL index")
+        assert status["series"][0]["instances"] == 1
+        assert not (node.data_dir / "index.sqlite").exists()
+    finally:
+        pg.stop()
+        import shutil
+
+        shutil.rmtree(pg_dir, ignore_errors=True)

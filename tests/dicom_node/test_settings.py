@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.errors import SettingsError
+from dicom_node.settings import (Destination, DuplicatePolicyValues, ReleasePolicyValues,
+                                 RoutingRule, Settings)
+
+
+def test_environment_and_toml_file(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('ae_title = "FROMTOML"\nstable_age_s = 5\n'
+                      'routing_rules = [{modality = "SM", image_type = "VOLUME"}]\n'
+                      'destinations = ["PACS@10.0.0.1:104"]\n')
+    s = Settings.from_env({"CYTONODE_CONFIG": str(config), "CYTONODE_STABLE_AGE_S": "2.5",
+                           "CYTONODE_ALLOWED_AES": "ORTHANC, STORESCU",
+                           "CYTONODE_RELEASE_POLICY": "final-only", "OTHER": "ignored"})
+    assert s.ae_title == "FROMTOML"
+    assert s.stable_age_s == 2.5  # the environment wins over the file
+    assert s.allowed_aes == ("ORTHANC", "STORESCU")
+    assert s.destinations == (Destination("PACS", "10.0.0.1", 104),)
+    assert s.routing_rules == (RoutingRule(modality="SM", image_type="VOLUME"),)
+    assert s.release_policy is ReleasePolicyValues.FINAL_ONLY
+    assert s.duplicate_policy is DuplicatePolicyValues.KEEP
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"CYTONODE_AE_TITLE": "WAY_TOO_LONG_AE_TITLE"}, "AE title"),
+    ({"CYTONODE_DICOM_PORT": "70000"}, "out of range"),
+    ({"CYTONODE_DESTINATIONS": "PACS@host"}, "AE@host:port"),
+    ({"CYTONODE_RELEASE_POLICY": "sometimes"}, "release_policy must be one of"),
+    ({"CYTONODE_STABLE_AGE_S": "soon"}, "stable_age_s"),
+    ({"CYTONODE_NO_SUCH_THING": "1"}, "unknown setting"),
+])
+def test_invalid_settings_name_the_rule(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(env)
+
+
+def test_redacted_hides_passwords() -> None:
+    s = Settings.from_env({"CYTONODE_DATABASE_URL": "postgresql://node:s3cret@db/cytonode",
+                           "CYTONODE_BROKER_URL": "redis://:pw@broker:6379/0"})
+    text = str(s.redacted())
+    assert "s3cret" not in text and "pw@" not in text
+    assert "postgresql://node:***@db/cytonode" in text
+
+
+def test_serve_refuses_bad_settings_with_exit_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cytonode = str(Path(sys.executable).with_name("cytonode"))
+    out = subprocess.run([cytonode, "serve"], env={"CYTONODE_DICOM_PORT": "-4",
+                                                    "CYTONODE_DATA_DIR": str(tmp_path)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "dicom_port" in out.stderr and "Traceback" not in out.stderr
