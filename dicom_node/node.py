@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -83,7 +84,10 @@ class Node:
 
     def _start_worker(self) -> None:
         cmd = [sys.executable, "-m", "dicom_node.cli", "worker"]
-        self.worker = subprocess.Popen(cmd)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CYTONODE_")}
+        env.update(self.settings.to_env())  # the worker runs on exactly these settings
+        # Celery prints its banner on stdout; keep our stdout for our own output.
+        self.worker = subprocess.Popen(cmd, env=env, stdout=sys.stderr.fileno())
         log.info("started embedded worker (pid %d)", self.worker.pid)
 
     def _watch_worker(self) -> None:

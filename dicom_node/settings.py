@@ -74,7 +74,8 @@ class Destination:
         return cls(m.group(1), m.group(2).strip("[]"), int(m.group(3)))
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +201,25 @@ class Settings:
         out["effective_broker_url"] = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@",
                                              self.effective_broker_url)
         return out
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as ``CYTONODE_*`` variables (for child processes, e.g. the worker).
+
+        ``Settings.from_env(settings.to_env()) == settings``.
+        """
+        env: dict[str, str] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "routing_rules":
+                text = json.dumps([dataclasses.asdict(r) for r in value])
+            elif isinstance(value, tuple):
+                text = ",".join(str(v) for v in value)
+            elif isinstance(value, enum.Enum):
+                text = str(value.value)
+            else:
+                text = str(value)
+            env[PREFIX + field.name.upper()] = text
+        return env
 
     # Construction --------------------------------------------------------
     @classmethod

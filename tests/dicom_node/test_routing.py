@@ -94,3 +94,26 @@ def test_postgresql_index_works_the_same(start_node, tmp_path: Path) -> None:
         import shutil
 
         shutil.rmtree(pg_dir, ignore_errors=True)
+
+
+def test_sample_slide_from_bccd_fields_is_stored_as_jpeg_and_opened(start_node) -> None:
+    from dicom_node.demo import SAMPLE_SLIDE
+
+    files = sorted(SAMPLE_SLIDE.glob("*.dcm"))
+    assert len(files) >= 2, "the sample slide is a pyramid of several instances"
+    node = start_node(workers=1)
+    storescu(node.port, *files)
+    status = node.wait_for(lambda s: s["jobs"] and s["jobs"][0]["state"] in ("done", "failed"),
+                           timeout=240, what="the sample slide's job")
+    job = status["jobs"][0]
+    assert job["state"] == "done", job["error"]
+    base = max((dcmread(f, stop_before_pixels=True) for f in files),
+               key=lambda d: int(d.TotalPixelMatrixColumns))
+    assert len(job["result"]["levels"]) == len(files)
+    assert (job["result"]["width"], job["result"]["height"]) == (
+        int(base.TotalPixelMatrixColumns), int(base.TotalPixelMatrixRows))
+    assert job["result"]["frames"] == sum(int(dcmread(f, stop_before_pixels=True).NumberOfFrames)
+                                          for f in files)
+    for stored in (node.data_dir / "store").rglob("*.dcm"):
+        assert str(dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID) == \
+            "1.2.840.10008.1.2.4.50"  # JPEG baseline, as sent: never transcoded

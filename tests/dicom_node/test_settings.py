@@ -39,6 +39,13 @@ def test_invalid_settings_name_the_rule(env: dict[str, str], message: str) -> No
         Settings.from_env(env)
 
 
+def test_to_env_round_trips() -> None:
+    s = Settings.from_env({"CYTONODE_DESTINATIONS": "A@h:1,B@[::1]:2", "CYTONODE_ALLOWED_AES": "X,Y",
+                           "CYTONODE_ROUTING_RULES": '[{"modality": "SM"}]',
+                           "CYTONODE_REQUIRE_CALLED_AE": "false", "CYTONODE_DATA_DIR": "/d"})
+    assert Settings.from_env(s.to_env()) == s
+
+
 def test_redacted_hides_passwords() -> None:
     s = Settings.from_env({"CYTONODE_DATABASE_URL": "postgresql://node:s3cret@db/cytonode",
                            "CYTONODE_BROKER_URL": "redis://:pw@broker:6379/0"})

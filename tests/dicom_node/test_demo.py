@@ -1,0 +1,17 @@
+"""`cytonode demo --exit`, the main job, run as a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+CYTONODE = str(Path(sys.executable).with_name("cytonode"))
+
+
+def test_demo_sends_the_sample_slide_and_reports_it() -> None:
+    out = subprocess.run([CYTONODE, "demo", "--exit"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sending the sample slide" in out.stdout
+    assert "slide received and opened" in out.stdout
+    assert " um/px, " in out.stdout
