@@ -33,6 +33,11 @@ def build_parser(*, node_only: bool = False) -> argparse.ArgumentParser:
     add_train(sub)
     add_classify(sub)
     add_evaluate(sub)
+    from analysis.slide_commands import add_detect
+    from dicom_node.slide_commands import add_make_slide
+
+    add_detect(sub)
+    add_make_slide(sub)
     return parser
 
 

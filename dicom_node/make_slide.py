@@ -20,6 +20,7 @@ TILED_FULL dimension organisation (PS3.3 C.8.12.4, C.7.6.17).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
@@ -29,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -98,7 +100,6 @@ def _wsi_metadata(description: SlideDescription, pixel_spacing_um: float | None)
     from wsidicom.geometry import SizeMm
     from wsidicom.metadata import (
         Equipment,
-        Image as ImageMetadata,
         Label,
         OpticalPath,
         Patient,
@@ -109,6 +110,9 @@ def _wsi_metadata(description: SlideDescription, pixel_spacing_um: float | None)
         Staining,
         Study,
         WsiMetadata,
+    )
+    from wsidicom.metadata import (
+        Image as ImageMetadata,
     )
 
     now = datetime.datetime.now()
@@ -177,8 +181,8 @@ class _Mosaic:
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
-        with Image.open(self.images[key[0]]) as im:
-            im = im.convert("RGB")
+        with Image.open(self.images[key[0]]) as source:
+            im: Image.Image = source.convert("RGB")
             fw, fh = self.field_size
             left, top = (im.width - fw) // 2, (im.height - fh) // 2
             im = im.crop((left, top, left + fw, top + fh))
@@ -241,8 +245,8 @@ def _write_ome_tiff(mosaic: _Mosaic, path: Path, pixel_spacing_um: float, tile_s
     levels = 1
     while max(mosaic.level_size(levels - 1)) > tile_size:
         levels += 1
-    options = {"tile": (tile_size, tile_size), "compression": "jpeg",
-               "compressionargs": {"level": jpeg_quality}, "photometric": "ycbcr",
+    options: dict[str, Any] = {"tile": (tile_size, tile_size), "compression": "jpeg",
+               "compressionargs": {"level": jpeg_quality}, "photometric": "rgb",
                "dtype": np.uint8}
     resolution = 1e4 / pixel_spacing_um  # pixels per cm
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
@@ -386,7 +390,8 @@ def convert_slide(path: Path, out_dir: Path, *, description: SlideDescription | 
 def _convert(source: Path, out_dir: Path, description: SlideDescription,
              pixel_spacing_um: float | None, tile_size: int) -> list[Path]:
     """Run wsidicomizer on ``source``; write into ``out_dir``."""
-    from wsidicomizer import WsiDicomizer
+    with _pydicom_config_kept():
+        from wsidicomizer import WsiDicomizer
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -394,16 +399,37 @@ def _convert(source: Path, out_dir: Path, description: SlideDescription,
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = _wsi_metadata(description, pixel_spacing_um)
     try:
-        files = WsiDicomizer.convert(
-            source, out_dir, metadata=metadata, tile_size=tile_size,
-            include_label=False, include_overview=False, include_thumbnail=False,
-            add_missing_levels=True,
-        )
+        with _pydicom_config_kept():
+            files = WsiDicomizer.convert(
+                source, out_dir, metadata=metadata, tile_size=tile_size,
+                include_label=False, include_overview=False, include_thumbnail=False,
+                add_missing_levels=True,
+            )
     except NotImplementedError as exc:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise ValueError(f"{source}: no reader supports this file ({exc})") from exc
     written = [Path(f) for f in files]
     return sorted(written, key=lambda p: -_total_pixels(p))
+
+
+@contextlib.contextmanager
+def _pydicom_config_kept() -> Iterator[None]:
+    """Undo the process-wide pydicom settings wsidicomizer changes.
+
+    Importing :mod:`wsidicomizer` calls ``pydicom.config.future_behavior()``
+    and sets ``enforce_valid_values``; left in place, that changes how every
+    other module in the process (the node, the tests) reads and writes DICOM.
+    """
+    from pydicom import config
+
+    saved = (config._use_future, config.settings.reading_validation_mode,
+             config.settings.writing_validation_mode)
+    try:
+        yield
+    finally:
+        config._use_future = saved[0]
+        config.settings.reading_validation_mode = saved[1]
+        config.settings.writing_validation_mode = saved[2]
 
 
 def _total_pixels(path: Path) -> int:

@@ -1,0 +1,70 @@
+"""Real-data fixtures for the slide reader and the white-cell finder."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO.parent / "shared" / "data"
+BCCD = DATA / "bccd" / "BCCD"
+HIGHDICOM = DATA / "dicom" / "highdicom_test_files"
+SAMPLE_SLIDE = REPO / "dicom_node" / "data" / "sample_slide"
+#: BCCD fields of the committed sample slide, in mosaic order (3 columns x 2 rows).
+SAMPLE_FIELDS = (0, 8, 9, 10, 15, 20)
+
+
+def bccd_image(index: int) -> Path:
+    return BCCD / "JPEGImages" / f"BloodImage_{index:05d}.jpg"
+
+
+def bccd_boxes(index: int, name: str = "WBC") -> list[tuple[float, float, float, float]]:
+    """Boxes ``(x0, y0, x1, y1)`` labelled ``name`` in a BCCD VOC annotation."""
+    root = ET.parse(BCCD / "Annotations" / f"BloodImage_{index:05d}.xml").getroot()
+    boxes = []
+    for obj in root.iter("object"):
+        if obj.findtext("name") == name:
+            b = obj.find("bndbox")
+            assert b is not None
+            boxes.append(tuple(float(b.findtext(k) or 0) for k in ("xmin", "ymin", "xmax", "ymax")))
+    return boxes  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="session")
+def bccd() -> Path:
+    if not BCCD.is_dir():
+        pytest.skip("BCCD data not present (../shared/data/bccd)")
+    return BCCD
+
+
+@pytest.fixture(scope="session")
+def highdicom_files() -> Path:
+    if not HIGHDICOM.is_dir():
+        pytest.skip("highdicom test files not present")
+    return HIGHDICOM
+
+
+@pytest.fixture(scope="session")
+def sample_slide() -> Path:
+    if not any(SAMPLE_SLIDE.glob("*.dcm")):
+        pytest.skip("sample slide not built")
+    return SAMPLE_SLIDE
+
+
+@pytest.fixture(scope="session")
+def field_image(bccd: Path):  # type: ignore[no-untyped-def]
+    """``field_image(index)``: path of a BCCD field."""
+    return bccd_image
+
+
+@pytest.fixture(scope="session")
+def field_boxes(bccd: Path):  # type: ignore[no-untyped-def]
+    """``field_boxes(index, name="WBC")``: VOC boxes of a BCCD field."""
+    return bccd_boxes
+
+
+@pytest.fixture(scope="session")
+def sample_fields() -> tuple[int, ...]:
+    return SAMPLE_FIELDS
