@@ -35,7 +35,10 @@ def _send_all(port: int, files: list[Path], acked: list[str], stop: threading.Ev
         if stop.is_set() or not assoc.is_established:
             break
         ds = dcmread(path)
-        rsp = assoc.send_c_store(ds)
+        try:
+            rsp = assoc.send_c_store(ds)
+        except RuntimeError:  # the node was killed between two sends
+            break
         if getattr(rsp, "Status", None) == StatusValues.SUCCESS:
             acked.append(str(ds.SOPInstanceUID))
     if assoc.is_established:
