@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,7 @@ class TrainConfig:
             raise ValueError("device 'cuda' was asked for but CUDA is not available")
 
 
-def _atomic_save(write: "callable[[Path], None]", path: Path) -> None:  # type: ignore[valid-type]
+def _atomic_save(write: Callable[[Path], object], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     with open(tmp, "rb") as fh:

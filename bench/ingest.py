@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.peers import BCCD_IMAGES, echo, free_port  # noqa: E402
+from tests.peers import BCCD_IMAGES, echo, free_port
 
 
 def build_slide(out: Path, min_bytes: int) -> list[Path]:

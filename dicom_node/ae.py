@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from typing import Any
 
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification
 
 from dicom_node.settings import Settings
 from dicom_node.store import Store
@@ -53,6 +53,8 @@ TRANSFER_SYNTAXES: dict[str, str] = {
     "RLELossless": "1.2.840.10008.1.2.5",
 }
 
+VERIFICATION = "1.2.840.10008.1.1"
+
 #: Verification accepts only the uncompressed syntaxes.
 VERIFICATION_TRANSFER_SYNTAXES = [TRANSFER_SYNTAXES["ExplicitVRLittleEndian"],
                                   TRANSFER_SYNTAXES["ImplicitVRLittleEndian"]]
@@ -71,7 +73,7 @@ def configure_pynetdicom(settings: Settings) -> None:
     tempfile.tempdir = str(settings.tmp_dir)
 
 
-def make_ae(settings: Settings, store: Store) -> tuple[AE, list[tuple[evt.EventType, object]]]:
+def make_ae(settings: Settings, store: Store) -> tuple[AE, list[Any]]:
     """Build the SCP AE and its event handlers (not yet started).
 
     Returns
@@ -92,9 +94,9 @@ def make_ae(settings: Settings, store: Store) -> tuple[AE, list[tuple[evt.EventT
         ae.require_calling_aet = list(settings.allowed_aes)
     else:
         log.warning("CYTONODE_ALLOWED_AES is empty: any calling AE may associate")
-    ae.add_supported_context(Verification, VERIFICATION_TRANSFER_SYNTAXES)
+    ae.add_supported_context(VERIFICATION, VERIFICATION_TRANSFER_SYNTAXES)
     syntaxes = list(TRANSFER_SYNTAXES.values())
     for uid in STORAGE_SOP_CLASSES.values():
         ae.add_supported_context(uid, syntaxes)
     handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [store])]
-    return ae, handlers  # type: ignore[return-value]
+    return ae, handlers

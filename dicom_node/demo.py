@@ -100,7 +100,7 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_demo(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="run a node and send it the bundled sample slide")
     p.add_argument("--exit", action="store_true", help="stop once the results are in")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the analysis")

@@ -11,8 +11,12 @@ from typing import Any
 
 from pynetdicom import evt
 
-from dicom_node.errors import (InvalidInstanceError, InvalidUIDError, SOPClassMismatchError,
-                               StoreFullError)
+from dicom_node.errors import (
+    InvalidInstanceError,
+    InvalidUIDError,
+    SOPClassMismatchError,
+    StoreFullError,
+)
 from dicom_node.status import StatusValues
 from dicom_node.store import Store
 

@@ -10,8 +10,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import (Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
-                        event)
+from sqlalchemy import (
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 

@@ -23,7 +23,7 @@ _MAX_DEPTH = 32
 
 def _tag(raw: bytes) -> int:
     group, element = struct.unpack("<HH", raw)
-    return (group << 16) | element
+    return int((group << 16) | element)
 
 
 def _read(fp: BinaryIO, n: int) -> bytes:

@@ -56,7 +56,7 @@ def current_settings() -> Settings:
     return _settings
 
 
-@app.task(name="cytonode.analyse_series")
+@app.task(name="cytonode.analyse_series")  # type: ignore[untyped-decorator]
 def analyse_series(job_id: int) -> None:
     """Celery task: run job ``job_id`` (see :func:`dicom_node.worker.run_job`)."""
     from dicom_node.store import Store

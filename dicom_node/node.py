@@ -59,8 +59,10 @@ class Node:
         if removed:
             log.warning("removed %d partial files left by an interrupted run", removed)
         self.ae, handlers = make_ae(s, self.store)
-        self.server = self.ae.start_server((s.bind_address, s.dicom_port), block=False,
-                                           evt_handlers=handlers)
+        server = self.ae.start_server((s.bind_address, s.dicom_port), block=False,
+                                      evt_handlers=handlers)
+        assert server is not None  # block=False returns the server
+        self.server = server
         port = self.server.server_address[1]
         log.info("DICOM SCP %s listening on %s:%d", s.ae_title, s.bind_address, port)
         if s.workers > 0:

@@ -8,11 +8,10 @@ import sys
 
 from dicom_node.settings import Settings
 
-
 NODE_COMMANDS = ("serve", "worker", "status", "demo")
 
 
-def add_node_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the node: SCP, router, outbox and a worker")
     p.set_defaults(func=lambda a: _serve())
     p = sub.add_parser("worker", help="run only an analysis worker (scale-out)")

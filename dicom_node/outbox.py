@@ -35,27 +35,30 @@ def deliver_due(store: Store, settings: Settings, now: float | None = None) -> i
     for dest_text, items in by_dest.items():
         destination = Destination.parse(dest_text)
         ids = {sop: row_id for row_id, sop, *_ in items}
-
-        def mark_sent(sop_uid: str) -> None:
-            nonlocal delivered
-            with store.session() as session:
-                item = session.get(OutboxItem, ids[sop_uid])
-                assert item is not None
-                item.state, item.sent_at = "sent", time.time()
-                item.attempts += 1
-                item.last_error = ""
-                session.commit()
-            delivered += 1
-            log.info("delivered %s to %s", sop_uid, dest_text)
-
+        sent: list[str] = []
         try:
             send_instances([(sop, c, s, p) for _, sop, c, s, p in items], destination,
                            settings.ae_title, timeout_s=settings.network_timeout_s,
-                           on_success=mark_sent)
+                           on_success=lambda sop_uid: _mark_sent(store, ids[sop_uid], sent))
         except (SendRefusedError, OSError) as exc:
             _backoff(store, settings, [i[0] for i in items], str(exc))
             log.warning("outbox: %s; will retry", exc)
+        delivered += len(sent)
+        for sop_uid in sent:
+            log.info("delivered %s to %s", sop_uid, dest_text)
     return delivered
+
+
+def _mark_sent(store: Store, row_id: int, sent: list[str]) -> None:
+    """Record one delivery at once, so a crash right after it cannot cause a resend."""
+    with store.session() as session:
+        item = session.get(OutboxItem, row_id)
+        assert item is not None
+        item.state, item.sent_at = "sent", time.time()
+        item.attempts += 1
+        item.last_error = ""
+        session.commit()
+        sent.append(item.sop_instance_uid)
 
 
 def _backoff(store: Store, settings: Settings, row_ids: list[int], error: str) -> None:

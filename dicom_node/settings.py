@@ -12,10 +12,11 @@ import enum
 import json
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from dicom_node.errors import SettingsError
 
@@ -67,7 +68,7 @@ class Destination:
             raise SettingsError(f"destination host {self.host!r} is invalid")
 
     @classmethod
-    def parse(cls, text: str) -> "Destination":
+    def parse(cls, text: str) -> Destination:
         m = re.fullmatch(r"([^@]+)@(\[[^\]]+\]|[^:]+):(\d+)", text.strip())
         if not m:
             raise SettingsError(f"destination {text!r} is not of the form AE@host:port")
@@ -97,7 +98,7 @@ class RoutingRule:
     image_type: str = "VOLUME"
 
     @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any]) -> "RoutingRule":
+    def from_mapping(cls, raw: Mapping[str, Any]) -> RoutingRule:
         unknown = set(raw) - {"modality", "sop_class_uid", "image_type"}
         if unknown:
             raise SettingsError(f"routing rule has unknown keys {sorted(unknown)}")
@@ -192,7 +193,7 @@ class Settings:
                 value = str(value)
             elif isinstance(value, tuple):
                 value = [str(v) if isinstance(v, Destination) else
-                         dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+                         dataclasses.asdict(v) if isinstance(v, RoutingRule) else v for v in value]
             if isinstance(value, str) and "://" in value:
                 value = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", value)
             out[field.name] = value
@@ -223,7 +224,7 @@ class Settings:
 
     # Construction --------------------------------------------------------
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build the settings from ``CYTONODE_*`` variables and ``CYTONODE_CONFIG``.
 
         Raises

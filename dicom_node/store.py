@@ -24,10 +24,14 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from sqlalchemy import select
 
-from dicom_node.errors import (InvalidInstanceError, InvalidUIDError, SOPClassMismatchError,
-                               StoreFullError)
-from dicom_node.integrity import check_structure
+from dicom_node.errors import (
+    InvalidInstanceError,
+    InvalidUIDError,
+    SOPClassMismatchError,
+    StoreFullError,
+)
 from dicom_node.index import Instance, OutboxItem, Series, Study, make_engine, make_sessionmaker
+from dicom_node.integrity import check_structure
 from dicom_node.settings import DuplicatePolicyValues, Settings
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ def claim(store: Store, job_id: int) -> bool:
             .values(state="running", started_at=time.time(), attempts=Job.attempts + 1,
                     progress="opening slide"))
         session.commit()
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        return bool(getattr(result, "rowcount", 0))
 
 
 def slide_metadata(paths: list[str]) -> dict[str, Any]:

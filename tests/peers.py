@@ -76,7 +76,7 @@ class NodeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"node-{self.port}.log"
 
-    def start(self, timeout: float = 180) -> "NodeProcess":
+    def start(self, timeout: float = 180) -> NodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([CYTONODE, "serve"], env=self.env, stdout=log,
@@ -162,7 +162,7 @@ class OrthancProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, timeout: float = 60) -> "OrthancProcess":
+    def start(self, timeout: float = 60) -> OrthancProcess:
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(self.config))
         self.log = open(self.workdir / "orthanc.log", "ab")
@@ -205,7 +205,7 @@ class RedisProcess:
         self.port = free_port()
         self.workdir = workdir
 
-    def start(self) -> "RedisProcess":
+    def start(self) -> RedisProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
@@ -249,7 +249,7 @@ class PostgresProcess:
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
-    def start(self) -> "PostgresProcess":
+    def start(self) -> PostgresProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.as_root:
             shutil.chown(self.workdir, "postgres")

@@ -6,9 +6,7 @@ import subprocess
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 
 from dicom_node.status import StatusValues
 from tests.dicom_factory import comprehensive_3d_sr, dataset_digest, multiframe_sc, with_new_uids

@@ -5,8 +5,13 @@ from pathlib import Path
 import pytest
 
 from dicom_node.errors import SettingsError
-from dicom_node.settings import (Destination, DuplicatePolicyValues, ReleasePolicyValues,
-                                 RoutingRule, Settings)
+from dicom_node.settings import (
+    Destination,
+    DuplicatePolicyValues,
+    ReleasePolicyValues,
+    RoutingRule,
+    Settings,
+)
 
 
 def test_environment_and_toml_file(tmp_path: Path) -> None:
