@@ -65,7 +65,8 @@ class Instance(Base):
     number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
     path: Mapped[str] = mapped_column(String(300))
     size: Mapped[int] = mapped_column(Integer)
-    sha256: Mapped[str] = mapped_column(String(64))
+    #: SHA-256 of the dataset bytes after the file meta; "" until first needed (a resend).
+    sha256: Mapped[str] = mapped_column(String(64), default="")
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     received_at: Mapped[float] = mapped_column(Float, default=time.time)
 

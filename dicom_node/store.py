@@ -169,12 +169,19 @@ class Store:
         offset = 132 + 12 + int(meta_end or 0)
         with open(path, "rb") as fp:
             check_structure(fp, offset, os.fstat(fp.fileno()).st_size, tsyntax)
-        digest, size = _hash_dataset_bytes(path, offset)
+        size = os.path.getsize(path) - offset
+        digest = ""  # computed only when the instance arrives again (it costs ~10% of ingest)
         rel = f"{study_uid}/{series_uid}/{sop_uid}.dcm"
 
         with self.session() as session:
             existing = session.get(Instance, sop_uid)
             if existing is not None:
+                digest = _hash_dataset_bytes(path, offset)[0]
+                if not existing.sha256 and existing.size == size:
+                    stored = self.root / existing.path
+                    stored_meta = dcmread(stored, stop_before_pixels=True).file_meta
+                    existing.sha256 = _hash_dataset_bytes(
+                        stored, 132 + 12 + int(stored_meta.FileMetaInformationGroupLength))[0]
                 if existing.sha256 == digest:
                     log.info("identical resend of %s from %r: nothing to do", sop_uid, calling_ae)
                     self._touch_series(session, series_uid)
