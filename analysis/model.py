@@ -43,6 +43,10 @@ class ModelConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     class_names: tuple[str, ...] = CLASS_NAMES
+    #: "scale_shift": time and class embeddings scale and shift the normalised features (FiLM).
+    #: With the additive "default", GroupNorm with one channel a group (level 0 here) removes the
+    #: per-channel offset the embedding adds, so the class condition had no effect at that level.
+    resnet_time_scale_shift: str = "scale_shift"
 
     def __post_init__(self) -> None:
         levels = len(self.block_out_channels)
@@ -56,6 +60,8 @@ class ModelConfig:
             raise ValueError("attention_levels must index block_out_channels")
         if any(c % min(32, self.block_out_channels[0]) for c in self.block_out_channels):
             raise ValueError("every block_out_channels entry must be divisible by the first (max 32)")
+        if self.resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise ValueError("resnet_time_scale_shift must be 'default' or 'scale_shift'")
         if self.num_train_timesteps < 10:
             raise ValueError("num_train_timesteps must be at least 10")
 
@@ -67,6 +73,7 @@ class ModelConfig:
         raw: dict[str, Any] = json.loads(text)
         for key in ("block_out_channels", "attention_levels", "class_names"):
             raw[key] = tuple(raw[key])
+        raw.setdefault("resnet_time_scale_shift", "default")  # weights written before the field
         return cls(**raw)
 
 
@@ -92,6 +99,7 @@ def build_unet(config: ModelConfig) -> UNet2DModel:
         num_class_embeds=len(config.class_names),
         norm_num_groups=min(32, config.block_out_channels[0]),  # divides every level
         attention_head_dim=32,
+        resnet_time_scale_shift=config.resnet_time_scale_shift,
     )
 
 

@@ -38,6 +38,9 @@ def build_parser(*, node_only: bool = False) -> argparse.ArgumentParser:
 
     add_detect(sub)
     add_make_slide(sub)
+    from dicom_node.analyze import add_analyze
+
+    add_analyze(sub)
     return parser
 
 

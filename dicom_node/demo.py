@@ -88,6 +88,16 @@ def run_demo(args: argparse.Namespace) -> int:
         _say(f"  {result['width']} x {result['height']} px at "
              f"{result['pixel_spacing_um'][0]:.3f} um/px, {len(result['levels'])} levels, "
              f"{result['frames']} frames in {result['instances']} instances")
+        _say(f"white cells: {result['cell_count']} "
+             f"({result['review']} flagged for review, {result['abnormal']} suspected abnormal)")
+        _say("differential (percentage with 95% Wilson interval):")
+        for row in result["differential"]:
+            if row["count"]:
+                low, high = row["ci95"]
+                _say(f"  {row['label']:13s} {row['count']:4d}  {row['percentage']:5.1f} %  "
+                     f"[{low:5.1f}, {high:5.1f}]")
+        _say(f"results stored: {', '.join(sorted(result['objects']))} "
+             f"({', '.join(result['objects'].values())})")
         _say(json.dumps(node_status(node.store)["series"], indent=2))
         if not args.exit:
             _say(f"the node keeps running; send more with: storescu -R -xy -aec {settings.ae_title} "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
@@ -77,12 +78,60 @@ def run_job(store: Store, job_id: int) -> None:
             raise ValueError("the series holds no VL Whole Slide Microscopy instance")
         meta = slide_metadata(paths)
         meta.update({"instances": len(paths), "frames": frames})
-    except Exception as exc:  # job edge: record any failure on the job row
+        meta.update(analyse(store, job_id, paths))
+    except Exception as exc:  # job edge: record any failure on the job row, send nothing
         log.exception("job %d failed", job_id)
         _finish(store, job_id, "failed", error=f"{type(exc).__name__}: {exc}")
         return
     _finish(store, job_id, "done", result=meta)
-    log.info("job %d done: %s", job_id, json.dumps(meta))
+    log.info("job %d done: %d cells", job_id, meta.get("cell_count", 0))
+
+
+def analyse(store: Store, job_id: int, paths: list[str]) -> dict[str, Any]:
+    """Find and classify every white cell, store the DICOM results and queue them.
+
+    Under the ``immediate`` release policy the results go to the outbox at once
+    (they are marked PRELIMINARY and UNVERIFIED); under ``final-only`` they wait.
+    """
+    import torch
+
+    from analysis.pipeline import PipelineConfig, ProgressEvent, classify_slide
+    from dicom_node.analyze import differential, encode_results
+    from dicom_node.settings import DeviceValues, ReleasePolicyValues
+
+    settings = store.settings
+    device = settings.device.value
+    if settings.device is DeviceValues.AUTO:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    last = [0.0]
+
+    def progress(event: ProgressEvent) -> None:
+        now = time.monotonic()
+        if now - last[0] < 1.0 and not event.finished:
+            return
+        last[0] = now
+        with store.session() as session:
+            job = session.get(Job, job_id)
+            if job is not None:
+                job.progress = f"{event.stage} {event.done}/{event.total}"[:200]
+                session.commit()
+
+    files = [Path(p) for p in paths]
+    result = classify_slide(files, PipelineConfig(device=device), progress=progress)
+    objects = encode_results(result, files)
+    outputs = {}
+    for kind, ds in objects.items():
+        stored = store.add_dataset(ds)
+        outputs[kind] = stored.sop_instance_uid
+        if settings.release_policy is ReleasePolicyValues.IMMEDIATE:
+            store.enqueue(stored.sop_instance_uid)
+    return {
+        "cell_count": len(result.cells),
+        "differential": differential(result),
+        "review": len(result.review_cells),
+        "abnormal": sum(1 for c in result.cells if c.abnormal),
+        "objects": outputs,
+    }
 
 
 def _finish(store: Store, job_id: int, state: str, *, result: dict[str, Any] | None = None,

@@ -114,6 +114,13 @@ def test_sample_slide_from_bccd_fields_is_stored_as_jpeg_and_opened(start_node) 
         int(base.TotalPixelMatrixColumns), int(base.TotalPixelMatrixRows))
     assert job["result"]["frames"] == sum(int(dcmread(f, stop_before_pixels=True).NumberOfFrames)
                                           for f in files)
+    sent = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     for stored in (node.data_dir / "store").rglob("*.dcm"):
-        assert str(dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID) == \
-            "1.2.840.10008.1.2.4.50"  # JPEG baseline, as sent: never transcoded
+        if stored.stem in sent:  # JPEG baseline, as sent: never transcoded
+            assert str(dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID) == \
+                "1.2.840.10008.1.2.4.50"
+    # The job found the white cells and stored its report, annotations and heatmaps.
+    assert job["result"]["cell_count"] > 0
+    assert set(job["result"]["objects"]) == {"sr", "ann", "seg"}
+    modalities = {s["modality"] for s in status["series"]}
+    assert {"SM", "SR", "ANN", "SEG"} <= modalities

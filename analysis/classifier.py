@@ -1,0 +1,140 @@
+"""The shipped classifiers with their calibration: diffusion model and CNN baseline.
+
+``analysis/weights/`` holds ``cytodiffusion.safetensors`` (EMA weights of the
+diffusion model), ``baseline_cnn.safetensors`` and ``calibration.json`` (the
+posterior temperature, review and abnormal thresholds, and the per-class
+anomaly normalisation, all fitted on the val split by
+:func:`analysis.evaluate.calibrate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from analysis.baseline import BaselineCNN, load_baseline, predict_baseline
+from analysis.classify import (
+    ClassifierConfig,
+    DiffusionScores,
+    anomaly_raw,
+    error_deltas,
+    images_to_tensor,
+    load_diffusion,
+    posterior,
+    score_cells,
+)
+from analysis.errors import CheckpointError
+from analysis.uncertainty import entropy, margin
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DIFFUSION_WEIGHTS = "cytodiffusion.safetensors"
+BASELINE_WEIGHTS = "baseline_cnn.safetensors"
+CALIBRATION = "calibration.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+    """Per-cell outputs of a classifier (numpy arrays, one row per cell).
+
+    ``uncertainty`` is the normalised entropy of the posterior for the diffusion
+    model and ``1 - max softmax`` for the CNN; ``anomaly_score`` is the per-class
+    z-score of the best class's error (diffusion) or ``1 - max softmax`` (CNN).
+    """
+
+    probabilities: np.ndarray
+    label: np.ndarray
+    uncertainty: np.ndarray
+    margin: np.ndarray
+    anomaly_score: np.ndarray
+    review: np.ndarray
+    abnormal: np.ndarray
+    unet_evals: np.ndarray
+
+
+def read_calibration(weights_dir: Path) -> dict[str, object]:
+    path = weights_dir / CALIBRATION
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: run `cytonode evaluate --calibrate` first")
+    return dict(json.loads(path.read_text()))
+
+
+def diffusion_predictions(scores: DiffusionScores, calibration: dict[str, object]) -> Predictions:
+    """Turn raw denoising errors into posterior, uncertainty, anomaly score and flags."""
+    deltas, best = error_deltas(scores.errors)
+    p = posterior(deltas, float(calibration["beta"]))  # type: ignore[arg-type]
+    u = entropy(p)
+    reference = np.asarray(calibration["anomaly_reference"], dtype=np.float64)
+    raw = anomaly_raw(scores.errors, best, reference)
+    mean = np.asarray(calibration["anomaly_class_mean"], dtype=np.float64)
+    std = np.asarray(calibration["anomaly_class_std"], dtype=np.float64)
+    z = (raw - mean[best]) / std[best]
+    return Predictions(
+        probabilities=p, label=best, uncertainty=u, margin=margin(p), anomaly_score=z,
+        review=u > float(calibration["review_threshold"]),  # type: ignore[arg-type]
+        abnormal=z > float(calibration["abnormal_threshold"]),  # type: ignore[arg-type]
+        unet_evals=scores.unet_evals,
+    )
+
+
+def cnn_predictions(p: np.ndarray, calibration: dict[str, object]) -> Predictions:
+    """CNN softmax to predictions; ``1 - max softmax`` is uncertainty and anomaly score."""
+    cnn = calibration.get("cnn", {})
+    u = 1.0 - p.max(axis=1)
+    return Predictions(
+        probabilities=p, label=p.argmax(axis=1), uncertainty=u, margin=margin(p), anomaly_score=u,
+        review=u > float(cnn["review_threshold"]) if cnn else np.zeros(len(p), bool),  # type: ignore[index]
+        abnormal=u > float(cnn["abnormal_threshold"]) if cnn else np.zeros(len(p), bool),  # type: ignore[index]
+        unet_evals=np.zeros(len(p), dtype=np.int64),
+    )
+
+
+class DiffusionClassifier:
+    """The shipped diffusion classifier: weights plus calibration.
+
+    Parameters
+    ----------
+    weights_dir:
+        Folder with the weights and ``calibration.json``.
+    device:
+        ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, weights_dir: Path = WEIGHTS_DIR, device: str = "cpu") -> None:
+        self.calibration = read_calibration(weights_dir)
+        self.unet, self.model_config, self.metadata = load_diffusion(
+            weights_dir / DIFFUSION_WEIGHTS, device)
+        raw = dict(self.calibration["classifier_config"])  # type: ignore[call-overload]
+        raw["device"] = device
+        self.config = ClassifierConfig(**raw)
+
+    @property
+    def image_size(self) -> int:
+        return self.model_config.image_size
+
+    def predict(self, images: np.ndarray, generator: torch.Generator, *,
+                adaptive: bool = True) -> Predictions:
+        """Classify framed ``uint8`` images ``(N, S, S, 3)``."""
+        scores = score_cells(self.unet, self.model_config, images_to_tensor(images), self.config,
+                             generator, adaptive=adaptive)
+        return diffusion_predictions(scores, self.calibration)
+
+
+class BaselineClassifier:
+    """The shipped CNN baseline with its calibrated thresholds."""
+
+    def __init__(self, weights_dir: Path = WEIGHTS_DIR) -> None:
+        self.model: BaselineCNN = load_baseline(weights_dir / BASELINE_WEIGHTS)
+        path = weights_dir / CALIBRATION
+        self.calibration = read_calibration(weights_dir) if path.is_file() else {}
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.image_size
+
+    def predict(self, images: np.ndarray) -> Predictions:
+        p = predict_baseline(self.model, images_to_tensor(images)).numpy().astype(np.float64)
+        return cnn_predictions(p, self.calibration)

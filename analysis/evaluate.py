@@ -1,0 +1,287 @@
+"""Calibration on PBC val and evaluation on PBC test and aml_dev, for both models.
+
+``calibrate`` fits everything that is tuned (posterior temperature, review
+threshold, anomaly normalisation, abnormal threshold) on the val split only and
+writes ``calibration.json`` next to the weights. ``evaluate`` measures on data
+never trained or tuned on: PBC test and aml_dev (Matek et al. 2019).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from analysis.baseline import load_baseline, predict_baseline
+from analysis.classes import CLASS_NAMES
+from analysis.classifier import (
+    BASELINE_WEIGHTS,
+    CALIBRATION,
+    DIFFUSION_WEIGHTS,
+    Predictions,
+    cnn_predictions,
+    diffusion_predictions,
+    read_calibration,
+)
+from analysis.classify import (
+    ClassifierConfig,
+    anomaly_raw,
+    diffusion_metadata_summary,
+    error_deltas,
+    images_to_tensor,
+    load_diffusion,
+    posterior,
+    score_cells,
+)
+from analysis.errors import DatasetError
+from analysis.framing import collect_image_paths, read_framed
+from analysis.pbc import load_images, read_split
+from analysis.uncertainty import (
+    aurc,
+    auroc,
+    balanced_accuracy,
+    entropy,
+    expected_calibration_error,
+    fit_beta,
+    per_class_recall,
+    review_threshold,
+)
+
+log = logging.getLogger(__name__)
+
+AML_BLASTS = "myeloblast_MYO"
+AML_NEUTROPHILS = "neutrophil_segmented_NGS"
+
+
+def stratified_rows(rows: list[tuple[str, int]], per_class: int, seed: int) -> list[tuple[str, int]]:
+    """Up to ``per_class`` rows of each class (all if 0), in a seeded random order per class."""
+    if per_class <= 0:
+        return rows
+    rng = np.random.default_rng(seed)
+    out: list[tuple[str, int]] = []
+    for c in range(len(CLASS_NAMES)):
+        of_class = [r for r in rows if r[1] == c]
+        pick = rng.permutation(len(of_class))[:per_class]
+        out.extend(of_class[i] for i in sorted(pick))
+    return out
+
+
+def load_folder(folder: Path, size: int, limit: int = 0) -> np.ndarray:
+    """Frame every image of a folder (sorted; the first ``limit`` if > 0)."""
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} not found")
+    paths = collect_image_paths([folder])
+    if limit > 0:
+        paths = paths[:limit]
+    return np.stack([read_framed(p, size) for p in paths])
+
+
+def calibrate(weights_dir: Path, data_dir: Path, config: ClassifierConfig, *, per_class: int,
+              seed: int, target_error: float = 0.01, abnormal_quantile: float = 0.99
+              ) -> dict[str, object]:
+    """Fit the calibration on PBC val and write ``calibration.json``.
+
+    Returns
+    -------
+    dict
+        The calibration plus val metrics of both models.
+    """
+    unet, model_config, metadata = load_diffusion(weights_dir / DIFFUSION_WEIGHTS, config.device)
+    rows = stratified_rows(read_split(data_dir, "val"), per_class, seed)
+    data = load_images(data_dir, rows, model_config.image_size)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    t0 = time.monotonic()
+    scores = score_cells(unet, model_config, images_to_tensor(data.images), config, generator)
+    log.info("val: %d cells scored in %.0f s", len(rows), time.monotonic() - t0)
+    labels = data.labels
+    deltas, best = error_deltas(scores.errors)
+    beta = fit_beta(deltas, labels)
+    p = posterior(deltas, beta)
+    u = entropy(p)
+    # -inf (flag every cell) is written as -1: uncertainties are never negative.
+    thr = max(review_threshold(u, best == labels, target_error), -1.0)
+    # Per-timestep reference error: median best-class error of val cells.
+    e_best = scores.errors[np.arange(len(best)), best]  # (N, T)
+    reference = np.nanmedian(e_best, axis=0)
+    reference = np.where(np.isnan(reference), np.nanmedian(e_best), reference)
+    raw = anomaly_raw(scores.errors, best, reference)
+    mean = np.zeros(len(CLASS_NAMES))
+    std = np.ones(len(CLASS_NAMES))
+    for c in range(len(CLASS_NAMES)):
+        of_c = raw[best == c]
+        if len(of_c) >= 2:
+            mean[c], std[c] = float(of_c.mean()), float(max(of_c.std(ddof=1), 1e-6))
+        elif len(of_c) == 1:
+            mean[c] = float(of_c[0])
+    z = (raw - mean[best]) / std[best]
+    calibration: dict[str, object] = {
+        "diffusion_weights": DIFFUSION_WEIGHTS,
+        "train_step": int(metadata.get("step", "0")),
+        "classifier_config": {**config.to_dict(), "device": "cpu"},
+        "seed": seed,
+        "val_cells": len(rows),
+        "val_per_class": per_class,
+        "beta": beta,
+        "target_error": target_error,
+        "review_threshold": thr,
+        "anomaly_reference": reference.tolist(),
+        "anomaly_class_mean": mean.tolist(),
+        "anomaly_class_std": std.tolist(),
+        "abnormal_quantile": abnormal_quantile,
+        "abnormal_threshold": float(np.quantile(z, abnormal_quantile)),
+    }
+    val = {"diffusion": _classification_metrics(diffusion_predictions(scores, calibration), labels)}
+    if (weights_dir / BASELINE_WEIGHTS).is_file():
+        cnn = load_baseline(weights_dir / BASELINE_WEIGHTS)
+        cnn_rows = read_split(data_dir, "val")
+        cnn_data = load_images(data_dir, cnn_rows, cnn.config.image_size)
+        pc = predict_baseline(cnn, images_to_tensor(cnn_data.images)).numpy().astype(np.float64)
+        uc = 1.0 - pc.max(axis=1)
+        calibration["cnn"] = {
+            "weights": BASELINE_WEIGHTS,
+            "val_cells": len(cnn_rows),
+            "review_threshold": max(review_threshold(uc, pc.argmax(axis=1) == cnn_data.labels,
+                                                     target_error), -1.0),
+            "abnormal_threshold": float(np.quantile(uc, abnormal_quantile)),
+        }
+        val["cnn"] = _classification_metrics(cnn_predictions(pc, calibration), cnn_data.labels)
+    (weights_dir / CALIBRATION).write_text(json.dumps(calibration, indent=1) + "\n")
+    return {"calibration": calibration, "val": val,
+            "model": diffusion_metadata_summary(metadata)}
+
+
+def _classification_metrics(pred: Predictions, labels: np.ndarray) -> dict[str, object]:
+    correct = pred.label == labels
+    accepted = ~pred.review
+    recall = per_class_recall(labels, pred.label, len(CLASS_NAMES))
+    return {
+        "cells": len(labels),
+        "accuracy": float(correct.mean()),
+        "balanced_accuracy": balanced_accuracy(labels, pred.label, len(CLASS_NAMES)),
+        "per_class_recall": {name: (None if np.isnan(r) else float(r))
+                             for name, r in zip(CLASS_NAMES, recall)},
+        "ece": expected_calibration_error(pred.probabilities, labels),
+        "aurc": aurc(pred.uncertainty, correct),
+        "fraction_flagged": float(pred.review.mean()),
+        "error_among_not_flagged": (float((~correct[accepted]).mean()) if accepted.any()
+                                    else None),
+    }
+
+
+def evaluate(weights_dir: Path, data_dir: Path, aml_dir: Path, config: ClassifierConfig | None, *,
+             per_class: int, exhaustive_per_class: int, aml_limit: int, seed: int,
+             arrays_out: Path | None = None) -> dict[str, object]:
+    """Metrics of both models on PBC test and aml_dev (nothing here is tuned).
+
+    Parameters
+    ----------
+    config:
+        Overrides the classifier configuration stored in the calibration (for
+        experiments only; the thresholds were fitted with the stored one).
+    per_class:
+        PBC test cells per class for the diffusion model (0: the whole split).
+        The CNN always sees the whole test split.
+    exhaustive_per_class:
+        Cells per class (taken from the adaptive subset) also scored exhaustively.
+    aml_limit:
+        aml_dev images per folder (0: all).
+    arrays_out:
+        If given, an ``.npz`` with the per-cell outputs (for plots).
+    """
+    calibration = read_calibration(weights_dir)
+    if config is None:
+        config = ClassifierConfig(**dict(calibration["classifier_config"]))  # type: ignore[call-overload]
+    unet, model_config, metadata = load_diffusion(weights_dir / DIFFUSION_WEIGHTS, config.device)
+    size = model_config.image_size
+    test_rows_all = read_split(data_dir, "test")
+    rows = stratified_rows(test_rows_all, per_class, seed)
+    data = load_images(data_dir, rows, size)
+    blasts = load_folder(aml_dir / AML_BLASTS, size, aml_limit)
+    neutro = load_folder(aml_dir / AML_NEUTROPHILS, size, aml_limit)
+    neutrophil = CLASS_NAMES.index("neutrophil")
+    generator = torch.Generator("cpu").manual_seed(seed)
+
+    # Diffusion, adaptive (the product setting): PBC test subset.
+    t0 = time.monotonic()
+    scores = score_cells(unet, model_config, images_to_tensor(data.images), config, generator)
+    wall = time.monotonic() - t0
+    log.info("test adaptive: %d cells in %.0f s", len(rows), wall)
+    pred = diffusion_predictions(scores, calibration)
+    diffusion: dict[str, object] = {"pbc_test": _classification_metrics(pred, data.labels)}
+    diffusion["throughput"] = {"mode": "adaptive", "cells": len(rows),
+                               "cells_per_s": len(rows) / wall,
+                               "unet_evals_per_cell": float(scores.unet_evals.mean()),
+                               "threads": torch.get_num_threads()}
+    # aml_dev.
+    s_blast = score_cells(unet, model_config, images_to_tensor(blasts), config, generator)
+    s_neut = score_cells(unet, model_config, images_to_tensor(neutro), config, generator)
+    p_blast = diffusion_predictions(s_blast, calibration)
+    p_neut = diffusion_predictions(s_neut, calibration)
+    diffusion["anomaly_auroc_aml_blasts_vs_pbc_test"] = auroc(p_blast.anomaly_score,
+                                                             pred.anomaly_score)
+    diffusion["aml_blasts_flagged_abnormal"] = float(p_blast.abnormal.mean())
+    diffusion["pbc_test_flagged_abnormal"] = float(pred.abnormal.mean())
+    diffusion["domain_shift_aml_neutrophil_accuracy"] = float(np.mean(p_neut.label == neutrophil))
+
+    # Diffusion, exhaustive, on a per-class prefix of the same subset.
+    if exhaustive_per_class > 0:
+        pick = np.concatenate([np.flatnonzero(data.labels == c)[:exhaustive_per_class]
+                               for c in range(len(CLASS_NAMES))])
+        t0 = time.monotonic()
+        s_ex = score_cells(unet, model_config, images_to_tensor(data.images[pick]), config,
+                           generator, adaptive=False)
+        wall_ex = time.monotonic() - t0
+        p_ex = diffusion_predictions(s_ex, calibration)
+        diffusion["exhaustive"] = {
+            "cells": len(pick),
+            "accuracy": float(np.mean(p_ex.label == data.labels[pick])),
+            "adaptive_accuracy_same_cells": float(np.mean(pred.label[pick] == data.labels[pick])),
+            "balanced_accuracy": balanced_accuracy(data.labels[pick], p_ex.label, len(CLASS_NAMES)),
+            "cells_per_s": len(pick) / wall_ex,
+            "unet_evals_per_cell": float(s_ex.unet_evals.mean()),
+            "adaptive_unet_evals_per_cell_same_cells": float(scores.unet_evals[pick].mean()),
+        }
+
+    # CNN baseline: the whole test split, the same aml_dev images.
+    cnn_model = load_baseline(weights_dir / BASELINE_WEIGHTS)
+    cnn_data = load_images(data_dir, test_rows_all, cnn_model.config.image_size)
+    t0 = time.monotonic()
+    pc = predict_baseline(cnn_model, images_to_tensor(cnn_data.images)).numpy().astype(np.float64)
+    wall_c = time.monotonic() - t0
+    c_pred = cnn_predictions(pc, calibration)
+    cnn_sub = cnn_predictions(pc[[test_rows_all.index(r) for r in rows]], calibration)
+    c_blast = cnn_predictions(predict_baseline(cnn_model, images_to_tensor(blasts)).numpy()
+                              .astype(np.float64), calibration)
+    c_neut = cnn_predictions(predict_baseline(cnn_model, images_to_tensor(neutro)).numpy()
+                             .astype(np.float64), calibration)
+    cnn: dict[str, object] = {
+        "pbc_test": _classification_metrics(c_pred, cnn_data.labels),
+        "pbc_test_same_cells_as_diffusion": _classification_metrics(cnn_sub, data.labels),
+        "anomaly_auroc_aml_blasts_vs_pbc_test": auroc(c_blast.anomaly_score, c_pred.anomaly_score),
+        "anomaly_auroc_aml_blasts_vs_pbc_test_same_cells": auroc(c_blast.anomaly_score,
+                                                                 cnn_sub.anomaly_score),
+        "aml_blasts_flagged_abnormal": float(c_blast.abnormal.mean()),
+        "pbc_test_flagged_abnormal": float(c_pred.abnormal.mean()),
+        "domain_shift_aml_neutrophil_accuracy": float(np.mean(c_neut.label == neutrophil)),
+        "throughput": {"cells": len(test_rows_all), "cells_per_s": len(test_rows_all) / wall_c,
+                       "unet_evals_per_cell": 0.0, "threads": torch.get_num_threads()},
+    }
+    if arrays_out is not None:
+        np.savez_compressed(arrays_out, labels=data.labels, d_prob=pred.probabilities,
+                            d_unc=pred.uncertainty, d_anom=pred.anomaly_score,
+                            d_anom_blast=p_blast.anomaly_score, c_labels=cnn_data.labels,
+                            c_prob=pc, c_anom_blast=c_blast.anomaly_score,
+                            paths=np.array(data.paths))
+    return {
+        "model": diffusion_metadata_summary(metadata),
+        "classifier_config": config.to_dict(),
+        "data": {"pbc_test_cells_diffusion": len(rows), "pbc_test_per_class": per_class,
+                 "pbc_test_cells_cnn": len(test_rows_all), "aml_blasts": len(blasts),
+                 "aml_neutrophils": len(neutro), "seed": seed},
+        "diffusion": diffusion,
+        "cnn": cnn,
+    }

@@ -1,0 +1,204 @@
+"""The ``cytonode analyze`` sub-command: the whole pipeline on one slide, offline.
+
+Runs :func:`analysis.pipeline.classify_slide`, encodes the result with
+:mod:`dicom_node.encode` and writes into the output folder:
+
+- ``sr.dcm``: the TID 1500 measurement report (always, also for a slide without cells);
+- ``ann.dcm``: the bulk annotations of every white cell (only when there are cells);
+- ``seg.dcm``: the heatmap segmentation (only when there are heatmaps);
+- ``summary.json``: differential (counts, percentages, 95 % Wilson intervals), every
+  cell with its flags, seconds per stage and the model's provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: Files this command writes into ``--out``; stale ones of an earlier run are removed.
+OUTPUT_FILES = {"sr": "sr.dcm", "ann": "ann.dcm", "seg": "seg.dcm"}
+SUMMARY = "summary.json"
+
+
+def add_analyze(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``analyze`` on the ``cytonode`` sub-command parser."""
+    p = sub.add_parser("analyze",
+                       help="offline: analyse one slide, write SR, ANN, SEG and summary.json")
+    p.add_argument("slide", type=Path, help="WSI DICOM file or folder of one series")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the classifier's noise draws")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="folder with the weights and calibration.json (default: the shipped ones)")
+    p.add_argument("--n-timesteps", type=int, default=None,
+                   help="classifier budget: timesteps per class (default: the calibrated one)")
+    p.add_argument("--cell-batch", type=int, default=32, help="cells classified together")
+    p.add_argument("--heatmap-timesteps", type=int, default=8,
+                   help="timesteps averaged per counterfactual heatmap")
+    p.add_argument("--no-heatmaps", action="store_true", help="skip the heatmaps (and the SEG)")
+    p.add_argument("--pixel-spacing-um", type=float, default=None,
+                   help="um per pixel, used only when the slide has no Pixel Measures")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.set_defaults(func=run_analyze)
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """Run ``cytonode analyze``; return the exit status (0, 2 for bad input)."""
+    import pydicom
+
+    from analysis.errors import CheckpointError, SlideUnreadableError
+    from analysis.pipeline import PipelineConfig, ProgressEvent, classify_slide, series_files
+
+    config = PipelineConfig(weights_dir=args.weights, device=args.device, seed=args.seed,
+                            n_timesteps=args.n_timesteps, cell_batch=args.cell_batch,
+                            heatmaps=not args.no_heatmaps, heatmap_timesteps=args.heatmap_timesteps,
+                            default_pixel_spacing_um=args.pixel_spacing_um)
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} exists and is not a folder")
+    if not getattr(args, "verbose", False):
+        logging.getLogger("highdicom").setLevel(logging.WARNING)  # one line per copied module
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    timings: dict[str, float] = {}
+    counts: dict[str, int] = {}
+
+    def record(event: ProgressEvent) -> None:
+        if event.finished:
+            timings[event.stage] = round(event.elapsed_s, 3)
+            counts.update(event.counts)
+
+    started = time.perf_counter()
+    try:
+        files = series_files(args.slide)
+        result = classify_slide(files, config, progress=record)
+    except SlideUnreadableError as exc:
+        sys.stderr.write(f"cytonode analyze: {_one_line(exc)}\n")
+        return 2
+    except CheckpointError as exc:
+        sys.stderr.write(f"cytonode analyze: {_one_line(exc)}\n")
+        return 1
+
+    encode_start = time.perf_counter()
+    objects = encode_results(result, files)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for kind, name in OUTPUT_FILES.items():
+        path = args.out / name
+        if kind in objects:
+            objects[kind].save_as(path, enforce_file_format=True)
+        elif path.exists():
+            path.unlink()  # a stale object of an earlier run would contradict this one
+    timings["encode"] = round(time.perf_counter() - encode_start, 3)
+    timings["total"] = round(time.perf_counter() - started, 3)
+
+    summary = _summary(result, args.slide, objects, timings, counts)
+    (args.out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    _print_differential(result, timings, args.out)
+    return 0
+
+
+def encode_results(result: Any, files: list[Path]) -> dict[str, Any]:
+    """The DICOM objects of one slide's result: ``sr`` always, ``ann`` when there are cells,
+    ``seg`` when there are heatmaps (an annotation group cannot be empty, PS3.3 C.37.1.2)."""
+    import pydicom
+
+    from dicom_node.encode.ann import encode_bulk_annotations
+    from dicom_node.encode.common import EncoderParams
+    from dicom_node.encode.seg import encode_heatmaps
+    from dicom_node.encode.sr import encode_report
+
+    source_datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    params = EncoderParams()
+    objects: dict[str, Any] = {"sr": encode_report(result, source_datasets, params)}
+    if result.cells:
+        objects["ann"] = encode_bulk_annotations(result, source_datasets, params)
+    if result.heatmaps:
+        objects["seg"] = encode_heatmaps(result, source_datasets, params)
+    return objects
+
+
+def differential(result: Any) -> list[dict[str, Any]]:
+    """Per class count, percentage and its 95% Wilson interval, as plain values."""
+    rows = []
+    for count in result.counts:
+        interval = count.confidence_interval
+        rows.append({
+            "label": count.label.value, "count": count.count,
+            "percentage": None if count.percentage is None else round(count.percentage, 3),
+            "ci95": None if interval is None else [round(interval[0], 3), round(interval[1], 3)],
+        })
+    return rows
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _summary(result: Any, slide: Path, objects: dict[str, Any], timings: dict[str, float],
+             counts: dict[str, int]) -> dict[str, Any]:
+    """The ``summary.json`` document."""
+    cells = [_cell_json(c) for c in result.cells]
+    return {
+        "slide": {
+            "path": str(slide),
+            "study_instance_uid": result.study_instance_uid,
+            "series_instance_uid": result.series_instance_uid,
+            "sop_instance_uids": list(result.sop_instance_uids),
+            "total_pixel_matrix": [result.total_pixel_matrix_columns,
+                                   result.total_pixel_matrix_rows],
+            "pixel_spacing_mm": list(result.pixel_spacing_mm),
+        },
+        "cell_count": len(result.cells),
+        "platelets_detected": counts.get("platelets"),
+        "differential": differential(result),
+        "interval": "95 % Wilson score interval of the percentage, over all classified white cells",
+        "flagged": [c for c in cells if c["review"] or c["abnormal"]],
+        "cells": cells,
+        "heatmaps": [{"kind": h.kind.value, "shape": list(h.shape), "cell_size_px": h.cell_size_px}
+                     for h in result.heatmaps],
+        "timings_s": timings,
+        "provenance": {
+            "name": result.provenance.name, "version": result.provenance.version,
+            "weights_sha256": result.provenance.weights_sha256,
+            "parameters": dict(result.provenance.parameters),
+        },
+        "files": {kind: {"path": OUTPUT_FILES[kind], "sop_instance_uid": str(ds.SOPInstanceUID),
+                         "series_instance_uid": str(ds.SeriesInstanceUID)}
+                  for kind, ds in objects.items()},
+    }
+
+
+def _cell_json(cell: Any) -> dict[str, Any]:
+    return {
+        "cell_id": cell.cell_id, "x": round(cell.x, 1), "y": round(cell.y, 1),
+        "bbox": list(cell.bbox), "area_um2": round(cell.area_um2, 2),
+        "label": cell.label.value, "probability": round(cell.probability, 6),
+        "uncertainty": round(cell.uncertainty, 6), "anomaly_score": round(cell.anomaly_score, 6),
+        "review": cell.review,
+        "review_reason": cell.review_reason.value if cell.review_reason else None,
+        "abnormal": cell.abnormal,
+        "abnormal_reason": cell.abnormal_reason.value if cell.abnormal_reason else None,
+    }
+
+
+def _print_differential(result: Any, timings: dict[str, float], out: Path) -> None:
+    """A short human-readable report on stdout."""
+    lines = [f"{len(result.cells)} white cells; written to {out}"]
+    for count in result.counts:
+        if count.total:
+            low, high = count.confidence_interval
+            lines.append(f"  {count.label.value:<13}{count.count:>5}  {count.percentage:6.1f} %"
+                         f"  (95 % CI {low:.1f}-{high:.1f})")
+    lines.append(f"  flagged for review: {len(result.review_cells)}, "
+                 f"suspected abnormal: {len(result.abnormal_cells)}")
+    lines.append("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    sys.stdout.write("\n".join(lines) + "\n")

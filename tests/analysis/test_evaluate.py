@@ -1,0 +1,79 @@
+"""Uncertainty metrics and calibration helpers (numpy only, no model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from analysis import commands
+from analysis.evaluate import stratified_rows
+from analysis.model import ModelConfig
+from analysis.uncertainty import (
+    aurc,
+    auroc,
+    balanced_accuracy,
+    entropy,
+    expected_calibration_error,
+    fit_beta,
+    margin,
+    per_class_recall,
+    review_threshold,
+)
+
+
+def test_entropy_and_margin() -> None:
+    p = np.array([[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.5, 0.3, 0.2, 0.0]])
+    np.testing.assert_allclose(entropy(p)[:2], [0.0, 1.0], atol=1e-9)
+    np.testing.assert_allclose(margin(p), [1.0, 0.0, 0.2])
+
+
+def test_review_threshold_meets_target() -> None:
+    rng = np.random.default_rng(0)
+    u = rng.random(1000)
+    correct = rng.random(1000) > u * 0.2  # more errors at high uncertainty
+    thr = review_threshold(u, correct, 0.01)
+    accepted = u <= thr
+    assert accepted.any()
+    assert (~correct[accepted]).mean() <= 0.01
+    # The next larger threshold would break the target.
+    nxt = np.sort(u[u > thr])[0]
+    assert (~correct[u <= nxt]).mean() > 0.01
+    assert review_threshold(np.array([0.1, 0.2]), np.array([False, True]), 0.01) == float("-inf")
+    with pytest.raises(ValueError):
+        review_threshold(u, correct, 1.5)
+
+
+def test_metrics_on_known_cases() -> None:
+    labels = np.array([0, 0, 1, 1])
+    pred = np.array([0, 1, 1, 1])
+    assert balanced_accuracy(labels, pred, 3) == pytest.approx(0.75)
+    np.testing.assert_allclose(per_class_recall(labels, pred, 3), [0.5, 1.0, np.nan])
+    assert auroc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert auroc(np.array([1.0]), np.array([1.0])) == 0.5
+    p = np.array([[0.9, 0.1], [0.9, 0.1]])
+    assert expected_calibration_error(p, np.array([0, 1])) == pytest.approx(0.4)
+    # Errors accepted last: risk is 0 until the last cell.
+    assert aurc(np.array([0.1, 0.2, 0.9]), np.array([True, True, False])) == pytest.approx(1 / 9)
+
+
+def test_fit_beta_recovers_temperature() -> None:
+    rng = np.random.default_rng(1)
+    deltas = rng.random((4000, 4)) * 0.01
+    true_beta = 300.0
+    logits = -true_beta * deltas
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(4, p=row) for row in p])
+    assert fit_beta(deltas, labels) == pytest.approx(true_beta, rel=0.2)
+
+
+def test_stratified_rows() -> None:
+    rows = [(f"{c}_{i}", c) for c in range(8) for i in range(5)]
+    sub = stratified_rows(rows, 2, seed=0)
+    assert len(sub) == 16 and sorted({c for _, c in sub}) == list(range(8))
+    assert sub == stratified_rows(rows, 2, seed=0)
+    assert stratified_rows(rows, 0, seed=0) == rows
+
+
+def test_cli_defaults_match_model_config() -> None:
+    assert commands.DEFAULT_IMAGE_SIZE == ModelConfig.image_size
+    assert commands.DEFAULT_CHANNELS == ModelConfig.block_out_channels
