@@ -47,7 +47,7 @@ from analysis.results import (
     ModelProvenance,
     SlideResult,
 )
-from analysis.tiles import VL_WSM_SOP_CLASS_UID, Slide
+from analysis.tiles import VL_WSM_SOP_CLASS_UID, Slide, has_dicm_preamble
 
 logger = logging.getLogger(__name__)
 
@@ -181,16 +181,6 @@ class _Stage:
 
 
 # --- Reading -------------------------------------------------------------------------------
-def _has_dicm_preamble(path: Path) -> bool:
-    """True when the file has the DICOM preamble ("DICM" at byte 128, PS3.10 7.1)."""
-    try:
-        with path.open("rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def series_files(slide_paths: Path | str | Sequence[Path | str]) -> list[Path]:
     """The DICOM files of one slide given a file, a folder or a list of files.
 
@@ -208,7 +198,7 @@ def series_files(slide_paths: Path | str | Sequence[Path | str]) -> list[Path]:
     files: list[Path] = []
     for item in items:
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and _has_dicm_preamble(p))
+            found = sorted(p for p in item.rglob("*") if p.is_file() and has_dicm_preamble(p))
             if not found:
                 raise SlideUnreadableError(f"{item}: folder holds no DICOM files")
             files.extend(found)

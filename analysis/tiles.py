@@ -68,7 +68,7 @@ class Level:
     downsample: float
 
 
-def _has_dicm_preamble(path: Path) -> bool:
+def has_dicm_preamble(path: Path) -> bool:
     """True when the file has the DICOM preamble ("DICM" at byte 128, PS3.10 7.1)."""
     try:
         with path.open("rb") as f:
@@ -83,7 +83,7 @@ def _dicom_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _has_dicm_preamble(p))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and has_dicm_preamble(p))
         if files:
             return files
         raise SlideUnreadableError(f"{path}: folder holds no DICOM files")
