@@ -96,31 +96,55 @@ def test_postgresql_index_works_the_same(start_node, tmp_path: Path) -> None:
         shutil.rmtree(pg_dir, ignore_errors=True)
 
 
-def test_sample_slide_from_bccd_fields_is_stored_as_jpeg_and_opened(start_node) -> None:
+def test_sample_slide_is_analysed_and_results_reach_orthanc(start_node, tmp_path: Path) -> None:
+    """The slide arrives by storescu; the job finds and classifies the cells; the SR, the bulk
+    annotations and the heatmap SEG go by the outbox into Orthanc, which serves them on DICOMweb."""
+    import requests
+
     from dicom_node.demo import SAMPLE_SLIDE
+    from tests.peers import OrthancProcess
 
     files = sorted(SAMPLE_SLIDE.glob("*.dcm"))
     assert len(files) >= 2, "the sample slide is a pyramid of several instances"
-    node = start_node(workers=1)
-    storescu(node.port, *files)
-    status = node.wait_for(lambda s: s["jobs"] and s["jobs"][0]["state"] in ("done", "failed"),
-                           timeout=240, what="the sample slide's job")
-    job = status["jobs"][0]
-    assert job["state"] == "done", job["error"]
-    base = max((dcmread(f, stop_before_pixels=True) for f in files),
-               key=lambda d: int(d.TotalPixelMatrixColumns))
-    assert len(job["result"]["levels"]) == len(files)
-    assert (job["result"]["width"], job["result"]["height"]) == (
-        int(base.TotalPixelMatrixColumns), int(base.TotalPixelMatrixRows))
-    assert job["result"]["frames"] == sum(int(dcmread(f, stop_before_pixels=True).NumberOfFrames)
-                                          for f in files)
-    sent = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
-    for stored in (node.data_dir / "store").rglob("*.dcm"):
-        if stored.stem in sent:  # JPEG baseline, as sent: never transcoded
-            assert str(dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID) == \
-                "1.2.840.10008.1.2.4.50"
-    # The job found the white cells and stored its report, annotations and heatmaps.
-    assert job["result"]["cell_count"] > 0
-    assert set(job["result"]["objects"]) == {"sr", "ann", "seg"}
-    modalities = {s["modality"] for s in status["series"]}
-    assert {"SM", "SR", "ANN", "SEG"} <= modalities
+    orthanc = OrthancProcess(tmp_path / "orthanc", {}).start()
+    try:
+        node = start_node(workers=1, destinations=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
+                          outbox_retry_initial_s=0.5)
+        storescu(node.port, *files)
+        status = node.wait_for(lambda s: s["jobs"] and s["jobs"][0]["state"] in ("done", "failed"),
+                               timeout=300, what="the sample slide's job")
+        job = status["jobs"][0]
+        assert job["state"] == "done", job["error"]
+        base = max((dcmread(f, stop_before_pixels=True) for f in files),
+                   key=lambda d: int(d.TotalPixelMatrixColumns))
+        assert len(job["result"]["levels"]) == len(files)
+        assert (job["result"]["width"], job["result"]["height"]) == (
+            int(base.TotalPixelMatrixColumns), int(base.TotalPixelMatrixRows))
+        assert job["result"]["frames"] == sum(
+            int(dcmread(f, stop_before_pixels=True).NumberOfFrames) for f in files)
+        sent = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+        for stored in (node.data_dir / "store").rglob("*.dcm"):
+            if stored.stem in sent:  # JPEG baseline, as sent: never transcoded
+                assert str(dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID) \
+                    == "1.2.840.10008.1.2.4.50"
+        # The job found the white cells and made its report, annotations and heatmaps ...
+        assert job["result"]["cell_count"] > 0
+        assert sum(row["count"] for row in job["result"]["differential"]) == job["result"]["cell_count"]
+        objects = job["result"]["objects"]
+        assert set(objects) == {"sr", "ann", "seg"}
+        # ... which the outbox delivered to the PACS, in the slide's study.
+        node.wait_for(lambda s: s["outbox"]["sent"] == 3, timeout=120, what="delivery to Orthanc")
+        classes = {"sr": "1.2.840.10008.5.1.4.1.1.88.34", "ann": "1.2.840.10008.5.1.4.1.1.91.1",
+                   "seg": "1.2.840.10008.5.1.4.1.1.66.4"}
+        for kind, uid in objects.items():
+            found = orthanc.find_instance(uid)
+            assert len(found) == 1, f"{kind} not in Orthanc"
+            tags = requests.get(f"{orthanc.url}/instances/{found[0]}/simplified-tags", timeout=30).json()
+            assert tags["SOPClassUID"] == classes[kind]
+            assert tags["StudyInstanceUID"] == str(base.StudyInstanceUID)
+        rsp = requests.get(f"{orthanc.url}/dicom-web/studies/{base.StudyInstanceUID}/series", timeout=30)
+        assert rsp.ok
+        modalities = {s["00080060"]["Value"][0] for s in rsp.json()}
+        assert {"SR", "ANN", "SEG"} <= modalities
+    finally:
+        orthanc.stop()
