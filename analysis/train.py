@@ -80,7 +80,7 @@ def _atomic_save(write: Callable[[Path], object], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _balanced_sampler(labels: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+def _balanced_sampler(labels: np.ndarray) -> torch.Tensor:
     counts = np.bincount(labels)
     weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.float64)
     return weights
@@ -129,7 +129,7 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
     data = load_images(train.data_dir, rows, model_config.image_size, progress=True)
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()
     labels = torch.from_numpy(data.labels)
-    weights = _balanced_sampler(data.labels, generator)
+    weights = _balanced_sampler(data.labels)
     log.info("training on %d images of the train split", len(rows))
 
     alphas = scheduler.alphas_cumprod.to(device)

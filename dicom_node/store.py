@@ -63,14 +63,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _hash_dataset_bytes(path: Path, offset: int) -> tuple[str, int]:
+def _hash_dataset_bytes(path: Path, offset: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         fh.seek(offset)
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
-        size = fh.tell()
-    return digest.hexdigest(), size
+    return digest.hexdigest()
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
@@ -176,12 +175,12 @@ class Store:
         with self.session() as session:
             existing = session.get(Instance, sop_uid)
             if existing is not None:
-                digest = _hash_dataset_bytes(path, offset)[0]
+                digest = _hash_dataset_bytes(path, offset)
                 if not existing.sha256 and existing.size == size:
                     stored = self.root / existing.path
                     stored_meta = dcmread(stored, stop_before_pixels=True).file_meta
                     existing.sha256 = _hash_dataset_bytes(
-                        stored, 132 + 12 + int(stored_meta.FileMetaInformationGroupLength))[0]
+                        stored, 132 + 12 + int(stored_meta.FileMetaInformationGroupLength))
                 if existing.sha256 == digest:
                     log.info("identical resend of %s from %r: nothing to do", sop_uid, calling_ae)
                     self._touch_series(session, series_uid)

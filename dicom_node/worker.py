@@ -14,11 +14,11 @@ from typing import Any
 from sqlalchemy import select, update
 
 from dicom_node.index import Instance, Job
+from dicom_node.settings import VL_WSM
 from dicom_node.store import Store
 
 log = logging.getLogger(__name__)
 
-VL_WSM = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
 
 def claim(store: Store, job_id: int) -> bool:
