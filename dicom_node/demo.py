@@ -98,7 +98,7 @@ def run_demo(args: argparse.Namespace) -> int:
     (data_dir / "pacs").mkdir()
     pacs = StandInPACS(data_dir / "pacs")
     settings = Settings(data_dir=data_dir, bind_address="127.0.0.1", dicom_port=_free_port(),
-                        stable_age_s=2.0, workers=1, outbox_retry_initial_s=0.5,
+                        http_port=_free_port(), stable_age_s=2.0, workers=1, outbox_retry_initial_s=0.5,
                         destinations=(Destination("DEMOPACS", "127.0.0.1", pacs.port),))
     node = Node(settings)
     node.start()

@@ -65,6 +65,12 @@ class Node:
         self.server = server
         port = self.server.server_address[1]
         log.info("DICOM SCP %s listening on %s:%d", s.ae_title, s.bind_address, port)
+        self.http = None
+        if s.http_enabled:
+            from viewer.server import HttpServer  # the web app; imported only when serving it
+
+            self.http = HttpServer(s, self.store)
+            self.http.start()
         if s.workers > 0:
             self._start_worker()
         self.loops = [
@@ -113,6 +119,8 @@ class Node:
             log.warning("aborting %d associations still active after %.0f s",
                         len(self.ae.active_associations), self.settings.shutdown_grace_s)
         self.ae.shutdown()
+        if self.http is not None:
+            self.http.stop()
         for loop in self.loops:
             loop.join(timeout=self.settings.network_timeout_s)
         if self.worker is not None and self.worker.poll() is None:

@@ -132,6 +132,10 @@ class Settings:
     outbox_retry_max_s: float = 300.0
     shutdown_grace_s: float = 30.0
     min_free_bytes: int = 64 * 1024 * 1024
+    move_destinations: tuple[Destination, ...] = ()
+    api_token: str = ""
+    secret_key: str = ""
+    http_enabled: bool = True
 
     def __post_init__(self) -> None:
         check_ae_title(self.ae_title, "ae_title")
@@ -194,6 +198,8 @@ class Settings:
             elif isinstance(value, tuple):
                 value = [str(v) if isinstance(v, Destination) else
                          dataclasses.asdict(v) if isinstance(v, RoutingRule) else v for v in value]
+            if field.name in ("api_token", "secret_key") and value:
+                value = "***"
             if isinstance(value, str) and "://" in value:
                 value = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", value)
             out[field.name] = value
@@ -269,7 +275,7 @@ def _split(value: Any) -> list[Any]:
 def _convert(name: str, value: Any, type_: Any) -> Any:
     text = str(type_)
     try:
-        if name == "destinations":
+        if name in ("destinations", "move_destinations"):
             return tuple(v if isinstance(v, Destination) else Destination.parse(str(v)) for v in _split(value))
         if name == "routing_rules":
             rules = json.loads(value) if isinstance(value, str) else value

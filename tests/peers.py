@@ -66,9 +66,11 @@ class NodeProcess:
     def __init__(self, data_dir: Path, **settings: Any) -> None:
         self.data_dir = data_dir
         self.port = free_port()
+        self.http_port = free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CYTONODE_")}
         self.env.update({
             "CYTONODE_DATA_DIR": str(data_dir), "CYTONODE_DICOM_PORT": str(self.port),
+            "CYTONODE_HTTP_PORT": str(self.http_port),
             "CYTONODE_BIND_ADDRESS": "127.0.0.1", "CYTONODE_STABLE_AGE_S": "1",
             "CYTONODE_WORKERS": "0", "CYTONODE_SHUTDOWN_GRACE_S": "10",
         })

@@ -1,0 +1,80 @@
+"""The CytoNode web application: worklist, slide viewer, review, sign-off, DICOMweb.
+
+``create_app(settings)`` is the Flask application factory; ``cytonode serve`` runs it on
+``CYTONODE_HTTP_PORT`` next to the DICOM SCP (see :mod:`viewer.server`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from flask import Flask, jsonify
+
+from dicom_node.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Each area is a module with a ``bp`` blueprint; the application registers those present in this list.
+BLUEPRINTS: tuple[str, ...] = (
+    "viewer.auth",
+    "viewer.worklist",
+    "viewer.slides",
+    "viewer.review",
+    "viewer.signoff",
+    "viewer.audit",
+    "viewer.dicomweb",
+)
+
+
+def secret_key(settings: Settings) -> str:
+    """The session signing key: the setting, else a random key kept (mode 0600) in the data dir."""
+    if settings.secret_key:
+        return settings.secret_key
+    path = Path(settings.data_dir) / "secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_hex(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key)
+        return key
+
+
+def create_app(settings: Settings | None = None, store=None) -> Flask:
+    """Build the application for ``settings`` (default: from the environment).
+
+    ``store`` is the node's :class:`dicom_node.store.Store` when the app runs inside ``cytonode serve``;
+    otherwise the app opens its own on the same data directory and index.
+    """
+    from dicom_node.store import Store
+
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=secret_key(settings),
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        MAX_CONTENT_LENGTH=2 * 1024 * 1024 * 1024,
+    )
+    app.extensions["cytonode.settings"] = settings
+    app.extensions["cytonode.store"] = store if store is not None else Store(settings)
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify(status="ok")
+
+    for name in BLUEPRINTS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise  # a real missing dependency inside the module
+            continue
+        app.register_blueprint(module.bp)
+    return app
