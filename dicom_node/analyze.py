@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,10 +100,27 @@ def run_analyze(args: argparse.Namespace) -> int:
     timings["encode"] = round(time.perf_counter() - encode_start, 3)
     timings["total"] = round(time.perf_counter() - started, 3)
 
-    summary = _summary(result, args.slide, objects, timings, counts)
-    (args.out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    write_summary(args.out, result, args.slide, objects, timings, counts)
     _print_differential(result, timings, args.out)
     return 0
+
+
+def write_summary(out: Path, result: Any, slide: Path, objects: dict[str, Any],
+                  timings: dict[str, float], counts: dict[str, int]) -> Path:
+    """Write ``summary.json`` and, when there are heatmaps, ``heatmaps.npz`` (one float32 array per
+    kind on the grid ``summary["heatmaps"]`` describes) into ``out``; return the summary's path."""
+    import numpy as np
+
+    out.mkdir(parents=True, exist_ok=True)
+    if result.heatmaps:
+        tmp = out / "heatmaps.tmp.npz"
+        np.savez_compressed(tmp, **{h.kind.value: h.values.astype(np.float32) for h in result.heatmaps})
+        os.replace(tmp, out / "heatmaps.npz")
+    path = out / SUMMARY
+    tmp_json = out / (SUMMARY + ".tmp")
+    tmp_json.write_text(json.dumps(_summary(result, slide, objects, timings, counts), indent=1) + "\n")
+    os.replace(tmp_json, path)
+    return path
 
 
 def encode_results(result: Any, files: list[Path]) -> dict[str, Any]:
@@ -182,6 +200,7 @@ def _cell_json(cell: Any) -> dict[str, Any]:
         "cell_id": cell.cell_id, "x": round(cell.x, 1), "y": round(cell.y, 1),
         "bbox": list(cell.bbox), "area_um2": round(cell.area_um2, 2),
         "label": cell.label.value, "probability": round(cell.probability, 6),
+        "probabilities": {k: round(float(v), 6) for k, v in cell.probabilities.items()},
         "uncertainty": round(cell.uncertainty, 6), "anomaly_score": round(cell.anomaly_score, 6),
         "review": cell.review,
         "review_reason": cell.review_reason.value if cell.review_reason else None,

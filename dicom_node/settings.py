@@ -171,6 +171,11 @@ class Settings:
         return self.data_dir / "store"
 
     @property
+    def results_dir(self) -> Path:
+        """Per-series analysis results (``<series uid>/summary.json``, ``heatmaps.npz``) for the viewer."""
+        return self.data_dir / "results"
+
+    @property
     def tmp_dir(self) -> Path:
         return self.data_dir / "tmp"
 

@@ -96,7 +96,7 @@ def analyse(store: Store, job_id: int, paths: list[str]) -> dict[str, Any]:
     import torch
 
     from analysis.pipeline import PipelineConfig, ProgressEvent, classify_slide
-    from dicom_node.analyze import differential, encode_results
+    from dicom_node.analyze import differential, encode_results, write_summary
     from dicom_node.settings import DeviceValues, ReleasePolicyValues
 
     settings = store.settings
@@ -117,15 +117,30 @@ def analyse(store: Store, job_id: int, paths: list[str]) -> dict[str, Any]:
                 session.commit()
 
     files = [Path(p) for p in paths]
-    result = classify_slide(files, PipelineConfig(device=device), progress=progress)
+    timings: dict[str, float] = {}
+    counts: dict[str, int] = {}
+
+    def record(event: ProgressEvent) -> None:
+        if event.finished:
+            timings[event.stage] = round(event.elapsed_s, 3)
+            counts.update(event.counts)
+        progress(event)
+
+    result = classify_slide(files, PipelineConfig(device=device), progress=record)
+    started = time.perf_counter()
     objects = encode_results(result, files)
+    timings["encode"] = round(time.perf_counter() - started, 3)
     outputs = {}
     for kind, ds in objects.items():
         stored = store.add_dataset(ds)
         outputs[kind] = stored.sop_instance_uid
         if settings.release_policy is ReleasePolicyValues.IMMEDIATE:
             store.enqueue(stored.sop_instance_uid)
+    results_dir = settings.results_dir / result.series_instance_uid  # a validated UID, never a path
+    write_summary(results_dir, result, files[0].parent, objects, timings, counts)
     return {
+        "results_dir": str(results_dir),
+        "timings_s": timings,
         "cell_count": len(result.cells),
         "differential": differential(result),
         "review": len(result.review_cells),
