@@ -31,7 +31,7 @@ def counterfactual_heatmap(
     config: ClassifierConfig,
     generator: torch.Generator,
 ) -> np.ndarray:
-    """Per-pixel evidence for ``predicted`` over ``runner_up``.
+    """Per-pixel evidence for ``predicted`` over ``runner_up`` for one cell.
 
     Parameters
     ----------
@@ -49,30 +49,60 @@ def counterfactual_heatmap(
     numpy.ndarray
         ``float32`` ``(S, S)``, error difference averaged over colour channels and timesteps.
     """
+    return counterfactual_heatmaps(unet, model_config, image[None], [predicted], [runner_up],
+                                   config, generator)[0]
+
+
+@torch.no_grad()
+def counterfactual_heatmaps(
+    unet: UNet2DModel,
+    model_config: ModelConfig,
+    images: torch.Tensor,
+    predicted: list[int] | np.ndarray,
+    runner_up: list[int] | np.ndarray,
+    config: ClassifierConfig,
+    generator: torch.Generator,
+) -> np.ndarray:
+    """:func:`counterfactual_heatmap` of many cells, batched across cells into UNet calls of at most
+    ``config.unet_batch`` images. The noise is drawn cell after cell from ``generator``, so the result
+    equals calling :func:`counterfactual_heatmap` on each cell in turn.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32`` ``(N, S, S)``.
+    """
     size = model_config.image_size
-    if tuple(image.shape) != (3, size, size):
-        raise ValueError(f"image must have shape (3, {size}, {size}), not {tuple(image.shape)}")
+    n = int(images.shape[0])
+    if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+        raise ValueError(f"images must have shape (N, 3, {size}, {size}), not {tuple(images.shape)}")
+    if len(predicted) != n or len(runner_up) != n:
+        raise ValueError("predicted and runner_up need one class index per image")
     n_classes = len(model_config.class_names)
-    if not (0 <= predicted < n_classes and 0 <= runner_up < n_classes) or predicted == runner_up:
-        raise ValueError("predicted and runner_up must be two different class indices")
+    for p, r in zip(predicted, runner_up):
+        if not (0 <= p < n_classes and 0 <= r < n_classes) or p == r:
+            raise ValueError("predicted and runner_up must be two different class indices")
     grid = timestep_grid(config)
     n_t = len(grid)
     alphas = build_scheduler(model_config).alphas_cumprod.to(torch.float32)
-    noise = torch.randn(n_t, 3, size, size, generator=generator)
     a = alphas[grid].view(-1, 1, 1, 1)
-    noisy = a.sqrt() * image.float()[None] + (1.0 - a).sqrt() * noise
     device = torch.device(config.device)
-    heat = torch.zeros(size, size)
-    for s in range(0, n_t, max(1, config.unet_batch // 2)):
-        e = slice(s, s + max(1, config.unet_batch // 2))
-        x = torch.cat([noisy[e], noisy[e]])
-        t = torch.cat([grid[e], grid[e]])
-        labels = torch.tensor([predicted] * len(grid[e]) + [runner_up] * len(grid[e]))
+    out = np.zeros((n, size, size), dtype=np.float32)
+    per_call = max(1, config.unet_batch // (2 * n_t))  # cells per UNet call
+    for start in range(0, n, per_call):
+        cells = range(start, min(n, start + per_call))
+        noise = torch.stack([torch.randn(n_t, 3, size, size, generator=generator) for _ in cells])
+        noisy = a.sqrt()[None] * images[start:start + len(cells)].float()[:, None] \
+            + (1.0 - a).sqrt()[None] * noise  # (k, T, 3, S, S)
+        k = len(cells)
+        x = torch.cat([noisy, noisy]).reshape(2 * k * n_t, 3, size, size)
+        t = grid.repeat(2 * k)
+        labels = torch.tensor([int(predicted[c]) for c in cells for _ in range(n_t)]
+                              + [int(runner_up[c]) for c in cells for _ in range(n_t)])
         pred = unet(x.to(device), t.to(device), class_labels=labels.to(device)).sample.float().cpu()
-        err = ((pred - torch.cat([noise[e], noise[e]])) ** 2).mean(dim=1)  # (2k, S, S)
-        k = len(grid[e])
-        heat += (err[k:] - err[:k]).sum(dim=0)
-    return (heat / n_t).numpy().astype(np.float32)
+        err = ((pred.reshape(2, k, n_t, 3, size, size) - noise[None]) ** 2).mean(dim=3)  # (2,k,T,S,S)
+        out[start:start + k] = (err[1] - err[0]).mean(dim=1).numpy()
+    return out
 
 
 def overlay_png(image: np.ndarray, heat: np.ndarray, path: Path, *, scale: int = 4,

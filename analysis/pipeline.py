@@ -508,7 +508,7 @@ def _heatmaps(classifier: Any, budget: Any, calibration: dict[str, object],
     import torch
 
     from analysis.classify import images_to_tensor
-    from analysis.heatmap import counterfactual_heatmap
+    from analysis.heatmap import counterfactual_heatmaps
 
     size = heatmap_cell_size(slide.size, slide.pixel_spacing_um, config)
     width, height = slide.size
@@ -524,18 +524,23 @@ def _heatmaps(classifier: Any, budget: Any, calibration: dict[str, object],
     generator = torch.Generator("cpu").manual_seed(config.seed + 1)
     tensors = images_to_tensor(images)
     threshold = float(calibration["abnormal_threshold"])  # type: ignore[arg-type]
-    for i, cell in enumerate(cells):
-        order = np.argsort(-predictions["probabilities"][i], kind="stable")
-        predicted = int(predictions["label"][i])
-        runner_up = int(next(c for c in order if int(c) != predicted))
-        heat = counterfactual_heatmap(classifier.unet, classifier.model_config, tensors[i],
-                                      predicted, runner_up, heat_budget, generator)
-        _paint_evidence(evidence, heat, slide, cell, config.crops, size)
-        z = float(predictions["anomaly_score"][i])
-        value = 1.0 / (1.0 + math.exp(-ANOMALY_SLOPE * (z - threshold)))
-        _paint_anomaly(anomaly, _open_outline(cell, width, height), (cell.x, cell.y), value, size)
-        if i + 1 < n:
-            stage.report(i + 1)
+    predicted = predictions["label"].astype(int)
+    runner_up = np.array([int(next(c for c in np.argsort(-p, kind="stable") if int(c) != int(k)))
+                          for p, k in zip(predictions["probabilities"], predicted)], dtype=int)
+    chunk = max(1, config.cell_batch)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        heats = counterfactual_heatmaps(classifier.unet, classifier.model_config, tensors[start:stop],
+                                        predicted[start:stop], runner_up[start:stop], heat_budget,
+                                        generator)
+        for i in range(start, stop):
+            cell = cells[i]
+            _paint_evidence(evidence, heats[i - start], slide, cell, config.crops, size)
+            z = float(predictions["anomaly_score"][i])
+            value = 1.0 / (1.0 + math.exp(-ANOMALY_SLOPE * (z - threshold)))
+            _paint_anomaly(anomaly, _open_outline(cell, width, height), (cell.x, cell.y), value, size)
+        if stop < n:
+            stage.report(stop)
     peak = float(evidence.max())
     if peak > 0:
         evidence = np.clip(evidence / peak, 0.0, 1.0).astype(np.float32)  # 1: the strongest

@@ -1,17 +1,25 @@
 """``cytonode demo``: a node on free local ports receives the bundled sample slide.
 
-Starts a node (SCP, router, outbox, embedded Celery worker) with a fresh data
-directory, sends the sample slide by a real C-STORE, waits for its analysis job
-and prints what the node found out. With ``--exit`` it stops afterwards.
+Starts a node (SCP, router, outbox, embedded Celery worker, viewer) with a fresh data
+directory and a stand-in PACS: Orthanc when it is installed (the slide is uploaded to
+it and Orthanc routes it to the node by C-STORE, as a hospital PACS would), else a
+pynetdicom storage SCP (the slide is sent by our own C-STORE SCU). It waits for the
+analysis job, prints the differential and the flagged cells, and waits until the
+results reached the stand-in PACS. With ``--exit`` it stops afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +93,131 @@ class StandInPACS:
         self.received.append((str(ds.get("Modality", "")), uid))
         return int(StatusValues.SUCCESS)
 
+    def describe(self) -> str:
+        return f"a pynetdicom storage SCP on 127.0.0.1:{self.port}"
+
+    def send_slide(self, files: list[Path], port: int, ae_title: str) -> None:
+        send_files(files, port, ae_title)
+
+    def received_modalities(self) -> list[tuple[str, str]]:
+        return list(self.received)
+
     def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+
+
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
+
+
+class OrthancPACS:
+    """Orthanc (when installed) as the stand-in PACS: it routes the slide to the node by
+    C-STORE through its REST API and receives the results; its DICOMweb plugin serves them."""
+
+    def __init__(self, folder: Path, binary: str, node_ae: str, node_port: int) -> None:
+        self.folder = folder
+        self.port, self.http_port = _free_port(), _free_port()
+        plugins = [str(ORTHANC_PLUGINS / name) for name in ("libOrthancDicomWeb.so",)
+                   if (ORTHANC_PLUGINS / name).exists()]
+        config = {
+            "Name": "cytonode-demo-pacs", "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "index"), "HttpPort": self.http_port,
+            "DicomPort": self.port, "DicomAet": "DEMOPACS", "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "StableAge": 1,
+            "DicomModalities": {"cytonode": [node_ae, "127.0.0.1", node_port]},
+            "DicomScuTimeout": 60, "Plugins": plugins,
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        (folder / "orthanc.json").write_text(json.dumps(config, indent=1))
+        self.log = open(folder / "orthanc.log", "ab")
+        self.proc = subprocess.Popen([binary, str(folder / "orthanc.json")], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}; see {folder}/orthanc.log")
+            try:
+                self._rest("GET", "/system")
+                break
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Orthanc did not start; see {folder}/orthanc.log") from None
+                time.sleep(0.2)
+        self.sent: set[str] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def describe(self) -> str:
+        return (f"Orthanc on 127.0.0.1:{self.port} (web UI {self.url}/app/explorer.html, "
+                f"DICOMweb {self.url}/dicom-web/)")
+
+    def _rest(self, method: str, path: str, body: bytes | None = None) -> Any:
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        with urllib.request.urlopen(req, timeout=600) as rsp:
+            return json.loads(rsp.read() or b"null")
+
+    def send_slide(self, files: list[Path], port: int, ae_title: str) -> None:
+        """Upload the slide into Orthanc, then let Orthanc C-STORE its series to the node."""
+        series: set[str] = set()
+        for i, path in enumerate(files, 1):
+            answer = self._rest("POST", "/instances", path.read_bytes())
+            series.add(answer["ParentSeries"])
+            self.sent.add(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+            _say(f"  uploaded {i}/{len(files)} to Orthanc: {path.name} "
+                 f"({path.stat().st_size / 1e6:.1f} MB)")
+        for orthanc_id in sorted(series):
+            body = json.dumps({"Resources": [orthanc_id], "Synchronous": True}).encode()
+            self._rest("POST", "/modalities/cytonode/store", body)
+        _say(f"  Orthanc sent the series to {ae_title} by C-STORE")
+
+    def received_modalities(self) -> list[tuple[str, str]]:
+        out = []
+        for orthanc_id in self._rest("GET", "/instances"):
+            tags = self._rest("GET", f"/instances/{orthanc_id}/simplified-tags")
+            uid = tags.get("SOPInstanceUID", "")
+            if uid not in self.sent:
+                out.append((tags.get("Modality", ""), uid))
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def _start_pacs(folder: Path, node_ae: str, node_port: int, kind: str) -> StandInPACS | OrthancPACS:
+    binary = shutil.which("Orthanc")
+    if kind == "orthanc" or (kind == "auto" and binary):
+        if not binary:
+            raise RuntimeError("--pacs orthanc: Orthanc is not installed (apt-get install orthanc)")
+        return OrthancPACS(folder, binary, node_ae, node_port)
+    return StandInPACS(folder)
+
+
+def _show_flagged(results_dir: Path, limit: int = 15) -> None:
+    try:
+        summary = json.loads((results_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return
+    flagged = summary.get("flagged", [])
+    if not flagged:
+        _say("flagged cells: none")
+        return
+    _say(f"flagged cells ({len(flagged)}; position in base-level pixels):")
+    for cell in flagged[:limit]:
+        reasons = [r for r in (cell.get("review_reason"), cell.get("abnormal_reason")) if r]
+        _say(f"  cell {cell['cell_id']:4d} at ({cell['x']:.0f}, {cell['y']:.0f})  {cell['label']:12s} "
+             f"p={cell['probability']:.2f}  uncertainty={cell['uncertainty']:.2f}  "
+             f"anomaly={cell['anomaly_score']:.2f}  {', '.join(reasons)}")
+    if len(flagged) > limit:
+        _say(f"  ... and {len(flagged) - limit} more (all of them in the viewer)")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -96,26 +226,34 @@ def run_demo(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no sample slide in {SAMPLE_SLIDE}")
     data_dir = Path(tempfile.mkdtemp(prefix="cytonode-demo-"))
     (data_dir / "pacs").mkdir()
-    pacs = StandInPACS(data_dir / "pacs")
-    settings = Settings(data_dir=data_dir, bind_address="127.0.0.1", dicom_port=_free_port(),
-                        http_port=_free_port(), stable_age_s=2.0, workers=1, outbox_retry_initial_s=0.5,
-                        destinations=(Destination("DEMOPACS", "127.0.0.1", pacs.port),))
-    node = Node(settings)
-    node.start()
+    node_port, http_port = _free_port(), _free_port()
+    pacs = _start_pacs(data_dir / "pacs", "CYTONODE", node_port, args.pacs)
+    node: Node | None = None
     try:
-        _say(f"stand-in PACS DEMOPACS (a pynetdicom storage SCP) on 127.0.0.1:{pacs.port}")
+        settings = Settings(data_dir=data_dir / "node", bind_address="127.0.0.1", dicom_port=node_port,
+                            http_port=http_port, stable_age_s=2.0, workers=1,
+                            outbox_retry_initial_s=0.5,
+                            destinations=(Destination("DEMOPACS", "127.0.0.1", pacs.port),))
+        node = Node(settings)
+        node.start()
+        _say(f"stand-in PACS DEMOPACS: {pacs.describe()}")
         _say(f"CytoNode demo: node {settings.ae_title} on 127.0.0.1:{settings.dicom_port}, "
-             f"data in {data_dir}")
+             f"viewer on http://127.0.0.1:{http_port}/, data in {data_dir}")
         _say(f"sending the sample slide ({len(files)} instances) by C-STORE ...")
-        send_files(files, settings.dicom_port, settings.ae_title)
+        pacs.send_slide(files, settings.dicom_port, settings.ae_title)
         _say(f"waiting for the series to be stable ({settings.stable_age_s:.0f} s) and analysed ...")
         deadline = time.monotonic() + args.timeout
-        job: dict[str, object] | None = None
+        job: dict[str, Any] | None = None
+        shown = ""
         while time.monotonic() < deadline:
             jobs = node_status(node.store)["jobs"]
             job = jobs[0] if jobs else None
             if job and job["state"] in ("done", "failed"):
                 break
+            line = f"{job['state']}: {job.get('progress') or ''}" if job else "waiting for the series"
+            if line != shown:
+                _say(f"  job {line}")
+                shown = line
             time.sleep(1.0)
         if not job or job["state"] != "done":
             raise RuntimeError(f"the analysis job did not finish: {job}")
@@ -133,15 +271,22 @@ def run_demo(args: argparse.Namespace) -> int:
                 low, high = row["ci95"]
                 _say(f"  {row['label']:13s} {row['count']:4d}  {row['percentage']:5.1f} %  "
                      f"[{low:5.1f}, {high:5.1f}]")
+        if result.get("results_dir"):
+            _show_flagged(Path(result["results_dir"]))
         _say("results stored: " + ", ".join(sorted(result["objects"])))
         _say("sending the results to the stand-in PACS ...")
-        while time.monotonic() < deadline and len(pacs.received) < len(result["objects"]):
+        received: list[tuple[str, str]] = []
+        while time.monotonic() < deadline:
+            received = pacs.received_modalities()
+            if len(received) >= len(result["objects"]):
+                break
             time.sleep(0.5)
-        if len(pacs.received) < len(result["objects"]):
-            raise RuntimeError(f"the stand-in PACS got {len(pacs.received)} of "
+        if len(received) < len(result["objects"]):
+            raise RuntimeError(f"the stand-in PACS got {len(received)} of "
                                f"{len(result['objects'])} results: {node_status(node.store)['outbox']}")
-        for modality, uid in pacs.received:
+        for modality, uid in sorted(received):
             _say(f"  DEMOPACS received {modality}: {uid}")
+        _say(f"review and sign off in the viewer: http://127.0.0.1:{http_port}/")
         if not args.exit:
             _say(f"the node keeps running; send more with: storescu -R -xy -aec {settings.ae_title} "
                  f"127.0.0.1 {settings.dicom_port} FILES  (Ctrl-C stops)")
@@ -149,7 +294,8 @@ def run_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        node.stop()
+        if node is not None:
+            node.stop()
         pacs.stop()
     return 0
 
@@ -158,4 +304,6 @@ def add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="run a node and send it the bundled sample slide")
     p.add_argument("--exit", action="store_true", help="stop once the results are in")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the analysis")
+    p.add_argument("--pacs", choices=("auto", "orthanc", "pynetdicom"), default="auto",
+                   help="the stand-in PACS: Orthanc when installed (auto), or a pynetdicom storage SCP")
     p.set_defaults(func=run_demo)

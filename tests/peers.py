@@ -65,8 +65,8 @@ class NodeProcess:
 
     def __init__(self, data_dir: Path, **settings: Any) -> None:
         self.data_dir = data_dir
-        self.port = free_port()
-        self.http_port = free_port()
+        self.port = int(settings.pop("dicom_port", 0)) or free_port()
+        self.http_port = int(settings.pop("http_port", 0)) or free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CYTONODE_")}
         self.env.update({
             "CYTONODE_DATA_DIR": str(data_dir), "CYTONODE_DICOM_PORT": str(self.port),

@@ -10,7 +10,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from tests.dicom_factory import multiframe_sc, with_new_uids
-from tests.peers import HIGHDICOM_FILES, RedisProcess, require_tool
+from tests.peers import HIGHDICOM_FILES, RedisProcess, free_port, require_tool
 
 WSI = HIGHDICOM_FILES / "sm_image.dcm"
 
@@ -97,8 +97,9 @@ def test_postgresql_index_works_the_same(start_node, tmp_path: Path) -> None:
 
 
 def test_sample_slide_is_analysed_and_results_reach_orthanc(start_node, tmp_path: Path) -> None:
-    """The slide arrives by storescu; the job finds and classifies the cells; the SR, the bulk
-    annotations and the heatmap SEG go by the outbox into Orthanc, which serves them on DICOMweb."""
+    """Orthanc, the PACS, routes the slide to the node by C-STORE; the job finds and classifies the
+    cells; the SR, the bulk annotations and the heatmap SEG go by the outbox back into Orthanc,
+    which serves them on DICOMweb."""
     import requests
 
     from dicom_node.demo import SAMPLE_SLIDE
@@ -106,11 +107,16 @@ def test_sample_slide_is_analysed_and_results_reach_orthanc(start_node, tmp_path
 
     files = sorted(SAMPLE_SLIDE.glob("*.dcm"))
     assert len(files) >= 2, "the sample slide is a pyramid of several instances"
-    orthanc = OrthancProcess(tmp_path / "orthanc", {}).start()
+    node_port = free_port()
+    orthanc = OrthancProcess(tmp_path / "orthanc", {"CYTONODE": ("CYTONODE", node_port)}).start()
     try:
         node = start_node(workers=1, destinations=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
-                          outbox_retry_initial_s=0.5)
-        storescu(node.port, *files)
+                          outbox_retry_initial_s=0.5, dicom_port=node_port)
+        series = {orthanc.upload(f)["ParentSeries"] for f in files}
+        assert len(series) == 1
+        rsp = requests.post(f"{orthanc.url}/modalities/cytonode/store",
+                            json={"Resources": list(series), "Synchronous": True}, timeout=300)
+        assert rsp.ok, rsp.text
         status = node.wait_for(lambda s: s["jobs"] and s["jobs"][0]["state"] in ("done", "failed"),
                                timeout=300, what="the sample slide's job")
         job = status["jobs"][0]

@@ -1,0 +1,115 @@
+"""Analysis jobs at their edges, through a real node: a slide that cannot be decoded, a slide without
+white cells, and the ``final-only`` release policy. Results go to a stand-in PACS (a pynetdicom SCP)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import dcmread
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import generate_uid
+
+from dicom_node.demo import SAMPLE_SLIDE, StandInPACS
+from tests.peers import CYTONODE, echo, require_tool
+
+
+def storescu(port: int, *files: Path) -> None:
+    tool = require_tool("storescu")
+    subprocess.run([tool, "-R", "-xy", "-aec", "CYTONODE", "127.0.0.1", str(port), *map(str, files)],
+                   check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def pacs(tmp_path: Path):
+    folder = tmp_path / "pacs"
+    folder.mkdir()
+    scp = StandInPACS(folder)
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture(scope="module")
+def blank_slide(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A real slide (built by ``cytonode make-slide``) of one blank, glass-coloured field."""
+    tmp = tmp_path_factory.mktemp("blank")
+    rng = np.random.default_rng(0)
+    field = np.full((480, 640, 3), (235, 215, 215), np.uint8) + rng.integers(0, 8, (480, 640, 3),
+                                                                              dtype=np.uint8)
+    Image.fromarray(field).save(tmp / "blank.png")
+    made = subprocess.run([CYTONODE, "make-slide", str(tmp / "blank.png"), "--out", str(tmp / "slide")],
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    return sorted((tmp / "slide").glob("*.dcm"))
+
+
+def _wait_job(node, timeout: float = 300) -> dict:
+    status = node.wait_for(lambda s: s["jobs"] and s["jobs"][0]["state"] in ("done", "failed"),
+                           timeout=timeout, what="the job")
+    return status["jobs"][0]
+
+
+def test_unreadable_slide_fails_its_job_and_sends_nothing(start_node, pacs: StandInPACS,
+                                                          tmp_path: Path) -> None:
+    # The sample slide with every JPEG frame replaced by bytes of the same length that are not JPEG:
+    # the instances are well-formed DICOM (the SCP accepts them), their pixels cannot be decoded.
+    study, series = generate_uid(), generate_uid()
+    broken = []
+    for path in sorted(SAMPLE_SLIDE.glob("*.dcm")):
+        ds = dcmread(path)
+        frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
+        ds.PixelData = encapsulate([b"\xff\xd8" + bytes(len(f) - 4) + b"\xff\xd9" for f in frames])
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        broken.append(tmp_path / path.name)
+        ds.save_as(broken[-1], enforce_file_format=True)
+    node = start_node(workers=1, destinations=f"DEMOPACS@127.0.0.1:{pacs.port}",
+                      outbox_retry_initial_s=0.5)
+    storescu(node.port, *broken)
+    job = _wait_job(node)
+    assert job["state"] == "failed"
+    assert job["error"], "a failed job records its reason"
+    assert "SlideUnreadableError" in job["error"] and "cannot be decoded" in job["error"]
+    time.sleep(2)  # an outbox pass would have run by now
+    status = node.status()
+    assert status["outbox"]["pending"] == 0 and status["outbox"]["sent"] == 0
+    assert pacs.received == []
+    assert echo(node.port), "the node keeps answering after a failed job"
+    assert not list((node.data_dir / "results").glob("*/summary.json"))
+
+
+def test_slide_without_white_cells_sends_a_report_that_says_so(start_node, pacs: StandInPACS,
+                                                              blank_slide: list[Path]) -> None:
+    node = start_node(workers=1, destinations=f"DEMOPACS@127.0.0.1:{pacs.port}",
+                      outbox_retry_initial_s=0.5)
+    storescu(node.port, *blank_slide)
+    job = _wait_job(node)
+    assert job["state"] == "done", job["error"]
+    assert job["result"]["cell_count"] == 0
+    assert set(job["result"]["objects"]) == {"sr"}  # no annotations or heatmaps of nothing
+    node.wait_for(lambda s: s["outbox"]["sent"] == 1, timeout=60, what="the report's delivery")
+    assert [m for m, _ in pacs.received] == ["SR"]
+    sr = hd.sr.srread(pacs.folder / f"{pacs.received[0][1]}.dcm")
+    assert sr.PreliminaryFlag == "PRELIMINARY" and sr.VerificationFlag == "UNVERIFIED"
+    total = sr.content.get_image_measurement_groups()[0].get_measurements()
+    assert total[0].value == 0
+
+
+def test_final_only_policy_holds_results_until_sign_off(start_node, pacs: StandInPACS,
+                                                        blank_slide: list[Path]) -> None:
+    node = start_node(workers=1, destinations=f"DEMOPACS@127.0.0.1:{pacs.port}",
+                      outbox_retry_initial_s=0.5, release_policy="final-only")
+    storescu(node.port, *blank_slide)
+    job = _wait_job(node)
+    assert job["state"] == "done", job["error"]
+    sr_uid = job["result"]["objects"]["sr"]
+    assert list((node.data_dir / "store").rglob(f"{sr_uid}.dcm")), "the report is stored"
+    time.sleep(3)  # several outbox passes
+    status = node.status()
+    assert status["outbox"]["pending"] == 0 and status["outbox"]["sent"] == 0
+    assert pacs.received == []
