@@ -64,7 +64,7 @@ def read_calibration(weights_dir: Path) -> dict[str, object]:
 
 def diffusion_predictions(scores: DiffusionScores, calibration: dict[str, object]) -> Predictions:
     """Turn raw denoising errors into posterior, uncertainty, anomaly score and flags."""
-    deltas, best = error_deltas(scores.errors)
+    deltas, best = error_deltas(scores.errors, scores.error_scale)
     p = posterior(deltas, float(calibration["beta"]))  # type: ignore[arg-type]
     u = entropy(p)
     reference = np.asarray(calibration["anomaly_reference"], dtype=np.float64)
@@ -107,9 +107,8 @@ class DiffusionClassifier:
         self.calibration = read_calibration(weights_dir)
         self.unet, self.model_config, self.metadata = load_diffusion(
             weights_dir / DIFFUSION_WEIGHTS, device)
-        raw = dict(self.calibration["classifier_config"])  # type: ignore[call-overload]
-        raw["device"] = device
-        self.config = ClassifierConfig(**raw)
+        self.config = ClassifierConfig.from_calibration(
+            dict(self.calibration["classifier_config"]), device=device)  # type: ignore[call-overload]
 
     @property
     def image_size(self) -> int:

@@ -208,7 +208,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             config = None
             if overrides or args.device != "cpu":
                 stored = dict(read_calibration(weights)["classifier_config"])  # type: ignore[call-overload]
-                config = dataclasses.replace(ClassifierConfig(**stored), device=args.device,
+                config = dataclasses.replace(ClassifierConfig.from_calibration(stored), device=args.device,
                                              **overrides)
             result = evaluate(weights, args.data, args.aml, config, per_class=args.per_class,
                               exhaustive_per_class=args.exhaustive_per_class,

@@ -98,7 +98,7 @@ def calibrate(weights_dir: Path, data_dir: Path, config: ClassifierConfig, *, pe
     scores = score_cells(unet, model_config, images_to_tensor(data.images), config, generator)
     log.info("val: %d cells scored in %.0f s", len(rows), time.monotonic() - t0)
     labels = data.labels
-    deltas, best = error_deltas(scores.errors)
+    deltas, best = error_deltas(scores.errors, scores.error_scale)
     beta = fit_beta(deltas, labels)
     p = posterior(deltas, beta)
     u = entropy(p)
@@ -194,7 +194,7 @@ def evaluate(weights_dir: Path, data_dir: Path, aml_dir: Path, config: Classifie
     """
     calibration = read_calibration(weights_dir)
     if config is None:
-        config = ClassifierConfig(**dict(calibration["classifier_config"]))  # type: ignore[call-overload]
+        config = ClassifierConfig.from_calibration(dict(calibration["classifier_config"]))  # type: ignore[call-overload]
     unet, model_config, metadata = load_diffusion(weights_dir / DIFFUSION_WEIGHTS, config.device)
     size = model_config.image_size
     test_rows_all = read_split(data_dir, "test")
