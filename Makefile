@@ -5,13 +5,22 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEBS := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-wsi redis-server libturbojpeg0 chromium postgresql
+DEBS := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-wsi redis-server libturbojpeg0 chromium postgresql \
+	nodejs
 
-.PHONY: demo test deps debs bench-ingest clean
+.PHONY: demo test deps debs bench-ingest bench-tiles clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	touch $@
+
+# The viewer's OpenSeadragon and the browser test's playwright-core, pinned by package-lock.json.
+# Debian's nodejs comes without npm (a separate package); NodeSource's includes it.
+node_modules/.installed: package.json package-lock.json
+	command -v npm >/dev/null || { test "$$(id -u)" = 0 && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends npm; }
+	npm ci --no-audit --no-fund
 	touch $@
 
 debs:
@@ -28,7 +37,7 @@ debs:
 	  fi; \
 	fi
 
-deps: debs $(BIN)/.installed
+deps: debs $(BIN)/.installed node_modules/.installed
 
 test: deps
 	$(BIN)/pytest
@@ -39,5 +48,8 @@ demo: deps
 bench-ingest: deps
 	$(BIN)/python bench/ingest.py
 
+bench-tiles: deps
+	$(BIN)/python bench/tiles.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache node_modules

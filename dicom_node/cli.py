@@ -41,6 +41,9 @@ def build_parser(*, node_only: bool = False) -> argparse.ArgumentParser:
     from dicom_node.analyze import add_analyze
 
     add_analyze(sub)
+    from viewer.auth import add_user_command
+
+    add_user_command(sub)
     return parser
 
 

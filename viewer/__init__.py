@@ -77,4 +77,7 @@ def create_app(settings: Settings | None = None, store=None) -> Flask:
                 raise  # a real missing dependency inside the module
             continue
         app.register_blueprint(module.bp)
+    from viewer.models import create_tables
+
+    create_tables(app.extensions["cytonode.store"].engine)
     return app

@@ -1,0 +1,223 @@
+"""A case is one analysed slide series: its stored results, the reviewers' edits, its versions.
+
+The analysis result is read from ``results_dir/<series UID>/summary.json`` (and ``heatmaps.npz``),
+written by the worker; the UID is checked before it names a path. Edits are replayed over the
+algorithm's values to give each cell its current state.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flask import abort
+from sqlalchemy import select
+
+from analysis.classes import CLASS_NAMES
+from analysis.results import wilson_interval
+from dicom_node.index import Instance, Job, Series, Study
+from dicom_node.settings import VL_WSM, Settings
+from dicom_node.store import Store, valid_uid
+from viewer.models import CaseVersion, CellEdit
+
+#: Worklist states.
+RECEIVED, ANALYSING, READY, SIGNED, FAILED = (
+    "received", "analysing", "ready for review", "signed", "failed")
+
+_cache_lock = threading.Lock()
+_summary_cache: dict[Path, tuple[float, dict[str, Any]]] = {}
+_heatmap_cache: dict[Path, tuple[float, dict[str, np.ndarray]]] = {}
+
+
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
+
+
+def checked_uid(series_instance_uid: str) -> str:
+    """The UID if it is a valid one, else 404 (an unknown case: never a path from raw input)."""
+    if not (len(series_instance_uid) <= 64 and _UID_RE.fullmatch(series_instance_uid)
+            and valid_uid(series_instance_uid)):
+        abort(404)
+    return series_instance_uid
+
+
+def results_path(settings: Settings, series_instance_uid: str) -> Path:
+    return settings.results_dir / checked_uid(series_instance_uid)
+
+
+def load_summary(settings: Settings, series_instance_uid: str) -> dict[str, Any]:
+    """The worker's ``summary.json`` of the series (cached by modification time); 404 if none."""
+    path = results_path(settings, series_instance_uid) / "summary.json"
+    try:
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:
+        abort(404)
+    with _cache_lock:
+        hit = _summary_cache.get(path)
+        if hit and hit[0] == mtime:
+            return hit[1]
+    summary = json.loads(path.read_text())
+    with _cache_lock:
+        _summary_cache[path] = (mtime, summary)
+    return summary  # type: ignore[no-any-return]
+
+
+def load_heatmaps(settings: Settings, series_instance_uid: str) -> dict[str, np.ndarray]:
+    """Heatmap arrays by kind (empty when the analysis made none)."""
+    path = results_path(settings, series_instance_uid) / "heatmaps.npz"
+    try:
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:
+        return {}
+    with _cache_lock:
+        hit = _heatmap_cache.get(path)
+        if hit and hit[0] == mtime:
+            return hit[1]
+    with np.load(path) as npz:
+        arrays = {key: np.asarray(npz[key], dtype=np.float32) for key in npz.files}
+    with _cache_lock:
+        _heatmap_cache[path] = (mtime, arrays)
+    return arrays
+
+
+@dataclass
+class CaseState:
+    """A case as the viewer shows it: cells with their current values, versions, lock state."""
+
+    series_instance_uid: str
+    summary: dict[str, Any]
+    cells: list[dict[str, Any]]
+    edits: list[CellEdit]
+    versions: list[CaseVersion]
+
+    @property
+    def version(self) -> int:
+        return self.versions[-1].version if self.versions else 1
+
+    @property
+    def signed(self) -> bool:
+        """True when the latest version is signed: the case is read-only until an amendment."""
+        return bool(self.versions) and self.versions[-1].signed_at is not None
+
+    def cell(self, cell_id: int) -> dict[str, Any]:
+        for cell in self.cells:
+            if cell["cell_id"] == cell_id:
+                return cell
+        abort(404)
+
+    def changes(self) -> list[dict[str, Any]]:
+        """Cells whose current values differ from the algorithm's."""
+        return [c for c in self.cells if c["changed"]]
+
+    def differential(self) -> list[dict[str, Any]]:
+        return differential_of(self.cells)
+
+
+def differential_of(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Count, percentage and 95 % Wilson interval per class over the classifiable cells."""
+    counted = [c for c in cells if not c["unclassifiable"]]
+    total = len(counted)
+    rows = []
+    for name in CLASS_NAMES:
+        count = sum(1 for c in counted if c["label"] == name)
+        if total:
+            low, high = wilson_interval(count, total)
+            rows.append({"label": name, "count": count, "percentage": round(100.0 * count / total, 3),
+                         "ci95": [round(100.0 * low, 3), round(100.0 * high, 3)]})
+        else:
+            rows.append({"label": name, "count": 0, "percentage": None, "ci95": None})
+    return rows
+
+
+def case_state(store: Store, series_instance_uid: str) -> CaseState:
+    """Load a case (404 if it has no analysis result)."""
+    summary = load_summary(store.settings, series_instance_uid)
+    with store.session() as db:
+        edits = list(db.scalars(select(CellEdit).where(
+            CellEdit.series_instance_uid == series_instance_uid).order_by(CellEdit.id)).all())
+        versions = list(db.scalars(select(CaseVersion).where(
+            CaseVersion.series_instance_uid == series_instance_uid)
+            .order_by(CaseVersion.version)).all())
+    cells = []
+    for original in summary.get("cells", []):
+        cell = dict(original)
+        cell["original_label"] = original["label"]
+        cell["original_abnormal"] = bool(original.get("abnormal"))
+        cell["unclassifiable"] = False
+        cell["flagged"] = bool(original.get("review") or original.get("abnormal"))
+        cells.append(cell)
+    by_id = {c["cell_id"]: c for c in cells}
+    for edit in edits:
+        target = by_id.get(edit.cell_id)
+        if target is None or edit.undone:
+            continue
+        if edit.field == "label":
+            target["label"] = edit.new_value
+        elif edit.field == "abnormal":
+            target["abnormal"] = edit.new_value == "true"
+        elif edit.field == "unclassifiable":
+            target["unclassifiable"] = edit.new_value == "true"
+    for cell in cells:
+        cell["changed"] = (cell["label"] != cell["original_label"]
+                           or bool(cell["abnormal"]) != cell["original_abnormal"]
+                           or cell["unclassifiable"])
+        cell["edited"] = any(e.cell_id == cell["cell_id"] and not e.undone for e in edits)
+    return CaseState(series_instance_uid, summary, cells, edits, versions)
+
+
+def worklist(store: Store) -> list[dict[str, Any]]:
+    """One row per received slide series (not the node's own result series)."""
+    with store.session() as db:
+        rows = db.execute(
+            select(Series, Study, Job)
+            .join(Study, Study.study_instance_uid == Series.study_instance_uid)
+            .outerjoin(Job, Job.series_instance_uid == Series.series_instance_uid)
+            .where((Series.routing.is_(None)) | (Series.routing != "local"))
+            .order_by(Series.last_received_at.desc())).all()
+        wsm = set(db.scalars(select(Instance.series_instance_uid).where(
+            Instance.sop_class_uid == VL_WSM).distinct()).all())
+        versions = db.scalars(select(CaseVersion).order_by(CaseVersion.version)).all()
+    latest: dict[str, CaseVersion] = {}
+    for version in versions:
+        latest[version.series_instance_uid] = version
+    items = []
+    for series, study, job in rows:
+        if series.series_instance_uid not in wsm:
+            continue
+        result: dict[str, Any] = {}
+        if job is not None and job.result_json:
+            try:
+                result = json.loads(job.result_json)
+            except ValueError:
+                result = {}
+        if job is None:
+            status = RECEIVED
+        elif job.state == "failed":
+            status = FAILED
+        elif job.state != "done":
+            status = ANALYSING
+        else:
+            status = READY
+        version = latest.get(series.series_instance_uid)
+        if status == READY and version is not None and version.signed_at is not None:
+            status = SIGNED
+        items.append({
+            "series_instance_uid": series.series_instance_uid,
+            "study_instance_uid": study.study_instance_uid,
+            "patient_name": study.patient_name, "patient_id": study.patient_id,
+            "accession_number": study.accession_number, "study_date": study.study_date,
+            "study_description": study.study_description,
+            "series_description": series.series_description,
+            "received_at": series.last_received_at,
+            "status": status,
+            "progress": job.progress if job is not None else "",
+            "cell_count": result.get("cell_count"),
+            "flagged": (result.get("review", 0) or 0) if result else None,
+            "abnormal": result.get("abnormal") if result else None,
+            "version": version.version if version is not None else 1,
+        })
+    return items
