@@ -220,6 +220,20 @@ def _show_flagged(results_dir: Path, limit: int = 15) -> None:
         _say(f"  ... and {len(flagged) - limit} more (all of them in the viewer)")
 
 
+def _demo_account(node: Node) -> tuple[str, str]:
+    """A pathologist account with a fresh random password in the demo's throw-away index."""
+    import secrets
+
+    from viewer.auth import add_user  # the demo composes the whole product, viewer included
+    from viewer.models import create_tables
+
+    password = secrets.token_urlsafe(9)
+    create_tables(node.store.engine)
+    add_user(node.store, "pathologist", "pathologist", password, organization="CytoNode demo",
+             person_name="Demo^Pathologist")
+    return "pathologist", password
+
+
 def run_demo(args: argparse.Namespace) -> int:
     files = sorted(SAMPLE_SLIDE.glob("*.dcm"))
     if not files:
@@ -236,6 +250,7 @@ def run_demo(args: argparse.Namespace) -> int:
                             destinations=(Destination("DEMOPACS", "127.0.0.1", pacs.port),))
         node = Node(settings)
         node.start()
+        account = _demo_account(node)
         _say(f"stand-in PACS DEMOPACS: {pacs.describe()}")
         _say(f"CytoNode demo: node {settings.ae_title} on 127.0.0.1:{settings.dicom_port}, "
              f"viewer on http://127.0.0.1:{http_port}/, data in {data_dir}")
@@ -286,7 +301,8 @@ def run_demo(args: argparse.Namespace) -> int:
                                f"{len(result['objects'])} results: {node_status(node.store)['outbox']}")
         for modality, uid in sorted(received):
             _say(f"  DEMOPACS received {modality}: {uid}")
-        _say(f"review and sign off in the viewer: http://127.0.0.1:{http_port}/")
+        _say(f"review and sign off in the viewer: http://127.0.0.1:{http_port}/ "
+             f"(user {account[0]}, password {account[1]})")
         if not args.exit:
             _say(f"the node keeps running; send more with: storescu -R -xy -aec {settings.ae_title} "
                  f"127.0.0.1 {settings.dicom_port} FILES  (Ctrl-C stops)")

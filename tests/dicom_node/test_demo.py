@@ -13,6 +13,8 @@ def test_demo_sends_the_sample_slide_and_reports_it() -> None:
     out = subprocess.run([CYTONODE, "demo", "--exit"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "sending the sample slide" in out.stdout
+    assert "review and sign off in the viewer: http://127.0.0.1:" in out.stdout
+    assert "(user pathologist, password " in out.stdout
     assert "slide received and opened" in out.stdout
     assert " um/px, " in out.stdout
     assert "differential (percentage with 95% Wilson interval)" in out.stdout
