@@ -55,6 +55,10 @@ TRANSFER_SYNTAXES: dict[str, str] = {
 
 VERIFICATION = "1.2.840.10008.1.1"
 
+#: Query/Retrieve (PS3.4 Annex C) and Verification accept only the uncompressed syntaxes.
+QR_TRANSFER_SYNTAXES = [TRANSFER_SYNTAXES["ExplicitVRLittleEndian"],
+                        TRANSFER_SYNTAXES["ImplicitVRLittleEndian"]]
+
 #: Verification accepts only the uncompressed syntaxes.
 VERIFICATION_TRANSFER_SYNTAXES = [TRANSFER_SYNTAXES["ExplicitVRLittleEndian"],
                                   TRANSFER_SYNTAXES["ImplicitVRLittleEndian"]]
@@ -82,6 +86,7 @@ def make_ae(settings: Settings, store: Store) -> tuple[AE, list[Any]]:
         The AE and the ``evt_handlers`` list for ``start_server``.
     """
     from dicom_node.handlers import handle_echo, handle_store
+    from dicom_node.qr import QR_SOP_CLASSES, qr_handlers
 
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
@@ -97,6 +102,10 @@ def make_ae(settings: Settings, store: Store) -> tuple[AE, list[Any]]:
     ae.add_supported_context(VERIFICATION, VERIFICATION_TRANSFER_SYNTAXES)
     syntaxes = list(TRANSFER_SYNTAXES.values())
     for uid in STORAGE_SOP_CLASSES.values():
-        ae.add_supported_context(uid, syntaxes)
-    handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [store])]
+        # SCP/SCU role selection (PS3.7 D.3.3.4): a C-GET requestor takes the SCP role.
+        ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
+    for uid in QR_SOP_CLASSES.values():
+        ae.add_supported_context(uid, QR_TRANSFER_SYNTAXES)
+    handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [store]),
+                *qr_handlers(store, settings)]
     return ae, handlers

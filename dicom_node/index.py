@@ -19,6 +19,8 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -36,6 +38,12 @@ class Study(Base):
     study_date: Mapped[str] = mapped_column(String(8), default="")
     accession_number: Mapped[str] = mapped_column(String(16), default="")
     study_description: Mapped[str] = mapped_column(String(64), default="")
+    # Query/Retrieve and QIDO-RS matching keys (PS3.4 C.6.1.1.2, C.6.2.1.2).
+    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
+    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    study_id: Mapped[str] = mapped_column(String(16), default="")
+    referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
@@ -63,6 +71,8 @@ class Instance(Base):
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     image_type: Mapped[str] = mapped_column(String(200), default="")
     number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
+    #: Instance Number (0020,0013), for Query/Retrieve and QIDO-RS; None when absent.
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     path: Mapped[str] = mapped_column(String(300))
     size: Mapped[int] = mapped_column(Integer)
     #: SHA-256 of the dataset bytes after the file meta; "" until first needed (a resend).
@@ -121,7 +131,28 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA busy_timeout=60000")
             cur.close()
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add columns introduced after an index was created (``create_all`` leaves tables alone).
+
+    Only nullable or defaulted columns are added, so existing rows stay valid; their new
+    values are empty until the instance is indexed again.
+    """
+    inspector = inspect(engine)
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                ddl_type = column.type.compile(dialect=engine.dialect)
+                default = "" if column.nullable else " NOT NULL DEFAULT ''" \
+                    if isinstance(column.type, String) else " NOT NULL DEFAULT 0"
+                conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" '
+                                  f'{ddl_type}{default}'))
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:

@@ -77,6 +77,13 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str:
     return ("" if value is None else str(value))[:limit]
 
 
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 class Store:
     """The instance store of one node: files under ``store_dir`` plus the index.
 
@@ -202,7 +209,12 @@ class Store:
                     study_instance_uid=study_uid, patient_id=_text(ds, "PatientID", 64),
                     patient_name=_text(ds, "PatientName", 324), study_date=_text(ds, "StudyDate", 8),
                     accession_number=_text(ds, "AccessionNumber", 16),
-                    study_description=_text(ds, "StudyDescription", 64), created_at=now))
+                    study_description=_text(ds, "StudyDescription", 64),
+                    patient_birth_date=_text(ds, "PatientBirthDate", 8),
+                    patient_sex=_text(ds, "PatientSex", 16), study_time=_text(ds, "StudyTime", 16),
+                    study_id=_text(ds, "StudyID", 16),
+                    referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
+                    created_at=now))
                 session.flush()
             series = session.get(Series, series_uid)
             if series is None:
@@ -223,7 +235,8 @@ class Store:
                 series_instance_uid=series_uid, sop_class_uid=sop_class,
                 transfer_syntax_uid=tsyntax,
                 image_type="\\".join(str(v) for v in image_type) if image_type else "",
-                number_of_frames=int(ds.get("NumberOfFrames") or 1), path=rel, size=size,
+                number_of_frames=int(ds.get("NumberOfFrames") or 1),
+                instance_number=_int_or_none(ds.get("InstanceNumber")), path=rel, size=size,
                 sha256=digest, calling_ae=calling_ae, received_at=now)
             instance = session.get(Instance, sop_uid)
             if instance is None:
