@@ -55,7 +55,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     import pydicom
 
     from analysis.errors import CheckpointError, SlideUnreadableError
-    from analysis.pipeline import PipelineConfig, ProgressEvent, classify_slide, series_files
+    from analysis.pipeline import PipelineConfig, classify_slide, series_files
 
     config = PipelineConfig(weights_dir=args.weights, device=args.device, seed=args.seed,
                             n_timesteps=args.n_timesteps, cell_batch=args.cell_batch,
@@ -71,12 +71,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     timings: dict[str, float] = {}
     counts: dict[str, int] = {}
-
-    def record(event: ProgressEvent) -> None:
-        if event.finished:
-            timings[event.stage] = round(event.elapsed_s, 3)
-            counts.update(event.counts)
-
+    record = stage_recorder(timings, counts)
     started = time.perf_counter()
     try:
         files = series_files(args.slide)
@@ -103,6 +98,20 @@ def run_analyze(args: argparse.Namespace) -> int:
     write_summary(args.out, result, args.slide, objects, timings, counts)
     _print_differential(result, timings, args.out)
     return 0
+
+
+def stage_recorder(timings: dict[str, float], counts: dict[str, int],
+                   then: Any = None) -> Any:
+    """A pipeline progress callback that keeps each finished stage's time in ``timings`` and its
+    counts in ``counts``, then passes the event on to ``then`` (if given)."""
+    def record(event: Any) -> None:
+        if event.finished:
+            timings[event.stage] = round(event.elapsed_s, 3)
+            counts.update(event.counts)
+        if then is not None:
+            then(event)
+
+    return record
 
 
 def write_summary(out: Path, result: Any, slide: Path, objects: dict[str, Any],

@@ -96,7 +96,7 @@ def analyse(store: Store, job_id: int, paths: list[str]) -> dict[str, Any]:
     import torch
 
     from analysis.pipeline import PipelineConfig, ProgressEvent, classify_slide
-    from dicom_node.analyze import differential, encode_results, write_summary
+    from dicom_node.analyze import differential, encode_results, stage_recorder, write_summary
     from dicom_node.settings import DeviceValues, ReleasePolicyValues
 
     settings = store.settings
@@ -119,13 +119,7 @@ def analyse(store: Store, job_id: int, paths: list[str]) -> dict[str, Any]:
     files = [Path(p) for p in paths]
     timings: dict[str, float] = {}
     counts: dict[str, int] = {}
-
-    def record(event: ProgressEvent) -> None:
-        if event.finished:
-            timings[event.stage] = round(event.elapsed_s, 3)
-            counts.update(event.counts)
-        progress(event)
-
+    record = stage_recorder(timings, counts, then=progress)
     result = classify_slide(files, PipelineConfig(device=device), progress=record)
     started = time.perf_counter()
     objects = encode_results(result, files)
