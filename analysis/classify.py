@@ -59,8 +59,8 @@ class ClassifierConfig:
         ``cpu`` or ``cuda``.
     error_scale:
         ``log``: classes are compared on the logarithm of their errors, i.e. on the ratio to the best
-        class at each timestep, which puts every timestep on the same scale (the raw error grows about
-        tenfold from t = 0 to t = 500, so the largest timesteps dominate a linear comparison and its
+        class at each timestep, which puts every timestep on the same scale (the raw error falls about
+        tenfold from t = 0 to t = 500, so the smallest timesteps dominate a linear comparison and its
         variance). ``linear``: on the raw errors. Chosen on PBC val (96 cells, every class on all 32
         timesteps, step-1000 weights): balanced accuracy 0.49 (log) against 0.42 (linear), and the
         paired test drops classes sooner (59 against 73 UNet evaluations per cell at alpha 0.1).
