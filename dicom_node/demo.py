@@ -220,6 +220,20 @@ def _show_flagged(results_dir: Path, limit: int = 15) -> None:
         _say(f"  ... and {len(flagged) - limit} more (all of them in the viewer)")
 
 
+def _log_to_file(path: Path) -> None:
+    """Send the node's log to ``path``; the terminal keeps warnings and the demo's own lines."""
+    import logging
+
+    # The file-system broker has no host; kombu says so on every connection.
+    logging.getLogger("kombu.connection").setLevel(logging.ERROR)
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.setLevel(logging.WARNING)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+
+
 def _demo_account(node: Node) -> tuple[str, str]:
     """A pathologist account with a fresh random password in the demo's throw-away index."""
     import secrets
@@ -248,12 +262,17 @@ def run_demo(args: argparse.Namespace) -> int:
                             http_port=http_port, stable_age_s=2.0, workers=1,
                             outbox_retry_initial_s=0.5,
                             destinations=(Destination("DEMOPACS", "127.0.0.1", pacs.port),))
-        node = Node(settings)
+        log_path = data_dir / "node.log"
+        if not getattr(args, "verbose", False):
+            _log_to_file(log_path)
+        node = Node(settings, worker_log=None if getattr(args, "verbose", False) else log_path)
         node.start()
         account = _demo_account(node)
         _say(f"stand-in PACS DEMOPACS: {pacs.describe()}")
         _say(f"CytoNode demo: node {settings.ae_title} on 127.0.0.1:{settings.dicom_port}, "
              f"viewer on http://127.0.0.1:{http_port}/, data in {data_dir}")
+        if not getattr(args, "verbose", False):
+            _say(f"the node's log: {log_path} (cytonode -v demo shows it here)")
         _say(f"sending the sample slide ({len(files)} instances) by C-STORE ...")
         pacs.send_slide(files, settings.dicom_port, settings.ae_title)
         _say(f"waiting for the series to be stable ({settings.stable_age_s:.0f} s) and analysed ...")
@@ -265,7 +284,8 @@ def run_demo(args: argparse.Namespace) -> int:
             job = jobs[0] if jobs else None
             if job and job["state"] in ("done", "failed"):
                 break
-            line = f"{job['state']}: {job.get('progress') or ''}" if job else "waiting for the series"
+            line = (f"{job['state']}: {job['progress']}" if job and job.get("progress")
+                    else str(job["state"]) if job else "waiting for the series")
             if line != shown:
                 _say(f"  job {line}")
                 shown = line

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 from dicom_node.ae import configure_pynetdicom, make_ae
@@ -43,8 +44,9 @@ class _Loop(threading.Thread):
 class Node:
     """A running node. ``start()`` returns once the SCP listens; ``stop()`` shuts down cleanly."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, worker_log: Path | None = None) -> None:
         self.settings = settings
+        self.worker_log = worker_log  # where the worker child writes (default: our stderr)
         self.stop_event = threading.Event()
         configure_pynetdicom(settings)
         configure_celery(settings)
@@ -94,8 +96,12 @@ class Node:
         cmd = [sys.executable, "-m", "dicom_node.cli", "worker"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("CYTONODE_")}
         env.update(self.settings.to_env())  # the worker runs on exactly these settings
-        # Celery prints its banner on stdout; keep our stdout for our own output.
-        self.worker = subprocess.Popen(cmd, env=env, stdout=sys.stderr.fileno())
+        if self.worker_log is not None:
+            with open(self.worker_log, "ab") as log_file:  # the child keeps its own descriptor
+                self.worker = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=log_file)
+        else:
+            # Celery prints its banner on stdout; keep our stdout for our own output.
+            self.worker = subprocess.Popen(cmd, env=env, stdout=sys.stderr.fileno())
         log.info("started embedded worker (pid %d)", self.worker.pid)
 
     def _watch_worker(self) -> None:
