@@ -2,8 +2,9 @@
 
 A pathologist logs in, opens the case from the worklist, the slide's tiles load and the cell
 outlines draw, a click on a flagged cell opens it in the review, a key reclassifies it, the
-pathologist signs, and the verified final SR arrives in the stand-in PACS. Screenshots go to
-docs/screenshots/.
+pathologist signs, and the verified final SR arrives in the stand-in PACS. Screenshots are taken
+into the test's temporary folder; with UPDATE_SCREENSHOTS=1 they replace docs/screenshots/ (so that a
+test run leaves the checkout as it was).
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ def _require_browser() -> tuple[str, str]:
     return str(node), str(chromium)
 
 
-def test_pathologist_reviews_and_signs_in_the_browser(node_case) -> None:
+def test_pathologist_reviews_and_signs_in_the_browser(node_case, tmp_path: Path) -> None:
     node, chromium = _require_browser()
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
     env = dict(os.environ, BASE_URL=f"http://127.0.0.1:{node_case.node.http_port}",
                SERIES=node_case.series_instance_uid, USERNAME="path", PASSWORD=PASSWORD,
-               CHROMIUM=chromium, SCREENSHOTS=str(SCREENSHOTS))
+               CHROMIUM=chromium, SCREENSHOTS=str(shots))
     out = subprocess.run([node, str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, check=False,
                          timeout=180)
     assert out.returncode == 0, out.stderr[-4000:] + "\nnode log:\n" + node_case.node.log()[-3000:]
@@ -69,4 +71,8 @@ def test_pathologist_reviews_and_signs_in_the_browser(node_case) -> None:
     assert report.VerificationFlag == "VERIFIED" and report.PreliminaryFlag == "FINAL"
     assert f"Cell {result['cell_id']}" in str(report)
     for name in ("worklist", "slide", "review", "signoff"):
-        assert (SCREENSHOTS / f"{name}.png").stat().st_size > 10_000
+        assert (shots / f"{name}.png").stat().st_size > 10_000
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        for png in shots.glob("*.png"):
+            shutil.copyfile(png, SCREENSHOTS / png.name)
