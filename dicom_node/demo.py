@@ -220,6 +220,18 @@ def _show_flagged(results_dir: Path, limit: int = 15) -> None:
         _say(f"  ... and {len(flagged) - limit} more (all of them in the viewer)")
 
 
+def _stop_on_signals(node: Node) -> None:
+    """SIGTERM and SIGINT end the demo cleanly: the node, its worker and the stand-in PACS stop."""
+    import signal
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        _say(f"received {signal.Signals(signum).name}; stopping")
+        node.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
 def _log_to_file(path: Path) -> None:
     """Send the node's log to ``path``; the terminal keeps warnings and the demo's own lines."""
     import logging
@@ -326,6 +338,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if not args.exit:
             _say(f"the node keeps running; send more with: storescu -R -xy -aec {settings.ae_title} "
                  f"127.0.0.1 {settings.dicom_port} FILES  (Ctrl-C stops)")
+            _stop_on_signals(node)
             node.wait()
     except KeyboardInterrupt:
         pass

@@ -21,3 +21,32 @@ def test_demo_sends_the_sample_slide_and_reports_it() -> None:
     # --exit ends once the results reached the stand-in PACS: all three kinds.
     for modality in ("SR", "ANN", "SEG"):
         assert f"DEMOPACS received {modality}: " in out.stdout
+
+
+def test_demo_without_exit_keeps_running_and_stops_cleanly_on_sigterm() -> None:
+    import re
+    import signal
+    import socket
+    import time
+
+    proc = subprocess.Popen([CYTONODE, "demo"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "the node keeps running" in line:
+                break
+        text = "".join(lines)
+        assert "the node keeps running" in text, text[-3000:]
+        ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", text.split("sending the sample")[0])]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(1)
+    for port in ports:  # the node, its viewer and the stand-in PACS are all gone
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"
