@@ -220,13 +220,13 @@ def _show_flagged(results_dir: Path, limit: int = 15) -> None:
         _say(f"  ... and {len(flagged) - limit} more (all of them in the viewer)")
 
 
-def _stop_on_signals(node: Node) -> None:
+def _stop_on_signals() -> None:
     """SIGTERM and SIGINT end the demo cleanly: the node, its worker and the stand-in PACS stop."""
     import signal
 
     def on_signal(signum: int, _frame: Any) -> None:
         _say(f"received {signal.Signals(signum).name}; stopping")
-        node.stop_event.set()
+        raise KeyboardInterrupt  # unwinds whatever the demo is doing into its clean shutdown
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -270,6 +270,7 @@ def run_demo(args: argparse.Namespace) -> int:
     pacs = _start_pacs(data_dir / "pacs", "CYTONODE", node_port, args.pacs)
     node: Node | None = None
     try:
+        _stop_on_signals()
         settings = Settings(data_dir=data_dir / "node", bind_address="127.0.0.1", dicom_port=node_port,
                             http_port=http_port, stable_age_s=2.0, workers=1,
                             outbox_retry_initial_s=0.5,
@@ -338,7 +339,6 @@ def run_demo(args: argparse.Namespace) -> int:
         if not args.exit:
             _say(f"the node keeps running; send more with: storescu -R -xy -aec {settings.ae_title} "
                  f"127.0.0.1 {settings.dicom_port} FILES  (Ctrl-C stops)")
-            _stop_on_signals(node)
             node.wait()
     except KeyboardInterrupt:
         pass
