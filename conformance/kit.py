@@ -332,19 +332,11 @@ class Kit:
                                   evt_handlers=[(evt.EVT_C_STORE, on_store)])
         assert server is not None  # block=False returns the server
         try:
-            ae = self.ae()
-            model = QR["StudyRootQueryRetrieveInformationModelMove"]
-            ae.add_requested_context(model)
-            assoc = self.associate(ae)
-            try:
-                ds = Dataset()
-                ds.QueryRetrieveLevel = "SERIES"
-                ds.StudyInstanceUID = self.factory.study_uid if self.factory else ""
-                ds.SeriesInstanceUID = series
-                statuses = [int(s.Status) for s, _ in
-                            assoc.send_c_move(ds, self.args.move_aet, model) if s]
-            finally:
-                assoc.release()
+            ds = Dataset()
+            ds.QueryRetrieveLevel = "SERIES"
+            ds.StudyInstanceUID = self.factory.study_uid if self.factory else ""
+            ds.SeriesInstanceUID = series
+            statuses = self._c_move(ds, self.args.move_aet)
         finally:
             server.shutdown()
         unknown = QR_STATUS["MOVE_DESTINATION_UNKNOWN"]
@@ -355,19 +347,22 @@ class Kit:
         self._compare(received, wanted)
         return f"{len(received)} instances to {self.args.move_aet}"
 
-    def move_unknown(self) -> str:
+    def _c_move(self, identifier: Dataset, destination: str) -> list[int]:
+        """Every status of one study-root C-MOVE (pending ones included), in order."""
         ae = self.ae()
         model = QR["StudyRootQueryRetrieveInformationModelMove"]
         ae.add_requested_context(model)
         assoc = self.associate(ae)
         try:
-            ds = Dataset()
-            ds.QueryRetrieveLevel = "STUDY"
-            ds.StudyInstanceUID = self.factory.study_uid if self.factory else "1.2.3"
-            statuses = [int(s.Status) for s, _ in assoc.send_c_move(ds, "NO-SUCH-AE-KIT", model)
-                        if s]
+            return [int(s.Status) for s, _ in assoc.send_c_move(identifier, destination, model) if s]
         finally:
             assoc.release()
+
+    def move_unknown(self) -> str:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        ds.StudyInstanceUID = self.factory.study_uid if self.factory else "1.2.3"
+        statuses = self._c_move(ds, "NO-SUCH-AE-KIT")
         expected = QR_STATUS["MOVE_DESTINATION_UNKNOWN"]
         require(statuses == [expected], f"statuses {[hex(s) for s in statuses]}")
         return f"0x{expected:04X}"

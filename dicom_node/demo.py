@@ -251,10 +251,8 @@ def _demo_account(node: Node) -> tuple[str, str]:
     import secrets
 
     from viewer.auth import add_user  # the demo composes the whole product, viewer included
-    from viewer.models import create_tables
 
-    password = secrets.token_urlsafe(9)
-    create_tables(node.store.engine)
+    password = secrets.token_urlsafe(9)  # the viewer's tables exist: node.start() built its app
     add_user(node.store, "pathologist", "pathologist", password, organization="CytoNode demo",
              person_name="Demo^Pathologist")
     return "pathologist", password
