@@ -130,7 +130,7 @@ def train_baseline(data_dir: Path, out: Path, *, steps: int, batch_size: int = 6
     config = config or BaselineConfig()
     generator = torch.Generator("cpu").manual_seed(seed)
     torch.manual_seed(seed)
-    rows = read_split(data_dir, "train")
+    rows = read_split(data_dir, "train", config.class_names)
     data = load_images(data_dir, rows, config.image_size)
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()
     labels = torch.from_numpy(data.labels)
@@ -175,12 +175,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exclude-class", action="append", default=[], choices=CLASS_NAMES,
+                   metavar="CLASS", help="train without this class (leave-one-class-out; repeatable)")
     args = p.parse_args(argv)
+    kept = tuple(c for c in CLASS_NAMES if c not in args.exclude_class)
+    if len(kept) < 2:
+        p.error("at least two classes must be left to train on")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     torch.set_num_threads(args.threads)
     summary = train_baseline(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
-                             learning_rate=args.lr, seed=args.seed)
+                             learning_rate=args.lr, seed=args.seed,
+                             config=BaselineConfig(class_names=kept))
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
 

@@ -27,6 +27,7 @@ from analysis.classify import (
     posterior,
     score_cells,
 )
+from analysis.classes import CLASS_NAMES
 from analysis.errors import CheckpointError
 from analysis.uncertainty import entropy, margin
 
@@ -92,6 +93,14 @@ def cnn_predictions(p: np.ndarray, calibration: dict[str, object]) -> Prediction
     )
 
 
+def _require_all_classes(weights_dir: Path, names: tuple[str, ...]) -> None:
+    """Refuse weights trained on a subset of the classes (leave-one-class-out runs)."""
+    if names != CLASS_NAMES:
+        missing = ", ".join(c for c in CLASS_NAMES if c not in names) or "the fixed class order"
+        raise CheckpointError(f"{weights_dir} was trained without {missing} (leave-one-class-out): "
+                              f"it is for `cytonode evaluate --heldout-class` only")
+
+
 class DiffusionClassifier:
     """The shipped diffusion classifier: weights plus calibration.
 
@@ -109,6 +118,7 @@ class DiffusionClassifier:
             weights_dir / DIFFUSION_WEIGHTS, device)
         self.config = ClassifierConfig.from_calibration(
             dict(self.calibration["classifier_config"]), device=device)  # type: ignore[call-overload]
+        _require_all_classes(weights_dir, self.model_config.class_names)
 
     @property
     def image_size(self) -> int:
@@ -127,6 +137,7 @@ class BaselineClassifier:
 
     def __init__(self, weights_dir: Path = WEIGHTS_DIR) -> None:
         self.model: BaselineCNN = load_baseline(weights_dir / BASELINE_WEIGHTS)
+        _require_all_classes(weights_dir, self.model.config.class_names)
         path = weights_dir / CALIBRATION
         self.calibration = read_calibration(weights_dir) if path.is_file() else {}
 

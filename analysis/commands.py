@@ -14,11 +14,21 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.classes import CLASS_NAMES
+
 DEFAULT_PBC = Path("../shared/data/pbc")
 # ModelConfig's defaults, written out so that building the parser does not import
 # torch and diffusers (seconds); tests/analysis/test_evaluate.py checks they agree.
 DEFAULT_IMAGE_SIZE = 48
 DEFAULT_CHANNELS = (16, 32, 64, 128)
+
+
+def kept_classes(excluded: list[str]) -> tuple[str, ...]:
+    """The model's classes: all but ``excluded``, in the fixed order."""
+    kept = tuple(c for c in CLASS_NAMES if c not in excluded)
+    if len(kept) < 2:
+        raise SystemExit("cytonode: error: at least two classes must be left to train on")
+    return kept
 
 
 def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,6 +46,8 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export", type=Path, help="after training write the EMA weights here")
+    p.add_argument("--exclude-class", action="append", default=[], choices=CLASS_NAMES,
+                   metavar="CLASS", help="train without this class (leave-one-class-out; repeatable)")
     p.set_defaults(func=run_train)
 
 
@@ -46,7 +58,8 @@ def run_train(args: argparse.Namespace) -> int:
     channels = tuple(int(c) for c in args.channels.split(","))
     levels = len(channels)
     model_config = ModelConfig(image_size=args.image_size, block_out_channels=channels,
-                               attention_levels=(levels - 1,))
+                               attention_levels=(levels - 1,),
+                               class_names=kept_classes(args.exclude_class))
     train_config = TrainConfig(data_dir=args.data, out_dir=args.out, steps=args.steps,
                                batch_size=args.batch_size, learning_rate=args.lr,
                                device=args.device, bf16=args.bf16, threads=args.threads,
@@ -178,6 +191,11 @@ def add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arrays-out", type=Path, default=None, help="write per-cell outputs (.npz)")
+    p.add_argument("--heldout-class", choices=CLASS_NAMES, default=None, metavar="CLASS",
+                   help="leave-one-class-out: --weights were trained without CLASS (--exclude-class); "
+                        "measure how well the anomaly scores separate its test cells")
+    p.add_argument("--heldout-limit", type=int, default=0,
+                   help="with --heldout-class: held-out test cells for the diffusion model (0: all)")
     p.set_defaults(func=run_evaluate)
 
 
@@ -189,7 +207,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from analysis.classifier import read_calibration
     from analysis.classify import ClassifierConfig
     from analysis.errors import CheckpointError, DatasetError
-    from analysis.evaluate import calibrate, evaluate
+    from analysis.evaluate import calibrate, evaluate, evaluate_heldout
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -210,10 +228,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 stored = dict(read_calibration(weights)["classifier_config"])  # type: ignore[call-overload]
                 config = dataclasses.replace(ClassifierConfig.from_calibration(stored), device=args.device,
                                              **overrides)
-            result = evaluate(weights, args.data, args.aml, config, per_class=args.per_class,
-                              exhaustive_per_class=args.exhaustive_per_class,
-                              aml_limit=args.aml_limit, seed=args.seed,
-                              arrays_out=args.arrays_out)
+            if args.heldout_class:
+                result = evaluate_heldout(weights, args.data, args.heldout_class, config,
+                                          per_class=args.per_class, heldout_limit=args.heldout_limit,
+                                          seed=args.seed)
+            else:
+                result = evaluate(weights, args.data, args.aml, config, per_class=args.per_class,
+                                  exhaustive_per_class=args.exhaustive_per_class,
+                                  aml_limit=args.aml_limit, seed=args.seed,
+                                  arrays_out=args.arrays_out)
     except DatasetError as exc:
         sys.stderr.write(f"cytonode evaluate: {exc}\n")
         return 2

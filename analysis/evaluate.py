@@ -37,7 +37,7 @@ from analysis.classify import (
     posterior,
     score_cells,
 )
-from analysis.errors import DatasetError
+from analysis.errors import CheckpointError, DatasetError
 from analysis.framing import collect_image_paths, read_framed
 from analysis.pbc import load_images, read_split
 from analysis.uncertainty import (
@@ -63,7 +63,7 @@ def stratified_rows(rows: list[tuple[str, int]], per_class: int, seed: int) -> l
         return rows
     rng = np.random.default_rng(seed)
     out: list[tuple[str, int]] = []
-    for c in range(len(CLASS_NAMES)):
+    for c in sorted({label for _, label in rows}):
         of_class = [r for r in rows if r[1] == c]
         pick = rng.permutation(len(of_class))[:per_class]
         out.extend(of_class[i] for i in sorted(pick))
@@ -91,7 +91,8 @@ def calibrate(weights_dir: Path, data_dir: Path, config: ClassifierConfig, *, pe
         The calibration plus val metrics of both models.
     """
     unet, model_config, metadata = load_diffusion(weights_dir / DIFFUSION_WEIGHTS, config.device)
-    rows = stratified_rows(read_split(data_dir, "val"), per_class, seed)
+    names = model_config.class_names
+    rows = stratified_rows(read_split(data_dir, "val", names), per_class, seed)
     data = load_images(data_dir, rows, model_config.image_size)
     generator = torch.Generator("cpu").manual_seed(seed)
     t0 = time.monotonic()
@@ -109,9 +110,9 @@ def calibrate(weights_dir: Path, data_dir: Path, config: ClassifierConfig, *, pe
     reference = np.nanmedian(e_best, axis=0)
     reference = np.where(np.isnan(reference), np.nanmedian(e_best), reference)
     raw = anomaly_raw(scores.errors, best, reference)
-    mean = np.zeros(len(CLASS_NAMES))
-    std = np.ones(len(CLASS_NAMES))
-    for c in range(len(CLASS_NAMES)):
+    mean = np.zeros(len(names))
+    std = np.ones(len(names))
+    for c in range(len(names)):
         of_c = raw[best == c]
         if len(of_c) >= 2:
             mean[c], std[c] = float(of_c.mean()), float(max(of_c.std(ddof=1), 1e-6))
@@ -134,10 +135,13 @@ def calibrate(weights_dir: Path, data_dir: Path, config: ClassifierConfig, *, pe
         "abnormal_quantile": abnormal_quantile,
         "abnormal_threshold": float(np.quantile(z, abnormal_quantile)),
     }
-    val = {"diffusion": _classification_metrics(diffusion_predictions(scores, calibration), labels)}
+    val = {"diffusion": _classification_metrics(diffusion_predictions(scores, calibration), labels,
+                                                names)}
     if (weights_dir / BASELINE_WEIGHTS).is_file():
         cnn = load_baseline(weights_dir / BASELINE_WEIGHTS)
-        cnn_rows = read_split(data_dir, "val")
+        if cnn.config.class_names != names:
+            raise CheckpointError(f"{weights_dir}: the CNN and the diffusion model have different classes")
+        cnn_rows = read_split(data_dir, "val", names)
         cnn_data = load_images(data_dir, cnn_rows, cnn.config.image_size)
         pc = predict_baseline(cnn, images_to_tensor(cnn_data.images)).numpy().astype(np.float64)
         uc = 1.0 - pc.max(axis=1)
@@ -148,22 +152,24 @@ def calibrate(weights_dir: Path, data_dir: Path, config: ClassifierConfig, *, pe
                                                      target_error), -1.0),
             "abnormal_threshold": float(np.quantile(uc, abnormal_quantile)),
         }
-        val["cnn"] = _classification_metrics(cnn_predictions(pc, calibration), cnn_data.labels)
+        val["cnn"] = _classification_metrics(cnn_predictions(pc, calibration), cnn_data.labels,
+                                             names)
     (weights_dir / CALIBRATION).write_text(json.dumps(calibration, indent=1) + "\n")
     return {"calibration": calibration, "val": val,
             "model": diffusion_metadata_summary(metadata)}
 
 
-def _classification_metrics(pred: Predictions, labels: np.ndarray) -> dict[str, object]:
+def _classification_metrics(pred: Predictions, labels: np.ndarray,
+                            names: tuple[str, ...] = CLASS_NAMES) -> dict[str, object]:
     correct = pred.label == labels
     accepted = ~pred.review
-    recall = per_class_recall(labels, pred.label, len(CLASS_NAMES))
+    recall = per_class_recall(labels, pred.label, len(names))
     return {
         "cells": len(labels),
         "accuracy": float(correct.mean()),
-        "balanced_accuracy": balanced_accuracy(labels, pred.label, len(CLASS_NAMES)),
+        "balanced_accuracy": balanced_accuracy(labels, pred.label, len(names)),
         "per_class_recall": {name: (None if np.isnan(r) else float(r))
-                             for name, r in zip(CLASS_NAMES, recall)},
+                             for name, r in zip(names, recall)},
         "ece": expected_calibration_error(pred.probabilities, labels),
         "aurc": aurc(pred.uncertainty, correct),
         "fraction_flagged": float(pred.review.mean()),
@@ -196,6 +202,10 @@ def evaluate(weights_dir: Path, data_dir: Path, aml_dir: Path, config: Classifie
     if config is None:
         config = ClassifierConfig.from_calibration(dict(calibration["classifier_config"]))  # type: ignore[call-overload]
     unet, model_config, metadata = load_diffusion(weights_dir / DIFFUSION_WEIGHTS, config.device)
+    if model_config.class_names != CLASS_NAMES:
+        missing = ", ".join(c for c in CLASS_NAMES if c not in model_config.class_names)
+        raise CheckpointError(f"{weights_dir} was trained without {missing}: evaluate it with "
+                              f"--heldout-class")
     size = model_config.image_size
     test_rows_all = read_split(data_dir, "test")
     rows = stratified_rows(test_rows_all, per_class, seed)
@@ -282,6 +292,91 @@ def evaluate(weights_dir: Path, data_dir: Path, aml_dir: Path, config: Classifie
         "data": {"pbc_test_cells_diffusion": len(rows), "pbc_test_per_class": per_class,
                  "pbc_test_cells_cnn": len(test_rows_all), "aml_blasts": len(blasts),
                  "aml_neutrophils": len(neutro), "seed": seed},
+        "diffusion": diffusion,
+        "cnn": cnn,
+    }
+
+
+def evaluate_heldout(weights_dir: Path, data_dir: Path, heldout: str, config: ClassifierConfig | None,
+                     *, per_class: int, heldout_limit: int, seed: int) -> dict[str, object]:
+    """Leave-one-class-out: how well the anomaly scores of models trained without
+    ``heldout`` separate its PBC test cells from the test cells of the classes they know.
+
+    ``weights_dir`` holds the diffusion model and the CNN trained without that class
+    (``--exclude-class``), calibrated on val cells of the other classes only.
+
+    Parameters
+    ----------
+    per_class:
+        Test cells per known class for the diffusion model (0: all); the CNN scores all.
+    heldout_limit:
+        Test cells of the held-out class for the diffusion model (0: all); the CNN scores all.
+    """
+    calibration = read_calibration(weights_dir)
+    if config is None:
+        config = ClassifierConfig.from_calibration(dict(calibration["classifier_config"]))  # type: ignore[call-overload]
+    unet, model_config, metadata = load_diffusion(weights_dir / DIFFUSION_WEIGHTS, config.device)
+    names = model_config.class_names
+    if heldout not in CLASS_NAMES:
+        raise ValueError(f"unknown class {heldout!r}; the classes are {', '.join(CLASS_NAMES)}")
+    if heldout in names:
+        raise CheckpointError(f"{weights_dir} was trained on {heldout}: it is not held out")
+    size = model_config.image_size
+    known_all = read_split(data_dir, "test", names)
+    known_rows = stratified_rows(known_all, per_class, seed)
+    novel_all = read_split(data_dir, "test", (heldout,))
+    novel_rows = stratified_rows(novel_all, heldout_limit, seed)
+    known = load_images(data_dir, known_rows, size)
+    novel = load_images(data_dir, novel_rows, size)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    t0 = time.monotonic()
+    s_known = score_cells(unet, model_config, images_to_tensor(known.images), config, generator)
+    s_novel = score_cells(unet, model_config, images_to_tensor(novel.images), config, generator)
+    wall = time.monotonic() - t0
+    log.info("heldout %s: %d + %d cells in %.0f s", heldout, len(known_rows), len(novel_rows), wall)
+    p_known = diffusion_predictions(s_known, calibration)
+    p_novel = diffusion_predictions(s_novel, calibration)
+
+    def labelled_as(label: np.ndarray) -> dict[str, int]:
+        return {name: int(np.sum(label == c)) for c, name in enumerate(names)}
+
+    diffusion = {
+        "known_test": _classification_metrics(p_known, known.labels, names),
+        "anomaly_auroc_heldout_vs_known": auroc(p_novel.anomaly_score, p_known.anomaly_score),
+        "heldout_flagged_abnormal": float(p_novel.abnormal.mean()),
+        "known_flagged_abnormal": float(p_known.abnormal.mean()),
+        "heldout_flagged_for_review": float(p_novel.review.mean()),
+        "heldout_labelled_as": labelled_as(p_novel.label),
+        "cells_per_s": (len(known_rows) + len(novel_rows)) / wall,
+    }
+    cnn_model = load_baseline(weights_dir / BASELINE_WEIGHTS)
+    if cnn_model.config.class_names != names:
+        raise CheckpointError(f"{weights_dir}: the CNN and the diffusion model have different classes")
+    c_known_data = load_images(data_dir, known_all, cnn_model.config.image_size)
+    c_novel_data = load_images(data_dir, novel_all, cnn_model.config.image_size)
+    pk = predict_baseline(cnn_model, images_to_tensor(c_known_data.images)).numpy().astype(np.float64)
+    pn = predict_baseline(cnn_model, images_to_tensor(c_novel_data.images)).numpy().astype(np.float64)
+    c_known, c_novel = cnn_predictions(pk, calibration), cnn_predictions(pn, calibration)
+    same_known = [known_all.index(r) for r in known_rows]
+    same_novel = [novel_all.index(r) for r in novel_rows]
+    cnn = {
+        "known_test": _classification_metrics(c_known, c_known_data.labels, names),
+        "anomaly_auroc_heldout_vs_known": auroc(c_novel.anomaly_score, c_known.anomaly_score),
+        "anomaly_auroc_heldout_vs_known_same_cells": auroc(c_novel.anomaly_score[same_novel],
+                                                           c_known.anomaly_score[same_known]),
+        "heldout_flagged_abnormal": float(c_novel.abnormal.mean()),
+        "known_flagged_abnormal": float(c_known.abnormal.mean()),
+        "heldout_flagged_for_review": float(c_novel.review.mean()),
+        "heldout_labelled_as": labelled_as(c_novel.label),
+    }
+    return {
+        "model": diffusion_metadata_summary(metadata),
+        "heldout_class": heldout,
+        "classes": list(names),
+        "classifier_config": config.to_dict(),
+        "data": {"known_test_cells_diffusion": len(known_rows), "heldout_test_cells_diffusion":
+                 len(novel_rows), "known_test_cells_cnn": len(known_all),
+                 "heldout_test_cells_cnn": len(novel_all), "per_class": per_class, "seed": seed},
         "diffusion": diffusion,
         "cnn": cnn,
     }

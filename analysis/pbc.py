@@ -25,8 +25,20 @@ class LabelledImages:
     paths: tuple[str, ...]
 
 
-def read_split(root: Path, split: str) -> list[tuple[str, int]]:
-    """Relative paths and class indices of one split of ``splits.csv``."""
+def read_split(root: Path, split: str, classes: tuple[str, ...] = CLASS_NAMES
+               ) -> list[tuple[str, int]]:
+    """Relative paths and class indices of one split of ``splits.csv``.
+
+    Parameters
+    ----------
+    classes:
+        The classes to keep, in model order: a label is its index in
+        ``classes``, and rows of any other class are left out (a model trained
+        without one class, for leave-one-class-out, passes its own list).
+    """
+    unknown = sorted(set(classes) - set(CLASS_NAMES))
+    if unknown:
+        raise ValueError(f"unknown classes {unknown}; the classes are {', '.join(CLASS_NAMES)}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     table = root / "splits.csv"
@@ -35,8 +47,8 @@ def read_split(root: Path, split: str) -> list[tuple[str, int]]:
     rows: list[tuple[str, int]] = []
     with table.open(newline="") as fh:
         for row in csv.DictReader(fh):
-            if row["split"] == split:
-                rows.append((row["path"], CLASS_NAMES.index(row["label"])))
+            if row["split"] == split and row["label"] in classes:
+                rows.append((row["path"], classes.index(row["label"])))
     return rows
 
 

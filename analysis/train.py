@@ -80,6 +80,14 @@ def _atomic_save(write: Callable[[Path], object], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS``, with days in front past 24 hours (``2d 03:04:05``)."""
+    total = int(round(max(seconds, 0.0)))
+    days, rest = divmod(total, 86400)
+    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
 def _balanced_sampler(labels: np.ndarray) -> torch.Tensor:
     counts = np.bincount(labels)
     weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.float64)
@@ -125,7 +133,7 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
         log.info("resumed from step %d (%.0f s of training so far)", step, elapsed_before)
     log.info("model: %d parameters, %s", count_parameters(model), model_config.to_json())
 
-    rows = read_split(train.data_dir, "train")
+    rows = read_split(train.data_dir, "train", model_config.class_names)
     data = load_images(train.data_dir, rows, model_config.image_size, progress=True)
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()
     labels = torch.from_numpy(data.labels)
@@ -179,7 +187,7 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
             rate = (step - start_step) / max(time.monotonic() - t0, 1e-9)
             eta = (train.steps - step) / max(rate, 1e-9)
             log.info("step %d/%d loss %.4f  %.2f steps/s  ETA %s", step, train.steps, loss_avg,
-                     rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
+                     rate, format_duration(eta))
         if step % train.checkpoint_every == 0 or step == train.steps:
             save()
     return {"steps": float(step), "elapsed_s": elapsed_before + time.monotonic() - t0, "loss": loss_avg}

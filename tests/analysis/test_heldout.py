@@ -1,0 +1,165 @@
+"""Leave-one-class-out: models trained without one class, calibrated and evaluated on it.
+
+A tiny diffusion model and a tiny CNN are trained a few steps on real PBC cells of
+seven classes (erythroblast left out); the numbers are meaningless, the plumbing is not.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from analysis.baseline import BaselineCNN, BaselineConfig, save_baseline
+from analysis.classes import CLASS_NAMES
+from analysis.classifier import (
+    BASELINE_WEIGHTS,
+    CALIBRATION,
+    DIFFUSION_WEIGHTS,
+    BaselineClassifier,
+    DiffusionClassifier,
+)
+from analysis.classify import ClassifierConfig, images_to_tensor
+from analysis.errors import CheckpointError
+from analysis.evaluate import calibrate, evaluate, evaluate_heldout
+from analysis.model import ModelConfig, build_scheduler, build_unet
+from analysis.pbc import load_images, read_split
+
+ROOT = Path(__file__).resolve().parents[2]
+PBC = ROOT.parent / "shared" / "data" / "pbc"
+AML = ROOT.parent / "shared" / "data" / "aml_dev"
+CYTONODE = Path(sys.executable).parent / "cytonode"
+
+pytestmark = pytest.mark.skipif(not (PBC / "splits.csv").is_file(),
+                                reason=f"PBC data not found at {PBC}")
+
+HELDOUT = "erythroblast"
+KNOWN = tuple(c for c in CLASS_NAMES if c != HELDOUT)
+TINY = ModelConfig(image_size=32, block_out_channels=(16, 32), attention_levels=(),
+                   class_names=KNOWN)
+CONFIG = ClassifierConfig(n_timesteps=8, round_size=2, min_samples=4, alpha=0.05, cell_batch=8,
+                          unet_batch=64)
+
+torch.set_num_threads(1)
+
+
+def _one_per_class(split: str) -> list[tuple[str, int]]:
+    rows = read_split(PBC, split, KNOWN)
+    return [next(r for r in rows if r[1] == c) for c in range(len(KNOWN))]
+
+
+@pytest.fixture(scope="module")
+def loco_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Diffusion model and CNN trained a few steps on one cell of each known class, calibrated."""
+    torch.manual_seed(0)
+    g = torch.Generator("cpu").manual_seed(0)
+    data = load_images(PBC, _one_per_class("train"), TINY.image_size)
+    x0 = images_to_tensor(data.images)
+    y = torch.from_numpy(data.labels)
+    unet = build_unet(TINY)
+    alphas = build_scheduler(TINY).alphas_cumprod
+    opt = torch.optim.Adam(unet.parameters(), lr=5e-3)
+    for _ in range(20):
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, TINY.num_train_timesteps, (x0.shape[0],), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        loss = torch.nn.functional.mse_loss(
+            unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, class_labels=y).sample, noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    folder = tmp_path_factory.mktemp("loco")
+    save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()},
+              str(folder / DIFFUSION_WEIGHTS),
+              metadata={"model_config": TINY.to_json(), "step": "20", "elapsed_s": "1"})
+    cnn = BaselineCNN(BaselineConfig(image_size=32, channels=(8, 16), class_names=KNOWN))
+    cnn_opt = torch.optim.Adam(cnn.parameters(), lr=1e-2)
+    for _ in range(10):
+        cnn_loss = torch.nn.functional.cross_entropy(cnn(x0), y)
+        cnn_opt.zero_grad()
+        cnn_loss.backward()
+        cnn_opt.step()
+    cnn.eval()
+    save_baseline(cnn, folder / BASELINE_WEIGHTS, {"steps": "10"})
+    calibrate(folder, PBC, CONFIG, per_class=1, seed=0)
+    return folder
+
+
+def test_split_without_a_class() -> None:
+    full = read_split(PBC, "train")
+    kept = read_split(PBC, "train", KNOWN)
+    n_heldout = sum(1 for _, c in full if CLASS_NAMES[c] == HELDOUT)
+    assert n_heldout > 0
+    assert len(kept) == len(full) - n_heldout
+    assert {c for _, c in kept} == set(range(len(KNOWN)))
+    # A label is the index in the model's own class list.
+    by_path = dict(full)
+    assert all(KNOWN[c] == CLASS_NAMES[by_path[p]] for p, c in kept)
+    with pytest.raises(ValueError, match="unknown classes"):
+        read_split(PBC, "train", ("neutrophil", "blast"))
+
+
+def test_calibration_covers_the_known_classes_only(loco_weights: Path) -> None:
+    cal = json.loads((loco_weights / CALIBRATION).read_text())
+    assert len(cal["anomaly_class_mean"]) == len(KNOWN)
+    assert cal["val_cells"] == len(KNOWN)  # one val cell of each known class, none held out
+    assert "cnn" in cal
+
+
+def test_heldout_evaluation_reports_both_models(loco_weights: Path) -> None:
+    result = evaluate_heldout(loco_weights, PBC, HELDOUT, None, per_class=2, heldout_limit=3, seed=0)
+    assert result["heldout_class"] == HELDOUT and result["classes"] == list(KNOWN)
+    data = result["data"]
+    assert data["known_test_cells_diffusion"] == 2 * len(KNOWN)
+    assert data["heldout_test_cells_diffusion"] == 3
+    n_test = sum(1 for _, c in read_split(PBC, "test") if CLASS_NAMES[c] == HELDOUT)
+    assert data["heldout_test_cells_cnn"] == n_test
+    for model, n in (("diffusion", 3), ("cnn", n_test)):
+        part = result[model]
+        assert 0.0 <= part["anomaly_auroc_heldout_vs_known"] <= 1.0
+        assert sum(part["heldout_labelled_as"].values()) == n
+        assert set(part["heldout_labelled_as"]) == set(KNOWN)
+        assert set(part["known_test"]["per_class_recall"]) == set(KNOWN)
+
+
+def test_subset_weights_are_refused_where_all_classes_are_needed(loco_weights: Path) -> None:
+    with pytest.raises(CheckpointError, match="trained without erythroblast"):
+        DiffusionClassifier(loco_weights)
+    with pytest.raises(CheckpointError, match="trained without erythroblast"):
+        BaselineClassifier(loco_weights)
+    with pytest.raises(CheckpointError, match="--heldout-class"):
+        evaluate(loco_weights, PBC, AML, None, per_class=1, exhaustive_per_class=0, aml_limit=1,
+                 seed=0)
+    with pytest.raises(CheckpointError, match="not held out"):
+        evaluate_heldout(loco_weights, PBC, "neutrophil", None, per_class=1, heldout_limit=1, seed=0)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(CYTONODE), *args], check=False, capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def test_evaluate_cli_heldout(loco_weights: Path) -> None:
+    proc = _run("evaluate", "--json", "--weights", str(loco_weights), "--data", str(PBC),
+                "--heldout-class", HELDOUT, "--per-class", "1", "--heldout-limit", "2",
+                "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["data"]["heldout_test_cells_diffusion"] == 2
+    proc = _run("evaluate", "--json", "--weights", str(loco_weights), "--data", str(PBC),
+                "--heldout-class", "neutrophil", "--per-class", "1", "--threads", "1")
+    assert proc.returncode == 1
+    assert "not held out" in proc.stderr
+
+
+def test_train_cli_needs_two_classes(tmp_path: Path) -> None:
+    excluded = [arg for c in CLASS_NAMES[1:] for arg in ("--exclude-class", c)]
+    proc = _run("train", "--data", str(PBC), "--out", str(tmp_path / "run"), *excluded)
+    assert proc.returncode != 0
+    assert "at least two classes" in proc.stderr
+    assert not (tmp_path / "run").exists()
