@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from analysis.baseline import BaselineCNN, load_baseline, predict_baseline
+from analysis.classes import CLASS_NAMES
 from analysis.classify import (
     ClassifierConfig,
     DiffusionScores,
@@ -27,7 +28,6 @@ from analysis.classify import (
     posterior,
     score_cells,
 )
-from analysis.classes import CLASS_NAMES
 from analysis.errors import CheckpointError
 from analysis.uncertainty import entropy, margin
 

@@ -82,7 +82,7 @@ def _atomic_save(write: Callable[[Path], object], path: Path) -> None:
 
 def format_duration(seconds: float) -> str:
     """``H:MM:SS``, with days in front past 24 hours (``2d 03:04:05``)."""
-    total = int(round(max(seconds, 0.0)))
+    total = round(max(seconds, 0.0))
     days, rest = divmod(total, 86400)
     clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
     return f"{days}d {clock}" if days else clock

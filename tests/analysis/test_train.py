@@ -62,7 +62,7 @@ def test_checkpoints_resume_and_export(mini_pbc: Path, tmp_path: Path) -> None:
         meta = fh.metadata()
         assert meta["step"] == "6"
         assert ModelConfig.from_json(meta["model_config"]) == TINY
-        assert all(fh.get_tensor(k).dtype == torch.float32 for k in fh.keys())
+        assert all(fh.get_tensor(k).dtype == torch.float32 for k in fh.keys())  # noqa: SIM118 (safe_open is not a dict)
     # A checkpoint of another architecture is not silently overwritten.
     other = ModelConfig(image_size=16, block_out_channels=(16, 16), attention_levels=())
     with pytest.raises(CheckpointError, match="another model configuration"):
