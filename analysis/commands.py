@@ -46,6 +46,8 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export", type=Path, help="after training write the EMA weights here")
+    p.add_argument("--t-max", type=int, default=None,
+                   help="train on timesteps [0, T_MAX) only (default: the whole schedule)")
     p.add_argument("--exclude-class", action="append", default=[], choices=CLASS_NAMES,
                    metavar="CLASS", help="train without this class (leave-one-class-out; repeatable)")
     p.set_defaults(func=run_train)
@@ -63,7 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
     train_config = TrainConfig(data_dir=args.data, out_dir=args.out, steps=args.steps,
                                batch_size=args.batch_size, learning_rate=args.lr,
                                device=args.device, bf16=args.bf16, threads=args.threads,
-                               seed=args.seed)
+                               seed=args.seed, t_max=args.t_max)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     summary = train_diffusion(train_config, model_config)
     if args.export:

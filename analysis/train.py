@@ -58,6 +58,9 @@ class TrainConfig:
     bf16: bool = False
     checkpoint_every: int = 250
     threads: int = 0
+    #: Train on timesteps ``[0, t_max)`` only (None: the whole schedule). The classifier scores
+    #: timesteps below 500 only (``ClassifierConfig.t_max``), so later ones are not needed.
+    t_max: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -68,6 +71,8 @@ class TrainConfig:
             raise ValueError("ema_decay must lie in (0, 1)")
         if self.device not in ("cpu", "cuda"):
             raise ValueError("device must be 'cpu' or 'cuda'")
+        if self.t_max is not None and self.t_max < 1:
+            raise ValueError("t_max must be positive")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but CUDA is not available")
 
@@ -141,6 +146,7 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
     log.info("training on %d images of the train split", len(rows))
 
     alphas = scheduler.alphas_cumprod.to(device)
+    t_high = min(train.t_max or model_config.num_train_timesteps, model_config.num_train_timesteps)
     t0 = time.monotonic()
     start_step = step
     loss_avg = math.nan
@@ -163,7 +169,7 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
         x = augment(x, generator, model_config.image_size).mul_(2.0).sub_(1.0).to(device)
         y = labels[idx].to(device)
         noise = torch.randn(x.shape, generator=generator).to(device)
-        t = torch.randint(0, model_config.num_train_timesteps, (x.shape[0],), generator=generator).to(device)
+        t = torch.randint(0, t_high, (x.shape[0],), generator=generator).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x + (1 - a).sqrt() * noise
         lr = train.learning_rate * min(1.0, (step + 1) / train.warmup_steps)

@@ -53,9 +53,10 @@ def test_checkpoints_resume_and_export(mini_pbc: Path, tmp_path: Path) -> None:
     assert state["step"] == 4 and ModelConfig.from_json(state["model_config"]) == TINY
     # The same command with a larger total continues from step 4, not from 0.
     second = train_diffusion(TrainConfig(mini_pbc, out, steps=6, batch_size=4, checkpoint_every=2,
-                                         warmup_steps=2), TINY)
+                                         warmup_steps=2, t_max=500), TINY)
     assert second["steps"] == 6
-    assert json.loads((out / STATE).read_text())["step"] == 6
+    state = json.loads((out / STATE).read_text())
+    assert state["step"] == 6 and state["train_config"]["t_max"] == "500"
     assert second["elapsed_s"] >= first["elapsed_s"]
     export_weights(out, tmp_path / "w" / "cytodiffusion.safetensors")
     with safe_open(str(tmp_path / "w" / "cytodiffusion.safetensors"), "pt") as fh:
@@ -78,6 +79,13 @@ def test_training_without_a_class(mini_pbc: Path, tmp_path: Path) -> None:
     with safe_open(str(tmp_path / "w.safetensors"), "pt") as fh:
         assert ModelConfig.from_json(fh.metadata()["model_config"]).class_names == known
         assert fh.get_tensor("class_embedding.weight").shape[0] == len(known)
+
+
+def test_bad_train_config_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="t_max"):
+        TrainConfig(tmp_path, tmp_path, t_max=0)
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(tmp_path, tmp_path, steps=0)
 
 
 def test_format_duration() -> None:
