@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from analysis.augment import augment
-from analysis.classes import CLASS_NAMES
+from analysis.classes import CLASS_NAMES, kept_classes
 from analysis.errors import CheckpointError
 from analysis.pbc import load_images, read_split
 
@@ -178,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exclude-class", action="append", default=[], choices=CLASS_NAMES,
                    metavar="CLASS", help="train without this class (leave-one-class-out; repeatable)")
     args = p.parse_args(argv)
-    kept = tuple(c for c in CLASS_NAMES if c not in args.exclude_class)
-    if len(kept) < 2:
-        p.error("at least two classes must be left to train on")
+    try:
+        kept = kept_classes(args.exclude_class)
+    except ValueError as exc:
+        p.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     torch.set_num_threads(args.threads)

@@ -23,3 +23,20 @@ class CellClassValues(str, enum.Enum):
 
 
 CLASS_NAMES: tuple[str, ...] = tuple(c.value for c in CellClassValues)
+
+
+def kept_classes(excluded: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The classes of a model trained without ``excluded`` (leave-one-class-out), in the fixed order.
+
+    Raises
+    ------
+    ValueError
+        If a name is not a class, or fewer than two classes would be left.
+    """
+    unknown = sorted(set(excluded) - set(CLASS_NAMES))
+    if unknown:
+        raise ValueError(f"unknown classes {unknown}; the classes are {', '.join(CLASS_NAMES)}")
+    kept = tuple(c for c in CLASS_NAMES if c not in excluded)
+    if len(kept) < 2:
+        raise ValueError("at least two classes must be left to train on")
+    return kept

@@ -14,21 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.classes import CLASS_NAMES
+from analysis.classes import CLASS_NAMES, kept_classes
 
 DEFAULT_PBC = Path("../shared/data/pbc")
 # ModelConfig's defaults, written out so that building the parser does not import
 # torch and diffusers (seconds); tests/analysis/test_evaluate.py checks they agree.
 DEFAULT_IMAGE_SIZE = 48
 DEFAULT_CHANNELS = (16, 32, 64, 128)
-
-
-def kept_classes(excluded: list[str]) -> tuple[str, ...]:
-    """The model's classes: all but ``excluded``, in the fixed order."""
-    kept = tuple(c for c in CLASS_NAMES if c not in excluded)
-    if len(kept) < 2:
-        raise SystemExit("cytonode: error: at least two classes must be left to train on")
-    return kept
 
 
 def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,6 +46,11 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    try:
+        classes = kept_classes(args.exclude_class)
+    except ValueError as exc:
+        sys.stderr.write(f"cytonode train: {exc}\n")
+        return 2
     from analysis.model import ModelConfig
     from analysis.train import TrainConfig, export_weights, train_diffusion
 
@@ -61,7 +58,7 @@ def run_train(args: argparse.Namespace) -> int:
     levels = len(channels)
     model_config = ModelConfig(image_size=args.image_size, block_out_channels=channels,
                                attention_levels=(levels - 1,),
-                               class_names=kept_classes(args.exclude_class))
+                               class_names=classes)
     train_config = TrainConfig(data_dir=args.data, out_dir=args.out, steps=args.steps,
                                batch_size=args.batch_size, learning_rate=args.lr,
                                device=args.device, bf16=args.bf16, threads=args.threads,

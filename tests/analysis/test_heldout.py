@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from analysis.baseline import BaselineCNN, BaselineConfig, save_baseline
-from analysis.classes import CLASS_NAMES
+from analysis.classes import CLASS_NAMES, kept_classes
 from analysis.classifier import (
     BASELINE_WEIGHTS,
     CALIBRATION,
@@ -90,6 +90,15 @@ def loco_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def test_kept_classes() -> None:
+    assert kept_classes(["erythroblast"]) == KNOWN
+    assert kept_classes([]) == CLASS_NAMES
+    with pytest.raises(ValueError, match="unknown classes"):
+        kept_classes(["blast"])
+    with pytest.raises(ValueError, match="at least two"):
+        kept_classes(list(CLASS_NAMES[1:]))
+
+
 def test_split_without_a_class() -> None:
     full = read_split(PBC, "train")
     kept = read_split(PBC, "train", KNOWN)
@@ -160,6 +169,6 @@ def test_evaluate_cli_heldout(loco_weights: Path) -> None:
 def test_train_cli_needs_two_classes(tmp_path: Path) -> None:
     excluded = [arg for c in CLASS_NAMES[1:] for arg in ("--exclude-class", c)]
     proc = _run("train", "--data", str(PBC), "--out", str(tmp_path / "run"), *excluded)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "at least two classes" in proc.stderr
     assert not (tmp_path / "run").exists()
