@@ -343,6 +343,8 @@ def evaluate_heldout(weights_dir: Path, data_dir: Path, heldout: str, config: Cl
     diffusion = {
         "known_test": _classification_metrics(p_known, known.labels, names),
         "anomaly_auroc_heldout_vs_known": auroc(p_novel.anomaly_score, p_known.anomaly_score),
+        # The same separation by the posterior's uncertainty (for the CNN the two scores are one).
+        "uncertainty_auroc_heldout_vs_known": auroc(p_novel.uncertainty, p_known.uncertainty),
         "heldout_flagged_abnormal": float(p_novel.abnormal.mean()),
         "known_flagged_abnormal": float(p_known.abnormal.mean()),
         "heldout_flagged_for_review": float(p_novel.review.mean()),

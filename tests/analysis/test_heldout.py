@@ -134,6 +134,7 @@ def test_heldout_evaluation_reports_both_models(loco_weights: Path) -> None:
         assert sum(part["heldout_labelled_as"].values()) == n
         assert set(part["heldout_labelled_as"]) == set(KNOWN)
         assert set(part["known_test"]["per_class_recall"]) == set(KNOWN)
+    assert 0.0 <= result["diffusion"]["uncertainty_auroc_heldout_vs_known"] <= 1.0
 
 
 def test_subset_weights_are_refused_where_all_classes_are_needed(loco_weights: Path) -> None:
