@@ -1,0 +1,103 @@
+"""How much of the diffusion anomaly score is image complexity? (PBC val, a held-out-class model)
+
+Scores val cells of the known classes and of the held-out class with a leave-one-class-out
+model (``cytonode train --exclude-class``) and prints the AUROC (held-out vs known) of the
+shipped anomaly z-score, its raw form, the uncertainty, the image complexity alone (PNG bits per
+pixel, Serra et al., ICLR 2020) and the raw score's residual after regressing it on complexity
+(fitted on the known cells only). Val only: nothing here looks at test cells.
+
+    .venv/bin/python bench/anomaly_complexity.py --weights analysis/weights/loco_erythroblast --heldout erythroblast
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def png_bits_per_pixel(images: np.ndarray) -> np.ndarray:
+    """Lossless PNG size of each ``uint8`` image in bits per pixel (a complexity measure)."""
+    out = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG", optimize=True)
+        out.append(8 * len(buffer.getvalue()) / (image.shape[0] * image.shape[1]))
+    return np.array(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", type=Path, required=True, help="folder of a held-out-class model")
+    p.add_argument("--heldout", required=True, help="the class the model was trained without")
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "pbc")
+    p.add_argument("--per-class", type=int, default=12, help="val cells per known class")
+    p.add_argument("--heldout-limit", type=int, default=48, help="val cells of the held-out class")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from analysis.classifier import DIFFUSION_WEIGHTS, diffusion_predictions, read_calibration
+    from analysis.classify import (
+        ClassifierConfig,
+        anomaly_raw,
+        error_deltas,
+        images_to_tensor,
+        load_diffusion,
+        score_cells,
+    )
+    from analysis.evaluate import stratified_rows
+    from analysis.pbc import load_images, read_split
+    from analysis.uncertainty import auroc
+
+    torch.set_num_threads(args.threads)
+    calibration = read_calibration(args.weights)
+    config = ClassifierConfig.from_calibration(dict(calibration["classifier_config"]))  # type: ignore[call-overload]
+    unet, model_config, _ = load_diffusion(args.weights / DIFFUSION_WEIGHTS)
+    if args.heldout in model_config.class_names:
+        p.error(f"{args.weights} was trained on {args.heldout}")
+    size = model_config.image_size
+    sets = {
+        "known": load_images(args.data, stratified_rows(
+            read_split(args.data, "val", model_config.class_names), args.per_class, args.seed), size),
+        "heldout": load_images(args.data, stratified_rows(
+            read_split(args.data, "val", (args.heldout,)), args.heldout_limit, args.seed), size),
+    }
+    reference = np.asarray(calibration["anomaly_reference"], dtype=np.float64)
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for name, data in sets.items():
+        s = score_cells(unet, model_config, images_to_tensor(data.images), config, generator)
+        pred = diffusion_predictions(s, calibration)
+        _, best = error_deltas(s.errors, s.error_scale)
+        scores[name] = {"z": pred.anomaly_score, "raw": anomaly_raw(s.errors, best, reference),
+                        "uncertainty": pred.uncertainty, "bpp": png_bits_per_pixel(data.images)}
+    k, h = scores["known"], scores["heldout"]
+    slope, intercept = np.polyfit(k["bpp"], k["raw"], 1)
+    rows = [
+        ("anomaly z-score (shipped)", auroc(h["z"], k["z"])),
+        ("raw anomaly score", auroc(h["raw"], k["raw"])),
+        ("uncertainty (entropy)", auroc(h["uncertainty"], k["uncertainty"])),
+        ("complexity alone, simpler = more anomalous", auroc(-h["bpp"], -k["bpp"])),
+        ("raw score minus its complexity fit", auroc(h["raw"] - slope * h["bpp"],
+                                                     k["raw"] - slope * k["bpp"])),
+    ]
+    print(f"val cells: {len(k['z'])} known, {len(h['z'])} {args.heldout}; "
+          f"corr(raw, bpp) on known = {np.corrcoef(k['raw'], k['bpp'])[0, 1]:.2f}; "
+          f"fit raw = {intercept:.3f} + {slope:.4f} * bpp")
+    for name, value in rows:
+        print(f"  AUROC {args.heldout} vs known, {name:45s} {value:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
