@@ -25,6 +25,13 @@ class CellClassValues(str, enum.Enum):
 CLASS_NAMES: tuple[str, ...] = tuple(c.value for c in CellClassValues)
 
 
+def check_class_names(names: list[str] | tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming every entry of ``names`` that is not a class."""
+    unknown = sorted(set(names) - set(CLASS_NAMES))
+    if unknown:
+        raise ValueError(f"unknown classes {unknown}; the classes are {', '.join(CLASS_NAMES)}")
+
+
 def kept_classes(excluded: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """The classes of a model trained without ``excluded`` (leave-one-class-out), in the fixed order.
 
@@ -33,9 +40,7 @@ def kept_classes(excluded: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     ValueError
         If a name is not a class, or fewer than two classes would be left.
     """
-    unknown = sorted(set(excluded) - set(CLASS_NAMES))
-    if unknown:
-        raise ValueError(f"unknown classes {unknown}; the classes are {', '.join(CLASS_NAMES)}")
+    check_class_names(excluded)
     kept = tuple(c for c in CLASS_NAMES if c not in excluded)
     if len(kept) < 2:
         raise ValueError("at least two classes must be left to train on")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis.baseline import load_baseline, predict_baseline
+from analysis.baseline import BaselineCNN, load_baseline, predict_baseline
 from analysis.classes import CLASS_NAMES
 from analysis.classifier import (
     BASELINE_WEIGHTS,
@@ -138,9 +138,7 @@ def calibrate(weights_dir: Path, data_dir: Path, config: ClassifierConfig, *, pe
     val = {"diffusion": _classification_metrics(diffusion_predictions(scores, calibration), labels,
                                                 names)}
     if (weights_dir / BASELINE_WEIGHTS).is_file():
-        cnn = load_baseline(weights_dir / BASELINE_WEIGHTS)
-        if cnn.config.class_names != names:
-            raise CheckpointError(f"{weights_dir}: the CNN and the diffusion model have different classes")
+        cnn = _load_cnn(weights_dir, names)
         cnn_rows = read_split(data_dir, "val", names)
         cnn_data = load_images(data_dir, cnn_rows, cnn.config.image_size)
         pc = predict_baseline(cnn, images_to_tensor(cnn_data.images)).numpy().astype(np.float64)
@@ -157,6 +155,20 @@ def calibrate(weights_dir: Path, data_dir: Path, config: ClassifierConfig, *, pe
     (weights_dir / CALIBRATION).write_text(json.dumps(calibration, indent=1) + "\n")
     return {"calibration": calibration, "val": val,
             "model": diffusion_metadata_summary(metadata)}
+
+
+def _positions(rows: list[tuple[str, int]], subset: list[tuple[str, int]]) -> np.ndarray:
+    """Indices of ``subset``'s rows in ``rows``."""
+    index = {row: i for i, row in enumerate(rows)}
+    return np.array([index[row] for row in subset], dtype=np.int64)
+
+
+def _load_cnn(weights_dir: Path, names: tuple[str, ...]) -> BaselineCNN:
+    """The CNN next to a diffusion model, which must know the same classes."""
+    cnn = load_baseline(weights_dir / BASELINE_WEIGHTS)
+    if cnn.config.class_names != names:
+        raise CheckpointError(f"{weights_dir}: the CNN and the diffusion model have different classes")
+    return cnn
 
 
 def _classification_metrics(pred: Predictions, labels: np.ndarray,
@@ -317,23 +329,24 @@ def evaluate_heldout(weights_dir: Path, data_dir: Path, heldout: str, config: Cl
         config = ClassifierConfig.from_calibration(dict(calibration["classifier_config"]))  # type: ignore[call-overload]
     unet, model_config, metadata = load_diffusion(weights_dir / DIFFUSION_WEIGHTS, config.device)
     names = model_config.class_names
-    if heldout not in CLASS_NAMES:
-        raise ValueError(f"unknown class {heldout!r}; the classes are {', '.join(CLASS_NAMES)}")
     if heldout in names:
         raise CheckpointError(f"{weights_dir} was trained on {heldout}: it is not held out")
     size = model_config.image_size
     known_all = read_split(data_dir, "test", names)
-    known_rows = stratified_rows(known_all, per_class, seed)
     novel_all = read_split(data_dir, "test", (heldout,))
-    novel_rows = stratified_rows(novel_all, heldout_limit, seed)
-    known = load_images(data_dir, known_rows, size)
-    novel = load_images(data_dir, novel_rows, size)
+    # Every test cell is read once: the diffusion model scores a subset, the CNN all of them.
+    known_data = load_images(data_dir, known_all, size)
+    novel_data = load_images(data_dir, novel_all, size)
+    same_known = _positions(known_all, stratified_rows(known_all, per_class, seed))
+    same_novel = _positions(novel_all, stratified_rows(novel_all, heldout_limit, seed))
+    known_images, known_labels = known_data.images[same_known], known_data.labels[same_known]
+    novel_images = novel_data.images[same_novel]
     generator = torch.Generator("cpu").manual_seed(seed)
     t0 = time.monotonic()
-    s_known = score_cells(unet, model_config, images_to_tensor(known.images), config, generator)
-    s_novel = score_cells(unet, model_config, images_to_tensor(novel.images), config, generator)
+    s_known = score_cells(unet, model_config, images_to_tensor(known_images), config, generator)
+    s_novel = score_cells(unet, model_config, images_to_tensor(novel_images), config, generator)
     wall = time.monotonic() - t0
-    log.info("heldout %s: %d + %d cells in %.0f s", heldout, len(known_rows), len(novel_rows), wall)
+    log.info("heldout %s: %d + %d cells in %.0f s", heldout, len(same_known), len(same_novel), wall)
     p_known = diffusion_predictions(s_known, calibration)
     p_novel = diffusion_predictions(s_novel, calibration)
 
@@ -341,7 +354,7 @@ def evaluate_heldout(weights_dir: Path, data_dir: Path, heldout: str, config: Cl
         return {name: int(np.sum(label == c)) for c, name in enumerate(names)}
 
     diffusion = {
-        "known_test": _classification_metrics(p_known, known.labels, names),
+        "known_test": _classification_metrics(p_known, known_labels, names),
         "anomaly_auroc_heldout_vs_known": auroc(p_novel.anomaly_score, p_known.anomaly_score),
         # The same separation by the posterior's uncertainty (for the CNN the two scores are one).
         "uncertainty_auroc_heldout_vs_known": auroc(p_novel.uncertainty, p_known.uncertainty),
@@ -349,18 +362,16 @@ def evaluate_heldout(weights_dir: Path, data_dir: Path, heldout: str, config: Cl
         "known_flagged_abnormal": float(p_known.abnormal.mean()),
         "heldout_flagged_for_review": float(p_novel.review.mean()),
         "heldout_labelled_as": labelled_as(p_novel.label),
-        "cells_per_s": (len(known_rows) + len(novel_rows)) / wall,
+        "cells_per_s": (len(same_known) + len(same_novel)) / wall,
     }
-    cnn_model = load_baseline(weights_dir / BASELINE_WEIGHTS)
-    if cnn_model.config.class_names != names:
-        raise CheckpointError(f"{weights_dir}: the CNN and the diffusion model have different classes")
-    c_known_data = load_images(data_dir, known_all, cnn_model.config.image_size)
-    c_novel_data = load_images(data_dir, novel_all, cnn_model.config.image_size)
+    cnn_model = _load_cnn(weights_dir, names)
+    c_known_data, c_novel_data = known_data, novel_data
+    if cnn_model.config.image_size != size:
+        c_known_data = load_images(data_dir, known_all, cnn_model.config.image_size)
+        c_novel_data = load_images(data_dir, novel_all, cnn_model.config.image_size)
     pk = predict_baseline(cnn_model, images_to_tensor(c_known_data.images)).numpy().astype(np.float64)
     pn = predict_baseline(cnn_model, images_to_tensor(c_novel_data.images)).numpy().astype(np.float64)
     c_known, c_novel = cnn_predictions(pk, calibration), cnn_predictions(pn, calibration)
-    same_known = [known_all.index(r) for r in known_rows]
-    same_novel = [novel_all.index(r) for r in novel_rows]
     cnn = {
         "known_test": _classification_metrics(c_known, c_known_data.labels, names),
         "anomaly_auroc_heldout_vs_known": auroc(c_novel.anomaly_score, c_known.anomaly_score),
@@ -376,8 +387,8 @@ def evaluate_heldout(weights_dir: Path, data_dir: Path, heldout: str, config: Cl
         "heldout_class": heldout,
         "classes": list(names),
         "classifier_config": config.to_dict(),
-        "data": {"known_test_cells_diffusion": len(known_rows), "heldout_test_cells_diffusion":
-                 len(novel_rows), "known_test_cells_cnn": len(known_all),
+        "data": {"known_test_cells_diffusion": len(same_known), "heldout_test_cells_diffusion":
+                 len(same_novel), "known_test_cells_cnn": len(known_all),
                  "heldout_test_cells_cnn": len(novel_all), "per_class": per_class, "seed": seed},
         "diffusion": diffusion,
         "cnn": cnn,

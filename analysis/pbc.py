@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from analysis.classes import CLASS_NAMES
+from analysis.classes import CLASS_NAMES, check_class_names
 from analysis.errors import DatasetError
 
 SPLITS = ("train", "val", "test")
@@ -36,9 +36,7 @@ def read_split(root: Path, split: str, classes: tuple[str, ...] = CLASS_NAMES
         ``classes``, and rows of any other class are left out (a model trained
         without one class, for leave-one-class-out, passes its own list).
     """
-    unknown = sorted(set(classes) - set(CLASS_NAMES))
-    if unknown:
-        raise ValueError(f"unknown classes {unknown}; the classes are {', '.join(CLASS_NAMES)}")
+    check_class_names(classes)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     table = root / "splits.csv"

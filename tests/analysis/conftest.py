@@ -1,10 +1,11 @@
-"""Real-data fixtures for the slide reader and the white-cell finder."""
+"""Real-data fixtures for the slide reader and the white-cell finder, and a tiny diffusion model."""
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,3 +69,35 @@ def field_boxes(bccd: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def sample_fields() -> tuple[int, ...]:
     return SAMPLE_FIELDS
+
+
+def write_tiny_diffusion(folder: Path, config, images: np.ndarray, labels: np.ndarray,  # type: ignore[no-untyped-def]
+                         steps: int) -> None:
+    """Train a diffusion model of ``config`` ``steps`` steps on ``images`` (seed 0) and write its
+    weights as ``folder/cytodiffusion.safetensors``, the way :func:`analysis.train.export_weights` does."""
+    import torch
+    from safetensors.torch import save_file
+
+    from analysis.classifier import DIFFUSION_WEIGHTS
+    from analysis.classify import images_to_tensor
+    from analysis.model import build_scheduler, build_unet
+
+    torch.manual_seed(0)
+    g = torch.Generator("cpu").manual_seed(0)
+    x0 = images_to_tensor(images)
+    y = torch.from_numpy(labels)
+    unet = build_unet(config)
+    alphas = build_scheduler(config).alphas_cumprod
+    opt = torch.optim.Adam(unet.parameters(), lr=5e-3)
+    for _ in range(steps):
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, config.num_train_timesteps, (x0.shape[0],), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        loss = torch.nn.functional.mse_loss(
+            unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, class_labels=y).sample, noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()},
+              str(folder / DIFFUSION_WEIGHTS),
+              metadata={"model_config": config.to_json(), "step": str(steps), "elapsed_s": "1"})

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from analysis.classes import CLASS_NAMES
 from analysis.classifier import CALIBRATION, DIFFUSION_WEIGHTS, DiffusionClassifier
@@ -27,8 +26,9 @@ from analysis.classify import (
 from analysis.evaluate import calibrate
 from analysis.framing import frame_image
 from analysis.heatmap import counterfactual_heatmap, overlay_png
-from analysis.model import ModelConfig, build_scheduler, build_unet
+from analysis.model import ModelConfig
 from analysis.pbc import load_images, read_split
+from tests.analysis.conftest import write_tiny_diffusion
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data"
@@ -57,27 +57,9 @@ def _few_rows(split: str, per_class: int) -> list[tuple[str, int]]:
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny diffusion model trained 30 steps on 8 PBC train cells, with a calibration."""
-    torch.manual_seed(0)
-    g = torch.Generator("cpu").manual_seed(0)
     data = load_images(PBC, _few_rows("train", 1), TINY.image_size)
-    x0 = images_to_tensor(data.images)
-    y = torch.from_numpy(data.labels)
-    unet = build_unet(TINY)
-    alphas = build_scheduler(TINY).alphas_cumprod
-    opt = torch.optim.Adam(unet.parameters(), lr=5e-3)
-    for _ in range(30):
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, TINY.num_train_timesteps, (x0.shape[0],), generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        loss = torch.nn.functional.mse_loss(
-            unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, class_labels=y).sample, noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
     folder = tmp_path_factory.mktemp("weights")
-    tensors = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
-    save_file(tensors, str(folder / DIFFUSION_WEIGHTS),
-              metadata={"model_config": TINY.to_json(), "step": "30", "elapsed_s": "1"})
+    write_tiny_diffusion(folder, TINY, data.images, data.labels, steps=30)
     calibrate(folder, PBC, CONFIG, per_class=1, seed=0)
     return folder
 

@@ -13,22 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from analysis.baseline import BaselineCNN, BaselineConfig, save_baseline
 from analysis.classes import CLASS_NAMES, kept_classes
 from analysis.classifier import (
     BASELINE_WEIGHTS,
     CALIBRATION,
-    DIFFUSION_WEIGHTS,
     BaselineClassifier,
     DiffusionClassifier,
 )
 from analysis.classify import ClassifierConfig, images_to_tensor
 from analysis.errors import CheckpointError
 from analysis.evaluate import calibrate, evaluate, evaluate_heldout
-from analysis.model import ModelConfig, build_scheduler, build_unet
+from analysis.model import ModelConfig
 from analysis.pbc import load_images, read_split
+from tests.analysis.conftest import write_tiny_diffusion
 
 ROOT = Path(__file__).resolve().parents[2]
 PBC = ROOT.parent / "shared" / "data" / "pbc"
@@ -56,27 +55,11 @@ def _one_per_class(split: str) -> list[tuple[str, int]]:
 @pytest.fixture(scope="module")
 def loco_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Diffusion model and CNN trained a few steps on one cell of each known class, calibrated."""
-    torch.manual_seed(0)
-    g = torch.Generator("cpu").manual_seed(0)
     data = load_images(PBC, _one_per_class("train"), TINY.image_size)
+    folder = tmp_path_factory.mktemp("loco")
+    write_tiny_diffusion(folder, TINY, data.images, data.labels, steps=20)
     x0 = images_to_tensor(data.images)
     y = torch.from_numpy(data.labels)
-    unet = build_unet(TINY)
-    alphas = build_scheduler(TINY).alphas_cumprod
-    opt = torch.optim.Adam(unet.parameters(), lr=5e-3)
-    for _ in range(20):
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, TINY.num_train_timesteps, (x0.shape[0],), generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        loss = torch.nn.functional.mse_loss(
-            unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, class_labels=y).sample, noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    folder = tmp_path_factory.mktemp("loco")
-    save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()},
-              str(folder / DIFFUSION_WEIGHTS),
-              metadata={"model_config": TINY.to_json(), "step": "20", "elapsed_s": "1"})
     cnn = BaselineCNN(BaselineConfig(image_size=32, channels=(8, 16), class_names=KNOWN))
     cnn_opt = torch.optim.Adam(cnn.parameters(), lr=1e-2)
     for _ in range(10):
