@@ -171,6 +171,11 @@ def _load_cnn(weights_dir: Path, names: tuple[str, ...]) -> BaselineCNN:
     return cnn
 
 
+def _labelled_as(label: np.ndarray, names: tuple[str, ...]) -> dict[str, int]:
+    """How many cells got each class label."""
+    return {name: int(np.sum(label == c)) for c, name in enumerate(names)}
+
+
 def _classification_metrics(pred: Predictions, labels: np.ndarray,
                             names: tuple[str, ...] = CLASS_NAMES) -> dict[str, object]:
     correct = pred.label == labels
@@ -245,7 +250,12 @@ def evaluate(weights_dir: Path, data_dir: Path, aml_dir: Path, config: Classifie
     p_neut = diffusion_predictions(s_neut, calibration)
     diffusion["anomaly_auroc_aml_blasts_vs_pbc_test"] = auroc(p_blast.anomaly_score,
                                                              pred.anomaly_score)
+    # The same separation by the posterior's uncertainty (for the CNN the two scores are one).
+    diffusion["uncertainty_auroc_aml_blasts_vs_pbc_test"] = auroc(p_blast.uncertainty,
+                                                                 pred.uncertainty)
     diffusion["aml_blasts_flagged_abnormal"] = float(p_blast.abnormal.mean())
+    diffusion["aml_blasts_flagged_for_review"] = float(p_blast.review.mean())
+    diffusion["aml_blasts_labelled_as"] = _labelled_as(p_blast.label, CLASS_NAMES)
     diffusion["pbc_test_flagged_abnormal"] = float(pred.abnormal.mean())
     diffusion["domain_shift_aml_neutrophil_accuracy"] = float(np.mean(p_neut.label == neutrophil))
 
@@ -287,6 +297,8 @@ def evaluate(weights_dir: Path, data_dir: Path, aml_dir: Path, config: Classifie
         "anomaly_auroc_aml_blasts_vs_pbc_test_same_cells": auroc(c_blast.anomaly_score,
                                                                  cnn_sub.anomaly_score),
         "aml_blasts_flagged_abnormal": float(c_blast.abnormal.mean()),
+        "aml_blasts_flagged_for_review": float(c_blast.review.mean()),
+        "aml_blasts_labelled_as": _labelled_as(c_blast.label, CLASS_NAMES),
         "pbc_test_flagged_abnormal": float(c_pred.abnormal.mean()),
         "domain_shift_aml_neutrophil_accuracy": float(np.mean(c_neut.label == neutrophil)),
         "throughput": {"cells": len(test_rows_all), "cells_per_s": len(test_rows_all) / wall_c,
@@ -350,9 +362,6 @@ def evaluate_heldout(weights_dir: Path, data_dir: Path, heldout: str, config: Cl
     p_known = diffusion_predictions(s_known, calibration)
     p_novel = diffusion_predictions(s_novel, calibration)
 
-    def labelled_as(label: np.ndarray) -> dict[str, int]:
-        return {name: int(np.sum(label == c)) for c, name in enumerate(names)}
-
     diffusion = {
         "known_test": _classification_metrics(p_known, known_labels, names),
         "anomaly_auroc_heldout_vs_known": auroc(p_novel.anomaly_score, p_known.anomaly_score),
@@ -361,7 +370,7 @@ def evaluate_heldout(weights_dir: Path, data_dir: Path, heldout: str, config: Cl
         "heldout_flagged_abnormal": float(p_novel.abnormal.mean()),
         "known_flagged_abnormal": float(p_known.abnormal.mean()),
         "heldout_flagged_for_review": float(p_novel.review.mean()),
-        "heldout_labelled_as": labelled_as(p_novel.label),
+        "heldout_labelled_as": _labelled_as(p_novel.label, names),
         "cells_per_s": (len(same_known) + len(same_novel)) / wall,
     }
     cnn_model = _load_cnn(weights_dir, names)
@@ -380,7 +389,7 @@ def evaluate_heldout(weights_dir: Path, data_dir: Path, heldout: str, config: Cl
         "heldout_flagged_abnormal": float(c_novel.abnormal.mean()),
         "known_flagged_abnormal": float(c_known.abnormal.mean()),
         "heldout_flagged_for_review": float(c_novel.review.mean()),
-        "heldout_labelled_as": labelled_as(c_novel.label),
+        "heldout_labelled_as": _labelled_as(c_novel.label, names),
     }
     return {
         "model": diffusion_metadata_summary(metadata),

@@ -44,10 +44,12 @@ def collect(weights: Path, data: Path, per_class: int, out: Path, threads: int) 
     x = images_to_tensor(cells.images)
     parts, start = [], time.monotonic()
     for s in range(0, len(x), 8):
-        parts.append(score_cells(unet, model_config, x[s:s + 8], config, generator, adaptive=False).errors)
+        scores = score_cells(unet, model_config, x[s:s + 8], config, generator, adaptive=False)
+        parts.append(scores.errors)
         print(f"scored {min(len(x), s + 8)}/{len(x)} val cells in {time.monotonic() - start:.0f} s",
               file=sys.stderr, flush=True)
-    np.savez(out, errors=np.concatenate(parts), labels=cells.labels, step=meta.get("step", ""))
+    np.savez(out, errors=np.concatenate(parts), labels=cells.labels, step=meta.get("step", ""),
+             timesteps=scores.timesteps)
 
 
 def replay(errors: np.ndarray, labels: np.ndarray, scale: str, round_size: int, min_samples: int,
@@ -99,6 +101,20 @@ def main(argv: list[str] | None = None) -> int:
         pred = np.argmin(e.mean(2), 1)
         bal = np.mean([np.mean(pred[labels == k] == k) for k in range(c) if np.any(labels == k)])
         print(f"  exhaustive {scale:6s}: balanced accuracy {bal:.3f}")
+    # Which part of the timestep grid carries the class: exhaustive accuracy on the grid
+    # timesteps below each cut, and on each quarter of the grid alone (log scale).
+    grid = d["timesteps"] if "timesteps" in d.files else (np.arange(t) + 0.5) * (500 / t)
+    e = np.log(errors)
+    for cut in (125, 250, 375, 500):
+        keep = grid < cut
+        pred = np.argmin(e[:, :, keep].mean(2), 1)
+        bal = np.mean([np.mean(pred[labels == k] == k) for k in range(c) if np.any(labels == k)])
+        print(f"  exhaustive log, t < {cut}: balanced accuracy {bal:.3f} ({keep.sum()} timesteps)")
+    for lo in range(0, 500, 125):
+        keep = (grid >= lo) & (grid < lo + 125)
+        pred = np.argmin(e[:, :, keep].mean(2), 1)
+        bal = np.mean([np.mean(pred[labels == k] == k) for k in range(c) if np.any(labels == k)])
+        print(f"  exhaustive log, {lo} <= t < {lo + 125} only: balanced accuracy {bal:.3f}")
     for scale, rs, ms, a in SETTINGS:
         bal, ev = replay(errors, labels, scale, rs, ms, a)
         print(f"  adaptive {scale:6s} round {rs} min {ms} alpha {a:<4}: balanced accuracy {bal:.3f}, "

@@ -101,3 +101,27 @@ def write_tiny_diffusion(folder: Path, config, images: np.ndarray, labels: np.nd
     save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()},
               str(folder / DIFFUSION_WEIGHTS),
               metadata={"model_config": config.to_json(), "step": str(steps), "elapsed_s": "1"})
+
+
+def write_tiny_cnn(folder: Path, class_names: tuple[str, ...], images: np.ndarray,
+                   labels: np.ndarray, steps: int) -> None:
+    """Train a small CNN (32 px) ``steps`` steps on ``images`` (seed 0) and write it as
+    ``folder/baseline_cnn.safetensors``, the way :mod:`analysis.baseline` does."""
+    import torch
+
+    from analysis.baseline import BaselineCNN, BaselineConfig, save_baseline
+    from analysis.classifier import BASELINE_WEIGHTS
+    from analysis.classify import images_to_tensor
+
+    torch.manual_seed(0)
+    x0 = images_to_tensor(images)
+    y = torch.from_numpy(labels)
+    cnn = BaselineCNN(BaselineConfig(image_size=32, channels=(8, 16), class_names=class_names))
+    opt = torch.optim.Adam(cnn.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(cnn(x0), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    cnn.eval()
+    save_baseline(cnn, folder / BASELINE_WEIGHTS, {"steps": str(steps)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,11 +29,12 @@ from analysis.framing import frame_image
 from analysis.heatmap import counterfactual_heatmap, overlay_png
 from analysis.model import ModelConfig
 from analysis.pbc import load_images, read_split
-from tests.analysis.conftest import write_tiny_diffusion
+from tests.analysis.conftest import write_tiny_cnn, write_tiny_diffusion
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data"
 PBC = DATA / "pbc"
+AML = DATA / "aml_dev"
 CYTONODE = Path(sys.executable).parent / "cytonode"
 
 pytestmark = pytest.mark.skipif(not (PBC / "splits.csv").is_file(),
@@ -162,7 +164,7 @@ def test_calibration_file(tiny_weights: Path) -> None:
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(CYTONODE), *args], check=False, capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+                          cwd=ROOT, timeout=300)
 
 
 def test_classify_cli_json_contract(tiny_weights: Path, tmp_path: Path) -> None:
@@ -205,6 +207,49 @@ def test_classify_cli_bad_input(tiny_weights: Path, tmp_path: Path) -> None:
     proc = _run("classify", str(broken), "--json", "--weights", str(tiny_weights))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
 
+
+
+def test_evaluate_cli_reports_both_models(tiny_weights: Path, tmp_path: Path) -> None:
+    """``cytonode evaluate --json``, the command behind the model card's table, end to end on real
+    PBC test cells and aml_dev images (a tiny diffusion model and a tiny CNN)."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    shutil.copy(tiny_weights / DIFFUSION_WEIGHTS, folder / DIFFUSION_WEIGHTS)
+    data = load_images(PBC, _few_rows("train", 1), TINY.image_size)
+    write_tiny_cnn(folder, CLASS_NAMES, data.images, data.labels, steps=10)
+    calibrate(folder, PBC, CONFIG, per_class=1, seed=0)
+    arrays = tmp_path / "eval.npz"
+    proc = _run("evaluate", "--json", "--weights", str(folder), "--data", str(PBC),
+                "--aml", str(AML), "--per-class", "1", "--exhaustive-per-class", "1",
+                "--aml-limit", "3", "--threads", "1", "--arrays-out", str(arrays))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    n_test = len(read_split(PBC, "test"))
+    assert result["data"]["pbc_test_cells_diffusion"] == len(CLASS_NAMES)
+    assert result["data"]["pbc_test_cells_cnn"] == n_test
+    assert result["data"]["aml_blasts"] == result["data"]["aml_neutrophils"] == 3
+    for name in ("diffusion", "cnn"):
+        part = result[name]
+        test = part["pbc_test"]
+        assert set(test["per_class_recall"]) == set(CLASS_NAMES)
+        for key in ("balanced_accuracy", "ece", "aurc"):
+            assert 0.0 <= test[key] <= 1.0
+        assert 0.0 <= part["anomaly_auroc_aml_blasts_vs_pbc_test"] <= 1.0
+        assert 0.0 <= part["domain_shift_aml_neutrophil_accuracy"] <= 1.0
+        assert set(part["aml_blasts_labelled_as"]) == set(CLASS_NAMES)
+        assert sum(part["aml_blasts_labelled_as"].values()) == 3
+        assert 0.0 <= part["aml_blasts_flagged_for_review"] <= 1.0
+    assert 0.0 <= result["diffusion"]["uncertainty_auroc_aml_blasts_vs_pbc_test"] <= 1.0
+    # Exhaustive: every class on every grid timestep; the adaptive run can only spend less.
+    exhaustive = result["diffusion"]["exhaustive"]
+    assert exhaustive["cells"] == len(CLASS_NAMES)
+    assert exhaustive["unet_evals_per_cell"] == len(CLASS_NAMES) * T
+    assert exhaustive["adaptive_unet_evals_per_cell_same_cells"] <= len(CLASS_NAMES) * T
+    assert result["diffusion"]["throughput"]["cells_per_s"] > 0
+    saved = np.load(arrays)
+    assert saved["d_prob"].shape == (len(CLASS_NAMES), len(CLASS_NAMES))
+    assert saved["c_prob"].shape == (n_test, len(CLASS_NAMES))
+    assert saved["d_anom_blast"].shape == saved["c_anom_blast"].shape == (3,)
 
 SHIPPED = ROOT / "analysis" / "weights"
 # The shipped model is still training (see analysis/MODEL_CARD.md; step 6000: PBC val balanced

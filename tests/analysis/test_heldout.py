@@ -14,20 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.baseline import BaselineCNN, BaselineConfig, save_baseline
 from analysis.classes import CLASS_NAMES, kept_classes
-from analysis.classifier import (
-    BASELINE_WEIGHTS,
-    CALIBRATION,
-    BaselineClassifier,
-    DiffusionClassifier,
-)
-from analysis.classify import ClassifierConfig, images_to_tensor
+from analysis.classifier import CALIBRATION, BaselineClassifier, DiffusionClassifier
+from analysis.classify import ClassifierConfig
 from analysis.errors import CheckpointError
 from analysis.evaluate import calibrate, evaluate, evaluate_heldout
 from analysis.model import ModelConfig
 from analysis.pbc import load_images, read_split
-from tests.analysis.conftest import write_tiny_diffusion
+from tests.analysis.conftest import write_tiny_cnn, write_tiny_diffusion
 
 ROOT = Path(__file__).resolve().parents[2]
 PBC = ROOT.parent / "shared" / "data" / "pbc"
@@ -58,17 +52,7 @@ def loco_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = load_images(PBC, _one_per_class("train"), TINY.image_size)
     folder = tmp_path_factory.mktemp("loco")
     write_tiny_diffusion(folder, TINY, data.images, data.labels, steps=20)
-    x0 = images_to_tensor(data.images)
-    y = torch.from_numpy(data.labels)
-    cnn = BaselineCNN(BaselineConfig(image_size=32, channels=(8, 16), class_names=KNOWN))
-    cnn_opt = torch.optim.Adam(cnn.parameters(), lr=1e-2)
-    for _ in range(10):
-        cnn_loss = torch.nn.functional.cross_entropy(cnn(x0), y)
-        cnn_opt.zero_grad()
-        cnn_loss.backward()
-        cnn_opt.step()
-    cnn.eval()
-    save_baseline(cnn, folder / BASELINE_WEIGHTS, {"steps": "10"})
+    write_tiny_cnn(folder, KNOWN, data.images, data.labels, steps=10)
     calibrate(folder, PBC, CONFIG, per_class=1, seed=0)
     return folder
 
