@@ -7,6 +7,7 @@ balanced accuracy and UNet evaluations per cell. This is how ``error_scale="log"
 ``alpha=0.1`` were chosen (on val only; test is for ``cytonode evaluate``).
 
     .venv/bin/python bench/adaptive_replay.py --weights W.safetensors --errors val.npz [--per-class 12]
+    .venv/bin/python bench/adaptive_replay.py --errors val.npz --replay-t-min 125   (reuse the errors)
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "pbc")
     parser.add_argument("--per-class", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--replay-t-min", type=int, default=0,
+                        help="replay the adaptive settings on the grid timesteps >= this only")
     args = parser.parse_args(argv)
     if args.weights is not None:
         collect(args.weights, args.data, args.per_class, args.errors, args.threads)
@@ -110,11 +113,26 @@ def main(argv: list[str] | None = None) -> int:
         pred = np.argmin(e[:, :, keep].mean(2), 1)
         bal = np.mean([np.mean(pred[labels == k] == k) for k in range(c) if np.any(labels == k)])
         print(f"  exhaustive log, t < {cut}: balanced accuracy {bal:.3f} ({keep.sum()} timesteps)")
+    for cut in (62, 125, 187, 250):
+        keep = grid >= cut
+        pred = np.argmin(e[:, :, keep].mean(2), 1)
+        bal = np.mean([np.mean(pred[labels == k] == k) for k in range(c) if np.any(labels == k)])
+        print(f"  exhaustive log, t >= {cut}: balanced accuracy {bal:.3f} ({keep.sum()} timesteps)")
+    # Is accuracy still rising with the number of timesteps (noise-limited) or flat (model-limited)?
+    for every in (8, 4, 2, 1):
+        pred = np.argmin(e[:, :, ::every].mean(2), 1)
+        bal = np.mean([np.mean(pred[labels == k] == k) for k in range(c) if np.any(labels == k)])
+        print(f"  exhaustive log, every {every} grid timestep(s) ({len(grid[::every])} timesteps): "
+              f"balanced accuracy {bal:.3f}")
     for lo in range(0, 500, 125):
         keep = (grid >= lo) & (grid < lo + 125)
         pred = np.argmin(e[:, :, keep].mean(2), 1)
         bal = np.mean([np.mean(pred[labels == k] == k) for k in range(c) if np.any(labels == k)])
         print(f"  exhaustive log, {lo} <= t < {lo + 125} only: balanced accuracy {bal:.3f}")
+    if args.replay_t_min:
+        errors = errors[:, :, grid >= args.replay_t_min]
+        c, t = errors.shape[1:]
+        print(f"adaptive replays on the {t} grid timesteps >= {args.replay_t_min}:")
     for scale, rs, ms, a in SETTINGS:
         bal, ev = replay(errors, labels, scale, rs, ms, a)
         print(f"  adaptive {scale:6s} round {rs} min {ms} alpha {a:<4}: balanced accuracy {bal:.3f}, "
