@@ -226,7 +226,10 @@ def evaluate(weights_dir: Path, data_dir: Path, aml_dir: Path, config: Classifie
     size = model_config.image_size
     test_rows_all = read_split(data_dir, "test")
     rows = stratified_rows(test_rows_all, per_class, seed)
-    data = load_images(data_dir, rows, size)
+    # Every test cell is read once: the diffusion model scores a subset, the CNN all of them.
+    test_all = load_images(data_dir, test_rows_all, size)
+    same = _positions(test_rows_all, rows)
+    data = test_all.take(same)
     blasts = load_folder(aml_dir / AML_BLASTS, size, aml_limit)
     neutro = load_folder(aml_dir / AML_NEUTROPHILS, size, aml_limit)
     neutrophil = CLASS_NAMES.index("neutrophil")
@@ -280,12 +283,14 @@ def evaluate(weights_dir: Path, data_dir: Path, aml_dir: Path, config: Classifie
 
     # CNN baseline: the whole test split, the same aml_dev images.
     cnn_model = load_baseline(weights_dir / BASELINE_WEIGHTS)
-    cnn_data = load_images(data_dir, test_rows_all, cnn_model.config.image_size)
+    cnn_data = test_all
+    if cnn_model.config.image_size != size:
+        cnn_data = load_images(data_dir, test_rows_all, cnn_model.config.image_size)
     t0 = time.monotonic()
     pc = predict_baseline(cnn_model, images_to_tensor(cnn_data.images)).numpy().astype(np.float64)
     wall_c = time.monotonic() - t0
     c_pred = cnn_predictions(pc, calibration)
-    cnn_sub = cnn_predictions(pc[[test_rows_all.index(r) for r in rows]], calibration)
+    cnn_sub = cnn_predictions(pc[same], calibration)
     c_blast = cnn_predictions(predict_baseline(cnn_model, images_to_tensor(blasts)).numpy()
                               .astype(np.float64), calibration)
     c_neut = cnn_predictions(predict_baseline(cnn_model, images_to_tensor(neutro)).numpy()
@@ -351,19 +356,18 @@ def evaluate_heldout(weights_dir: Path, data_dir: Path, heldout: str, config: Cl
     novel_data = load_images(data_dir, novel_all, size)
     same_known = _positions(known_all, stratified_rows(known_all, per_class, seed))
     same_novel = _positions(novel_all, stratified_rows(novel_all, heldout_limit, seed))
-    known_images, known_labels = known_data.images[same_known], known_data.labels[same_known]
-    novel_images = novel_data.images[same_novel]
+    known, novel = known_data.take(same_known), novel_data.take(same_novel)
     generator = torch.Generator("cpu").manual_seed(seed)
     t0 = time.monotonic()
-    s_known = score_cells(unet, model_config, images_to_tensor(known_images), config, generator)
-    s_novel = score_cells(unet, model_config, images_to_tensor(novel_images), config, generator)
+    s_known = score_cells(unet, model_config, images_to_tensor(known.images), config, generator)
+    s_novel = score_cells(unet, model_config, images_to_tensor(novel.images), config, generator)
     wall = time.monotonic() - t0
     log.info("heldout %s: %d + %d cells in %.0f s", heldout, len(same_known), len(same_novel), wall)
     p_known = diffusion_predictions(s_known, calibration)
     p_novel = diffusion_predictions(s_novel, calibration)
 
     diffusion = {
-        "known_test": _classification_metrics(p_known, known_labels, names),
+        "known_test": _classification_metrics(p_known, known.labels, names),
         "anomaly_auroc_heldout_vs_known": auroc(p_novel.anomaly_score, p_known.anomaly_score),
         # The same separation by the posterior's uncertainty (for the CNN the two scores are one).
         "uncertainty_auroc_heldout_vs_known": auroc(p_novel.uncertainty, p_known.uncertainty),

@@ -24,6 +24,11 @@ class LabelledImages:
     labels: np.ndarray
     paths: tuple[str, ...]
 
+    def take(self, index: np.ndarray) -> LabelledImages:
+        """The images at ``index``, in that order."""
+        return LabelledImages(self.images[index], self.labels[index],
+                              tuple(self.paths[i] for i in index))
+
 
 def read_split(root: Path, split: str, classes: tuple[str, ...] = CLASS_NAMES
                ) -> list[tuple[str, int]]:

@@ -40,7 +40,7 @@ def collect(weights: Path, data: Path, per_class: int, out: Path, threads: int) 
     unet, model_config, meta = load_diffusion(weights)
     rows = stratified_rows(read_split(data, "val"), per_class, seed=1)
     cells = load_images(data, rows, model_config.image_size)
-    config = ClassifierConfig(n_timesteps=32)
+    config = ClassifierConfig(n_timesteps=32, t_min=0)  # the whole range the model trained on
     generator = torch.Generator().manual_seed(0)
     x = images_to_tensor(cells.images)
     parts, start = [], time.monotonic()
@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay-t-min", type=int, default=0,
                         help="replay the adaptive settings on the grid timesteps >= this only")
     args = parser.parse_args(argv)
+    from analysis.classify import ClassifierConfig, timestep_grid
+    from analysis.uncertainty import balanced_accuracy
+
     if args.weights is not None:
         collect(args.weights, args.data, args.per_class, args.errors, args.threads)
     d = np.load(args.errors)
@@ -101,34 +104,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{n} val cells, weights step {d['step']}; exhaustive: {c * t} UNet evaluations per cell")
     for scale in ("linear", "log"):
         e = np.log(errors) if scale == "log" else errors
-        pred = np.argmin(e.mean(2), 1)
-        bal = np.mean([np.mean(pred[labels == k] == k) for k in range(c) if np.any(labels == k)])
+        bal = balanced_accuracy(labels, np.argmin(e.mean(2), 1), c)
         print(f"  exhaustive {scale:6s}: balanced accuracy {bal:.3f}")
     # Which part of the timestep grid carries the class: exhaustive accuracy on the grid
     # timesteps below each cut, and on each quarter of the grid alone (log scale).
-    grid = d["timesteps"] if "timesteps" in d.files else (np.arange(t) + 0.5) * (500 / t)
+    # Files from before the timesteps were saved hold the grid of [0, 500).
+    grid = (d["timesteps"] if "timesteps" in d.files
+            else timestep_grid(ClassifierConfig(n_timesteps=t, t_min=0, t_max=500)).numpy())
     e = np.log(errors)
+
+    def exhaustive(keep: np.ndarray | slice) -> float:
+        """Balanced accuracy of the exhaustive log procedure on the grid timesteps ``keep``."""
+        return balanced_accuracy(labels, np.argmin(e[:, :, keep].mean(2), 1), c)
+
     for cut in (125, 250, 375, 500):
         keep = grid < cut
-        pred = np.argmin(e[:, :, keep].mean(2), 1)
-        bal = np.mean([np.mean(pred[labels == k] == k) for k in range(c) if np.any(labels == k)])
-        print(f"  exhaustive log, t < {cut}: balanced accuracy {bal:.3f} ({keep.sum()} timesteps)")
+        print(f"  exhaustive log, t < {cut}: balanced accuracy {exhaustive(keep):.3f} "
+              f"({keep.sum()} timesteps)")
     for cut in (62, 125, 187, 250):
         keep = grid >= cut
-        pred = np.argmin(e[:, :, keep].mean(2), 1)
-        bal = np.mean([np.mean(pred[labels == k] == k) for k in range(c) if np.any(labels == k)])
-        print(f"  exhaustive log, t >= {cut}: balanced accuracy {bal:.3f} ({keep.sum()} timesteps)")
+        print(f"  exhaustive log, t >= {cut}: balanced accuracy {exhaustive(keep):.3f} "
+              f"({keep.sum()} timesteps)")
     # Is accuracy still rising with the number of timesteps (noise-limited) or flat (model-limited)?
     for every in (8, 4, 2, 1):
-        pred = np.argmin(e[:, :, ::every].mean(2), 1)
-        bal = np.mean([np.mean(pred[labels == k] == k) for k in range(c) if np.any(labels == k)])
         print(f"  exhaustive log, every {every} grid timestep(s) ({len(grid[::every])} timesteps): "
-              f"balanced accuracy {bal:.3f}")
+              f"balanced accuracy {exhaustive(slice(None, None, every)):.3f}")
     for lo in range(0, 500, 125):
         keep = (grid >= lo) & (grid < lo + 125)
-        pred = np.argmin(e[:, :, keep].mean(2), 1)
-        bal = np.mean([np.mean(pred[labels == k] == k) for k in range(c) if np.any(labels == k)])
-        print(f"  exhaustive log, {lo} <= t < {lo + 125} only: balanced accuracy {bal:.3f}")
+        print(f"  exhaustive log, {lo} <= t < {lo + 125} only: balanced accuracy {exhaustive(keep):.3f}")
     if args.replay_t_min:
         errors = errors[:, :, grid >= args.replay_t_min]
         c, t = errors.shape[1:]

@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             part[:, :, ~keep] = np.nan
             with warnings.catch_warnings():  # a cell that never reached this part: NaN
                 warnings.simplefilter("ignore", RuntimeWarning)
-                scores[name][f"raw t {lo}-{hi}"] = np.array(
-                    [np.nanmean(np.log(part[i, best[i]] / reference)) for i in range(len(best))])
+                scores[name][f"raw t {lo}-{hi}"] = anomaly_raw(part, best, reference)
     k, h = scores["known"], scores["heldout"]
     slope, intercept = np.polyfit(k["bpp"], k["raw"], 1)
     rows = [

@@ -208,7 +208,6 @@ def test_classify_cli_bad_input(tiny_weights: Path, tmp_path: Path) -> None:
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
 
 
-
 def test_evaluate_cli_reports_both_models(tiny_weights: Path, tmp_path: Path) -> None:
     """``cytonode evaluate --json``, the command behind the model card's table, end to end on real
     PBC test cells and aml_dev images (a tiny diffusion model and a tiny CNN)."""
@@ -250,6 +249,7 @@ def test_evaluate_cli_reports_both_models(tiny_weights: Path, tmp_path: Path) ->
     assert saved["d_prob"].shape == (len(CLASS_NAMES), len(CLASS_NAMES))
     assert saved["c_prob"].shape == (n_test, len(CLASS_NAMES))
     assert saved["d_anom_blast"].shape == saved["c_anom_blast"].shape == (3,)
+
 
 SHIPPED = ROOT / "analysis" / "weights"
 # The shipped model is still training (see analysis/MODEL_CARD.md; step 9750: PBC val balanced
