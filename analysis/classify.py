@@ -69,6 +69,11 @@ class ClassifierConfig:
         variance). ``linear``: on the raw errors. Chosen on PBC val (96 cells, every class on all 32
         timesteps, step-1000 weights): balanced accuracy 0.49 (log) against 0.42 (linear), and the
         paired test drops classes sooner (59 against 73 UNet evaluations per cell at alpha 0.1).
+    views:
+        Test-time views of the cell from the dihedral group (90 degree rotations, then a mirror):
+        the ``k``-th paired sample of a cell (in its random order of the grid) sees view
+        ``k mod views``, the same for every class, so the pairing is kept and the first samples
+        already cover the views. ``1``: the cell as it is. Training drew the same views.
     """
 
     n_timesteps: int = 32
@@ -81,6 +86,7 @@ class ClassifierConfig:
     unet_batch: int = 128
     device: str = "cpu"
     error_scale: str = "log"
+    views: int = 1
 
     @classmethod
     def from_calibration(cls, raw: dict[str, object], **overrides: object) -> ClassifierConfig:
@@ -108,6 +114,8 @@ class ClassifierConfig:
             raise ValueError("cell_batch and unet_batch must be positive")
         if self.error_scale not in ("log", "linear"):
             raise ValueError("error_scale must be 'log' or 'linear'")
+        if not 1 <= self.views <= 8:
+            raise ValueError("views must lie in [1, 8] (the dihedral group of the square)")
         if self.device not in ("cpu", "cuda"):
             raise ValueError("device must be 'cpu' or 'cuda'")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -145,6 +153,13 @@ def timestep_grid(config: ClassifierConfig) -> torch.Tensor:
     width = (config.t_max - config.t_min) / config.n_timesteps
     centres = config.t_min + (torch.arange(config.n_timesteps, dtype=torch.float64) + 0.5) * width
     return centres.floor().long()
+
+
+def dihedral_views(x: torch.Tensor, views: int) -> torch.Tensor:
+    """``(B, views, 3, S, S)``: view ``v`` of each image is ``rot90`` by ``v mod 4``, mirrored if ``v >= 4``."""
+    out = [torch.rot90(x, v % 4, dims=(2, 3)) for v in range(views)]
+    out = [torch.flip(o, dims=(3,)) if v >= 4 else o for v, o in enumerate(out)]
+    return torch.stack(out, dim=1)
 
 
 def load_diffusion(path: Path, device: str = "cpu") -> tuple[UNet2DModel, ModelConfig, dict[str, str]]:
@@ -239,7 +254,7 @@ def score_cells(
     for start in range(0, n_cells, config.cell_batch):
         stop = min(n_cells, start + config.cell_batch)
         b = stop - start
-        x0 = images[start:stop].float()
+        x0 = dihedral_views(images[start:stop].float(), config.views)  # (b, views, 3, S, S)
         # Drawn once per cell and shared by every class: the order in which the
         # grid is visited and one noise image per grid timestep.
         orders = torch.empty(b, n_t, dtype=torch.long)
@@ -273,7 +288,7 @@ def score_cells(
             t = grid[grid_index]
             eps = noises[cell, pos]
             a = alphas[t].view(-1, 1, 1, 1)
-            noisy = a.sqrt() * x0[cell] + (1.0 - a).sqrt() * eps
+            noisy = a.sqrt() * x0[cell, pos % config.views] + (1.0 - a).sqrt() * eps
 
             # 2. The UNet on all of them, in chunks.
             err = torch.empty(len(job_cell))

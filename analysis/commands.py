@@ -186,6 +186,8 @@ def add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--alpha", type=float, default=None, help="significance of the pruning test")
     p.add_argument("--t-min", type=int, default=None)
     p.add_argument("--t-max", type=int, default=None)
+    p.add_argument("--views", type=int, default=None,
+                   help="test-time dihedral views of each cell, 1-8 (paired across classes)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -214,7 +216,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("n_timesteps", args.n_timesteps),
                                    ("round_size", args.round_size),
                                    ("min_samples", args.min_samples), ("alpha", args.alpha),
-                                   ("t_min", args.t_min), ("t_max", args.t_max))
+                                   ("t_min", args.t_min), ("t_max", args.t_max),
+                                   ("views", args.views))
                  if v is not None}
     try:
         if args.calibrate:

@@ -558,7 +558,7 @@ def _provenance(classifier: Any, budget: Any, calibration: Mapping[str, object],
         "n_timesteps": int(budget.n_timesteps), "t_min": int(budget.t_min),
         "t_max": int(budget.t_max), "round_size": int(budget.round_size),
         "min_samples": int(budget.min_samples), "alpha": float(budget.alpha),
-        "device": str(budget.device), "seed": config.seed,
+        "views": int(budget.views), "device": str(budget.device), "seed": config.seed,
         "beta": float(calibration["beta"]),  # type: ignore[arg-type]
         "review_threshold": float(calibration["review_threshold"]),  # type: ignore[arg-type]
         "abnormal_threshold": float(calibration["abnormal_threshold"]),  # type: ignore[arg-type]

@@ -108,6 +108,29 @@ def test_deterministic_given_seed(tiny_weights: Path, test_cells: tuple[torch.Te
     assert not np.array_equal(runs[0].errors, runs[2].errors, equal_nan=True)
 
 
+def test_views_pair_every_class_on_the_same_rotated_cell(
+        tiny_weights: Path, test_cells: tuple[torch.Tensor, np.ndarray]) -> None:
+    """With two views, each paired sample sees the cell either as it is or rotated by 90 degrees,
+    the same for every class; the noise and timestep order do not change."""
+    unet, config, _ = load_diffusion(tiny_weights / DIFFUSION_WEIGHTS)
+    x, _ = test_cells
+    x = x[:1]
+
+    def exhaustive(images: torch.Tensor, views: int) -> np.ndarray:
+        cfg = ClassifierConfig(**{**CONFIG.to_dict(), "views": views})
+        return score_cells(unet, config, images, cfg, torch.Generator("cpu").manual_seed(3),
+                           adaptive=False).errors[0]  # (classes, T)
+
+    two = exhaustive(x, 2)
+    upright, rotated = exhaustive(x, 1), exhaustive(torch.rot90(x, 1, dims=(2, 3)), 1)
+    as_is = np.isclose(two, upright, rtol=1e-5, atol=1e-7).all(axis=0)  # per grid timestep
+    turned = np.isclose(two, rotated, rtol=1e-5, atol=1e-7).all(axis=0)
+    assert (as_is | turned).all()  # every timestep: all classes saw one and the same view
+    assert as_is.sum() == T // 2 and turned.sum() == T // 2
+    with pytest.raises(ValueError, match="views"):
+        ClassifierConfig(views=9)
+
+
 def test_pruning_drops_a_clearly_wrong_class(tiny_weights: Path,
                                             test_cells: tuple[torch.Tensor, np.ndarray]) -> None:
     unet, config, _ = load_diffusion(tiny_weights / DIFFUSION_WEIGHTS)
