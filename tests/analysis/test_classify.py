@@ -275,8 +275,8 @@ def test_evaluate_cli_reports_both_models(tiny_weights: Path, tmp_path: Path) ->
 
 
 SHIPPED = ROOT / "analysis" / "weights"
-# The shipped model is still training (see analysis/MODEL_CARD.md; step 9750: PBC val balanced
-# accuracy 0.89): two test cells of every class, and a floor well above chance (1/8).
+# The shipped model is still training (see analysis/MODEL_CARD.md; step 12750: PBC val balanced
+# accuracy 0.92): two test cells of every class, and a floor well above chance (1/8).
 SHIPPED_EASY = CLASS_NAMES
 SHIPPED_MIN_ACCURACY = 0.75
 
