@@ -163,9 +163,8 @@ def timestep_grid(config: ClassifierConfig) -> torch.Tensor:
 
 def dihedral_views(x: torch.Tensor, views: int) -> torch.Tensor:
     """``(B, views, 3, S, S)``: view ``v`` of each image is ``rot90`` by ``v mod 4``, mirrored if ``v >= 4``."""
-    out = [torch.rot90(x, v % 4, dims=(2, 3)) for v in range(views)]
-    out = [torch.flip(o, dims=(3,)) if v >= 4 else o for v, o in enumerate(out)]
-    return torch.stack(out, dim=1)
+    turned = [torch.rot90(x, v % 4, dims=(2, 3)) for v in range(views)]
+    return torch.stack([torch.flip(o, dims=(3,)) if v >= 4 else o for v, o in enumerate(turned)], dim=1)
 
 
 def load_diffusion(path: Path, device: str = "cpu") -> tuple[UNet2DModel, ModelConfig, dict[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -117,7 +118,7 @@ def test_views_pair_every_class_on_the_same_rotated_cell(
     x = x[:1]
 
     def exhaustive(images: torch.Tensor, views: int) -> np.ndarray:
-        cfg = ClassifierConfig(**{**CONFIG.to_dict(), "views": views})
+        cfg = dataclasses.replace(CONFIG, views=views)
         return score_cells(unet, config, images, cfg, torch.Generator("cpu").manual_seed(3),
                            adaptive=False).errors[0]  # (classes, T)
 
