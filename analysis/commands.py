@@ -213,12 +213,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     weights = args.weights or _weights_dir_default()
-    overrides = {k: v for k, v in (("n_timesteps", args.n_timesteps),
-                                   ("round_size", args.round_size),
-                                   ("min_samples", args.min_samples), ("alpha", args.alpha),
-                                   ("t_min", args.t_min), ("t_max", args.t_max),
-                                   ("views", args.views))
-                 if v is not None}
+    # The budget options share their names with ClassifierConfig's fields.
+    overrides = {k: getattr(args, k) for k in ("n_timesteps", "round_size", "min_samples", "alpha",
+                                               "t_min", "t_max", "views")
+                 if getattr(args, k) is not None}
     try:
         if args.calibrate:
             config = ClassifierConfig(device=args.device, **overrides)

@@ -40,7 +40,8 @@ def collect(weights: Path, data: Path, per_class: int, out: Path, threads: int) 
     unet, model_config, meta = load_diffusion(weights)
     rows = stratified_rows(read_split(data, "val"), per_class, seed=1)
     cells = load_images(data, rows, model_config.image_size)
-    config = ClassifierConfig(n_timesteps=32, t_min=0)  # the whole range the model trained on
+    # The whole range the model trained on, the cell as it is (the settings the card's rows used).
+    config = ClassifierConfig(n_timesteps=32, t_min=0, views=1)
     generator = torch.Generator().manual_seed(0)
     x = images_to_tensor(cells.images)
     parts, start = [], time.monotonic()
