@@ -35,6 +35,9 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DIFFUSION_WEIGHTS = "cytodiffusion.safetensors"
 BASELINE_WEIGHTS = "baseline_cnn.safetensors"
 CALIBRATION = "calibration.json"
+#: The anomaly score a calibration's per-class normalisation belongs to (see
+#: :func:`analysis.classify.anomaly_raw`).
+ANOMALY_SCORE = "class_gap"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +46,7 @@ class Predictions:
 
     ``uncertainty`` is the normalised entropy of the posterior for the diffusion
     model and ``1 - max softmax`` for the CNN; ``anomaly_score`` is the per-class
-    z-score of the best class's error (diffusion) or ``1 - max softmax`` (CNN).
+    z-score of :func:`analysis.classify.anomaly_raw` (diffusion) or ``1 - max softmax`` (CNN).
     """
 
     probabilities: np.ndarray
@@ -60,7 +63,11 @@ def read_calibration(weights_dir: Path) -> dict[str, object]:
     path = weights_dir / CALIBRATION
     if not path.is_file():
         raise CheckpointError(f"{path} not found: run `cytonode evaluate --calibrate` first")
-    return dict(json.loads(path.read_text()))
+    calibration = dict(json.loads(path.read_text()))
+    if calibration.get("anomaly_score") != ANOMALY_SCORE:
+        raise CheckpointError(f"{path} normalises another anomaly score than this version's "
+                              f"({ANOMALY_SCORE!r}): run `cytonode evaluate --calibrate` again")
+    return calibration
 
 
 def diffusion_predictions(scores: DiffusionScores, calibration: dict[str, object]) -> Predictions:
@@ -68,8 +75,7 @@ def diffusion_predictions(scores: DiffusionScores, calibration: dict[str, object
     deltas, best = error_deltas(scores.errors, scores.error_scale)
     p = posterior(deltas, float(calibration["beta"]))  # type: ignore[arg-type]
     u = entropy(p)
-    reference = np.asarray(calibration["anomaly_reference"], dtype=np.float64)
-    raw = anomaly_raw(scores.errors, best, reference)
+    raw = anomaly_raw(deltas)
     mean = np.asarray(calibration["anomaly_class_mean"], dtype=np.float64)
     std = np.asarray(calibration["anomaly_class_std"], dtype=np.float64)
     z = (raw - mean[best]) / std[best]

@@ -19,12 +19,14 @@ from analysis.classes import CLASS_NAMES
 from analysis.classifier import CALIBRATION, DIFFUSION_WEIGHTS, DiffusionClassifier
 from analysis.classify import (
     ClassifierConfig,
+    anomaly_raw,
     error_deltas,
     images_to_tensor,
     load_diffusion,
     posterior,
     score_cells,
 )
+from analysis.errors import CheckpointError
 from analysis.evaluate import calibrate
 from analysis.framing import frame_image
 from analysis.heatmap import counterfactual_heatmap, overlay_png
@@ -150,6 +152,22 @@ def test_pruning_drops_a_clearly_wrong_class(tiny_weights: Path,
     assert scores.unet_evals.mean() < 8 * T
 
 
+def test_adaptive_run_is_a_subset_of_the_exhaustive_run_with_the_same_seed(
+        tiny_weights: Path, test_cells: tuple[torch.Tensor, np.ndarray]) -> None:
+    """What makes evaluate's adaptive-vs-exhaustive comparison paired: from the same seed both
+    modes draw the same noise and timestep orders, so every error the adaptive run computed is
+    the exhaustive run's error for that class and timestep."""
+    unet, config, _ = load_diffusion(tiny_weights / DIFFUSION_WEIGHTS)
+    x, _ = test_cells
+    adaptive = score_cells(unet, config, x, CONFIG, torch.Generator("cpu").manual_seed(3))
+    exhaustive = score_cells(unet, config, x, CONFIG, torch.Generator("cpu").manual_seed(3),
+                             adaptive=False)
+    seen = ~np.isnan(adaptive.errors)
+    assert not np.isnan(exhaustive.errors).any()
+    assert seen.sum() < exhaustive.errors.size  # some classes were dropped early
+    np.testing.assert_allclose(adaptive.errors[seen], exhaustive.errors[seen], rtol=1e-4)
+
+
 def test_heatmap_shape_and_overlay(tiny_weights: Path, test_cells: tuple[torch.Tensor, np.ndarray],
                                    tmp_path: Path) -> None:
     unet, config, _ = load_diffusion(tiny_weights / DIFFUSION_WEIGHTS)
@@ -177,13 +195,41 @@ def test_framing_any_size() -> None:
 
 def test_calibration_file(tiny_weights: Path) -> None:
     cal = json.loads((tiny_weights / CALIBRATION).read_text())
-    for key in ("beta", "review_threshold", "abnormal_threshold", "anomaly_reference",
+    for key in ("beta", "review_threshold", "abnormal_threshold", "anomaly_score",
                 "anomaly_class_mean", "anomaly_class_std", "classifier_config", "target_error"):
         assert key in cal
-    assert len(cal["anomaly_reference"]) == T
     assert len(cal["anomaly_class_mean"]) == len(CLASS_NAMES)
     model = DiffusionClassifier(tiny_weights)
     assert model.config == CONFIG
+
+
+def test_calibration_of_another_anomaly_score_is_refused(tiny_weights: Path, tmp_path: Path) -> None:
+    """A calibration written for the earlier score (best-class error) would z-score the new
+    score with the wrong means: loading it must fail and say how to mend it."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_weights, old)
+    cal = json.loads((old / CALIBRATION).read_text())
+    del cal["anomaly_score"]
+    cal["anomaly_reference"] = [0.1] * T
+    (old / CALIBRATION).write_text(json.dumps(cal))
+    with pytest.raises(CheckpointError, match="evaluate --calibrate"):
+        DiffusionClassifier(old)
+    proc = _run("classify", str(next(PBC.glob("*/*.jpg"))), "--json", "--weights", str(old))
+    assert proc.returncode != 0 and "--calibrate" in proc.stderr and proc.stdout == ""
+
+
+def test_anomaly_score_is_high_when_no_class_explains_the_cell_better() -> None:
+    """Minus the largest paired gap to the best class: a cell that every class explains about
+    equally scores above one that its class explains far better than the others."""
+    errors = np.empty((2, 3, 4))
+    errors[0] = [[0.10] * 4, [0.30] * 4, [0.60] * 4]  # a typical known cell: classes differ
+    errors[1] = [[0.20] * 4, [0.21] * 4, [0.22] * 4]  # nothing fits better than anything else
+    errors[0, 2, 2:] = np.nan  # a class dropped early counts on the timesteps it was scored on
+    deltas, best = error_deltas(errors, "log")
+    raw = anomaly_raw(deltas)
+    assert list(best) == [0, 0]
+    assert raw[1] > raw[0]
+    assert raw[0] == pytest.approx(-np.log(6.0)) and raw[1] == pytest.approx(-np.log(1.1))
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -268,6 +314,8 @@ def test_evaluate_cli_reports_both_models(tiny_weights: Path, tmp_path: Path) ->
     assert exhaustive["cells"] == len(CLASS_NAMES)
     assert exhaustive["unet_evals_per_cell"] == len(CLASS_NAMES) * T
     assert exhaustive["adaptive_unet_evals_per_cell_same_cells"] <= len(CLASS_NAMES) * T
+    assert (exhaustive["cells_right_only_exhaustive"] - exhaustive["cells_right_only_adaptive"]
+            == round((exhaustive["accuracy"] - exhaustive["adaptive_accuracy_same_cells"]) * 8))
     assert result["diffusion"]["throughput"]["cells_per_s"] > 0
     saved = np.load(arrays)
     assert saved["d_prob"].shape == (len(CLASS_NAMES), len(CLASS_NAMES))
