@@ -37,7 +37,7 @@ BASELINE_WEIGHTS = "baseline_cnn.safetensors"
 CALIBRATION = "calibration.json"
 #: The anomaly score a calibration's per-class normalisation belongs to (see
 #: :func:`analysis.classify.anomaly_raw`).
-ANOMALY_SCORE = "class_gap"
+ANOMALY_SCORE = "best_class_error"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,8 @@ def read_calibration(weights_dir: Path) -> dict[str, object]:
     if not path.is_file():
         raise CheckpointError(f"{path} not found: run `cytonode evaluate --calibrate` first")
     calibration = dict(json.loads(path.read_text()))
-    if calibration.get("anomaly_score") != ANOMALY_SCORE:
+    # Files written before the field existed normalise this score.
+    if calibration.get("anomaly_score", ANOMALY_SCORE) != ANOMALY_SCORE:
         raise CheckpointError(f"{path} normalises another anomaly score than this version's "
                               f"({ANOMALY_SCORE!r}): run `cytonode evaluate --calibrate` again")
     return calibration
@@ -75,7 +76,8 @@ def diffusion_predictions(scores: DiffusionScores, calibration: dict[str, object
     deltas, best = error_deltas(scores.errors, scores.error_scale)
     p = posterior(deltas, float(calibration["beta"]))  # type: ignore[arg-type]
     u = entropy(p)
-    raw = anomaly_raw(deltas)
+    reference = np.asarray(calibration["anomaly_reference"], dtype=np.float64)
+    raw = anomaly_raw(scores.errors, best, reference)
     mean = np.asarray(calibration["anomaly_class_mean"], dtype=np.float64)
     std = np.asarray(calibration["anomaly_class_std"], dtype=np.float64)
     z = (raw - mean[best]) / std[best]

@@ -106,7 +106,11 @@ def calibrate(weights_dir: Path, data_dir: Path, config: ClassifierConfig, *, pe
     u = entropy(p)
     # -inf (flag every cell) is written as -1: uncertainties are never negative.
     thr = max(review_threshold(u, best == labels, target_error), -1.0)
-    raw = anomaly_raw(deltas)
+    # Per-timestep reference error: median best-class error of val cells.
+    e_best = scores.errors[np.arange(len(best)), best]  # (N, T)
+    reference = np.nanmedian(e_best, axis=0)
+    reference = np.where(np.isnan(reference), np.nanmedian(e_best), reference)
+    raw = anomaly_raw(scores.errors, best, reference)
     mean = np.zeros(len(names))
     std = np.ones(len(names))
     for c in range(len(names)):
@@ -127,6 +131,7 @@ def calibrate(weights_dir: Path, data_dir: Path, config: ClassifierConfig, *, pe
         "target_error": target_error,
         "review_threshold": thr,
         "anomaly_score": ANOMALY_SCORE,
+        "anomaly_reference": reference.tolist(),
         "anomaly_class_mean": mean.tolist(),
         "anomaly_class_std": std.tolist(),
         "abnormal_quantile": abnormal_quantile,

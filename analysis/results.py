@@ -39,8 +39,7 @@ class FlagReasonValues(str, enum.Enum):
     """The posterior uncertainty is above the threshold calibrated on the val split."""
 
     HIGH_ANOMALY_SCORE = "high-anomaly-score"
-    """Even the best class explains the cell little better than the worst does (anomaly score
-    above its threshold)."""
+    """Even the best class explains the cell poorly (anomaly score above its threshold)."""
 
 
 class HeatmapKindValues(str, enum.Enum):

@@ -3,12 +3,12 @@
 Scores val cells of the known classes and of the held-out class with a leave-one-class-out
 model (``cytonode train --exclude-class``), with the budget of its calibration, and prints the
 AUROC (held-out vs known) of candidate anomaly scores computed from the same denoising errors:
-the shipped per-class z-score (:func:`analysis.classify.anomaly_raw`, the gap to the class that
-explains the cell worst) and its raw form; the gap to the runner-up and the mean gap to all
-classes; the best class's own error (the score shipped before; reference: the per-timestep
-median of the known cells); the uncertainty; the image complexity alone (PNG bits per pixel,
-Serra et al., ICLR 2020) and the best class's error after regressing it on complexity (fitted on
-the known cells only). Val only: nothing here looks at test cells.
+the shipped per-class z-score of the best class's error (:func:`analysis.classify.anomaly_raw`)
+and its raw form; that raw score after regressing it on the image's complexity (PNG bits per
+pixel, Serra et al., ICLR 2020; fitted on the known cells only) and the complexity alone; the
+uncertainty; and scores of how much better the best class explains the cell than the others
+(minus its gap to the class that explains it worst, the "class gap"; to the runner-up; the
+mean gap). Val only: nothing here looks at test cells.
 
     .venv/bin/python bench/anomaly_complexity.py --weights analysis/weights/loco_erythroblast --heldout erythroblast
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+#: Parts of the timestep grid the raw score is also computed on (is the complexity confound
+#: a small-timestep effect?).
+TIMESTEP_RANGES = ((0, 125), (125, 250), (250, 500), (125, 500))
 
 
 def png_bits_per_pixel(images: np.ndarray) -> np.ndarray:
@@ -76,40 +82,49 @@ def main(argv: list[str] | None = None) -> int:
         "heldout": load_images(args.data, stratified_rows(
             read_split(args.data, "val", (args.heldout,)), args.heldout_limit, args.seed), size),
     }
+    reference = np.asarray(calibration["anomaly_reference"], dtype=np.float64)
     generator = torch.Generator("cpu").manual_seed(args.seed)
     scores: dict[str, dict[str, np.ndarray]] = {}
-    log_best: dict[str, np.ndarray] = {}
     bpp: dict[str, np.ndarray] = {}
+    by_range: dict[str, dict[tuple[int, int], np.ndarray]] = {name: {} for name in sets}
     for name, data in sets.items():
         s = score_cells(unet, model_config, images_to_tensor(data.images), config, generator)
         pred = diffusion_predictions(s, calibration)
         deltas, best = error_deltas(s.errors, s.error_scale)
-        log_best[name] = np.log(s.errors[np.arange(len(best)), best])  # (N, T), NaN: not scored
         bpp[name] = png_bits_per_pixel(data.images)
         scores[name] = {
-            "class gap z-score (shipped)": pred.anomaly_score,
-            "class gap, raw": anomaly_raw(deltas),
+            "best class's error, z-score (shipped)": pred.anomaly_score,
+            "best class's error, raw": anomaly_raw(s.errors, best, reference),
+            "complexity alone, simpler = more anomalous": -bpp[name],
+            "uncertainty (entropy)": pred.uncertainty,
+            "class gap: minus the gap to the worst class": -deltas.max(axis=1),
             "minus the gap to the runner-up": -np.sort(deltas, axis=1)[:, 1],
             "minus the mean gap to all classes": -deltas.mean(axis=1),
-            "uncertainty (entropy)": pred.uncertainty,
-            "complexity alone, simpler = more anomalous": -bpp[name],
         }
-    # The earlier score: the best class's log error over the per-timestep median of known cells,
-    # and its residual after a linear fit on complexity (both fitted on the known cells).
-    reference = np.nanmedian(log_best["known"], axis=0)
-    best_error = {name: np.nanmean(log_best[name] - reference, axis=1) for name in sets}
-    slope, _ = np.polyfit(bpp["known"], best_error["known"], 1)
-    for name in sets:
-        scores[name]["best class's error (the earlier score)"] = best_error[name]
-        scores[name]["best class's error minus its complexity fit"] = (best_error[name]
-                                                                       - slope * bpp[name])
+        # The raw score on one part of the timestep grid only (NaN where that part was not reached).
+        for lo, hi in TIMESTEP_RANGES:
+            part = s.errors.copy()
+            part[:, :, (s.timesteps < lo) | (s.timesteps >= hi)] = np.nan
+            with warnings.catch_warnings():  # a cell that never reached this part: NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                by_range[name][(lo, hi)] = anomaly_raw(part, best, reference)
     k, h = scores["known"], scores["heldout"]
+    raw = "best class's error, raw"
+    slope, intercept = np.polyfit(bpp["known"], k[raw], 1)
+    for name in sets:
+        scores[name]["best class's error minus its complexity fit"] = (scores[name][raw]
+                                                                       - slope * bpp[name])
     print(f"val cells: {len(bpp['known'])} known, {len(bpp['heldout'])} {args.heldout}; "
           f"budget {config.n_timesteps} timesteps, {config.views} views, [{config.t_min}, "
-          f"{config.t_max}); corr(best class's error, bpp) on known = "
-          f"{np.corrcoef(best_error['known'], bpp['known'])[0, 1]:.2f}")
+          f"{config.t_max}); corr(raw, bpp) on known = {np.corrcoef(k[raw], bpp['known'])[0, 1]:.2f}; "
+          f"fit raw = {intercept:.3f} + {slope:.4f} * bpp")
     for name in k:
         print(f"  AUROC {args.heldout} vs known, {name:50s} {auroc(h[name], k[name]):.3f}")
+    for lo, hi in TIMESTEP_RANGES:
+        kr, hr = by_range["known"][(lo, hi)], by_range["heldout"][(lo, hi)]
+        kr, hr = kr[np.isfinite(kr)], hr[np.isfinite(hr)]
+        label = f"raw score on {lo} <= t < {hi} ({len(kr)}+{len(hr)} cells)"
+        print(f"  AUROC {args.heldout} vs known, {label:50s} {auroc(hr, kr):.3f}")
     return 0
 
 

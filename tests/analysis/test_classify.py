@@ -196,40 +196,41 @@ def test_framing_any_size() -> None:
 def test_calibration_file(tiny_weights: Path) -> None:
     cal = json.loads((tiny_weights / CALIBRATION).read_text())
     for key in ("beta", "review_threshold", "abnormal_threshold", "anomaly_score",
-                "anomaly_class_mean", "anomaly_class_std", "classifier_config", "target_error"):
+                "anomaly_reference", "anomaly_class_mean", "anomaly_class_std",
+                "classifier_config", "target_error"):
         assert key in cal
+    assert len(cal["anomaly_reference"]) == T
     assert len(cal["anomaly_class_mean"]) == len(CLASS_NAMES)
     model = DiffusionClassifier(tiny_weights)
     assert model.config == CONFIG
 
 
 def test_calibration_of_another_anomaly_score_is_refused(tiny_weights: Path, tmp_path: Path) -> None:
-    """A calibration written for the earlier score (best-class error) would z-score the new
-    score with the wrong means: loading it must fail and say how to mend it."""
-    old = tmp_path / "old"
-    shutil.copytree(tiny_weights, old)
-    cal = json.loads((old / CALIBRATION).read_text())
-    del cal["anomaly_score"]
-    cal["anomaly_reference"] = [0.1] * T
-    (old / CALIBRATION).write_text(json.dumps(cal))
+    """A calibration that normalises another anomaly score (the class gap, tried in commit
+    e5e3af2) would z-score this one with the wrong means: loading it must fail and say how to
+    mend it."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_weights, other)
+    cal = json.loads((other / CALIBRATION).read_text())
+    cal["anomaly_score"] = "class_gap"
+    del cal["anomaly_reference"]
+    (other / CALIBRATION).write_text(json.dumps(cal))
     with pytest.raises(CheckpointError, match="evaluate --calibrate"):
-        DiffusionClassifier(old)
-    proc = _run("classify", str(next(PBC.glob("*/*.jpg"))), "--json", "--weights", str(old))
+        DiffusionClassifier(other)
+    proc = _run("classify", str(next(PBC.glob("*/*.jpg"))), "--json", "--weights", str(other))
     assert proc.returncode != 0 and "--calibrate" in proc.stderr and proc.stdout == ""
 
 
-def test_anomaly_score_is_high_when_no_class_explains_the_cell_better() -> None:
-    """Minus the largest paired gap to the best class: a cell that every class explains about
-    equally scores above one that its class explains far better than the others."""
-    errors = np.empty((2, 3, 4))
-    errors[0] = [[0.10] * 4, [0.30] * 4, [0.60] * 4]  # a typical known cell: classes differ
-    errors[1] = [[0.20] * 4, [0.21] * 4, [0.22] * 4]  # nothing fits better than anything else
-    errors[0, 2, 2:] = np.nan  # a class dropped early counts on the timesteps it was scored on
-    deltas, best = error_deltas(errors, "log")
-    raw = anomaly_raw(deltas)
-    assert list(best) == [0, 0]
-    assert raw[1] > raw[0]
-    assert raw[0] == pytest.approx(-np.log(6.0)) and raw[1] == pytest.approx(-np.log(1.1))
+def test_anomaly_score_is_the_best_class_error_above_the_val_reference() -> None:
+    """Cells explained worse than the val reference score above zero, better below; only the
+    best class counts, and only on the timesteps where it was evaluated."""
+    reference = np.array([0.4, 0.2, 0.1, 0.05])
+    errors = np.full((2, 3, 4), 9.0)  # the other classes: far worse, and ignored
+    errors[0, 1] = reference * 2.0
+    errors[1, 2] = reference / 2.0
+    errors[1, :, 3] = np.nan  # a timestep this cell never reached
+    raw = anomaly_raw(errors, np.array([1, 2]), reference)
+    assert raw == pytest.approx([np.log(2.0), -np.log(2.0)])
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -315,7 +316,8 @@ def test_evaluate_cli_reports_both_models(tiny_weights: Path, tmp_path: Path) ->
     assert exhaustive["unet_evals_per_cell"] == len(CLASS_NAMES) * T
     assert exhaustive["adaptive_unet_evals_per_cell_same_cells"] <= len(CLASS_NAMES) * T
     assert (exhaustive["cells_right_only_exhaustive"] - exhaustive["cells_right_only_adaptive"]
-            == round((exhaustive["accuracy"] - exhaustive["adaptive_accuracy_same_cells"]) * 8))
+            == round((exhaustive["accuracy"] - exhaustive["adaptive_accuracy_same_cells"])
+                     * len(CLASS_NAMES)))
     assert result["diffusion"]["throughput"]["cells_per_s"] > 0
     saved = np.load(arrays)
     assert saved["d_prob"].shape == (len(CLASS_NAMES), len(CLASS_NAMES))
