@@ -279,13 +279,14 @@ def evaluate(weights_dir: Path, data_dir: Path, aml_dir: Path, config: Classifie
                            torch.Generator("cpu").manual_seed(seed), adaptive=False)
         wall_ex = time.monotonic() - t0
         p_ex = diffusion_predictions(s_ex, calibration)
-        p_ad = diffusion_predictions(s_ad, calibration)
+        right_ex = p_ex.label == y_pick
+        right_ad = diffusion_predictions(s_ad, calibration).label == y_pick
         diffusion["exhaustive"] = {
             "cells": len(pick),
-            "accuracy": float(np.mean(p_ex.label == y_pick)),
-            "adaptive_accuracy_same_cells": float(np.mean(p_ad.label == y_pick)),
-            "cells_right_only_exhaustive": int(np.sum((p_ex.label == y_pick) & (p_ad.label != y_pick))),
-            "cells_right_only_adaptive": int(np.sum((p_ad.label == y_pick) & (p_ex.label != y_pick))),
+            "accuracy": float(right_ex.mean()),
+            "adaptive_accuracy_same_cells": float(right_ad.mean()),
+            "cells_right_only_exhaustive": int(np.sum(right_ex & ~right_ad)),
+            "cells_right_only_adaptive": int(np.sum(right_ad & ~right_ex)),
             "balanced_accuracy": balanced_accuracy(y_pick, p_ex.label, len(CLASS_NAMES)),
             "cells_per_s": len(pick) / wall_ex,
             "unet_evals_per_cell": float(s_ex.unet_evals.mean()),
