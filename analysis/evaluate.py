@@ -178,6 +178,18 @@ def _labelled_as(label: np.ndarray, names: tuple[str, ...]) -> dict[str, int]:
     return {name: int(np.sum(label == c)) for c, name in enumerate(names)}
 
 
+def _same_lab_control(blast: Predictions, neutrophil: Predictions, pbc: Predictions) -> dict[str, float]:
+    """Does the anomaly score find the blast or the lab? aml_dev neutrophils are normal cells from
+    the blasts' lab and scanner: a score that separates them from PBC test cells as well as it
+    separates the blasts detects the domain; blasts against them is the comparison within one lab."""
+    return {
+        "anomaly_auroc_aml_neutrophils_vs_pbc_test": auroc(neutrophil.anomaly_score, pbc.anomaly_score),
+        "anomaly_auroc_aml_blasts_vs_aml_neutrophils": auroc(blast.anomaly_score,
+                                                             neutrophil.anomaly_score),
+        "aml_neutrophils_flagged_abnormal": float(neutrophil.abnormal.mean()),
+    }
+
+
 def _classification_metrics(pred: Predictions, labels: np.ndarray,
                             names: tuple[str, ...] = CLASS_NAMES) -> dict[str, object]:
     correct = pred.label == labels
@@ -263,6 +275,7 @@ def evaluate(weights_dir: Path, data_dir: Path, aml_dir: Path, config: Classifie
     diffusion["aml_blasts_labelled_as"] = _labelled_as(p_blast.label, CLASS_NAMES)
     diffusion["pbc_test_flagged_abnormal"] = float(pred.abnormal.mean())
     diffusion["domain_shift_aml_neutrophil_accuracy"] = float(np.mean(p_neut.label == neutrophil))
+    diffusion.update(_same_lab_control(p_blast, p_neut, pred))
 
     # Diffusion, exhaustive, on a per-class prefix of the same subset. Both modes score these
     # cells again from the same seed, so they draw the same noise and timestep orders and the
@@ -318,14 +331,16 @@ def evaluate(weights_dir: Path, data_dir: Path, aml_dir: Path, config: Classifie
         "aml_blasts_labelled_as": _labelled_as(c_blast.label, CLASS_NAMES),
         "pbc_test_flagged_abnormal": float(c_pred.abnormal.mean()),
         "domain_shift_aml_neutrophil_accuracy": float(np.mean(c_neut.label == neutrophil)),
+        **_same_lab_control(c_blast, c_neut, c_pred),
         "throughput": {"cells": len(test_rows_all), "cells_per_s": len(test_rows_all) / wall_c,
                        "unet_evals_per_cell": 0.0, "threads": torch.get_num_threads()},
     }
     if arrays_out is not None:
         np.savez_compressed(arrays_out, labels=data.labels, d_prob=pred.probabilities,
                             d_unc=pred.uncertainty, d_anom=pred.anomaly_score,
-                            d_anom_blast=p_blast.anomaly_score, c_labels=cnn_data.labels,
-                            c_prob=pc, c_anom_blast=c_blast.anomaly_score,
+                            d_anom_blast=p_blast.anomaly_score, d_anom_neut=p_neut.anomaly_score,
+                            c_labels=cnn_data.labels, c_prob=pc, c_anom_blast=c_blast.anomaly_score,
+                            c_anom_neut=c_neut.anomaly_score,
                             paths=np.array(data.paths))
     return {
         "model": diffusion_metadata_summary(metadata),

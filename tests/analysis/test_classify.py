@@ -323,6 +323,12 @@ def test_evaluate_cli_reports_both_models(tiny_weights: Path, tmp_path: Path) ->
     assert saved["d_prob"].shape == (len(CLASS_NAMES), len(CLASS_NAMES))
     assert saved["c_prob"].shape == (n_test, len(CLASS_NAMES))
     assert saved["d_anom_blast"].shape == saved["c_anom_blast"].shape == (3,)
+    # The same-lab control is what the saved scores of the aml_dev cells say.
+    for name, prefix in (("diffusion", "d"), ("cnn", "c")):
+        blast, neut = saved[f"{prefix}_anom_blast"], saved[f"{prefix}_anom_neut"]
+        assert result[name]["anomaly_auroc_aml_blasts_vs_aml_neutrophils"] == pytest.approx(
+            np.mean((blast[:, None] > neut[None]) + 0.5 * (blast[:, None] == neut[None])))
+        assert 0.0 <= result[name]["anomaly_auroc_aml_neutrophils_vs_pbc_test"] <= 1.0
 
 
 SHIPPED = ROOT / "analysis" / "weights"
