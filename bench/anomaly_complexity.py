@@ -108,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             e_low = score_cells(unet, model_config, images_to_tensor(data.images), low_config,
                                 low_generator, adaptive=False).errors
             low[name] = np.log(e_low[np.arange(len(best)), best]).mean(axis=1)
+        raw_score = anomaly_raw(s.errors, best, reference)
         scores[name] = {
             "best class's error, z-score (shipped)": pred.anomaly_score,
-            "best class's error, raw": anomaly_raw(s.errors, best, reference),
-            "best class's error, centred per class (not scaled)": (
-                anomaly_raw(s.errors, best, reference) - class_mean[best]),
+            "best class's error, raw": raw_score,
+            "best class's error, centred per class (not scaled)": raw_score - class_mean[best],
             "complexity alone, simpler = more anomalous": -bpp[name],
             "two-sided z-score |z| (atypical either way)": np.abs(pred.anomaly_score),
             "uncertainty (entropy)": pred.uncertainty,

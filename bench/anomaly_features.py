@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     split = "test" if args.aml else "val"
     known = load_images(args.data, stratified_rows(read_split(args.data, split, names),
                                                    args.per_class, args.seed), size).images
+    novel_name = "myeloblasts" if args.aml else args.heldout
     if args.aml:
-        novel, args.heldout = load_folder(args.aml / AML_BLASTS, size), "myeloblasts"
+        novel = load_folder(args.aml / AML_BLASTS, size)
     else:
         novel = load_images(args.data, stratified_rows(read_split(args.data, "val", (args.heldout,)),
                                                        args.heldout_limit, args.seed), size).images
@@ -113,32 +114,36 @@ def main(argv: list[str] | None = None) -> int:
     # separates them from PBC as well as the blasts detects the lab, not the blast.
     f_same_lab = features(load_folder(args.aml / AML_NEUTROPHILS, size)) if args.aml else None
 
-    def min_distance(block: str, f: np.ndarray, j: int) -> np.ndarray:
-        """Smallest Mahalanobis distance over the classes at timestep index ``j``."""
+    def fit(block: str, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Class means ``(C, D)`` and the shrunk tied precision ``(D, D)`` at timestep index ``j``."""
         own = f_train[block][np.arange(len(train.labels)), j, train.labels]  # each train cell, own class
         means = np.stack([own[train.labels == c].mean(axis=0) for c in range(n_classes)])
-        centred = own - means[train.labels]
-        cov = np.cov(centred, rowvar=False)
+        cov = np.cov(own - means[train.labels], rowvar=False)
         cov = (1 - args.shrinkage) * cov + args.shrinkage * np.diag(np.diag(cov))
-        precision = np.linalg.inv(cov)
-        d = f[:, j] - means[None]  # (N, C, D)
+        return means, np.linalg.inv(cov)
+
+    def min_distance(f: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+        """Smallest Mahalanobis distance over the classes of features ``(N, C, D)``."""
+        d = f - means[None]
         return np.sqrt(np.einsum("ncd,de,nce->nc", d, precision, d)).min(axis=1)
 
     print(f"{len(train.labels)} train cells for the fit, {len(known)} known {split} cells and "
-          f"{len(novel)} {args.heldout}; {time.monotonic() - t0:.0f} s")
+          f"{len(novel)} {novel_name}; {time.monotonic() - t0:.0f} s")
     for block in blocks:
         total_k, total_h = np.zeros(len(known)), np.zeros(len(novel))
         for j, t in enumerate(args.timesteps):
-            k, h = min_distance(block, f_known[block], j), min_distance(block, f_held[block], j)
+            means, precision = fit(block, j)
+            k = min_distance(f_known[block][:, j], means, precision)
+            h = min_distance(f_held[block][:, j], means, precision)
             total_k, total_h = total_k + k, total_h + h
-            line = f"  AUROC {args.heldout} vs known, {block:6s} Mahalanobis at t = {t:3d}  {auroc(h, k):.3f}"
+            line = f"  AUROC {novel_name} vs known, {block:6s} Mahalanobis at t = {t:3d}  {auroc(h, k):.3f}"
             if f_same_lab is not None:
-                n = min_distance(block, f_same_lab[block], j)
+                n = min_distance(f_same_lab[block][:, j], means, precision)
                 line += (f"; aml_dev neutrophils vs known {auroc(n, k):.3f}; "
                          f"myeloblasts vs aml_dev neutrophils {auroc(h, n):.3f}")
             print(line)
         if len(args.timesteps) > 1:
-            print(f"  AUROC {args.heldout} vs known, {block:6s} mean over the timesteps  "
+            print(f"  AUROC {novel_name} vs known, {block:6s} mean over the timesteps  "
                   f"{auroc(total_h, total_k):.3f}")
     return 0
 
