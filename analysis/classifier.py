@@ -27,6 +27,7 @@ from analysis.classify import (
     load_diffusion,
     posterior,
     score_cells,
+    timestep_grid,
 )
 from analysis.errors import CheckpointError
 from analysis.uncertainty import entropy, margin
@@ -71,13 +72,27 @@ def read_calibration(weights_dir: Path) -> dict[str, object]:
     return calibration
 
 
+def anomaly_reference(calibration: dict[str, object], timesteps: np.ndarray) -> np.ndarray:
+    """The calibrated per-timestep reference error on the grid ``timesteps``.
+
+    The reference was measured on the calibration's grid; scores on another grid (another
+    budget or range, an experiment's override) get it interpolated, since it varies smoothly
+    with the timestep. The thresholds stay those of the calibrated grid.
+    """
+    reference = np.asarray(calibration["anomaly_reference"], dtype=np.float64)
+    calibrated = timestep_grid(ClassifierConfig.from_calibration(
+        dict(calibration["classifier_config"]))).numpy()  # type: ignore[call-overload]
+    if np.array_equal(calibrated, timesteps):
+        return reference
+    return np.interp(timesteps, calibrated, reference)
+
+
 def diffusion_predictions(scores: DiffusionScores, calibration: dict[str, object]) -> Predictions:
     """Turn raw denoising errors into posterior, uncertainty, anomaly score and flags."""
     deltas, best = error_deltas(scores.errors, scores.error_scale)
     p = posterior(deltas, float(calibration["beta"]))  # type: ignore[arg-type]
     u = entropy(p)
-    reference = np.asarray(calibration["anomaly_reference"], dtype=np.float64)
-    raw = anomaly_raw(scores.errors, best, reference)
+    raw = anomaly_raw(scores.errors, best, anomaly_reference(calibration, scores.timesteps))
     mean = np.asarray(calibration["anomaly_class_mean"], dtype=np.float64)
     std = np.asarray(calibration["anomaly_class_std"], dtype=np.float64)
     z = (raw - mean[best]) / std[best]

@@ -74,8 +74,9 @@ class PipelineConfig:
         (the heatmaps use ``seed + 1``), so a slide always gives the same result.
     n_timesteps:
         Timestep grid per class (the classifier's budget); ``None``: the calibrated one.
-        Another value rescales the anomaly reference onto the new grid; the thresholds
-        stay those calibrated for the calibrated budget (a warning says so).
+        With another value the thresholds stay those calibrated for the calibrated budget
+        (a warning says so; the anomaly reference is interpolated onto the new grid, see
+        :func:`analysis.classifier.anomaly_reference`).
     cell_batch:
         Cells classified together (one progress step).
     heatmaps:
@@ -440,26 +441,20 @@ def classify_slide(slide_paths: Path | str | Sequence[Path | str],
 
 
 def _load_classifier(config: PipelineConfig) -> tuple[Any, Any, dict[str, object]]:
-    """The shipped classifier, its budget and its calibration (adapted to ``n_timesteps``)."""
+    """The shipped classifier, its budget (``n_timesteps`` may override it) and its calibration."""
     from analysis.classifier import WEIGHTS_DIR, DiffusionClassifier
-    from analysis.classify import timestep_grid
 
     classifier = DiffusionClassifier(config.weights_dir or WEIGHTS_DIR, device=config.device)
     calibrated = classifier.config
-    calibration = dict(classifier.calibration)
     budget = dataclasses.replace(calibrated, cell_batch=config.cell_batch, device=config.device)
     if config.n_timesteps is not None and config.n_timesteps != calibrated.n_timesteps:
         n = config.n_timesteps
         budget = dataclasses.replace(budget, n_timesteps=n, round_size=min(budget.round_size, n),
                                      min_samples=min(budget.min_samples, n))
-        # The reference error depends smoothly on the timestep: interpolate it onto the new grid.
-        reference = np.asarray(calibration["anomaly_reference"], dtype=np.float64)
-        calibration["anomaly_reference"] = np.interp(
-            timestep_grid(budget).numpy(), timestep_grid(calibrated).numpy(), reference).tolist()
         logger.warning("classifier budget %d timesteps instead of the calibrated %d: the review "
                        "and abnormal thresholds were calibrated for %d", n, calibrated.n_timesteps,
                        calibrated.n_timesteps)
-    return classifier, budget, calibration
+    return classifier, budget, classifier.calibration
 
 
 def _framed(crops: Sequence[NDArray[np.uint8]], image_size: int) -> NDArray[np.uint8]:
