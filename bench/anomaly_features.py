@@ -11,6 +11,10 @@ class. Prints the AUROC (held-out val cells vs known val cells, the cells of the
 timestep and for the mean over timesteps. Val and train only: nothing here looks at test cells.
 
     .venv/bin/python bench/anomaly_features.py --weights analysis/weights/loco_monocyte --heldout monocyte
+
+``--aml`` scores aml_dev instead, with the aml_dev neutrophils as a same-lab control, and
+``--stain-normalise`` first gives aml_dev PBC's colours (``bench/stain_control.py``): does the
+feature score still separate the lab once its stain is gone?
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shrinkage", type=float, default=0.1, help="weight of the diagonal in the covariance")
     p.add_argument("--timesteps", type=int, nargs="+", default=[50, 150, 300],
                    help="timesteps the features are taken at")
+    p.add_argument("--stain-normalise", action="store_true",
+                   help="with --aml: give aml_dev PBC's colours first (as bench/stain_control.py does)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
@@ -58,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     names = model_config.class_names
     if args.aml and len(names) != len(CLASS_NAMES):
         p.error(f"{args.weights} was trained without some classes: --aml needs the full model")
+    if args.stain_normalise and not args.aml:
+        p.error("--stain-normalise is for --aml (PBC val cells have PBC's colours already)")
     if args.heldout in names:
         p.error(f"{args.weights} was trained on {args.heldout}")
     size, n_classes = model_config.image_size, len(names)
@@ -106,13 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     novel_name = "myeloblasts" if args.aml else args.heldout
     if args.aml:
         novel = load_folder(args.aml / AML_BLASTS, size)
+        same_lab = load_folder(args.aml / AML_NEUTROPHILS, size)
+        if args.stain_normalise:
+            from stain_control import reinhard  # this folder (bench/) is the script's own
+
+            novel, same_lab = np.split(reinhard(np.concatenate([novel, same_lab]), train.images),
+                                       [len(novel)])
     else:
         novel = load_images(args.data, stratified_rows(read_split(args.data, "val", (args.heldout,)),
                                                        args.heldout_limit, args.seed), size).images
     f_train, f_known, f_held = (features(images) for images in (train.images, known, novel))
     # The control: aml_dev neutrophils, normal cells from the blasts' lab and scanner. A score that
     # separates them from PBC as well as the blasts detects the lab, not the blast.
-    f_same_lab = features(load_folder(args.aml / AML_NEUTROPHILS, size)) if args.aml else None
+    f_same_lab = features(same_lab) if args.aml else None
 
     def fit(block: str, j: int) -> tuple[np.ndarray, np.ndarray]:
         """Class means ``(C, D)`` and the shrunk tied precision ``(D, D)`` at timestep index ``j``."""
