@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timesteps", type=int, nargs="+", default=[50, 150, 300],
                    help="timesteps the features are taken at")
     p.add_argument("--stain-normalise", action="store_true",
-                   help="with --aml: give aml_dev PBC's colours first (as bench/stain_control.py does)")
+                   help="with --aml: give aml_dev the colours of the fit's train cells first "
+                   "(bench/stain_control.py's Reinhard normalisation)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)

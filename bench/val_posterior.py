@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     n_classes = len(CLASS_NAMES)
     if args.arrays and args.arrays.is_file():
         saved = np.load(args.arrays)
-        errors, labels = saved["errors"], saved["labels"]
+        errors, labels, error_scale = saved["errors"], saved["labels"], str(saved["error_scale"])
         print(f"{len(labels)} val cells read from {args.arrays}")
     else:
         torch.set_num_threads(args.threads)
@@ -105,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         scores = score_cells(model.unet, model.model_config, images_to_tensor(data.images),
                              model.config, torch.Generator("cpu").manual_seed(args.seed))
-        errors, labels = scores.errors, data.labels
+        errors, labels, error_scale = scores.errors, data.labels, scores.error_scale
         print(f"{len(labels)} val cells scored in {time.monotonic() - t0:.0f} s")
         if args.arrays:
-            np.savez(args.arrays, errors=errors, labels=labels)
-    deltas, best = error_deltas(errors, "log")
+            np.savez(args.arrays, errors=errors, labels=labels, error_scale=error_scale)
+    deltas, best = error_deltas(errors, error_scale)
     correct = best == labels
     print(f"balanced accuracy {balanced_accuracy(labels, best, n_classes):.4f}, "
           f"accuracy {correct.mean():.4f}")
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p_val = posterior(deltas, fit_beta(deltas, labels))
     margin = np.sort(deltas, axis=1)[:, 1]
-    candidates = {"normalised entropy (shipped)": entropy(p_val),
+    candidates = {"normalised entropy (shipped)": entropy(p_val),  # beta refitted on these cells
                   "minus the runner-up's margin": -margin,
                   "UNet evaluations spent": (~np.isnan(errors)).sum(axis=(1, 2)).astype(float),
                   "minus the runner-up's t": -runner_up_t(errors, best)}
