@@ -84,7 +84,7 @@ def anomaly_reference(calibration: dict[str, object], timesteps: np.ndarray) -> 
         dict(calibration["classifier_config"]))).numpy()  # type: ignore[call-overload]
     if np.array_equal(calibrated, timesteps):
         return reference
-    return np.interp(timesteps, calibrated, reference)
+    return np.asarray(np.interp(timesteps, calibrated, reference), dtype=np.float64)
 
 
 def diffusion_predictions(scores: DiffusionScores, calibration: dict[str, object]) -> Predictions:

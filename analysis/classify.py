@@ -317,16 +317,19 @@ def score_cells(
                     if log_scale:
                         e_act = np.log(e_act)
                     best = int(np.argmin(e_act.mean(axis=1)))
-                    diff = e_act - e_act[best]
-                    mean = diff.mean(axis=1)
-                    sd = diff.std(axis=1, ddof=1)
-                    t_stat = mean / (sd / math.sqrt(n) + 1e-12)
+                    t_stat = paired_t(e_act - e_act[best])
                     drop = (t_stat > t_crit[n]) & (np.arange(len(act)) != best)
                     active[i, act[drop]] = False
                 if active[i].sum() == 1 or n >= n_t:
                     finished[i] = True
     return DiffusionScores(errors=errors, timesteps=grid.numpy(), unet_evals=unet_evals,
                            error_scale=config.error_scale)
+
+
+def paired_t(diff: np.ndarray) -> np.ndarray:
+    """t statistic of the mean of paired differences along the last axis (``n >= 2`` of them)."""
+    n = diff.shape[-1]
+    return np.asarray(diff.mean(axis=-1) / (diff.std(axis=-1, ddof=1) / math.sqrt(n) + 1e-12))
 
 
 def error_deltas(errors: np.ndarray, error_scale: str = "linear") -> tuple[np.ndarray, np.ndarray]:

@@ -396,14 +396,13 @@ def classify_slide(slide_paths: Path | str | Sequence[Path | str],
             stage.report(max(1, len(cells)))
 
             stage = _Stage("classify", max(1, len(cells)), progress)
-            classifier, classifier_config, calibration = _load_classifier(config)
+            classifier, classifier_config = _load_classifier(config)
             framed = _framed(crops, classifier.image_size)
-            predictions = _classify(classifier, classifier_config, calibration, framed, config,
-                                    stage)
+            predictions = _classify(classifier, classifier_config, framed, config, stage)
             heatmaps: tuple[HeatmapGrid, ...] = ()
             if config.heatmaps and cells:
-                heatmaps = _heatmaps(classifier, classifier_config, calibration, framed,
-                                     predictions, slide, cells, config, progress)
+                heatmaps = _heatmaps(classifier, classifier_config, framed, predictions, slide,
+                                     cells, config, progress)
 
     cell_results = []
     for i, cell in enumerate(cells):
@@ -434,14 +433,14 @@ def classify_slide(slide_paths: Path | str | Sequence[Path | str],
         total_pixel_matrix_rows=height,
         pixel_spacing_mm=spacing_mm,
         cells=tuple(cell_results),
-        provenance=_provenance(classifier, classifier_config, calibration, config,
+        provenance=_provenance(classifier, classifier_config, config,
                                heatmaps[0].cell_size_px if heatmaps else 0),
         heatmaps=heatmaps,
     )
 
 
-def _load_classifier(config: PipelineConfig) -> tuple[Any, Any, dict[str, object]]:
-    """The shipped classifier, its budget (``n_timesteps`` may override it) and its calibration."""
+def _load_classifier(config: PipelineConfig) -> tuple[Any, Any]:
+    """The shipped classifier (with its calibration) and its budget (``n_timesteps`` may override it)."""
     from analysis.classifier import WEIGHTS_DIR, DiffusionClassifier
 
     classifier = DiffusionClassifier(config.weights_dir or WEIGHTS_DIR, device=config.device)
@@ -454,7 +453,7 @@ def _load_classifier(config: PipelineConfig) -> tuple[Any, Any, dict[str, object
         logger.warning("classifier budget %d timesteps instead of the calibrated %d: the review "
                        "and abnormal thresholds were calibrated for %d", n, calibrated.n_timesteps,
                        calibrated.n_timesteps)
-    return classifier, budget, classifier.calibration
+    return classifier, budget
 
 
 def _framed(crops: Sequence[NDArray[np.uint8]], image_size: int) -> NDArray[np.uint8]:
@@ -468,8 +467,7 @@ def _framed(crops: Sequence[NDArray[np.uint8]], image_size: int) -> NDArray[np.u
     return np.stack([frame_image(Image.fromarray(crop), image_size) for crop in crops])
 
 
-def _classify(classifier: Any, budget: Any, calibration: dict[str, object],
-              images: NDArray[np.uint8], config: PipelineConfig,
+def _classify(classifier: Any, budget: Any, images: NDArray[np.uint8], config: PipelineConfig,
               stage: _Stage) -> dict[str, np.ndarray]:
     """Classify the framed cells in batches; one generator for the whole slide."""
     import torch
@@ -484,7 +482,7 @@ def _classify(classifier: Any, budget: Any, calibration: dict[str, object],
         batch = images[start:start + config.cell_batch]
         scores = score_cells(classifier.unet, classifier.model_config, images_to_tensor(batch),
                              budget, generator)
-        parts.append(diffusion_predictions(scores, calibration))
+        parts.append(diffusion_predictions(scores, classifier.calibration))
         if start + len(batch) < n:
             stage.report(start + len(batch))
     stage.report(max(1, n))
@@ -495,8 +493,8 @@ def _classify(classifier: Any, budget: Any, calibration: dict[str, object],
     return {f: np.concatenate([getattr(p, f) for p in parts]) for f in fields}
 
 
-def _heatmaps(classifier: Any, budget: Any, calibration: dict[str, object],
-              images: NDArray[np.uint8], predictions: dict[str, np.ndarray], slide: Slide,
+def _heatmaps(classifier: Any, budget: Any, images: NDArray[np.uint8],
+              predictions: dict[str, np.ndarray], slide: Slide,
               cells: Sequence[DetectedCell], config: PipelineConfig,
               progress: ProgressCallback | None) -> tuple[HeatmapGrid, ...]:
     """Counterfactual evidence and anomaly, each rescaled to [0, 1], on one coarse grid."""
@@ -518,7 +516,7 @@ def _heatmaps(classifier: Any, budget: Any, calibration: dict[str, object],
         min_samples=min(budget.min_samples, max(2, config.heatmap_timesteps)))
     generator = torch.Generator("cpu").manual_seed(config.seed + 1)
     tensors = images_to_tensor(images)
-    threshold = float(calibration["abnormal_threshold"])  # type: ignore[arg-type]
+    threshold = float(classifier.calibration["abnormal_threshold"])
     predicted = predictions["label"].astype(int)
     runner_up = np.array([int(next(c for c in np.argsort(-p, kind="stable") if int(c) != int(k)))
                           for p, k in zip(predictions["probabilities"], predicted)], dtype=int)
@@ -544,19 +542,20 @@ def _heatmaps(classifier: Any, budget: Any, calibration: dict[str, object],
             HeatmapGrid(HeatmapKindValues.ANOMALY, anomaly, size))
 
 
-def _provenance(classifier: Any, budget: Any, calibration: Mapping[str, object],
-                config: PipelineConfig, heatmap_cell_size_px: int) -> ModelProvenance:
+def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
+                heatmap_cell_size_px: int) -> ModelProvenance:
     from analysis.classifier import DIFFUSION_WEIGHTS, WEIGHTS_DIR
 
     weights = (config.weights_dir or WEIGHTS_DIR) / DIFFUSION_WEIGHTS
+    calibration = classifier.calibration
     parameters: dict[str, str | int | float | bool] = {
         "n_timesteps": int(budget.n_timesteps), "t_min": int(budget.t_min),
         "t_max": int(budget.t_max), "round_size": int(budget.round_size),
         "min_samples": int(budget.min_samples), "alpha": float(budget.alpha),
         "views": int(budget.views), "device": str(budget.device), "seed": config.seed,
-        "beta": float(calibration["beta"]),  # type: ignore[arg-type]
-        "review_threshold": float(calibration["review_threshold"]),  # type: ignore[arg-type]
-        "abnormal_threshold": float(calibration["abnormal_threshold"]),  # type: ignore[arg-type]
+        "beta": float(calibration["beta"]),
+        "review_threshold": float(calibration["review_threshold"]),
+        "abnormal_threshold": float(calibration["abnormal_threshold"]),
         "crop_frame_to_cell": config.crops.frame_to_cell,
         "image_size": int(classifier.image_size),
     }

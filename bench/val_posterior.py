@@ -51,6 +51,8 @@ def class_offsets(deltas: np.ndarray, labels: np.ndarray, n_classes: int) -> tup
 
 def runner_up_t(errors: np.ndarray, best: np.ndarray) -> np.ndarray:
     """Smallest paired t statistic (log errors) of any other class against the best, per cell."""
+    from analysis.classify import paired_t  # the adaptive procedure's own test statistic
+
     out = np.full(len(best), np.inf)
     log_e = np.log(errors)
     for i, b in enumerate(best):
@@ -58,8 +60,7 @@ def runner_up_t(errors: np.ndarray, best: np.ndarray) -> np.ndarray:
             shared = ~np.isnan(log_e[i, c]) & ~np.isnan(log_e[i, b])
             if c == b or shared.sum() < 3:
                 continue
-            d = log_e[i, c, shared] - log_e[i, b, shared]
-            out[i] = min(out[i], d.mean() / (d.std(ddof=1) / np.sqrt(shared.sum()) + 1e-12))
+            out[i] = min(out[i], float(paired_t(log_e[i, c, shared] - log_e[i, b, shared])))
     return out
 
 
