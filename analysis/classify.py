@@ -162,7 +162,7 @@ def timestep_grid(config: ClassifierConfig) -> torch.Tensor:
 
 
 def dihedral_views(x: torch.Tensor, views: int) -> torch.Tensor:
-    """``(B, views, 3, S, S)``: view ``v`` of each image is ``rot90`` by ``v mod 4``, mirrored if ``v >= 4``."""
+    """``(B, views, C, S, S)``: view ``v`` of each image is ``rot90`` by ``v mod 4``, mirrored if ``v >= 4``."""
     turned = [torch.rot90(x, v % 4, dims=(2, 3)) for v in range(views)]
     return torch.stack([torch.flip(o, dims=(3,)) if v >= 4 else o for v, o in enumerate(turned)], dim=1)
 
@@ -228,7 +228,8 @@ def score_cells(
     unet, model_config:
         The class-conditional diffusion model (see :func:`load_diffusion`).
     images:
-        ``(N, 3, S, S)`` in ``[-1, 1]``, ``S = model_config.image_size``.
+        ``(N, 3, S, S)`` in ``[-1, 1]``, ``S = model_config.image_size`` (in latent space the
+        scaled latents, ``(N, model_config.channels, S, S)``).
     config:
         Budget and test settings.
     generator:
@@ -242,9 +243,9 @@ def score_cells(
     -------
     DiffusionScores
     """
-    size = model_config.image_size
-    if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
-        raise ValueError(f"images must have shape (N, 3, {size}, {size}), not {tuple(images.shape)}")
+    size, channels = model_config.image_size, model_config.channels
+    if images.ndim != 4 or tuple(images.shape[1:]) != (channels, size, size):
+        raise ValueError(f"images must have shape (N, {channels}, {size}, {size}), not {tuple(images.shape)}")
     n_cells = images.shape[0]
     n_classes = len(model_config.class_names)
     n_t = config.n_timesteps
@@ -259,14 +260,14 @@ def score_cells(
     for start in range(0, n_cells, config.cell_batch):
         stop = min(n_cells, start + config.cell_batch)
         b = stop - start
-        x0 = dihedral_views(images[start:stop].float(), config.views)  # (b, views, 3, S, S)
+        x0 = dihedral_views(images[start:stop].float(), config.views)  # (b, views, C, S, S)
         # Drawn once per cell and shared by every class: the order in which the
         # grid is visited and one noise image per grid timestep.
         orders = torch.empty(b, n_t, dtype=torch.long)
-        noises = torch.empty(b, n_t, 3, size, size)
+        noises = torch.empty(b, n_t, channels, size, size)
         for i in range(b):
             orders[i] = torch.randperm(n_t, generator=generator)
-            noises[i] = torch.randn(n_t, 3, size, size, generator=generator)
+            noises[i] = torch.randn(n_t, channels, size, size, generator=generator)
         active = np.ones((b, n_classes), dtype=bool)
         n_done = np.zeros(b, dtype=np.int64)
         finished = np.zeros(b, dtype=bool)

@@ -1,7 +1,8 @@
 """The class-conditional denoising diffusion model (CytoDiffusion, small).
 
 The model is a diffusers :class:`~diffusers.UNet2DModel` with one class
-embedding per cell class and a diffusers DDPM noise scheduler, in pixel space.
+embedding per cell class and a diffusers DDPM noise scheduler, in pixel space (a latent
+space was measured against it: ``bench/latent_vs_pixel.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class ModelConfig:
     Parameters
     ----------
     image_size:
-        Side of the square RGB input in pixels.
+        Side of the square input: pixels, or latent positions in latent space.
     block_out_channels:
         Channels of each UNet resolution level.
     layers_per_block:
@@ -47,6 +48,9 @@ class ModelConfig:
     #: With the additive "default", GroupNorm with one channel a group (level 0 here) removes the
     #: per-channel offset the embedding adds, so the class condition had no effect at that level.
     resnet_time_scale_shift: str = "scale_shift"
+    #: Channels of the input the model denoises: 3 for RGB pixels (the shipped model), an
+    #: autoencoder's latent channels in latent space (``bench/latent_vs_pixel.py``).
+    channels: int = 3
 
     def __post_init__(self) -> None:
         levels = len(self.block_out_channels)
@@ -62,6 +66,8 @@ class ModelConfig:
             raise ValueError("every block_out_channels entry must be divisible by the first (max 32)")
         if self.resnet_time_scale_shift not in ("default", "scale_shift"):
             raise ValueError("resnet_time_scale_shift must be 'default' or 'scale_shift'")
+        if self.channels < 1:
+            raise ValueError("channels must be positive")
         if self.num_train_timesteps < 10:
             raise ValueError("num_train_timesteps must be at least 10")
 
@@ -90,8 +96,8 @@ def build_unet(config: ModelConfig) -> UNet2DModel:
     )
     return UNet2DModel(
         sample_size=config.image_size,
-        in_channels=3,
-        out_channels=3,
+        in_channels=config.channels,
+        out_channels=config.channels,
         layers_per_block=config.layers_per_block,
         block_out_channels=config.block_out_channels,
         down_block_types=down,

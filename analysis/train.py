@@ -99,6 +99,35 @@ def _balanced_sampler(labels: np.ndarray) -> torch.Tensor:
     return weights
 
 
+def optimisation_step(model: torch.nn.Module, ema: torch.nn.Module, optimiser: torch.optim.Optimizer,
+                      alphas: torch.Tensor, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+                      *, step: int, train: TrainConfig, t_high: int) -> float:
+    """One step of denoising training on the batch ``x`` (labels ``y``); returns the loss.
+
+    Noise and timesteps (uniform on ``[0, t_high)``) are drawn from ``generator``; the learning rate
+    warms up linearly over ``train.warmup_steps``; the EMA copy follows with ``train.ema_decay``.
+    """
+    noise = torch.randn(x.shape, generator=generator).to(x.device)
+    t = torch.randint(0, t_high, (x.shape[0],), generator=generator).to(x.device)
+    a = alphas[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * x + (1 - a).sqrt() * noise
+    lr = train.learning_rate * min(1.0, (step + 1) / train.warmup_steps)
+    for group in optimiser.param_groups:
+        group["lr"] = lr
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=train.bf16):
+        pred = model(noisy, t, class_labels=y).sample
+    loss = torch.nn.functional.mse_loss(pred.float(), noise)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimiser.step()
+    decay = min(train.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1.0 - decay)
+    return float(loss.detach())
+
+
 def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, float]:
     """Train (or continue training) the class-conditional diffusion model.
 
@@ -107,6 +136,9 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
     dict
         Summary: steps done, wall time, final loss.
     """
+    if model_config.channels != 3:
+        raise ValueError("train_diffusion trains the pixel-space model (3 channels); "
+                         "a latent-space model is trained by bench/latent_vs_pixel.py")
     if train.threads:
         torch.set_num_threads(train.threads)
     out = train.out_dir
@@ -168,26 +200,9 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
         x = images[idx].float().div_(255.0)
         x = augment(x, generator, model_config.image_size).mul_(2.0).sub_(1.0).to(device)
         y = labels[idx].to(device)
-        noise = torch.randn(x.shape, generator=generator).to(device)
-        t = torch.randint(0, t_high, (x.shape[0],), generator=generator).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x + (1 - a).sqrt() * noise
-        lr = train.learning_rate * min(1.0, (step + 1) / train.warmup_steps)
-        for group in optimiser.param_groups:
-            group["lr"] = lr
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=train.bf16):
-            pred = model(noisy, t, class_labels=y).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
-        decay = min(train.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1.0 - decay)
+        value = optimisation_step(model, ema, optimiser, alphas, x, y, generator, step=step,
+                                  train=train, t_high=t_high)
         step += 1
-        value = float(loss.detach())
         loss_avg = value if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * value
         if step % 50 == 0 or step == train.steps:
             rate = (step - start_step) / max(time.monotonic() - t0, 1e-9)

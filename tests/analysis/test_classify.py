@@ -30,7 +30,7 @@ from analysis.errors import CheckpointError
 from analysis.evaluate import calibrate
 from analysis.framing import frame_image
 from analysis.heatmap import counterfactual_heatmap, overlay_png
-from analysis.model import ModelConfig
+from analysis.model import ModelConfig, build_unet
 from analysis.pbc import load_images, read_split
 from tests.analysis.conftest import write_tiny_cnn, write_tiny_diffusion
 
@@ -99,6 +99,22 @@ def test_wrong_image_shape_is_refused(tiny_weights: Path) -> None:
     unet, config, _ = load_diffusion(tiny_weights / DIFFUSION_WEIGHTS)
     with pytest.raises(ValueError, match="shape"):
         score_cells(unet, config, torch.zeros(2, 3, 48, 48), CONFIG, torch.Generator())
+
+
+def test_a_latent_space_model_scores_its_latents() -> None:
+    """A model of 4 input channels (latent space, ``bench/latent_vs_pixel.py``) scores latents of
+    its shape and refuses RGB images; configurations written before the field are RGB."""
+    config = dataclasses.replace(TINY, image_size=16, channels=4)
+    assert ModelConfig.from_json(config.to_json()) == config
+    older = json.loads(TINY.to_json())
+    del older["channels"]
+    assert ModelConfig.from_json(json.dumps(older)).channels == 3
+    unet = build_unet(config).eval()
+    z = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    scores = score_cells(unet, config, z, CONFIG, torch.Generator("cpu").manual_seed(1), adaptive=False)
+    assert scores.errors.shape == (3, 8, T) and not np.isnan(scores.errors).any()
+    with pytest.raises(ValueError, match=r"\(N, 4, 16, 16\)"):
+        score_cells(unet, config, torch.zeros(2, 3, 16, 16), CONFIG, torch.Generator())
 
 
 def test_deterministic_given_seed(tiny_weights: Path, test_cells: tuple[torch.Tensor, np.ndarray]) -> None:
