@@ -93,7 +93,8 @@ def format_duration(seconds: float) -> str:
     return f"{days}d {clock}" if days else clock
 
 
-def _balanced_sampler(labels: np.ndarray) -> torch.Tensor:
+def class_balanced_weights(labels: np.ndarray) -> torch.Tensor:
+    """Sampling weights (for ``torch.multinomial``) that draw every class equally often."""
     counts = np.bincount(labels)
     weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.float64)
     return weights
@@ -174,7 +175,7 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
     data = load_images(train.data_dir, rows, model_config.image_size, progress=True)
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()
     labels = torch.from_numpy(data.labels)
-    weights = _balanced_sampler(data.labels)
+    weights = class_balanced_weights(data.labels)
     log.info("training on %d images of the train split", len(rows))
 
     alphas = scheduler.alphas_cumprod.to(device)

@@ -11,6 +11,9 @@ machine's noise), and scores the same PBC val cells with both:
   encoded on the fly. Its UNet costs about a quarter of the pixel UNet per evaluation; the encoder is
   paid once per cell.
 
+``--arm pixel64 --threads 2`` trains a third arm on its own: the pixel design at 64x64 (does resolution
+help at the same number of steps?); ``--report`` adds it to the table.
+
 Scoring: every class on every timestep of a grid of ``--timesteps`` over [0, 500) (exhaustive, one
 view, noise drawn from the same seed), log errors; balanced accuracy over the whole grid and
 over its timesteps >= 125 (the shipped grid's range). Also: wall time of each arm's training (the
@@ -18,6 +21,7 @@ autoencoder's included), the autoencoder's reconstruction PSNR on the scored cel
 evaluations per second while scoring.
 
     .venv/bin/python bench/latent_vs_pixel.py --steps 2000
+    .venv/bin/python bench/latent_vs_pixel.py --steps 2000 --arm pixel64 --threads 2
 
 Each arm writes ``OUT/ARM.json`` and its EMA weights (``OUT/ARM/``); ``--report`` prints the table
 again from them.
@@ -34,13 +38,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ARMS = ("pixel", "latent")
-PIXEL_SIZE = 48
+ARMS = ("pixel", "latent")  # run side by side by default
+#: The pixel arms and their side: the shipped 48, and 64 for the question whether resolution helps.
+PIXEL_SIZES = {"pixel": 48, "pixel64": 64}
 LATENT_INPUT = 96  # the autoencoder's input side; latents are a quarter of it
 
 
@@ -62,10 +65,10 @@ def train_autoencoder(ae, images, labels, steps: int, generator, log: logging.Lo
     import torch
 
     from analysis.augment import augment
-    from analysis.train import _balanced_sampler, format_duration
+    from analysis.train import class_balanced_weights, format_duration
 
     optimiser = torch.optim.AdamW(ae.parameters(), lr=1e-3)
-    weights = _balanced_sampler(labels)
+    weights = class_balanced_weights(labels)
     t0 = time.monotonic()
     for step in range(steps):
         idx = torch.multinomial(weights, 16, replacement=True, generator=generator)
@@ -87,29 +90,41 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, object]:
     import torch
 
     from analysis.augment import augment
-    from analysis.classify import (ClassifierConfig, error_deltas, images_to_tensor, load_diffusion,
-                                   score_cells)
+    from analysis.classify import (
+        ClassifierConfig,
+        error_deltas,
+        images_to_tensor,
+        load_diffusion,
+        score_cells,
+    )
     from analysis.evaluate import stratified_rows
     from analysis.model import ModelConfig, build_scheduler, build_unet, count_parameters
     from analysis.pbc import load_images, read_split
-    from analysis.train import (TrainConfig, _balanced_sampler, export_weights, format_duration,
-                                optimisation_step, train_diffusion)
+    from analysis.train import (
+        TrainConfig,
+        class_balanced_weights,
+        export_weights,
+        format_duration,
+        optimisation_step,
+        train_diffusion,
+    )
     from analysis.uncertainty import balanced_accuracy
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     log = logging.getLogger(arm)
     out = args.out / arm
-    train = TrainConfig(data_dir=args.data, out_dir=out, steps=args.steps, threads=1, t_max=500)
+    train = TrainConfig(data_dir=args.data, out_dir=out, steps=args.steps, threads=args.threads,
+                        t_max=500)
     val_rows = stratified_rows(read_split(args.data, "val"), args.per_class, seed=0)
-    result: dict[str, object] = {"arm": arm, "steps": args.steps}
+    result: dict[str, object] = {"arm": arm, "steps": args.steps, "threads": args.threads}
     t0 = time.monotonic()
-    if arm == "pixel":
-        config = ModelConfig()
+    if arm in PIXEL_SIZES:
+        config = ModelConfig(image_size=PIXEL_SIZES[arm])
         train_diffusion(train, config)
         result["train_s"] = time.monotonic() - t0
         export_weights(out, out / "weights.safetensors")
         unet, config, _ = load_diffusion(out / "weights.safetensors")
-        val = load_images(args.data, val_rows, PIXEL_SIZE)
+        val = load_images(args.data, val_rows, config.image_size)
         x_val = images_to_tensor(val.images)
         encode_s = 0.0
     else:
@@ -137,7 +152,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, object]:
         ema.requires_grad_(False)
         optimiser = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=0.0)
         alphas = build_scheduler(config).alphas_cumprod
-        weights = _balanced_sampler(data.labels)
+        weights = class_balanced_weights(data.labels)
         log.info("latent UNet: %d parameters", count_parameters(model))
         t1 = time.monotonic()
         loss_avg = math.nan
@@ -186,21 +201,25 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, object]:
 
 
 def report(out: Path) -> None:
-    rows = [json.loads((out / f"{arm}.json").read_text()) for arm in ARMS]
-    fields = [("train_s", "training wall time, s (1 thread; latent: autoencoder included)", "{:.0f}"),
+    headers = {"pixel": "pixel 48x48x3", "latent": "latent 24x24x4 (96 px)", "pixel64": "pixel 64x64x3"}
+    arms = [arm for arm in headers if (out / f"{arm}.json").is_file()]
+    rows = [json.loads((out / f"{arm}.json").read_text()) for arm in arms]
+    fields = [("threads", "CPU threads (the default run: both arms at once, one each)", "{}"),
+              ("train_s", "training wall time, s (latent: autoencoder included)", "{:.0f}"),
               ("autoencoder_s", "of which the autoencoder, s", "{:.0f}"),
               ("autoencoder_psnr_db", "autoencoder reconstruction PSNR on the val cells, dB", "{:.1f}"),
               ("unet_parameters", "UNet parameters", "{:,}"),
-              ("unet_evals_per_s", "UNet evaluations per second while scoring (1 thread)", "{:.1f}"),
+              ("unet_evals_per_s", "UNet evaluations per second while scoring", "{:.1f}"),
               ("cells_per_s_scoring", "cells per second, exhaustive scoring (encoder included)", "{:.3f}"),
               ("balanced_accuracy_all", "val balanced accuracy, grid [0, 500)", "{:.3f}"),
               ("balanced_accuracy_t_ge_125", "val balanced accuracy, grid timesteps >= 125", "{:.3f}")]
-    print(f"| {rows[0]['steps']} UNet steps each, {rows[0]['val_cells']} val cells | pixel 48x48x3 | "
-          f"latent 24x24x4 (96 px) |")
-    print("|---|---|---|")
+    print(f"| {rows[0]['steps']} UNet steps each, {rows[0]['val_cells']} val cells | "
+          + " | ".join(headers[a] for a in arms) + " |")
+    print("|---" * (len(arms) + 1) + "|")
     for key, label, fmt in fields:
-        cells = [fmt.format(r[key]) if key in r else "-" for r in rows]
-        print(f"| {label} | {cells[0]} | {cells[1]} |")
+        # runs from before the field existed were the default run, one thread an arm
+        cells = [fmt.format(r.get(key, 1)) if key in r or key == "threads" else "-" for r in rows]
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def main() -> int:
@@ -211,7 +230,9 @@ def main() -> int:
     parser.add_argument("--ae-steps", type=int, default=1500, help="autoencoder training steps (batch 16)")
     parser.add_argument("--per-class", type=int, default=20, help="val cells of each class scored")
     parser.add_argument("--timesteps", type=int, default=20, help="grid of the exhaustive scoring")
-    parser.add_argument("--arm", choices=ARMS, help="run one arm in this process (the default runs both)")
+    parser.add_argument("--arm", choices=(*ARMS, *PIXEL_SIZES),
+                        help="run one arm in this process (the default runs pixel and latent side by side)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each arm")
     parser.add_argument("--report", action="store_true", help="print the table of an earlier run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
