@@ -229,7 +229,7 @@ def score_cells(
         The class-conditional diffusion model (see :func:`load_diffusion`).
     images:
         ``(N, 3, S, S)`` in ``[-1, 1]``, ``S = model_config.image_size`` (in latent space the
-        scaled latents, ``(N, model_config.channels, S, S)``).
+        scaled latents, ``(N, model_config.in_channels, S, S)``).
     config:
         Budget and test settings.
     generator:
@@ -243,7 +243,7 @@ def score_cells(
     -------
     DiffusionScores
     """
-    size, channels = model_config.image_size, model_config.channels
+    size, channels = model_config.image_size, model_config.in_channels
     if images.ndim != 4 or tuple(images.shape[1:]) != (channels, size, size):
         raise ValueError(f"images must have shape (N, {channels}, {size}, {size}), not {tuple(images.shape)}")
     n_cells = images.shape[0]

@@ -50,7 +50,7 @@ class ModelConfig:
     resnet_time_scale_shift: str = "scale_shift"
     #: Channels of the input the model denoises: 3 for RGB pixels (the shipped model), an
     #: autoencoder's latent channels in latent space (``bench/latent_vs_pixel.py``).
-    channels: int = 3
+    in_channels: int = 3
 
     def __post_init__(self) -> None:
         levels = len(self.block_out_channels)
@@ -66,8 +66,8 @@ class ModelConfig:
             raise ValueError("every block_out_channels entry must be divisible by the first (max 32)")
         if self.resnet_time_scale_shift not in ("default", "scale_shift"):
             raise ValueError("resnet_time_scale_shift must be 'default' or 'scale_shift'")
-        if self.channels < 1:
-            raise ValueError("channels must be positive")
+        if self.in_channels < 1:
+            raise ValueError("in_channels must be positive")
         if self.num_train_timesteps < 10:
             raise ValueError("num_train_timesteps must be at least 10")
 
@@ -96,8 +96,8 @@ def build_unet(config: ModelConfig) -> UNet2DModel:
     )
     return UNet2DModel(
         sample_size=config.image_size,
-        in_channels=config.channels,
-        out_channels=config.channels,
+        in_channels=config.in_channels,
+        out_channels=config.in_channels,
         layers_per_block=config.layers_per_block,
         block_out_channels=config.block_out_channels,
         down_block_types=down,

@@ -137,7 +137,7 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
     dict
         Summary: steps done, wall time, final loss.
     """
-    if model_config.channels != 3:
+    if model_config.in_channels != 3:
         raise ValueError("train_diffusion trains the pixel-space model (3 channels); "
                          "a latent-space model is trained by bench/latent_vs_pixel.py")
     if train.threads:

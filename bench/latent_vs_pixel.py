@@ -146,7 +146,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, object]:
         sample = images[torch.randperm(len(images), generator=generator)[:512]].float().div(127.5).sub(1.0)
         scale = float(1.0 / encode(sample).std())
         result["latent_scale"] = scale
-        config = ModelConfig(image_size=LATENT_INPUT // 4, channels=4)
+        config = ModelConfig(image_size=LATENT_INPUT // 4, in_channels=4)
         model, ema = build_unet(config), build_unet(config)
         ema.load_state_dict(model.state_dict())
         ema.requires_grad_(False)

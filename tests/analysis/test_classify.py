@@ -104,11 +104,11 @@ def test_wrong_image_shape_is_refused(tiny_weights: Path) -> None:
 def test_a_latent_space_model_scores_its_latents() -> None:
     """A model of 4 input channels (latent space, ``bench/latent_vs_pixel.py``) scores latents of
     its shape and refuses RGB images; configurations written before the field are RGB."""
-    config = dataclasses.replace(TINY, image_size=16, channels=4)
+    config = dataclasses.replace(TINY, image_size=16, in_channels=4)
     assert ModelConfig.from_json(config.to_json()) == config
     older = json.loads(TINY.to_json())
-    del older["channels"]
-    assert ModelConfig.from_json(json.dumps(older)).channels == 3
+    del older["in_channels"]
+    assert ModelConfig.from_json(json.dumps(older)).in_channels == 3
     unet = build_unet(config).eval()
     z = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     scores = score_cells(unet, config, z, CONFIG, torch.Generator("cpu").manual_seed(1), adaptive=False)

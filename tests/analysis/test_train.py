@@ -87,7 +87,7 @@ def test_bad_train_config_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(tmp_path, tmp_path, steps=0)
     # cytonode train trains on pixels; a latent-space configuration is refused before any work.
-    latent = ModelConfig(image_size=16, block_out_channels=(16, 32), attention_levels=(), channels=4)
+    latent = ModelConfig(image_size=16, block_out_channels=(16, 32), attention_levels=(), in_channels=4)
     with pytest.raises(ValueError, match="pixel-space"):
         train_diffusion(TrainConfig(tmp_path, tmp_path / "run", steps=2), latent)
     assert not (tmp_path / "run").exists()
