@@ -44,6 +44,8 @@ sys.path.insert(0, str(ROOT))
 ARMS = ("pixel", "latent")  # run side by side by default
 #: The pixel arms and their side: the shipped 48, and 64 for the question whether resolution helps.
 PIXEL_SIZES = {"pixel": 48, "pixel64": 64}
+#: Every arm, in the report's column order, with its column heading.
+HEADINGS = {"pixel": "pixel 48x48x3", "latent": "latent 24x24x4 (96 px)", "pixel64": "pixel 64x64x3"}
 LATENT_INPUT = 96  # the autoencoder's input side; latents are a quarter of it
 
 
@@ -171,7 +173,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, object]:
         out.mkdir(parents=True, exist_ok=True)
         torch.save({"unet": ema.state_dict(), "autoencoder": ae.state_dict(), "scale": scale,
                     "model_config": config.to_json()}, out / "weights.pt")
-        unet = ema.eval().requires_grad_(False)
+        unet = ema.eval()  # gradients off since it was built
         val = load_images(args.data, val_rows, LATENT_INPUT)
         pixels = images_to_tensor(val.images)
         t2 = time.monotonic()
@@ -201,8 +203,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, object]:
 
 
 def report(out: Path) -> None:
-    headers = {"pixel": "pixel 48x48x3", "latent": "latent 24x24x4 (96 px)", "pixel64": "pixel 64x64x3"}
-    arms = [arm for arm in headers if (out / f"{arm}.json").is_file()]
+    arms = [arm for arm in HEADINGS if (out / f"{arm}.json").is_file()]
     rows = [json.loads((out / f"{arm}.json").read_text()) for arm in arms]
     fields = [("threads", "CPU threads (the default run: both arms at once, one each)", "{}"),
               ("train_s", "training wall time, s (latent: autoencoder included)", "{:.0f}"),
@@ -214,11 +215,10 @@ def report(out: Path) -> None:
               ("balanced_accuracy_all", "val balanced accuracy, grid [0, 500)", "{:.3f}"),
               ("balanced_accuracy_t_ge_125", "val balanced accuracy, grid timesteps >= 125", "{:.3f}")]
     print(f"| {rows[0]['steps']} UNet steps each, {rows[0]['val_cells']} val cells | "
-          + " | ".join(headers[a] for a in arms) + " |")
+          + " | ".join(HEADINGS[a] for a in arms) + " |")
     print("|---" * (len(arms) + 1) + "|")
     for key, label, fmt in fields:
-        # runs from before the field existed were the default run, one thread an arm
-        cells = [fmt.format(r.get(key, 1)) if key in r or key == "threads" else "-" for r in rows]
+        cells = [fmt.format(r[key]) if key in r else "-" for r in rows]
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
@@ -230,7 +230,7 @@ def main() -> int:
     parser.add_argument("--ae-steps", type=int, default=1500, help="autoencoder training steps (batch 16)")
     parser.add_argument("--per-class", type=int, default=20, help="val cells of each class scored")
     parser.add_argument("--timesteps", type=int, default=20, help="grid of the exhaustive scoring")
-    parser.add_argument("--arm", choices=(*ARMS, *PIXEL_SIZES),
+    parser.add_argument("--arm", choices=tuple(HEADINGS),
                         help="run one arm in this process (the default runs pixel and latent side by side)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of each arm")
     parser.add_argument("--report", action="store_true", help="print the table of an earlier run")
