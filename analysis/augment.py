@@ -1,4 +1,11 @@
-"""Training augmentations: the ones that buy robustness to stain and scanner."""
+"""Training augmentations: the ones that buy robustness to stain, scanner and focus.
+
+Geometry (dihedral views, small rotation, scale +-15 %: the red-cell scale check lets
+a spacing be off by about that much) and the colour and optics shifts computational
+pathology uses between labs: HED stain jitter (Tellez et al. 2019: each stain's
+optical density scaled and shifted), brightness, contrast, saturation, hue, a per-channel
+white balance (grey-green or pink backgrounds), Gaussian blur (focus) and sensor noise.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +16,51 @@ _RGB2YIQ = torch.tensor(
     [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]]
 )
 _YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
+# Haematoxylin, eosin, DAB optical densities (Ruifrok and Johnston 2001; skimage's rgb_from_hed).
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_RGB_FROM_HED = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, out_size: int) -> torch.Tensor:
-    """Randomly rotate, flip, rescale and colour-jitter a batch.
+def _u(b: int, g: torch.Generator, low: float, high: float, *shape: int) -> torch.Tensor:
+    return low + (high - low) * torch.rand(b, *shape, generator=g)
+
+
+def stain_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """HED jitter, white balance, blur and noise on a ``(B, 3, S, S)`` batch in ``[0, 1]``."""
+    b, g = x.shape[0], generator
+    # HED: optical density -> stain concentrations, scale and shift each, back.
+    od = -torch.log(x.clamp(min=1e-3))
+    hed = torch.einsum("bchw,cd->bdhw", od, _HED_FROM_RGB)
+    alpha = _u(b, g, 0.7, 1.3, 3, 1, 1)
+    beta = _u(b, g, -0.06, 0.06, 3, 1, 1)
+    hed = hed * alpha + beta
+    x = torch.exp(-torch.einsum("bdhw,dc->bchw", hed, _RGB_FROM_HED)).clamp(0.0, 1.0)
+    # White balance: one gain per channel.
+    x = x * _u(b, g, 0.88, 1.12, 3, 1, 1)
+    # Focus: Gaussian blur on half the batch (one sigma a batch, 0.3-1.0 output pixels).
+    blur = torch.rand(b, generator=g) < 0.5
+    if bool(blur.any()):
+        sigma = float(_u(1, g, 0.3, 1.0))
+        radius = max(1, round(2.5 * sigma))
+        k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+        k = k / k.sum()
+        sub = x[blur]
+        c = sub.shape[1]
+        sub = torch.nn.functional.pad(sub, (radius, radius, radius, radius), mode="reflect")
+        sub = torch.nn.functional.conv2d(sub, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+        sub = torch.nn.functional.conv2d(sub, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+        x = x.clone()
+        x[blur] = sub
+    # Sensor noise.
+    x = x + torch.randn(x.shape, generator=g) * _u(b, g, 0.0, 0.025, 1, 1, 1)
+    return x.clamp(0.0, 1.0)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, out_size: int,
+            *, stain: bool = True) -> torch.Tensor:
+    """Randomly rotate, flip, rescale and colour-jitter a batch (and, with ``stain``, the
+    stain, white balance, focus and noise shifts of :func:`stain_augment`).
 
     Parameters
     ----------
@@ -35,9 +83,9 @@ def augment(x: torch.Tensor, generator: torch.Generator, out_size: int) -> torch
     x = torch.rot90(x, k, dims=(2, 3))
     if bool(torch.rand(1, generator=g) < 0.5):
         x = torch.flip(x, dims=(3,))
-    # Small free rotation and scale (0.9-1.1) with an affine grid.
+    # Small free rotation and scale (0.85-1.15 with stain, else 0.9-1.1) with an affine grid.
     angle = (torch.rand(b, generator=g) - 0.5) * (torch.pi / 6)
-    scale = 1.0 + (torch.rand(b, generator=g) - 0.5) * 0.2
+    scale = 1.0 + (torch.rand(b, generator=g) - 0.5) * (0.3 if stain else 0.2)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
@@ -58,5 +106,5 @@ def augment(x: torch.Tensor, generator: torch.Generator, out_size: int) -> torch
     i2 = (c[:, None, None] * i_ - s[:, None, None] * q_) * sat
     q2 = (s[:, None, None] * i_ + c[:, None, None] * q_) * sat
     yiq = torch.stack([yiq[:, 0], i2, q2], dim=1)
-    x = torch.einsum("ij,bjhw->bihw", _YIQ2RGB, yiq)
-    return x.clamp(0.0, 1.0)
+    x = torch.einsum("ij,bjhw->bihw", _YIQ2RGB, yiq).clamp(0.0, 1.0)
+    return stain_augment(x, g) if stain else x

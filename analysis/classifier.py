@@ -35,6 +35,7 @@ from analysis.uncertainty import entropy, margin
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DIFFUSION_WEIGHTS = "cytodiffusion.safetensors"
 BASELINE_WEIGHTS = "baseline_cnn.safetensors"
+REFERENCE_WEIGHTS = "reference_effnet.safetensors"
 CALIBRATION = "calibration.json"
 #: The anomaly score a calibration's per-class normalisation belongs to (see
 #: :func:`analysis.classify.anomaly_raw`).
@@ -171,3 +172,30 @@ class BaselineClassifier:
     def predict(self, images: np.ndarray) -> Predictions:
         p = predict_baseline(self.model, images_to_tensor(images)).numpy().astype(np.float64)
         return cnn_predictions(p, self.calibration)
+
+
+class ReferenceClassifier:
+    """The fine-tuned EfficientNet-Lite0 reference (:mod:`analysis.reference`) with its calibrated
+    thresholds (``calibration.json``'s ``reference`` entry, when fitted)."""
+
+    def __init__(self, weights_dir: Path = WEIGHTS_DIR) -> None:
+        from analysis.reference import load_reference
+
+        self.model, self.config, self.metadata = load_reference(weights_dir / REFERENCE_WEIGHTS)
+        _require_all_classes(weights_dir, self.config.class_names)
+        path = weights_dir / CALIBRATION
+        calibration = read_calibration(weights_dir) if path.is_file() else {}
+        self.calibration = {"cnn": calibration["reference"]} if "reference" in calibration else {}
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        from analysis.reference import reference_logits
+
+        logits, _ = reference_logits(self.model, images)
+        return np.asarray(torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy())
+
+    def predict(self, images: np.ndarray) -> Predictions:
+        return cnn_predictions(self.probabilities(images), self.calibration)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from scipy import stats
 
 from analysis.errors import CheckpointError
-from analysis.model import ModelConfig, build_scheduler, build_unet
+from analysis.model import ModelConfig, build_scheduler, build_unet, cell_weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +256,8 @@ def score_cells(
     errors = np.full((n_cells, n_classes, n_t), np.nan, dtype=np.float64)
     log_scale = config.error_scale == "log"
     unet_evals = np.zeros(n_cells, dtype=np.int64)
+    weight = cell_weight(model_config)
+    weight = weight / (weight.sum() * channels)
 
     for start in range(0, n_cells, config.cell_batch):
         stop = min(n_cells, start + config.cell_batch)
@@ -301,7 +303,7 @@ def score_cells(
             for s in range(0, len(job_cell), config.unet_batch):
                 e = slice(s, s + config.unet_batch)
                 pred = unet(noisy[e].to(device), t[e].to(device), class_labels=cls[e].to(device)).sample
-                err[e] = ((pred.float().cpu() - eps[e]) ** 2).mean(dim=(1, 2, 3))
+                err[e] = (((pred.float().cpu() - eps[e]) ** 2) * weight).sum(dim=(1, 2, 3))
             errors[start + cell.numpy(), cls.numpy(), grid_index.numpy()] = err.double().numpy()
             np.add.at(unet_evals, start + cell.numpy(), 1)
 

@@ -17,6 +17,7 @@ import numpy as np
 from analysis.classes import CLASS_NAMES, kept_classes
 
 DEFAULT_PBC = Path("../shared/data/pbc")
+DEFAULT_DATA = Path("../shared/data")
 # ModelConfig's defaults, written out so that building the parser does not import
 # torch and diffusers (seconds); tests/analysis/test_evaluate.py checks they agree.
 DEFAULT_IMAGE_SIZE = 48
@@ -25,7 +26,19 @@ DEFAULT_CHANNELS = (16, 32, 64, 128)
 
 def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("train", help="train (or resume training) the diffusion classifier")
-    p.add_argument("--data", type=Path, default=DEFAULT_PBC, help="PBC folder with splits.csv")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                   help="shared data folder with pbc/, bccd/ and chula_wbc/")
+    p.add_argument("--labs", default="pbc,bccd,chula",
+                   help="labs whose train cells are used, comma separated (leave one out: "
+                        "pbc,chula or pbc,bccd)")
+    p.add_argument("--lab-share", type=float, default=0.5, help="share of each batch from PBC")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start a new run from these exported weights (fine-tuning)")
+    p.add_argument("--t-min", type=int, default=0, help="train on timesteps >= T_MIN")
+    p.add_argument("--min-snr-gamma", type=float, default=5.0,
+                   help="min-SNR loss weighting (0: off)")
+    p.add_argument("--cell-disc", type=float, default=0.4,
+                   help="radius of the cell disc the error is measured in, a fraction of the frame")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder (resumes if present)")
     p.add_argument("--steps", type=int, default=60000, help="total optimiser steps")
     p.add_argument("--batch-size", type=int, default=64)
@@ -58,11 +71,18 @@ def run_train(args: argparse.Namespace) -> int:
     levels = len(channels)
     model_config = ModelConfig(image_size=args.image_size, block_out_channels=channels,
                                attention_levels=(levels - 1,),
-                               class_names=classes)
-    train_config = TrainConfig(data_dir=args.data, out_dir=args.out, steps=args.steps,
-                               batch_size=args.batch_size, learning_rate=args.lr,
-                               device=args.device, bf16=args.bf16, threads=args.threads,
-                               seed=args.seed, t_max=args.t_max)
+                               class_names=classes, cell_disc=args.cell_disc)
+    labs = tuple(lab.strip() for lab in args.labs.split(",") if lab.strip())
+    try:
+        train_config = TrainConfig(data_dir=args.data, out_dir=args.out, steps=args.steps,
+                                   batch_size=args.batch_size, learning_rate=args.lr,
+                                   device=args.device, bf16=args.bf16, threads=args.threads,
+                                   seed=args.seed, t_max=args.t_max, t_min=args.t_min, labs=labs,
+                                   lab_share=args.lab_share, init_weights=args.init,
+                                   min_snr_gamma=args.min_snr_gamma)
+    except ValueError as exc:
+        sys.stderr.write(f"cytonode train: {exc}\n")
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     summary = train_diffusion(train_config, model_config)
     if args.export:
@@ -85,8 +105,12 @@ def add_classify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser("classify", help="classify single-cell images (PNG/JPEG/BMP files or folders)")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
     p.add_argument("--json", action="store_true", help="one JSON object a line (the contract)")
-    p.add_argument("--model", choices=("diffusion", "cnn"), default="diffusion",
-                   help="the diffusion classifier (default) or the CNN baseline")
+    p.add_argument("--model", choices=("diffusion", "reference", "cnn"), default="diffusion",
+                   help="the diffusion classifier (default), the fine-tuned EfficientNet-Lite0 "
+                        "reference, or the small CNN of earlier versions")
+    p.add_argument("--pixel-spacing", type=float, default=None, metavar="UM",
+                   help="micrometres per pixel of the images (default: estimated from the red "
+                        "cells around each cell)")
     p.add_argument("--weights", type=Path, default=None,
                    help="folder with the weights and calibration.json (default: the shipped ones)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -99,10 +123,14 @@ def add_classify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def run_classify(args: argparse.Namespace) -> int:
     from analysis.classes import CLASS_NAMES
     from analysis.errors import CheckpointError, DatasetError
-    from analysis.framing import collect_image_paths, read_framed
+    from analysis.framing import FramedImage, collect_image_paths, frame_cell_image, read_image
 
     if args.batch < 1:
         raise ValueError("--batch must be positive")
+    if args.pixel_spacing is not None and not 0.01 <= args.pixel_spacing <= 10.0:
+        sys.stderr.write(f"cytonode classify: --pixel-spacing must lie in [0.01, 10] um, "
+                         f"not {args.pixel_spacing}\n")
+        return 2
     try:  # bad input is reported before the model is loaded
         paths = collect_image_paths(list(args.paths))
     except DatasetError as exc:
@@ -111,15 +139,22 @@ def run_classify(args: argparse.Namespace) -> int:
 
     import torch
 
-    from analysis.classifier import BaselineClassifier, DiffusionClassifier, Predictions
+    from analysis.classifier import (
+        BaselineClassifier,
+        DiffusionClassifier,
+        Predictions,
+        ReferenceClassifier,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
     weights = args.weights or _weights_dir_default()
     try:
-        model: DiffusionClassifier | BaselineClassifier
+        model: DiffusionClassifier | BaselineClassifier | ReferenceClassifier
         if args.model == "diffusion":
             model = DiffusionClassifier(weights, device=args.device)
+        elif args.model == "reference":
+            model = ReferenceClassifier(weights)
         else:
             model = BaselineClassifier(weights)
     except CheckpointError as exc:
@@ -129,11 +164,14 @@ def run_classify(args: argparse.Namespace) -> int:
     progress = len(paths) > args.batch
     for start in range(0, len(paths), args.batch):
         chunk = paths[start:start + args.batch]
-        try:
-            images = np.stack([read_framed(p, model.image_size) for p in chunk])
-        except DatasetError as exc:
-            sys.stderr.write(f"cytonode classify: {exc}\n")
-            return 2
+        framed: list[FramedImage] = []
+        for p in chunk:
+            try:
+                framed.append(frame_cell_image(read_image(p), model.image_size, args.pixel_spacing))
+            except DatasetError as exc:
+                sys.stderr.write(f"cytonode classify: {p}: {exc}\n")
+                return 2
+        images = np.stack([f.image for f in framed])
         pred: Predictions
         if isinstance(model, DiffusionClassifier):
             pred = model.predict(images, generator)
@@ -149,6 +187,9 @@ def run_classify(args: argparse.Namespace) -> int:
                 "anomaly_score": round(float(pred.anomaly_score[i]), 6),
                 "review": bool(pred.review[i]),
                 "abnormal": bool(pred.abnormal[i]),
+                "pixel_spacing_um": round(framed[i].pixel_spacing_um, 5),
+                "pixel_spacing_source": framed[i].spacing_source,
+                "scale_ok": framed[i].scale_ok,
             }
             if args.json:
                 sys.stdout.write(json.dumps(record) + "\n")

@@ -1,23 +1,24 @@
-"""Cut white cells out of a slide the way the classifier's training images are framed.
+"""Cut white cells out of a slide with the one framing every model input gets.
 
-PBC images (CellaVision DM96, resized to 160 x 160) show one white cell in the
-middle of the frame: a neutrophil of about 12 um spans about 0.4 of the frame
-width, and the frame is about 30 um wide. A crop here is a square centred on
-the detected cell whose side is ``frame_to_cell`` (3.3, matched by eye on the contact sheet) times the measured cell
-diameter, clamped to ``[min_side_um, max_side_um]`` so that a small lymphocyte
-keeps some context and a large monocyte is not cut. The side therefore follows
-the measured cell size, not only the pixel spacing.
+A crop is the square of :data:`analysis.framing.FIELD_OF_VIEW_UM` micrometres centred on the
+detected cell, read from the pyramid level nearest the wanted spacing and resized to the
+model's input: the same physical framing :mod:`analysis.training.labs` gives every training,
+val and test cell of every lab (:func:`analysis.framing.frame_at`), and ``cytonode classify``
+gives a single-cell image. Parts of the square outside the slide are mirrored in.
+
+:func:`slide_scale_check` measures the red cells around the crops (median 7.5 um across), so
+that a slide whose pixel spacing is wrong is noticed before its cells are trusted.
 
 ``docs/contact_sheet.png`` (made by :func:`contact_sheet`) shows slide crops
-next to PBC images so a person can see that the framing matches.
+next to framed PBC images so a person can see that the framing matches.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -25,7 +26,16 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
 from analysis.detect import DetectedCell
+from analysis.framing import (
+    FIELD_OF_VIEW_UM,
+    RED_CELL_DIAMETER_UM,
+    frame_at,
+    red_cell_diameter_px,
+)
 from analysis.tiles import Slide
+
+#: A slide whose red cells measure more than this fraction off 7.5 um fails the scale check.
+SCALE_TOLERANCE = 0.15
 
 
 @dataclass(frozen=True)
@@ -35,30 +45,66 @@ class CropConfig:
     Parameters
     ----------
     output_size:
-        Side of the returned square image in pixels (PBC: 160).
-    frame_to_cell:
-        Crop side divided by the cell's equivalent diameter.
-    min_side_um, max_side_um:
-        Bounds of the crop side in micrometres.
+        Side of the returned square image in pixels (the model's input size).
+    field_of_view_um:
+        Side of the framed square in micrometres (:data:`analysis.framing.FIELD_OF_VIEW_UM`).
     """
 
-    output_size: int = 160
-    frame_to_cell: float = 3.3
-    min_side_um: float = 28.0
-    max_side_um: float = 56.0
+    output_size: int = 48
+    field_of_view_um: float = FIELD_OF_VIEW_UM
 
     def __post_init__(self) -> None:
         if self.output_size < 8:
             raise ValueError(f"output_size must be >= 8, got {self.output_size}")
-        if not self.frame_to_cell > 1:
-            raise ValueError(f"frame_to_cell must be > 1, got {self.frame_to_cell}")
-        if not 0 < self.min_side_um <= self.max_side_um:
-            raise ValueError("need 0 < min_side_um <= max_side_um")
+        if not self.field_of_view_um > 0:
+            raise ValueError(f"field_of_view_um must be > 0, got {self.field_of_view_um}")
 
 
 def crop_side_um(cell: DetectedCell, config: CropConfig) -> float:
-    """Side of the crop around ``cell`` in micrometres."""
-    return min(config.max_side_um, max(config.min_side_um, config.frame_to_cell * cell.diameter_um))
+    """Side of the crop around ``cell`` in micrometres (the same for every cell)."""
+    del cell  # one framing for every cell: the field of view does not follow the cell's size
+    return config.field_of_view_um
+
+
+@dataclass(frozen=True)
+class ScaleCheck:
+    """The red-cell ruler on a slide: median red-cell diameter at the slide's pixel spacing.
+
+    ``ratio`` is the measured diameter over 7.5 um; ``ok`` is ``|ratio - 1| <= 0.15``;
+    ``None`` values when too few red cells were found to tell (``ok`` is then ``None``).
+    """
+
+    red_cell_diameter_um: float | None
+    crops_measured: int
+    ratio: float | None
+    ok: bool | None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"red_cell_diameter_um": self.red_cell_diameter_um,
+                "crops_measured": self.crops_measured, "ratio": self.ratio, "ok": self.ok}
+
+
+def slide_scale_check(slide: Slide, cells: Sequence[DetectedCell], *, max_cells: int = 24,
+                      side_um: float = 40.0, side_px: int = 192) -> ScaleCheck:
+    """Measure the red cells in squares of ``side_um`` around up to ``max_cells`` cells.
+
+    Each square is read at ``side_um / side_px`` um/px (by the slide's own spacing) and its
+    red cells measured with :func:`analysis.framing.red_cell_diameter_px`; the median over the
+    squares is compared with 7.5 um.
+    """
+    diameters = []
+    step = max(1, len(cells) // max_cells)
+    config = CropConfig(output_size=side_px, field_of_view_um=side_um)
+    for cell in list(cells)[::step][:max_cells]:
+        found = red_cell_diameter_px(crop_cell(slide, cell, config))
+        if found is not None:
+            diameters.append(found[0] * side_um / side_px)
+    if len(diameters) < 3:
+        return ScaleCheck(None, len(diameters), None, None)
+    median = float(np.median(diameters))
+    ratio = median / RED_CELL_DIAMETER_UM
+    return ScaleCheck(round(median, 3), len(diameters), round(ratio, 3),
+                      abs(ratio - 1.0) <= SCALE_TOLERANCE)
 
 
 def _read_padded(slide: Slide, level_index: int, x0: int, y0: int, side: int) -> NDArray[np.uint8]:
@@ -69,10 +115,20 @@ def _read_padded(slide: Slide, level_index: int, x0: int, y0: int, side: int) ->
     if rx1 <= rx0 or ry1 <= ry0:
         raise ValueError(f"crop at ({x0}, {y0}) lies outside level {level_index}")
     region = slide.read_region(level_index, (rx0, ry0), (rx1 - rx0, ry1 - ry0))
-    pad = ((ry0 - y0, y0 + side - ry1), (rx0 - x0, x0 + side - rx1), (0, 0))
-    if any(p for pair in pad for p in pair):
-        region = np.pad(region, pad, mode="edge")
+    pads = (ry0 - y0, y0 + side - ry1, rx0 - x0, x0 + side - rx1)
+    if any(pads):  # mirrored in, as analysis.framing.frame_at does
+        region = cv2.copyMakeBorder(np.ascontiguousarray(region), *pads,
+                                    borderType=cv2.BORDER_REFLECT_101)
     return region
+
+
+def crop_footprint(slide: Slide, cell: DetectedCell, config: CropConfig) -> tuple[Any, int, int, int]:
+    """Where :func:`crop_cell` reads: the pyramid level, the square's origin and side there."""
+    side_um = crop_side_um(cell, config)
+    level = slide.level_for_spacing(side_um / config.output_size)
+    side = max(1, round(side_um / level.pixel_spacing_um))
+    cx, cy = cell.x / level.downsample, cell.y / level.downsample
+    return level, round(cx - side / 2), round(cy - side / 2), side
 
 
 def crop_cell(slide: Slide, cell: DetectedCell, config: CropConfig | None = None) -> NDArray[np.uint8]:
@@ -93,12 +149,7 @@ def crop_cell(slide: Slide, cell: DetectedCell, config: CropConfig | None = None
         ``(output_size, output_size, 3)`` uint8 RGB, the cell at the centre.
     """
     config = config or CropConfig()
-    side_um = crop_side_um(cell, config)
-    wanted_spacing = side_um / config.output_size
-    level = slide.level_for_spacing(wanted_spacing)
-    side = math.ceil(side_um / level.pixel_spacing_um)
-    cx, cy = cell.x / level.downsample, cell.y / level.downsample
-    x0, y0 = round(cx - side / 2), round(cy - side / 2)
+    level, x0, y0, side = crop_footprint(slide, cell, config)
     region = _read_padded(slide, level.index, x0, y0, side)
     return _resize(region, config.output_size)
 
@@ -107,14 +158,8 @@ def crop_cell_from_image(rgb: NDArray[np.uint8], cell: DetectedCell, pixel_spaci
                          config: CropConfig | None = None) -> NDArray[np.uint8]:
     """Return the framed crop of one cell of an in-memory field image."""
     config = config or CropConfig()
-    side = math.ceil(crop_side_um(cell, config) / pixel_spacing_um)
-    x0, y0 = round(cell.x - side / 2), round(cell.y - side / 2)
-    h, w = rgb.shape[:2]
-    pad = ((max(0, -y0), max(0, y0 + side - h)), (max(0, -x0), max(0, x0 + side - w)), (0, 0))
-    region = rgb[max(0, y0):y0 + side, max(0, x0):x0 + side]
-    if any(p for pair in pad for p in pair):
-        region = np.pad(region, pad, mode="edge")
-    return _resize(region, config.output_size)
+    return frame_at(rgb, (cell.x, cell.y), pixel_spacing_um, crop_side_um(cell, config),
+                    config.output_size)
 
 
 def iter_crops(slide: Slide, cells: Iterable[DetectedCell],
@@ -200,10 +245,16 @@ def make_contact_sheet(slide_path: Path, pbc_dir: Path, out: Path, per_row: int 
         files = sorted((pbc_dir / cls).glob("*.jpg"))
         if files:
             with Image.open(files[len(pbc) % len(files)]) as im:
-                pbc.append(np.asarray(im.convert("RGB").resize((config.output_size,) * 2)))
+                rgb = np.asarray(im.convert("RGB"))
+            from analysis.pbc import PBC_FRAME_UM
+
+            h, w = rgb.shape[:2]
+            pbc.append(frame_at(rgb, (w / 2, h / 2), PBC_FRAME_UM / w, config.field_of_view_um,
+                                config.output_size))
     rows: list[tuple[str, Sequence[NDArray[np.uint8]]]] = []
     for start in range(0, min(len(crops), 2 * per_row), per_row):
         rows.append((f"slide crops (cytonode detect + crops), cells {start + 1}-"
                      f"{min(len(crops), start + per_row)}", crops[start:start + per_row]))
-    rows.append(("PBC training images (CellaVision, 160 x 160)", pbc[:per_row]))
+    rows.append((f"PBC training images framed the same way ({config.field_of_view_um:g} um)",
+                 pbc[:per_row]))
     return contact_sheet(rows, out)

@@ -49,10 +49,11 @@ from analysis.tiles import Slide
 
 logger = logging.getLogger(__name__)
 
-#: Pixel spacing assumed for a plain field image when none is given. BCCD
-#: fields (640 x 480) show red cells with a median box of 105 px, i.e. about
-#: 0.075 um/px for a 7.8 um red cell.
-DEFAULT_FIELD_PIXEL_SPACING_UM = 0.075
+#: Pixel spacing assumed for a plain field image when none is given: that of BCCD fields
+#: (640 x 480), whose red cells measure 91 px across by the node's red-cell ruler
+#: (:func:`analysis.framing.red_cell_diameter_px`, median of 360 fields), i.e. 7.5 / 91 um/px.
+#: (The VOC red-cell boxes, median 105 px, are drawn loosely around overlapping cells.)
+DEFAULT_FIELD_PIXEL_SPACING_UM = 0.0823
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from analysis.classes import CLASS_NAMES
 from analysis.classifier import (
     ANOMALY_SCORE,
     BASELINE_WEIGHTS,
+    REFERENCE_WEIGHTS,
     CALIBRATION,
     DIFFUSION_WEIGHTS,
     Predictions,
@@ -39,8 +40,13 @@ from analysis.classify import (
     score_cells,
 )
 from analysis.errors import CheckpointError, DatasetError
-from analysis.framing import collect_image_paths, read_framed
-from analysis.pbc import load_images, read_split
+from analysis.framing import (
+    collect_image_paths,
+    estimate_pixel_spacing_um,
+    read_framed,
+    read_image,
+)
+from analysis.pbc import LabelledImages, load_images, read_split
 from analysis.uncertainty import (
     aurc,
     auroc,
@@ -71,14 +77,40 @@ def stratified_rows(rows: list[tuple[str, int]], per_class: int, seed: int) -> l
     return out
 
 
+def folder_spacing_um(paths: list[Path]) -> float:
+    """One lab's pixel spacing: the median of the red-cell estimates of its images."""
+    estimates = [found[0] for found in (estimate_pixel_spacing_um(read_image(p)) for p in paths)
+                 if found is not None]
+    if len(estimates) < 3:
+        raise DatasetError(f"too few images with red cells to estimate the pixel spacing of "
+                           f"{paths[0].parent if paths else 'an empty folder'}")
+    return float(np.median(estimates))
+
+
 def load_folder(folder: Path, size: int, limit: int = 0) -> np.ndarray:
-    """Frame every image of a folder (sorted; the first ``limit`` if > 0)."""
+    """Frame every image of a folder (sorted; the first ``limit`` if > 0) at the folder's
+    pixel spacing (:func:`folder_spacing_um`: the images come from one lab and scanner)."""
     if not folder.is_dir():
         raise DatasetError(f"{folder} not found")
     paths = collect_image_paths([folder])
     if limit > 0:
         paths = paths[:limit]
-    return np.stack([read_framed(p, size) for p in paths])
+    spacing = folder_spacing_um(paths)
+    return np.stack([read_framed(p, size, spacing) for p in paths])
+
+
+def other_labs_val(pbc_dir: Path, size: int, names: tuple[str, ...]) -> list[LabelledImages]:
+    """The val cells of the labs beside PBC (``bccd/``, ``chula_wbc/`` next to ``pbc_dir``)."""
+    from analysis.framing import FIELD_OF_VIEW_UM
+    from analysis.training.labs import load_lab
+
+    root = pbc_dir.parent
+    out = []
+    for lab, folder in (("bccd", "bccd"), ("chula", "chula_wbc")):
+        if (root / folder).is_dir():
+            cells = load_lab(root, lab, "val", size, FIELD_OF_VIEW_UM, names)
+            out.append(LabelledImages(cells.images, cells.labels, cells.paths))
+    return out
 
 
 def calibrate(weights_dir: Path, data_dir: Path, config: ClassifierConfig, *, per_class: int,
@@ -95,6 +127,14 @@ def calibrate(weights_dir: Path, data_dir: Path, config: ClassifierConfig, *, pe
     names = model_config.class_names
     rows = stratified_rows(read_split(data_dir, "val", names), per_class, seed)
     data = load_images(data_dir, rows, model_config.image_size)
+    # The other labs' val cells too (all of them: a few dozen a class), so that the posterior's
+    # temperature and the thresholds are those of every lab the model serves.
+    others = other_labs_val(data_dir, model_config.image_size, names)
+    if others:
+        data = LabelledImages(np.concatenate([data.images, *(o.images for o in others)]),
+                              np.concatenate([data.labels, *(o.labels for o in others)]),
+                              data.paths + tuple(p for o in others for p in o.paths))
+        rows = rows + [(p, int(label)) for o in others for p, label in zip(o.paths, o.labels)]
     generator = torch.Generator("cpu").manual_seed(seed)
     t0 = time.monotonic()
     scores = score_cells(unet, model_config, images_to_tensor(data.images), config, generator)
@@ -154,6 +194,26 @@ def calibrate(weights_dir: Path, data_dir: Path, config: ClassifierConfig, *, pe
         }
         val["cnn"] = _classification_metrics(cnn_predictions(pc, calibration), cnn_data.labels,
                                              names)
+    if (weights_dir / REFERENCE_WEIGHTS).is_file():
+        from analysis.classifier import ReferenceClassifier
+
+        reference = ReferenceClassifier(weights_dir)
+        ref_rows = read_split(data_dir, "val", names)
+        ref_data = load_images(data_dir, ref_rows, reference.image_size)
+        ref_others = other_labs_val(data_dir, reference.image_size, names)
+        ref_images = np.concatenate([ref_data.images, *(o.images for o in ref_others)])
+        ref_labels = np.concatenate([ref_data.labels, *(o.labels for o in ref_others)])
+        pr = reference.probabilities(ref_images)
+        ur = 1.0 - pr.max(axis=1)
+        calibration["reference"] = {
+            "weights": REFERENCE_WEIGHTS,
+            "val_cells": len(ref_labels),
+            "review_threshold": max(review_threshold(ur, pr.argmax(axis=1) == ref_labels,
+                                                     target_error), -1.0),
+            "abnormal_threshold": float(np.quantile(ur, abnormal_quantile)),
+        }
+        val["reference"] = _classification_metrics(
+            cnn_predictions(pr, {"cnn": calibration["reference"]}), ref_labels, names)
     (weights_dir / CALIBRATION).write_text(json.dumps(calibration, indent=1) + "\n")
     return {"calibration": calibration, "val": val,
             "model": diffusion_metadata_summary(metadata)}

@@ -51,6 +51,11 @@ class ModelConfig:
     #: Channels of the input the model denoises: 3 for RGB pixels (the shipped model), an
     #: autoencoder's latent channels in latent space (``bench/latent_vs_pixel.py``).
     in_channels: int = 3
+    #: Radius of the cell disc as a fraction of the frame side: the denoising error is measured
+    #: (in training and in classification) with full weight inside it and none outside it, so
+    #: the red cells and glass around a cell, which differ most between labs, do not vote.
+    #: 0: the whole frame (weights written before the field).
+    cell_disc: float = 0.0
 
     def __post_init__(self) -> None:
         levels = len(self.block_out_channels)
@@ -68,6 +73,8 @@ class ModelConfig:
             raise ValueError("resnet_time_scale_shift must be 'default' or 'scale_shift'")
         if self.in_channels < 1:
             raise ValueError("in_channels must be positive")
+        if not 0.0 <= self.cell_disc <= 0.75:
+            raise ValueError("cell_disc must lie in [0, 0.75]")
         if self.num_train_timesteps < 10:
             raise ValueError("num_train_timesteps must be at least 10")
 
@@ -80,7 +87,19 @@ class ModelConfig:
         for key in ("block_out_channels", "attention_levels", "class_names"):
             raw[key] = tuple(raw[key])
         raw.setdefault("resnet_time_scale_shift", "default")  # weights written before the field
+        raw.setdefault("cell_disc", 0.0)
         return cls(**raw)
+
+
+def cell_weight(config: ModelConfig) -> torch.Tensor:
+    """``(S, S)`` weights of the denoising error: a disc of radius ``cell_disc`` x S with a
+    one-pixel soft edge, or ones when ``cell_disc`` is 0."""
+    s = config.image_size
+    if config.cell_disc == 0.0:
+        return torch.ones(s, s)
+    c = (torch.arange(s, dtype=torch.float32) + 0.5) - s / 2
+    r = torch.sqrt(c.view(-1, 1) ** 2 + c.view(1, -1) ** 2)
+    return (config.cell_disc * s + 0.5 - r).clamp(0.0, 1.0)
 
 
 def build_unet(config: ModelConfig) -> UNet2DModel:

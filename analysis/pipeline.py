@@ -7,8 +7,10 @@ Stages, each reported through :mod:`logging` and an optional progress callback:
 2. **detect**: :func:`analysis.detect.find_cells`. Platelets found by the detector are
    counted only; they are not classified and do not enter the differential. A white cell
    that the classifier labels ``platelet`` does (see :class:`analysis.results.ClassCount`).
-3. **crop**: each cell framed like the PBC training images (:func:`analysis.crops.crop_cell`,
-   then :func:`analysis.framing.frame_image` to the model's input size).
+3. **crop**: each cell framed as every training cell was: the square of
+   :data:`analysis.framing.FIELD_OF_VIEW_UM` around it at the model's input size
+   (:func:`analysis.crops.crop_cell`); the red cells around the crops check the pixel
+   spacing (:func:`analysis.crops.slide_scale_check`).
 4. **classify**: the shipped diffusion classifier, in batches of cells, with one seeded CPU
    generator: the same two steps as :meth:`analysis.classifier.DiffusionClassifier.predict`
    (:func:`analysis.classify.score_cells`, then
@@ -36,7 +38,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from analysis.classes import CLASS_NAMES, CellClassValues
-from analysis.crops import CropConfig, crop_cell, crop_side_um
+from analysis.crops import CropConfig, ScaleCheck, crop_cell, crop_footprint, slide_scale_check
 from analysis.detect import DetectedCell, DetectorConfig, find_cells
 from analysis.errors import SlideUnreadableError
 from analysis.results import (
@@ -288,11 +290,7 @@ def _paint_evidence(grid: NDArray[np.float32], heat: NDArray[np.float32], slide:
     from scipy import ndimage as ndi
 
     # The footprint of the crop exactly as analysis.crops.crop_cell reads it.
-    side_um = crop_side_um(cell, crops)
-    level = slide.level_for_spacing(side_um / crops.output_size)
-    side = math.ceil(side_um / level.pixel_spacing_um)
-    x0 = round(cell.x / level.downsample - side / 2)
-    y0 = round(cell.y / level.downsample - side / 2)
+    level, x0, y0, side = crop_footprint(slide, cell, crops)
     s = heat.shape[0]
     base_x0, base_y0 = x0 * level.downsample, y0 * level.downsample
     base_side = side * level.downsample
@@ -392,12 +390,17 @@ def classify_slide(slide_paths: Path | str | Sequence[Path | str],
                         len(detections.platelets))
 
             stage = _Stage("crop", max(1, len(cells)), progress)
-            crops = [crop_cell(slide, cell, config.crops) for cell in cells]
+            classifier, classifier_config = _load_classifier(config)
+            crop_config = dataclasses.replace(config.crops, output_size=classifier.image_size)
+            framed = _framed([crop_cell(slide, cell, crop_config) for cell in cells],
+                             classifier.image_size)
+            scale = slide_scale_check(slide, cells)
+            if scale.ok is False:
+                logger.warning("scale check failed: red cells measure %.2f um at the slide's "
+                               "pixel spacing (expected about 7.5 um)", scale.red_cell_diameter_um)
             stage.report(max(1, len(cells)))
 
             stage = _Stage("classify", max(1, len(cells)), progress)
-            classifier, classifier_config = _load_classifier(config)
-            framed = _framed(crops, classifier.image_size)
             predictions = _classify(classifier, classifier_config, framed, config, stage)
             heatmaps: tuple[HeatmapGrid, ...] = ()
             if config.heatmaps and cells:
@@ -434,7 +437,7 @@ def classify_slide(slide_paths: Path | str | Sequence[Path | str],
         pixel_spacing_mm=spacing_mm,
         cells=tuple(cell_results),
         provenance=_provenance(classifier, classifier_config, config,
-                               heatmaps[0].cell_size_px if heatmaps else 0),
+                               heatmaps[0].cell_size_px if heatmaps else 0, scale),
         heatmaps=heatmaps,
     )
 
@@ -457,14 +460,10 @@ def _load_classifier(config: PipelineConfig) -> tuple[Any, Any]:
 
 
 def _framed(crops: Sequence[NDArray[np.uint8]], image_size: int) -> NDArray[np.uint8]:
-    """``(N, S, S, 3)`` uint8: the crops framed like the training images (LANCZOS to ``S``)."""
-    from PIL import Image
-
-    from analysis.framing import frame_image
-
+    """``(N, S, S, 3)`` uint8: the framed crops as one array."""
     if not crops:
         return np.zeros((0, image_size, image_size, 3), dtype=np.uint8)
-    return np.stack([frame_image(Image.fromarray(crop), image_size) for crop in crops])
+    return np.stack(crops)
 
 
 def _classify(classifier: Any, budget: Any, images: NDArray[np.uint8], config: PipelineConfig,
@@ -504,6 +503,7 @@ def _heatmaps(classifier: Any, budget: Any, images: NDArray[np.uint8],
     from analysis.heatmap import counterfactual_heatmaps
 
     size = heatmap_cell_size(slide.size, slide.pixel_spacing_um, config)
+    crops = dataclasses.replace(config.crops, output_size=classifier.image_size)
     width, height = slide.size
     shape = (-(-height // size), -(-width // size))
     evidence = np.zeros(shape, dtype=np.float32)
@@ -528,7 +528,7 @@ def _heatmaps(classifier: Any, budget: Any, images: NDArray[np.uint8],
                                         generator)
         for i in range(start, stop):
             cell = cells[i]
-            _paint_evidence(evidence, heats[i - start], slide, cell, config.crops, size)
+            _paint_evidence(evidence, heats[i - start], slide, cell, crops, size)
             z = float(predictions["anomaly_score"][i])
             value = 1.0 / (1.0 + math.exp(-ANOMALY_SLOPE * (z - threshold)))
             _paint_anomaly(anomaly, _open_outline(cell, width, height), (cell.x, cell.y), value, size)
@@ -543,7 +543,7 @@ def _heatmaps(classifier: Any, budget: Any, images: NDArray[np.uint8],
 
 
 def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
-                heatmap_cell_size_px: int) -> ModelProvenance:
+                heatmap_cell_size_px: int, scale: ScaleCheck | None = None) -> ModelProvenance:
     from analysis.classifier import DIFFUSION_WEIGHTS, WEIGHTS_DIR
 
     weights = (config.weights_dir or WEIGHTS_DIR) / DIFFUSION_WEIGHTS
@@ -556,9 +556,14 @@ def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
         "beta": float(calibration["beta"]),
         "review_threshold": float(calibration["review_threshold"]),
         "abnormal_threshold": float(calibration["abnormal_threshold"]),
-        "crop_frame_to_cell": config.crops.frame_to_cell,
+        "field_of_view_um": float(config.crops.field_of_view_um),
         "image_size": int(classifier.image_size),
     }
+    if scale is not None:
+        parameters["scale_check"] = ("not measured (fewer than 3 crops with red cells)"
+                                     if scale.ok is None else "ok" if scale.ok else "failed")
+        if scale.red_cell_diameter_um is not None:
+            parameters["red_cell_diameter_um"] = scale.red_cell_diameter_um
     if heatmap_cell_size_px:
         parameters["heatmap_timesteps"] = config.heatmap_timesteps
         parameters["heatmap_cell_size_px"] = heatmap_cell_size_px

@@ -19,7 +19,7 @@ def add_detect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser("detect", help="find white cells in a WSI DICOM series or a field image")
     p.add_argument("path", type=Path, help="WSI DICOM file, folder of one series, or PNG/JPEG/BMP")
     p.add_argument("--pixel-spacing-um", type=float, default=None,
-                   help="um per pixel: required scale of a field image (default 0.075, BCCD); "
+                   help="um per pixel: required scale of a field image (default 0.0823, BCCD); "
                         "for a WSI used only when it has no Pixel Measures")
     p.add_argument("--json", action="store_true", help="write the cells as one JSON object")
     p.set_defaults(func=run_detect)

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from analysis.augment import augment
 from analysis.errors import CheckpointError
-from analysis.model import ModelConfig, build_scheduler, build_unet, count_parameters
-from analysis.pbc import load_images, read_split
+from analysis.framing import FIELD_OF_VIEW_UM
+from analysis.model import ModelConfig, build_scheduler, build_unet, cell_weight, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,24 @@ class TrainConfig:
     Parameters
     ----------
     data_dir:
-        The PBC folder (with ``splits.csv``).
+        The shared data folder (``pbc/``, ``bccd/``, ``chula_wbc/`` inside); the PBC folder
+        itself is read as its parent.
     out_dir:
         Where checkpoints and the final weights go.
     steps:
         Total optimiser steps (a resumed run stops at the same total).
+    labs:
+        The labs whose train cells are used (:mod:`analysis.training.labs`); leave-one-lab-out
+        runs leave one out.
+    lab_share:
+        Share of each batch drawn from PBC; the rest is spread evenly over the other labs.
+        Within a lab, classes are drawn equally often (a class with fewer than 10 cells as if
+        it had 10, so one cell is not repeated without end).
+    init_weights:
+        Start a new run from these exported weights (fine-tuning); ignored when resuming.
+    min_snr_gamma:
+        Min-SNR loss weighting (Hang et al. 2023, as CytoDiffusion trains): each timestep's
+        epsilon loss is weighted by ``min(SNR, gamma) / SNR``; 0 switches it off.
     """
 
     data_dir: Path
@@ -58,9 +71,15 @@ class TrainConfig:
     bf16: bool = False
     checkpoint_every: int = 250
     threads: int = 0
-    #: Train on timesteps ``[0, t_max)`` only (None: the whole schedule). The classifier scores
-    #: timesteps below 500 only (``ClassifierConfig.t_max``), so later ones are not needed.
+    #: Train on timesteps ``[t_min, t_max)`` only (None: the whole schedule). The classifier scores
+    #: timesteps in [125, 500) only (``ClassifierConfig``), so other ones are not needed.
     t_max: int | None = None
+    t_min: int = 0
+    labs: tuple[str, ...] = ("pbc",)
+    lab_share: float = 0.5
+    init_weights: Path | None = None
+    min_snr_gamma: float = 0.0
+    field_of_view_um: float = FIELD_OF_VIEW_UM
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -73,6 +92,14 @@ class TrainConfig:
             raise ValueError("device must be 'cpu' or 'cuda'")
         if self.t_max is not None and self.t_max < 1:
             raise ValueError("t_max must be positive")
+        if not 0 <= self.t_min < (self.t_max or 10**9):
+            raise ValueError("t_min must lie in [0, t_max)")
+        if not self.labs:
+            raise ValueError("labs must name at least one lab")
+        if not 0.0 < self.lab_share <= 1.0:
+            raise ValueError("lab_share must lie in (0, 1]")
+        if self.min_snr_gamma < 0:
+            raise ValueError("min_snr_gamma must be >= 0")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but CUDA is not available")
 
@@ -100,16 +127,38 @@ def class_balanced_weights(labels: np.ndarray) -> torch.Tensor:
     return weights
 
 
+def lab_class_weights(labs: np.ndarray, labels: np.ndarray, lab_share: float) -> torch.Tensor:
+    """Sampling weights: ``lab_share`` of the draws from lab 0 (PBC), the rest evenly over the
+    other labs; within a lab every class equally often (counted as at least 10 cells)."""
+    lab_ids = [int(v) for v in np.unique(labs)]
+    others = [v for v in lab_ids if v != 0]
+    if 0 in lab_ids and others:
+        shares = {0: lab_share, **{v: (1.0 - lab_share) / len(others) for v in others}}
+    else:
+        shares = {v: 1.0 / len(lab_ids) for v in lab_ids}
+    weights = np.zeros(len(labels), dtype=np.float64)
+    for lab in lab_ids:
+        in_lab = labs == lab
+        classes = np.unique(labels[in_lab])
+        for c in classes:
+            sel = in_lab & (labels == c)
+            weights[sel] = shares[lab] / len(classes) / max(10, int(sel.sum()))
+    return torch.as_tensor(weights, dtype=torch.float64)
+
+
 def optimisation_step(model: torch.nn.Module, ema: torch.nn.Module, optimiser: torch.optim.Optimizer,
                       alphas: torch.Tensor, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
-                      *, step: int, train: TrainConfig, t_high: int) -> float:
+                      *, step: int, train: TrainConfig, t_high: int,
+                      pixel_weight: torch.Tensor | None = None) -> float:
     """One step of denoising training on the batch ``x`` (labels ``y``); returns the loss.
 
-    Noise and timesteps (uniform on ``[0, t_high)``) are drawn from ``generator``; the learning rate
-    warms up linearly over ``train.warmup_steps``; the EMA copy follows with ``train.ema_decay``.
+    Noise and timesteps (uniform on ``[train.t_min, t_high)``) are drawn from ``generator``; the
+    learning rate warms up linearly over ``train.warmup_steps``; the EMA copy follows with
+    ``train.ema_decay``. ``pixel_weight`` ``(S, S)`` weighs the squared error by pixel (the cell
+    disc of :func:`analysis.model.cell_weight`); min-SNR weighting when ``train.min_snr_gamma``.
     """
     noise = torch.randn(x.shape, generator=generator).to(x.device)
-    t = torch.randint(0, t_high, (x.shape[0],), generator=generator).to(x.device)
+    t = torch.randint(train.t_min, t_high, (x.shape[0],), generator=generator).to(x.device)
     a = alphas[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * x + (1 - a).sqrt() * noise
     lr = train.learning_rate * min(1.0, (step + 1) / train.warmup_steps)
@@ -117,7 +166,15 @@ def optimisation_step(model: torch.nn.Module, ema: torch.nn.Module, optimiser: t
         group["lr"] = lr
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=train.bf16):
         pred = model(noisy, t, class_labels=y).sample
-    loss = torch.nn.functional.mse_loss(pred.float(), noise)
+    sq = (pred.float() - noise) ** 2
+    if pixel_weight is not None:
+        per_sample = (sq * pixel_weight).sum(dim=(1, 2, 3)) / (pixel_weight.sum() * sq.shape[1])
+    else:
+        per_sample = sq.mean(dim=(1, 2, 3))
+    if train.min_snr_gamma > 0:
+        snr = alphas[t] / (1.0 - alphas[t])
+        per_sample = per_sample * snr.clamp(max=train.min_snr_gamma) / snr
+    loss = per_sample.mean()
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -148,6 +205,10 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
     generator = torch.Generator("cpu").manual_seed(train.seed)
 
     model = build_unet(model_config).to(device)
+    if train.init_weights is not None and not (out / STATE).exists():
+        init = load_file(str(train.init_weights))
+        model.load_state_dict(init)
+        log.info("starting from the weights %s", train.init_weights)
     ema = build_unet(model_config).to(device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
@@ -171,12 +232,23 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
         log.info("resumed from step %d (%.0f s of training so far)", step, elapsed_before)
     log.info("model: %d parameters, %s", count_parameters(model), model_config.to_json())
 
-    rows = read_split(train.data_dir, "train", model_config.class_names)
-    data = load_images(train.data_dir, rows, model_config.image_size, progress=True)
-    images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()
-    labels = torch.from_numpy(data.labels)
-    weights = class_balanced_weights(data.labels)
-    log.info("training on %d images of the train split", len(rows))
+    from analysis.training.labs import load_lab
+
+    root = train.data_dir.parent if (train.data_dir / "splits.csv").is_file() else train.data_dir
+    # Framed a third larger than the model's input, so that rotation and scale resample detail.
+    load_size = model_config.image_size * 4 // 3
+    parts = [load_lab(root, lab, "train", load_size, train.field_of_view_um,
+                      model_config.class_names) for lab in train.labs]
+    for part in parts:
+        log.info("%s: %d train cells", part.lab, len(part))
+    images = torch.from_numpy(np.concatenate([p.images for p in parts])).permute(0, 3, 1, 2)
+    images = images.contiguous()
+    label_array = np.concatenate([p.labels for p in parts])
+    labels = torch.from_numpy(label_array)
+    lab_index = np.concatenate([np.full(len(p), ("pbc", "bccd", "chula").index(p.lab))
+                                for p in parts])
+    weights = lab_class_weights(lab_index, label_array, train.lab_share)
+    pixel_weight = cell_weight(model_config).to(device)
 
     alphas = scheduler.alphas_cumprod.to(device)
     t_high = min(train.t_max or model_config.num_train_timesteps, model_config.num_train_timesteps)
@@ -202,7 +274,7 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
         x = augment(x, generator, model_config.image_size).mul_(2.0).sub_(1.0).to(device)
         y = labels[idx].to(device)
         value = optimisation_step(model, ema, optimiser, alphas, x, y, generator, step=step,
-                                  train=train, t_high=t_high)
+                                  train=train, t_high=t_high, pixel_weight=pixel_weight)
         step += 1
         loss_avg = value if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * value
         if step % 50 == 0 or step == train.steps:

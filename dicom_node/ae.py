@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
+from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, _config, evt
@@ -64,17 +66,166 @@ VERIFICATION_TRANSFER_SYNTAXES = [TRANSFER_SYNTAXES["ExplicitVRLittleEndian"],
                                   TRANSFER_SYNTAXES["ImplicitVRLittleEndian"]]
 
 
+#: A-ASSOCIATE-RJ parameters for "too many associations" (PS3.8 9.3.4, Table 9-21):
+#: result rejected-transient, source service-provider (presentation), local limit exceeded.
+REJECT_TRANSIENT = 0x02
+SOURCE_PRESENTATION = 0x03
+LOCAL_LIMIT_EXCEEDED = 0x02
+
+#: pynetdicom's own limit on acceptor threads (connections, with or without an association) is
+#: this many times ``max_associations``; it only bounds the threads that silent, open
+#: connections can hold until the ACSE timeout (PS3.8 9.1.4, ARTIM) closes them.
+CONNECTIONS_PER_ASSOCIATION = 4
+
+
+#: pynetdicom modules whose errors (often with a traceback) only ever describe a PDU, a string
+#: in it or a state-machine event that a peer sent.
+PEER_PDU_LOGGERS = ("pynetdicom.pdu", "pynetdicom.pdu_items", "pynetdicom.utils", "pynetdicom.fsm")
+
+
+class _PeerPDUErrors(logging.Filter):
+    """Drops pynetdicom's reports, one or more per PDU and often with a traceback, about bytes
+    a peer sent that are not a valid PDU. :func:`handle_conn_close` logs one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.funcName != "_read_pdu_data"
+
+
+_PEER_PDU_ERRORS = _PeerPDUErrors()
+
+
 def configure_pynetdicom(settings: Settings) -> None:
-    """Set pynetdicom's process-wide flags. Called once, at node start-up.
+    """Set pynetdicom's process-wide flags and loggers. Called once, at node start-up.
 
     Received datasets are written by pynetdicom straight to a file in the data
     directory's ``tmp/`` (chunked receive), so the store can rename that file
     into place without reading or copying it.
+
+    pynetdicom logs each association at INFO and each malformed PDU at ERROR, which lets any
+    peer flood the log; unless debug logging is on, only its warnings and errors about our
+    own side are kept, and the node logs one line per association or dropped connection.
     """
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.STORE_SEND_CHUNKED_DATASET = True
     tempfile.tempdir = str(settings.tmp_dir)
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        for name in PEER_PDU_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        dul_logger = logging.getLogger("pynetdicom.dul")
+        if _PEER_PDU_ERRORS not in dul_logger.filters:
+            dul_logger.addFilter(_PEER_PDU_ERRORS)
+
+
+class AssociationLimit:
+    """At most ``maximum`` associations at once.
+
+    An association holds its place from its A-ASSOCIATE-RQ until it is released, aborted or
+    rejected, or its connection closes. A connection that closes, or sends no valid request,
+    never counts (pynetdicom's own count holds every connection until the ACSE timeout).
+    """
+
+    def __init__(self, maximum: int) -> None:
+        if maximum < 1:
+            raise ValueError("maximum must be at least 1")
+        self.maximum = maximum
+        self._lock = threading.Lock()
+        self._held: set[Any] = set()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    def acquire(self, assoc: Any) -> bool:
+        """Take a place for ``assoc``; ``False`` when all are taken."""
+        with self._lock:
+            # An association thread that died without closing its transport gives its place back.
+            self._held = {a for a in self._held if a.is_alive()}
+            if len(self._held) >= self.maximum:
+                return False
+            self._held.add(assoc)
+            return True
+
+    def release(self, assoc: Any) -> None:
+        with self._lock:
+            self._held.discard(assoc)
+
+
+def handle_requested(event: evt.Event, limit: AssociationLimit) -> None:
+    """A-ASSOCIATE-RQ received: take a place, or reject (transient, local limit exceeded)."""
+    assoc: Any = event.assoc
+    if limit.acquire(assoc):
+        return
+    # What pynetdicom's ACSE does when its own limit is reached, before negotiation starts.
+    assoc.is_rejected = True
+    assoc.acse.send_reject(REJECT_TRANSIENT, SOURCE_PRESENTATION, LOCAL_LIMIT_EXCEEDED)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
+
+
+def handle_established(event: evt.Event) -> None:
+    """One line per accepted association, with the calling AE title (the audit trail)."""
+    assoc: Any = event.assoc
+    log.info("association from %s (%s:%d) established", assoc.requestor.ae_title.strip(),
+             assoc.requestor.address, assoc.requestor.port)
+
+
+def handle_ended(event: evt.Event, limit: AssociationLimit) -> None:
+    """Released, aborted or rejected: the association no longer counts against the limit."""
+    assoc: Any = event.assoc
+    limit.release(assoc)
+    if event.event is evt.EVT_REJECTED:
+        rj = assoc.acceptor.primitive
+        log.warning("association from %s (%s:%d) rejected: %s", assoc.requestor.ae_title.strip(),
+                    assoc.requestor.address, assoc.requestor.port,
+                    rj.reason_str if rj is not None else "no reason given")
+
+
+def handle_conn_close(event: evt.Event, limit: AssociationLimit) -> None:
+    """The transport connection closed (for any reason, PS3.8 9.2 Evt17).
+
+    Gives back the association's place, deletes the temporary file of a C-STORE whose data set
+    was still arriving, and ends at once a connection that never sent an A-ASSOCIATE-RQ.
+    """
+    assoc: Any = event.assoc
+    limit.release(assoc)
+    if not assoc.is_acceptor:
+        return
+    host, port = event.address  # type: ignore[attr-defined]
+    address = f"{host}:{port}"
+    partial = _discard_partial_dataset(assoc)
+    if assoc.requestor.primitive is None:
+        # The association thread waits up to the ACSE timeout for an A-ASSOCIATE-RQ that can no
+        # longer come, holding a place among pynetdicom's active associations: wake it now.
+        assoc.dul.to_user_queue.put(None)
+        log.warning("connection from %s closed without an association request "
+                    "(dropped, or not DICOM)", address)
+    elif partial is not None:
+        log.warning("association from %s (%s) ended during a C-STORE; discarded the partial "
+                    "data set of %s", assoc.requestor.ae_title.strip(), address, partial)
+
+
+def _discard_partial_dataset(assoc: Any) -> str | None:
+    """Delete the chunked-receive file of a C-STORE cut off mid-transfer; return its SOP Instance UID.
+
+    pynetdicom deletes that file only after the handler has run, so a data set whose transfer
+    never finished would stay in ``tmp/`` until the next start. Runs on the DUL thread, the one
+    that writes the file, so nothing writes to it any more.
+    """
+    message: Any = getattr(assoc.dimse, "message", None)
+    part = getattr(message, "_data_set_file", None)  # STORE_RECV_CHUNKED_DATASET's temp file
+    if part is None:
+        return None
+    sop_instance_uid = str(getattr(message.command_set, "AffectedSOPInstanceUID", "") or "?")
+    part.close()
+    try:
+        Path(part.name).unlink(missing_ok=True)
+    except OSError as exc:
+        log.error("could not delete the partial data set %s: %s", part.name, exc)
+    message._data_set_file = None
+    message._data_set_path = None
+    return sop_instance_uid
 
 
 def make_ae(settings: Settings, store: Store) -> tuple[AE, list[Any]]:
@@ -89,7 +240,8 @@ def make_ae(settings: Settings, store: Store) -> tuple[AE, list[Any]]:
     from dicom_node.qr import QR_SOP_CLASSES, qr_handlers
 
     ae = AE(ae_title=settings.ae_title)
-    ae.maximum_associations = settings.max_associations
+    limit = AssociationLimit(settings.max_associations)
+    ae.maximum_associations = CONNECTIONS_PER_ASSOCIATION * settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu
     ae.network_timeout = settings.network_timeout_s
     ae.acse_timeout = settings.network_timeout_s
@@ -106,6 +258,10 @@ def make_ae(settings: Settings, store: Store) -> tuple[AE, list[Any]]:
         ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
     for uid in QR_SOP_CLASSES.values():
         ae.add_supported_context(uid, QR_TRANSFER_SYNTAXES)
-    handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [store]),
+    handlers = [(evt.EVT_REQUESTED, handle_requested, [limit]), (evt.EVT_ESTABLISHED, handle_established),
+                (evt.EVT_RELEASED, handle_ended, [limit]), (evt.EVT_ABORTED, handle_ended, [limit]),
+                (evt.EVT_REJECTED, handle_ended, [limit]),
+                (evt.EVT_CONN_CLOSE, handle_conn_close, [limit]),
+                (evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [store]),
                 *qr_handlers(store, settings)]
     return ae, handlers

@@ -36,13 +36,15 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from analysis.detect import DEFAULT_FIELD_PIXEL_SPACING_UM
+
 logger = logging.getLogger(__name__)
 
 #: Suffixes read as single field images; anything else goes to :func:`convert_slide`.
 FIELD_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 
-#: Estimated pixel spacing of BCCD fields (see ``analysis.detect``).
-BCCD_PIXEL_SPACING_UM = 0.075
+#: Estimated pixel spacing of BCCD fields (``analysis.detect``: the red-cell ruler).
+BCCD_PIXEL_SPACING_UM = DEFAULT_FIELD_PIXEL_SPACING_UM
 
 
 @dataclass(frozen=True)
@@ -161,16 +163,28 @@ class _Mosaic:
         Grid shape in fields.
     field_size:
         ``(width, height)`` each field is centre-cropped to.
+    gap:
+        Pixels of empty glass between neighbouring fields, filled with the first field's glass
+        colour, so that a cell's crop never shows part of the next field across a seam.
     """
 
     def __init__(self, images: Sequence[Path], columns: int, rows: int,
-                 field_size: tuple[int, int]) -> None:
+                 field_size: tuple[int, int], gap: int = 0) -> None:
         self.images = list(images)
         self.columns = columns
         self.rows = rows
         self.field_size = field_size
-        self.size = (columns * field_size[0], rows * field_size[1])
+        self.gap = gap
+        self.size = (columns * (field_size[0] + gap) - gap, rows * (field_size[1] + gap) - gap)
         self._cache: OrderedDict[tuple[int, int], NDArray[np.uint8]] = OrderedDict()
+        self.background = self._glass_colour() if gap else np.array([255, 255, 255], np.uint8)
+
+    def _glass_colour(self) -> NDArray[np.uint8]:
+        """The median colour of the brightest fifth of the first field (the glass)."""
+        field = self._field(0, 0).reshape(-1, 3)
+        brightness = field.astype(np.int32).sum(axis=1)
+        glass = field[brightness >= np.quantile(brightness, 0.8)]
+        return np.median(glass, axis=0).astype(np.uint8)
 
     def level_size(self, level: int) -> tuple[int, int]:
         return (max(1, self.size[0] >> level), max(1, self.size[1] >> level))
@@ -201,18 +215,23 @@ class _Mosaic:
         return 0, max(1, round(length / (1 << level)))
 
     def _field_origin(self, col: int, row: int, level: int) -> tuple[int, int]:
-        return (round(col * self.field_size[0] / (1 << level)),
-                round(row * self.field_size[1] / (1 << level)))
+        return (round(col * (self.field_size[0] + self.gap) / (1 << level)),
+                round(row * (self.field_size[1] + self.gap) / (1 << level)))
+
+    def _field_end(self, col: int, row: int, level: int) -> tuple[int, int]:
+        return (round((col * (self.field_size[0] + self.gap) + self.field_size[0]) / (1 << level)),
+                round((row * (self.field_size[1] + self.gap) + self.field_size[1]) / (1 << level)))
 
     def render(self, level: int, x: int, y: int, w: int, h: int) -> NDArray[np.uint8]:
         """Return the ``(h, w, 3)`` region at ``(x, y)`` of ``level``."""
-        out = np.full((h, w, 3), 255, dtype=np.uint8)
-        fw = self.field_size[0] / (1 << level)
-        fh = self.field_size[1] / (1 << level)
+        out = np.empty((h, w, 3), dtype=np.uint8)
+        out[:] = self.background
+        fw = (self.field_size[0] + self.gap) / (1 << level)
+        fh = (self.field_size[1] + self.gap) / (1 << level)
         for row in range(max(0, int(y // fh) - 1), min(self.rows, int((y + h) // fh) + 2)):
             for col in range(max(0, int(x // fw) - 1), min(self.columns, int((x + w) // fw) + 2)):
                 ox, oy = self._field_origin(col, row, level)
-                nx, ny = self._field_origin(col + 1, row + 1, level)
+                nx, ny = self._field_end(col, row, level)
                 if nx <= x or ny <= y or ox >= x + w or oy >= y + h:
                     continue
                 field = self._field(row * self.columns + col, level)
@@ -277,7 +296,8 @@ def _field_size(images: Sequence[Path]) -> tuple[int, int]:
 def make_slide(images: list[Path], out_dir: Path, *, columns: int | None = None,
                rows: int | None = None, repeat: int = 1,
                pixel_spacing_um: float = BCCD_PIXEL_SPACING_UM, tile_size: int = 256,
-               jpeg_quality: int = 90, description: SlideDescription | None = None) -> list[Path]:
+               jpeg_quality: int = 90, description: SlideDescription | None = None,
+               gap_um: float = 0.0) -> list[Path]:
     """Assemble field images into a VL Whole Slide Microscopy series.
 
     Parameters
@@ -294,13 +314,16 @@ def make_slide(images: list[Path], out_dir: Path, *, columns: int | None = None,
         How many times the image list is used (to build large slides from a
         few fields).
     pixel_spacing_um:
-        Pixel spacing of the fields (BCCD: 0.075).
+        Pixel spacing of the fields (BCCD: :data:`BCCD_PIXEL_SPACING_UM`).
     tile_size:
         Frame size (square), a multiple of 16.
     jpeg_quality:
         JPEG quality of the frames, 1 to 100.
     description:
         Patient, study, series and specimen attributes.
+    gap_um:
+        Empty glass between neighbouring fields, in micrometres (0: fields touch). Half the
+        classifier's field of view or more keeps every cell's crop inside its own field.
 
     Returns
     -------
@@ -330,6 +353,8 @@ def make_slide(images: list[Path], out_dir: Path, *, columns: int | None = None,
         raise ValueError(f"jpeg_quality must be 1..100, got {jpeg_quality}")
     if not pixel_spacing_um > 0:
         raise ValueError(f"pixel_spacing_um must be > 0, got {pixel_spacing_um}")
+    if not 0.0 <= gap_um <= 1000.0:
+        raise ValueError(f"gap_um must lie in [0, 1000], got {gap_um}")
     n = len(images) * repeat
     if columns is None:
         columns = math.ceil(math.sqrt(n)) if rows is None else math.ceil(n / rows)
@@ -342,7 +367,7 @@ def make_slide(images: list[Path], out_dir: Path, *, columns: int | None = None,
         field_size = _field_size(images)
     except OSError as exc:
         raise ValueError(f"cannot read field image: {exc}") from exc
-    mosaic = _Mosaic(images, columns, rows, field_size)
+    mosaic = _Mosaic(images, columns, rows, field_size, round(gap_um / pixel_spacing_um))
     with tempfile.TemporaryDirectory(prefix="cytonode-slide-") as tmp:
         tiff = Path(tmp) / "mosaic.ome.tiff"
         levels = _write_ome_tiff(mosaic, tiff, pixel_spacing_um, tile_size, jpeg_quality)

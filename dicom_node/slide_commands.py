@@ -20,7 +20,11 @@ def add_make_slide(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--rows", type=int, help="mosaic rows (fields)")
     p.add_argument("--repeat", type=int, default=1, help="use the image list this many times")
     p.add_argument("--pixel-spacing-um", type=float,
-                   help="um per pixel of the fields (default 0.075, BCCD) or override for a vendor file")
+                   help="um per pixel of the fields (default 0.0823, BCCD, by its red cells) or "
+                        "override for a vendor file")
+    p.add_argument("--gap-um", type=float, default=0.0,
+                   help="empty glass between fields in um (0: fields touch; 16 keeps every "
+                        "cell's crop inside its own field)")
     p.add_argument("--tile-size", type=int, default=256)
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--patient-id", default="BCCD-0001")
@@ -55,7 +59,7 @@ def run_make_slide(args: argparse.Namespace) -> int:
                            repeat=args.repeat,
                            pixel_spacing_um=args.pixel_spacing_um or BCCD_PIXEL_SPACING_UM,
                            tile_size=args.tile_size, jpeg_quality=args.jpeg_quality,
-                           description=description)
+                           description=description, gap_um=args.gap_um)
     json.dump({"files": [str(f) for f in files]}, sys.stdout)
     sys.stdout.write("\n")
     return 0

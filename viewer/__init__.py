@@ -64,6 +64,9 @@ def create_app(settings: Settings | None = None, store=None) -> Flask:
     )
     app.extensions["cytonode.settings"] = settings
     app.extensions["cytonode.store"] = store if store is not None else Store(settings)
+    from viewer.common import add_security_headers
+
+    app.after_request(add_security_headers)
 
     @app.get("/healthz")
     def healthz():

@@ -1,12 +1,15 @@
 """Accounts: login, logout, roles, CSRF, throttled failed logins, user administration.
 
 The session holds ``user_id`` (int), ``username``, ``role`` and ``csrf_token``; the DICOMweb
-blueprint relies on those names. Passwords are stored as werkzeug scrypt hashes.
+blueprint relies on those names. It also holds ``sid``, a random id that logout revokes
+server-side (the cookie itself is only signed, so a saved copy would otherwise outlive logout).
+Passwords are stored as werkzeug scrypt hashes.
 """
 
 from __future__ import annotations
 
 import functools
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -15,6 +18,7 @@ from urllib.parse import urlsplit
 from flask import (
     Blueprint,
     abort,
+    current_app,
     jsonify,
     redirect,
     render_template,
@@ -22,13 +26,13 @@ from flask import (
     session,
     url_for,
 )
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from werkzeug.exceptions import HTTPException
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from dicom_node.store import Store
 from viewer import common
-from viewer.models import LoginFailure, RoleValues, User
+from viewer.models import LoginFailure, RevokedSession, RoleValues, User
 
 bp = Blueprint("auth", __name__)
 bp.before_request(common.check_csrf)
@@ -134,6 +138,34 @@ def _throttled(username: str) -> bool:
     return by_user >= MAX_FAILURES_PER_USER or by_addr >= MAX_FAILURES_PER_ADDRESS
 
 
+@bp.before_app_request
+def check_session() -> None:
+    """Every request: a logged-in session must carry a ``sid`` that logout has not revoked."""
+    if "user_id" not in session:
+        return
+    sid = session.get("sid")
+    if isinstance(sid, str) and sid:
+        with common.store().session() as db:
+            if db.get(RevokedSession, sid) is None:
+                return
+    session.clear()  # revoked, or made before sessions had an id: log in again
+
+
+def _revoke_session() -> None:
+    """Revoke the current session's ``sid``; forget revocations older than any valid cookie."""
+    sid = session.get("sid")
+    if not isinstance(sid, str) or not sid:
+        return
+    now = time.time()
+    lifetime = current_app.permanent_session_lifetime.total_seconds()
+    with common.store().session() as db:
+        # Flask refuses a cookie signed longer than the lifetime ago, so older rows are moot.
+        db.execute(delete(RevokedSession).where(RevokedSession.revoked_at < now - lifetime))
+        if db.get(RevokedSession, sid) is None:
+            db.add(RevokedSession(sid=sid, user_id=session.get("user_id"), revoked_at=now))
+        db.commit()
+
+
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> Any:
     error = ""
@@ -160,6 +192,7 @@ def login() -> Any:
                 session["user_id"] = int(user.id)
                 session["username"] = user.username
                 session["role"] = user.role
+                session["sid"] = secrets.token_urlsafe(32)
                 common.csrf_token()
                 common.record("login", user.username)
                 return redirect(_safe_next(request.args.get("next")))
@@ -172,6 +205,7 @@ def login() -> Any:
 @login_required
 def logout() -> Any:
     common.record("logout")
+    _revoke_session()
     session.clear()
     return redirect(url_for("auth.login"))
 

@@ -5,7 +5,8 @@
 - ``cell_edits``: every change a reviewer made to a cell (append-only; undo marks a row undone);
 - ``case_versions``: one row per version of a case's report; signing closes a version, an
   amendment opens the next one;
-- ``audit_events``: who viewed, changed and signed what, and when.
+- ``audit_events``: who viewed, changed and signed what, and when;
+- ``revoked_sessions``: sessions ended by logout, refused even if their signed cookie is replayed.
 """
 
 from __future__ import annotations
@@ -93,8 +94,18 @@ class AuditEvent(Base):
     remote_addr: Mapped[str] = mapped_column(String(64), default="")
 
 
+class RevokedSession(Base):
+    """A session ended by logout. The session cookie is signed, not stored, so a copy of it would
+    stay valid until it expires; listing its ``sid`` here refuses it from then on."""
+
+    __tablename__ = "revoked_sessions"
+    sid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    revoked_at: Mapped[float] = mapped_column(Float, default=time.time, index=True)
+
+
 def create_tables(engine: Engine) -> None:
     """Create the viewer's tables (the node's own are created by :func:`dicom_node.index.make_engine`)."""
     names = (User.__tablename__, LoginFailure.__tablename__, CellEdit.__tablename__,
-             CaseVersion.__tablename__, AuditEvent.__tablename__)
+             CaseVersion.__tablename__, AuditEvent.__tablename__, RevokedSession.__tablename__)
     Base.metadata.create_all(engine, tables=[Base.metadata.tables[name] for name in names])

@@ -66,8 +66,17 @@ def api_case(series_instance_uid: str) -> Any:
     return jsonify(case_json(cases.case_state(common.store(), series_instance_uid)))
 
 
-def _crop_box(slide_w: int, slide_h: int, bbox: list[int]) -> tuple[int, int, int, int]:
-    x0, y0, x1, y1 = (int(v) for v in bbox)
+def _crop_box(summary: dict[str, Any], cell: dict[str, Any]) -> tuple[int, int, int, int]:
+    """The square the classifier saw: its field of view (the result's provenance) around the
+    cell's centre, in base-level pixels. Results written before the field carry no field of
+    view: the cell's box with a quarter of its size on every side."""
+    field_um = summary.get("provenance", {}).get("parameters", {}).get("field_of_view_um")
+    spacing_mm = summary.get("slide", {}).get("pixel_spacing_mm")
+    if field_um and spacing_mm:
+        half = max(1, round(float(field_um) / (float(spacing_mm[0]) * 1000.0) / 2))
+        cx, cy = round(float(cell["x"])), round(float(cell["y"]))
+        return cx - half, cy - half, 2 * half, 2 * half
+    x0, y0, x1, y1 = (int(v) for v in cell["bbox"])
     side = max(x1 - x0, y1 - y0)
     margin = int(side * CROP_MARGIN)
     cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
@@ -79,9 +88,10 @@ def _crop_box(slide_w: int, slide_h: int, bbox: list[int]) -> tuple[int, int, in
 @login_required
 def crop(series_instance_uid: str, cell_id: int) -> Any:
     store = common.store()
-    cell = cases.case_state(store, series_instance_uid).cell(cell_id)
+    state = cases.case_state(store, series_instance_uid)
+    cell = state.cell(cell_id)
     slide = open_slide(store, series_instance_uid)
-    x, y, w, h = _crop_box(slide.width, slide.height, cell["bbox"])
+    x, y, w, h = _crop_box(state.summary, cell)
     image = slide.region(x, y, w, h)
     if max(image.size) > 256:
         image.thumbnail((256, 256))
@@ -103,8 +113,7 @@ def cell_heatmap(series_instance_uid: str, cell_id: int) -> Any:
     if kind not in arrays or kind not in grids:
         abort(404)
     size = int(grids[kind]["cell_size_px"])
-    slide_w, slide_h = state.summary["slide"]["total_pixel_matrix"]
-    x, y, w, h = _crop_box(slide_w, slide_h, cell["bbox"])
+    x, y, w, h = _crop_box(state.summary, cell)
     grid = arrays[kind]
     r0, c0 = max(0, y // size), max(0, x // size)
     r1, c1 = min(grid.shape[0], -(-(y + h) // size)), min(grid.shape[1], -(-(x + w) // size))

@@ -15,6 +15,13 @@ HIGHDICOM = DATA / "dicom" / "highdicom_test_files"
 SAMPLE_SLIDE = REPO / "dicom_node" / "data" / "sample_slide"
 #: BCCD fields of the committed sample slide, in mosaic order (3 columns x 2 rows).
 SAMPLE_FIELDS = (0, 8, 9, 10, 15, 20)
+#: Where field ``k`` of the sample slide starts: 3 columns of 640 x 480 fields, 194 px of glass
+#: between them (``make-slide --gap-um 16`` at 0.0823 um/px).
+SAMPLE_GAP_PX = 194
+
+
+def sample_field_origin(k: int) -> tuple[int, int]:
+    return (k % 3) * (640 + SAMPLE_GAP_PX), (k // 3) * (480 + SAMPLE_GAP_PX)
 
 
 def bccd_image(index: int) -> Path:

@@ -271,7 +271,9 @@ def test_classify_cli_json_contract(tiny_weights: Path, tmp_path: Path) -> None:
     assert [r["path"] for r in lines[:2]] == files
     for r in lines:
         assert set(r) == {"path", "label", "probabilities", "uncertainty", "anomaly_score",
-                          "review", "abnormal"}
+                          "review", "abnormal", "pixel_spacing_um", "pixel_spacing_source",
+                          "scale_ok"}
+        assert r["pixel_spacing_source"] == "red cells" and 0.1 < r["pixel_spacing_um"] < 0.6
         assert r["label"] in CLASS_NAMES
         assert list(r["probabilities"]) == list(CLASS_NAMES)
         assert abs(sum(r["probabilities"].values()) - 1.0) < 1e-4
@@ -283,6 +285,29 @@ def test_classify_cli_json_contract(tiny_weights: Path, tmp_path: Path) -> None:
     again = _run("classify", *files, str(folder), "--json", "--weights", str(tiny_weights),
                  "--batch", "2", "--threads", "1")
     assert again.stdout == proc.stdout
+
+
+def test_classify_cli_pixel_spacing(tiny_weights: Path, tmp_path: Path) -> None:
+    """Without metadata the scale comes from the red cells (a PBC image: 36.9 um across its 160 px,
+    0.23 um/px); ``--pixel-spacing`` overrides it and is checked against them: the right spacing
+    passes, one 40 % off is reported; the framing follows the spacing given."""
+    path = str(PBC / _few_rows("test", 1)[0][0])
+    args = ("--json", "--weights", str(tiny_weights), "--threads", "1")
+    measured = json.loads(_run("classify", path, *args).stdout)
+    assert measured["pixel_spacing_source"] == "red cells" and measured["scale_ok"] is None
+    assert measured["pixel_spacing_um"] == pytest.approx(36.9 / 160, rel=0.15)
+    right = json.loads(_run("classify", path, *args, "--pixel-spacing", "0.23").stdout)
+    assert right["pixel_spacing_source"] == "given" and right["scale_ok"] is True
+    wrong = json.loads(_run("classify", path, *args, "--pixel-spacing", "0.33").stdout)
+    assert wrong["pixel_spacing_um"] == 0.33 and wrong["scale_ok"] is False
+    assert wrong["probabilities"] != right["probabilities"]
+    bad = _run("classify", path, *args, "--pixel-spacing", "0")
+    assert bad.returncode == 2 and "--pixel-spacing" in bad.stderr and bad.stdout == ""
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (160, 160), (230, 220, 225)).save(blank)
+    proc = _run("classify", str(blank), *args)
+    assert proc.returncode == 2 and "--pixel-spacing" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_classify_cli_bad_input(tiny_weights: Path, tmp_path: Path) -> None:

@@ -10,19 +10,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from analysis.crops import CropConfig, crop_cell, crop_cell_from_image, crop_side_um
+from analysis.crops import (
+    CropConfig,
+    crop_cell,
+    crop_cell_from_image,
+    crop_side_um,
+    slide_scale_check,
+)
 from analysis.detect import (
+    DEFAULT_FIELD_PIXEL_SPACING_UM,
     DetectorConfig,
     _tile_origins,
     find_cells,
     find_cells_in_image,
     nucleus_score,
 )
+from analysis.framing import FIELD_OF_VIEW_UM, red_cell_diameter_px
 from analysis.tiles import Slide
 from dicom_node.cli import main
 from dicom_node.make_slide import make_slide
+from tests.analysis.conftest import SAMPLE_GAP_PX, bccd_image as _bccd_field, sample_field_origin
 
-SPACING = 0.075
+SPACING = DEFAULT_FIELD_PIXEL_SPACING_UM  # BCCD fields, by the red-cell ruler
 
 
 def _inside(x: float, y: float, box: tuple[float, float, float, float]) -> bool:
@@ -124,31 +133,70 @@ def test_made_slide_finds_the_annotated_cells(sample_slide: Path, field_boxes, s
         det = find_cells(slide)
     boxes = []
     for k, index in enumerate(sample_fields):
-        ox, oy = (k % 3) * 640, (k // 3) * 480
+        ox, oy = sample_field_origin(k)
         boxes += [(b[0] + ox, b[1] + oy, b[2] + ox, b[3] + oy) for b in field_boxes(index)]
     for box in boxes:
         assert sum(_inside(c.x, c.y, box) for c in det.cells) == 1
 
 
-def test_crops_centre_the_cell_and_scale_with_its_size(sample_slide: Path, field_image) -> None:
-    config = CropConfig()
+def test_crops_centre_the_cell_in_one_field_of_view(sample_slide: Path, field_image) -> None:
+    """Every crop is the same 26 um square around its cell (the framing of every training cell),
+    at the model's input size, with the chromatin in the middle; a field image framed in memory
+    gives the same crop as the slide."""
+    config = CropConfig(output_size=96)
     with Slide.open(sample_slide) as slide:
         cells = find_cells(slide).cells
         crops = [crop_cell(slide, c, config) for c in cells]
     for cell, crop in zip(cells, crops):
-        assert crop.shape == (160, 160, 3) and crop.dtype == np.uint8
+        assert crop.shape == (96, 96, 3) and crop.dtype == np.uint8
         score = nucleus_score(crop)
-        centre = score[60:100, 60:100].mean()
-        rim = np.concatenate([score[:15].ravel(), score[-15:].ravel()]).mean()
+        centre = score[36:60, 36:60].mean()
+        rim = np.concatenate([score[:9].ravel(), score[-9:].ravel()]).mean()
         assert centre > rim + 0.05, "the chromatin sits in the middle of the frame"
-    sides = [crop_side_um(c, config) for c in cells]
-    small, large = min(cells, key=lambda c: c.diameter_um), max(cells, key=lambda c: c.diameter_um)
-    assert crop_side_um(small, config) <= crop_side_um(large, config)
-    assert all(config.min_side_um <= s <= config.max_side_um for s in sides)
+    assert {crop_side_um(c, config) for c in cells} == {FIELD_OF_VIEW_UM}
     rgb = np.asarray(Image.open(field_image(0)).convert("RGB"))
     cell = find_cells_in_image(rgb, SPACING).cells[0]
     same = crop_cell_from_image(rgb, cell, SPACING, config)
     assert np.abs(same.astype(int) - crops[0].astype(int)).mean() < 12
+
+
+def test_sample_slide_crops_stay_inside_their_own_field(sample_slide: Path) -> None:
+    """The sample slide's fields are spaced by empty glass: no crop shows a neighbouring field."""
+    with Slide.open(sample_slide) as slide:
+        cells = find_cells(slide).cells
+        side = FIELD_OF_VIEW_UM / slide.pixel_spacing_um
+    for cell in cells:
+        k = next(k for k in range(6) if _in_field(cell.x, cell.y, k))
+        fx, fy = sample_field_origin(k)
+        for x in (cell.x - side / 2, cell.x + side / 2):
+            assert _in_field_or_gap(x, fx, 640), (cell, k)
+        for y in (cell.y - side / 2, cell.y + side / 2):
+            assert _in_field_or_gap(y, fy, 480), (cell, k)
+
+
+def _in_field(x: float, y: float, k: int) -> bool:
+    fx, fy = sample_field_origin(k)
+    return fx <= x < fx + 640 and fy <= y < fy + 480
+
+
+def _in_field_or_gap(v: float, start: int, length: int) -> bool:
+    """``v`` lies in the field ``[start, start + length)`` or the glass on either side of it."""
+    return start - SAMPLE_GAP_PX < v < start + length + SAMPLE_GAP_PX
+
+
+def test_red_cell_ruler_reads_the_sample_slide_scale(sample_slide: Path) -> None:
+    """The red cells around the sample slide's cells measure about 7.5 um: its spacing passes the
+    scale check; told a spacing 30 % too large (as a mis-set scanner would), the check fails."""
+    with Slide.open(sample_slide) as slide:
+        cells = find_cells(slide).cells
+        check = slide_scale_check(slide, cells)
+    assert check.ok is True and abs(check.ratio - 1.0) < 0.1, check
+    assert check.crops_measured >= 5
+    rgb = np.asarray(Image.open(_bccd_field(0)).convert("RGB"))
+    found = red_cell_diameter_px(rgb)
+    assert found is not None
+    assert abs(found[0] * SPACING / 7.5 - 1.0) < 0.15
+    assert abs(found[0] * SPACING * 1.3 / 7.5 - 1.0) > 0.15
 
 
 def test_cli_detect_json_contract(sample_slide: Path, field_image, capsys) -> None:
@@ -158,9 +206,9 @@ def test_cli_detect_json_contract(sample_slide: Path, field_image, capsys) -> No
     for cell in doc["cells"]:
         assert set(cell) == {"x", "y", "bbox", "area_um2"}
         x0, y0, x1, y1 = cell["bbox"]
-        assert 0 <= x0 < cell["x"] < x1 <= 1920 and 0 <= y0 < cell["y"] < y1 <= 960
+        assert 0 <= x0 < cell["x"] < x1 <= 2308 and 0 <= y0 < cell["y"] < y1 <= 1154
         assert cell["area_um2"] > 0
-    assert main(["detect", str(field_image(10)), "--pixel-spacing-um", "0.075", "--json"]) == 0
+    assert main(["detect", str(field_image(10)), "--pixel-spacing-um", str(SPACING), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert len(doc["cells"]) == 2
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from analysis.errors import SlideUnreadableError
 from analysis.tiles import Slide
+from tests.analysis.conftest import sample_field_origin
 
 
 @pytest.mark.parametrize("name", ["sm_image.dcm", "sm_image_jpegls.dcm", "sm_image_jpegls_nobot.dcm",
@@ -40,12 +41,13 @@ def test_reads_highdicom_objects_like_pydicom(highdicom_files: Path, name: str) 
 def test_sample_slide_is_a_pyramid_matching_its_fields(sample_slide: Path, field_image, sample_fields) -> None:
     with Slide.open(sample_slide) as slide:  # the folder also holds README.md
         assert len(slide.levels) >= 2
-        assert slide.pixel_spacing_um == pytest.approx(0.075)
-        assert slide.levels[1].pixel_spacing_um == pytest.approx(0.15)
+        assert slide.pixel_spacing_um == pytest.approx(0.0823)
+        assert slide.levels[1].pixel_spacing_um == pytest.approx(0.1646)
         assert slide.levels[1].downsample == pytest.approx(2.0)
         # field 2 of the mosaic (third column, first row)
-        region = slide.read_region(0, (1280, 0), (640, 480))
-        coarse = slide.read_region(1, (640, 0), (320, 240))
+        ox, oy = sample_field_origin(2)
+        region = slide.read_region(0, (ox, oy), (640, 480))
+        coarse = slide.read_region(1, (ox // 2, oy // 2), (320, 240))
     original = np.asarray(Image.open(field_image(sample_fields[2])).convert("RGB"))
     assert np.abs(region.astype(int) - original).mean() < 3.0  # JPEG q90 twice
     shrunk = np.asarray(Image.fromarray(original).resize((320, 240), Image.Resampling.BOX))
@@ -54,14 +56,14 @@ def test_sample_slide_is_a_pyramid_matching_its_fields(sample_slide: Path, field
 
 def test_level_for_spacing_picks_the_coarsest_fine_enough_level(sample_slide: Path) -> None:
     with Slide.open(sample_slide) as slide:
-        assert slide.level_for_spacing(0.2).pixel_spacing_um == pytest.approx(0.15)
-        assert slide.level_for_spacing(0.3).pixel_spacing_um == pytest.approx(0.3)
+        assert slide.level_for_spacing(0.2).pixel_spacing_um == pytest.approx(0.1646)
+        assert slide.level_for_spacing(0.33).pixel_spacing_um == pytest.approx(0.3292)
         assert slide.level_for_spacing(0.01).index == 0
 
 
 def test_region_outside_the_level_is_refused(sample_slide: Path) -> None:
     with Slide.open(sample_slide) as slide, pytest.raises(ValueError, match="outside"):
-        slide.read_region(0, (1900, 0), (64, 64))
+        slide.read_region(0, (2290, 0), (64, 64))
 
 
 def _base_instance(folder: Path) -> Path:

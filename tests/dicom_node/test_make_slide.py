@@ -75,8 +75,8 @@ def test_made_slide_is_a_valid_pyramidal_jpeg_series(made: list[Path]) -> None:
         assert "DimensionOrganizationUID" in h.DimensionOrganizationSequence[0]
     spacing = [float(h.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0])
                for h in headers]
-    assert spacing[0] == pytest.approx(0.075e-3)
-    assert spacing[1] == pytest.approx(0.15e-3)
+    assert spacing[0] == pytest.approx(0.0823e-3)  # BCCD, by the red-cell ruler
+    assert spacing[1] == pytest.approx(0.1646e-3)
     assert int(headers[0].NumberOfFrames) == 5 * 4  # ceil(1280/256) x ceil(960/256)
 
 
@@ -171,3 +171,20 @@ def test_cli_make_slide_bad_input_exits_2(tmp_path: Path, capsys: pytest.Capture
     (tmp_path / "full" / "x").write_text("x")
     assert main(["make-slide", *images, "--out", str(tmp_path / "full")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_gap_spaces_the_fields_with_glass(tmp_path: Path) -> None:
+    """``gap_um`` puts empty glass between fields: the slide grows by the gap, the second field
+    starts after it unchanged, and the gap is one flat, light colour (no seam a crop could show)."""
+    files = make_slide(_fields(0, 8), tmp_path / "gap", columns=2, gap_um=16.0)
+    base = _headers(files)[0]
+    gap = round(16.0 / 0.0823)
+    assert (int(base.TotalPixelMatrixColumns), int(base.TotalPixelMatrixRows)) == (1280 + gap, 480)
+    original = np.asarray(Image.open(_fields(8)[0]).convert("RGB")).astype(int)
+    with Slide.open(tmp_path / "gap") as slide:
+        second = slide.read_region(0, (640 + gap, 0), (640, 480)).astype(int)
+        glass = slide.read_region(0, (640 + 16, 16), (gap - 32, 448)).astype(int)
+    assert np.abs(second - original).mean() < 3.0
+    assert glass.std(axis=(0, 1)).max() < 3.0 and glass.mean() > 150
+    with pytest.raises(ValueError, match="gap_um"):
+        make_slide(_fields(0), tmp_path / "bad", gap_um=-1.0)

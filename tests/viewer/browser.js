@@ -20,6 +20,10 @@ async function main() {
   try {
     const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
     page.on("pageerror", (e) => out.errors.push(String(e)));
+    // The pages run under a Content-Security-Policy: anything it blocks is an error too.
+    page.on("console", (m) => {
+      if (m.type() === "error" && /Content Security Policy/i.test(m.text())) out.errors.push(m.text());
+    });
     page.on("response", (r) => {
       if (!r.url().includes("/tiles/")) return;
       if (r.status() !== 200) out.tiles.failed += 1;

@@ -203,7 +203,7 @@ def test_tiles_pass_the_stored_jpeg_frames_through(client_as, node_case, app) ->
     uid = node_case.series_instance_uid
     client, _ = client_as("tech")
     info = client.get(f"/api/slides/{uid}/info").get_json()
-    assert (info["width"], info["height"]) == (1920, 960)
+    assert (info["width"], info["height"]) == (2308, 1154)
     assert info["stored_levels"] == [0, 1, 2, 3] and info["min_level"] == info["max_level"] - 3
     store = app.extensions["cytonode.store"]
     with store.session() as db:

@@ -8,6 +8,7 @@ window.cyto = {
       if (v === null || v === undefined || v === false) continue;
       if (k === "class") node.className = v;
       else if (k === "dataset") Object.assign(node.dataset, v);
+      else if (k === "style") node.style.cssText = v;  // CSSOM: allowed by the CSP, a style attribute is not
       else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
       else node.setAttribute(k, v);
     }

