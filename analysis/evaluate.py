@@ -166,6 +166,8 @@ def calibrate(weights_dir: Path, data_dir: Path, config: ClassifierConfig, *, pe
         "classifier_config": {**config.to_dict(), "device": "cpu"},
         "seed": seed,
         "val_cells": len(rows),
+        "val_cells_pbc": len(rows) - sum(len(o.labels) for o in others),
+        "val_labs": ["pbc", *(o.paths[0].split("/")[0] for o in others if o.paths)],
         "val_per_class": per_class,
         "beta": beta,
         "target_error": target_error,

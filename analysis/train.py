@@ -232,12 +232,16 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
         log.info("resumed from step %d (%.0f s of training so far)", step, elapsed_before)
     log.info("model: %d parameters, %s", count_parameters(model), model_config.to_json())
 
-    from analysis.training.labs import load_lab
+    from analysis.training.labs import load_lab, load_pbc
 
-    root = train.data_dir.parent if (train.data_dir / "splits.csv").is_file() else train.data_dir
+    # The shared data folder, or the PBC folder itself (its labs' siblings beside it).
+    is_pbc = (train.data_dir / "splits.csv").is_file()
+    root = train.data_dir.parent if is_pbc else train.data_dir
     # Framed a third larger than the model's input, so that rotation and scale resample detail.
     load_size = model_config.image_size * 4 // 3
-    parts = [load_lab(root, lab, "train", load_size, train.field_of_view_um,
+    parts = [load_pbc(train.data_dir, "train", load_size, train.field_of_view_um,
+                      model_config.class_names) if lab == "pbc" and is_pbc else
+             load_lab(root, lab, "train", load_size, train.field_of_view_um,
                       model_config.class_names) for lab in train.labs]
     for part in parts:
         log.info("%s: %d train cells", part.lab, len(part))

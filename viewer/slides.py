@@ -157,6 +157,17 @@ class SlideHandle:
                 return bytes(self.wsi.read_encoded_tile(stored[0], (col, row))), True
         width = min(TILE_SIZE, level_w - col * TILE_SIZE)
         height = min(TILE_SIZE, level_h - row * TILE_SIZE)
+        below = [j for j in self.levels if j < k]
+        if stored is None and below:
+            # Coarser than every stored level: read the coarsest one below and shrink it.
+            j = max(below)
+            f = 2 ** (k - j)
+            _, jw, jh, _, _ = self.levels[j]
+            x, y = col * TILE_SIZE * f, row * TILE_SIZE * f
+            w, h = min(width * f, jw - x), min(height * f, jh - y)
+            with self.lock:
+                region = self.wsi.read_region((x, y), self.levels[j][0], (w, h))
+            return encode_jpeg(region.resize((width, height), Image.Resampling.BOX)), False
         with self.lock:
             image = self.wsi.read_region((col * TILE_SIZE, row * TILE_SIZE), k, (width, height))
         return encode_jpeg(image), False

@@ -120,7 +120,7 @@ def load_lab(data_root: Path, lab: str, split: str, size: int, field_of_view_um:
     """
     _check(lab, split)
     if lab == "pbc":
-        return _load_pbc(data_root / "pbc", split, size, field_of_view_um, classes)
+        return load_pbc(data_root / "pbc", split, size, field_of_view_um, classes)
     if lab == "chula":
         return _load_chula(data_root / "chula_wbc", split, size, field_of_view_um, classes)
     return _load_bccd(data_root / "bccd", split, size, field_of_view_um, classes)
@@ -139,8 +139,9 @@ def _finish(lab: str, split: str, images: list[np.ndarray], labels: list[int],
     return LabCells(lab, split, array, np.array(labels, dtype=np.int64), tuple(paths))
 
 
-def _load_pbc(root: Path, split: str, size: int, fov_um: float,
-              classes: tuple[str, ...]) -> LabCells:
+def load_pbc(root: Path, split: str, size: int, fov_um: float,
+             classes: tuple[str, ...] = CLASS_NAMES) -> LabCells:
+    """PBC's ``split`` from the PBC folder ``root`` (the one with ``splits.csv``)."""
     rows = read_split(root, split, classes)
     data = load_images(root, rows, size, field_of_view_um=fov_um)
     return LabCells("pbc", split, data.images, data.labels,

@@ -239,6 +239,7 @@ def test_session_access_and_csrf_for_stow(tmp_path: Path) -> None:
     assert client.get("/dicomweb/studies", headers={"Authorization": "Bearer "}).status_code == 401
     with client.session_transaction() as s:
         s["user_id"] = 1
+        s["sid"] = "session-1"  # a session id, as login gives (logout revokes it)
         s["csrf_token"] = "csrf-123"
     rsp = client.get("/dicomweb/studies")
     assert rsp.status_code == 200 and json.loads(rsp.data) == []
