@@ -29,13 +29,11 @@ from analysis.detect import DetectedCell
 from analysis.framing import (
     FIELD_OF_VIEW_UM,
     RED_CELL_DIAMETER_UM,
+    SCALE_TOLERANCE,
     frame_at,
     red_cell_diameter_px,
 )
 from analysis.tiles import Slide
-
-#: A slide whose red cells measure more than this fraction off 7.5 um fails the scale check.
-SCALE_TOLERANCE = 0.15
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ def crop_side_um(cell: DetectedCell, config: CropConfig) -> float:
 class ScaleCheck:
     """The red-cell ruler on a slide: median red-cell diameter at the slide's pixel spacing.
 
-    ``ratio`` is the measured diameter over 7.5 um; ``ok`` is ``|ratio - 1| <= 0.15``;
+    ``ratio`` is the measured diameter over 7.5 um; ``ok`` is ``|ratio - 1| <= SCALE_TOLERANCE``;
     ``None`` values when too few red cells were found to tell (``ok`` is then ``None``).
     """
 

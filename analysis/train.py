@@ -232,7 +232,7 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
         log.info("resumed from step %d (%.0f s of training so far)", step, elapsed_before)
     log.info("model: %d parameters, %s", count_parameters(model), model_config.to_json())
 
-    from analysis.training.labs import load_lab, load_pbc
+    from analysis.training.labs import LABS, load_lab, load_pbc
 
     # The shared data folder, or the PBC folder itself (its labs' siblings beside it).
     is_pbc = (train.data_dir / "splits.csv").is_file()
@@ -249,8 +249,7 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
     images = images.contiguous()
     label_array = np.concatenate([p.labels for p in parts])
     labels = torch.from_numpy(label_array)
-    lab_index = np.concatenate([np.full(len(p), ("pbc", "bccd", "chula").index(p.lab))
-                                for p in parts])
+    lab_index = np.concatenate([np.full(len(p), LABS.index(p.lab)) for p in parts])
     weights = lab_class_weights(lab_index, label_array, train.lab_share)
     pixel_weight = cell_weight(model_config).to(device)
 

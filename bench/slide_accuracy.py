@@ -29,14 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from analysis.classes import CLASS_NAMES  # noqa: E402
-from analysis.training.labs import bccd_fields, bccd_split  # noqa: E402
+from analysis.detect import DEFAULT_FIELD_PIXEL_SPACING_UM as SPACING_UM  # noqa: E402
+from analysis.training.labs import SAMPLE_SLIDE_FIELDS, bccd_fields, bccd_split  # noqa: E402
 from dicom_node.demo import SAMPLE_SLIDE  # noqa: E402
 from dicom_node.make_slide import SlideDescription, make_slide  # noqa: E402
 from tests.peers import NodeProcess  # noqa: E402
 
 FIELD = (640, 480)
 GAP_UM = 16.0
-SPACING_UM = 0.0823
 #: The sample slide: fields 0, 8, 9, 10, 15, 20 on 3 columns; field 10 holds two cells.
 SAMPLE_LABELS = {0: ["neutrophil"], 1: ["basophil"], 2: ["eosinophil"],
                  3: ["neutrophil", "eosinophil"], 4: ["monocyte"], 5: ["lymphocyte"]}
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("storescu (DCMTK) is not installed")
     wanted = bccd_split(args.split)
     fields = [f for f in bccd_fields(args.data / "bccd")
-              if f.index in wanted and f.single_cell_label is not None and f.index not in
-              (0, 8, 9, 10, 15, 20)]
+              if f.index in wanted and f.single_cell_label is not None
+              and f.index not in SAMPLE_SLIDE_FIELDS]
     if args.limit:
         fields = fields[:args.limit]
     t0 = time.monotonic()

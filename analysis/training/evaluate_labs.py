@@ -59,10 +59,9 @@ def _predict(model: DiffusionClassifier | ReferenceClassifier, cells: LabCells,
     return model.predict(cells.images)
 
 
-def _aml(data_root: Path, aml_dir: Path, size: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+def _aml(aml_dir: Path, size: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
     from analysis.evaluate import load_folder
 
-    del data_root
     return (load_folder(aml_dir / AML_BLASTS, size, limit),
             load_folder(aml_dir / AML_NEUTROPHILS, size, limit))
 
@@ -93,7 +92,7 @@ def evaluate_labs(weights_dir: Path, data_root: Path, split: str, labs: tuple[st
             print(f"{name} {lab} {split}: balanced accuracy {row['balanced_accuracy']} on "
                   f"{row['cells']} cells ({row['seconds']} s)", file=sys.stderr, flush=True)
         if aml_dir is not None:
-            blasts, neutrophils = _aml(data_root, aml_dir, model.image_size, aml_limit)
+            blasts, neutrophils = _aml(aml_dir, model.image_size, aml_limit)
             pb = _predict(model, LabCells("aml", "all", blasts, np.zeros(len(blasts), np.int64),
                                           ()), seed)
             pn = _predict(model, LabCells("aml", "all", neutrophils,

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 from flask import Flask
-from flask.testing import FlaskClient
 
 from dicom_node.settings import Settings
+from tests.viewer.conftest import PASSWORD, login
 from viewer import create_app
 from viewer.auth import add_user
 from viewer.slides import OPENSEADRAGON_DIR
 
-PASSWORD = "correct horse battery"
 TEMPLATES = Path(__file__).resolve().parents[2] / "viewer" / "templates"
 STATIC = TEMPLATES.parent / "static"
 HEADERS = {
@@ -47,18 +46,6 @@ def app(tmp_path: Path) -> Iterator[Flask]:
     add_user(store, "admin", "admin", PASSWORD)
     yield app
     store.close()
-
-
-def login(client: FlaskClient, username: str) -> str:
-    """Log in through the form; return the session's CSRF token."""
-    client.get("/login")
-    with client.session_transaction() as sess:
-        token = sess["csrf_token"]
-    rsp = client.post("/login", data={"username": username, "password": PASSWORD,
-                                      "csrf_token": token})
-    assert rsp.status_code == 302, rsp.get_data(as_text=True)[:500]
-    with client.session_transaction() as sess:
-        return str(sess["csrf_token"])
 
 
 def test_a_cookie_saved_before_logout_is_refused_after_it(app: Flask) -> None:
