@@ -7,6 +7,7 @@ Each ``add_*`` function registers a sub-command on an :mod:`argparse` parser;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -123,7 +124,15 @@ def add_classify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def run_classify(args: argparse.Namespace) -> int:
     from analysis.classes import CLASS_NAMES
     from analysis.errors import CheckpointError, DatasetError
-    from analysis.framing import FramedImage, collect_image_paths, frame_cell_image, read_image
+    from analysis.framing import (
+        CELL_IMAGE_MAX_SIDE,
+        CELL_IMAGE_MIN_SIDE,
+        FramedImage,
+        check_image_size,
+        collect_image_paths,
+        frame_cell_image,
+        read_image,
+    )
 
     if args.batch < 1:
         raise ValueError("--batch must be positive")
@@ -133,11 +142,18 @@ def run_classify(args: argparse.Namespace) -> int:
         return 2
     try:  # bad input is reported before the model is loaded
         paths = collect_image_paths(list(args.paths))
+        for p in paths:  # from the headers: nothing is decoded yet
+            check_image_size(p, CELL_IMAGE_MIN_SIDE, CELL_IMAGE_MAX_SIDE, "an image of one cell")
     except DatasetError as exc:
         sys.stderr.write(f"cytonode classify: {exc}\n")
         return 2
 
     import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.stderr.write(f"cytonode classify: --device cuda, but this torch ({torch.__version__}) "
+                         "has no CUDA device; use --device cpu\n")
+        return 2
 
     from analysis.classifier import (
         BaselineClassifier,
@@ -160,21 +176,41 @@ def run_classify(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         sys.stderr.write(f"cytonode classify: {exc}\n")
         return 1
+    review_model = None
+    if isinstance(model, DiffusionClassifier):  # the node's review rule, as on slides
+        from analysis.review import ReviewModel
+
+        try:
+            review_model = ReviewModel.load(weights, model.calibration)
+        except CheckpointError as exc:
+            sys.stderr.write(f"cytonode classify: {exc}\n")
+            return 1
     generator = torch.Generator("cpu").manual_seed(args.seed)
     progress = len(paths) > args.batch
     for start in range(0, len(paths), args.batch):
         chunk = paths[start:start + args.batch]
         framed: list[FramedImage] = []
+        reference_images: list[np.ndarray] = []
         for p in chunk:
             try:
-                framed.append(frame_cell_image(read_image(p), model.image_size, args.pixel_spacing))
+                rgb = read_image(p)
+                framed.append(frame_cell_image(rgb, model.image_size, args.pixel_spacing))
+                if review_model is not None:  # the same cell at the spacing just found
+                    reference_images.append(frame_cell_image(
+                        rgb, review_model.image_size, framed[-1].pixel_spacing_um).image)
             except DatasetError as exc:
                 sys.stderr.write(f"cytonode classify: {p}: {exc}\n")
                 return 2
         images = np.stack([f.image for f in framed])
         pred: Predictions
+        reasons: list[list[str]] | None = None
         if isinstance(model, DiffusionClassifier):
             pred = model.predict(images, generator)
+            if review_model is not None:
+                a = review_model.assess(pred.label, pred.uncertainty, np.stack(reference_images))
+                pred = dataclasses.replace(pred, review=a.decision.review, abnormal=a.decision.abnormal,
+                                           anomaly_score=a.feature_distance)
+                reasons = [[r.value for r in rs] for rs in a.decision.reasons]
         else:
             pred = model.predict(images)
         for i, path in enumerate(chunk):
@@ -187,6 +223,9 @@ def run_classify(args: argparse.Namespace) -> int:
                 "anomaly_score": round(float(pred.anomaly_score[i]), 6),
                 "review": bool(pred.review[i]),
                 "abnormal": bool(pred.abnormal[i]),
+                "review_reasons": reasons[i] if reasons is not None else (
+                    (["high-uncertainty"] if pred.review[i] else [])
+                    + (["high-anomaly-score"] if pred.abnormal[i] else [])),
                 "pixel_spacing_um": round(framed[i].pixel_spacing_um, 5),
                 "pixel_spacing_source": framed[i].spacing_source,
                 "scale_ok": framed[i].scale_ok,

@@ -11,6 +11,7 @@ spacing (off by more than 15 %: the scale check fails).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import cv2
@@ -172,6 +173,58 @@ def frame_cell_image(rgb: np.ndarray, size: int, pixel_spacing_um: float | None 
     ok = None if found is None else abs(found[0] / pixel_spacing_um - 1.0) <= SCALE_TOLERANCE
     framed = frame_at(rgb, (w / 2, h / 2), pixel_spacing_um, field_of_view_um, size)
     return FramedImage(framed, pixel_spacing_um, "given", 0 if found is None else found[1], ok)
+
+
+#: Sides, in pixels, an image of one cell can have. Smaller shows no cell; larger shows far more
+#: than the 26 um of :data:`FIELD_OF_VIEW_UM` even at the finest ``--pixel-spacing`` (0.01 um).
+CELL_IMAGE_MIN_SIDE = 16
+CELL_IMAGE_MAX_SIDE = 4096
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file, from its header only (nothing is decoded).
+
+    Raises
+    ------
+    DatasetError
+        If the file is missing or not an image, or claims more pixels than PIL decodes at all
+        (twice ``Image.MAX_IMAGE_PIXELS``: a decompression bomb).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # callers bound size
+            with Image.open(path) as im:
+                return int(im.width), int(im.height)
+    except Image.DecompressionBombError:
+        # PIL says only how many pixels; the header has the sides.
+        width, height = _png_header_size(path) or (0, 0)
+        size = f"{width} x {height} pixels" if width else "too many pixels"
+        raise DatasetError(f"{path}: {size}: too large to decode (a decompression bomb?)") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"{path}: cannot decode image ({exc})") from None
+
+
+def _png_header_size(path: Path) -> tuple[int, int] | None:
+    with open(path, "rb") as fp:
+        head = fp.read(24)
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def check_image_size(path: Path, min_side: int, max_side: int, what: str) -> tuple[int, int]:
+    """Check from its header that an image's sides lie in ``[min_side, max_side]`` pixels.
+
+    Raises
+    ------
+    DatasetError
+        Naming the file, its size and the bounds, if not; see also :func:`image_size`.
+    """
+    width, height = image_size(path)
+    if min(width, height) < min_side or max(width, height) > max_side:
+        raise DatasetError(f"{path}: {width} x {height} pixels is not {what} (each side must be "
+                           f"{min_side} to {max_side} pixels)")
+    return width, height
 
 
 def read_image(path: Path) -> np.ndarray:

@@ -40,6 +40,7 @@ from numpy.typing import NDArray
 from analysis.classes import CLASS_NAMES, CellClassValues
 from analysis.crops import CropConfig, ScaleCheck, crop_cell, crop_footprint, slide_scale_check
 from analysis.detect import DetectedCell, DetectorConfig, find_cells
+from analysis.domain import DomainCheck, check_domain
 from analysis.errors import SlideUnreadableError
 from analysis.results import (
     CellResult,
@@ -93,6 +94,9 @@ class PipelineConfig:
         Spacing used when the slide has no Pixel Measures; ``None`` makes that an error.
     detector, crops:
         Parameters of the white-cell finder and of the cell framing.
+    site:
+        The lab's :class:`analysis.site.SiteCalibration` (``cytonode calibrate-site``), or
+        ``None``: the shipped review thresholds. Named in the result's provenance.
     """
 
     weights_dir: Path | None = None
@@ -107,6 +111,7 @@ class PipelineConfig:
     default_pixel_spacing_um: float | None = None
     detector: DetectorConfig = dataclasses.field(default_factory=DetectorConfig)
     crops: CropConfig = dataclasses.field(default_factory=CropConfig)
+    site: Any = None
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -391,9 +396,15 @@ def classify_slide(slide_paths: Path | str | Sequence[Path | str],
 
             stage = _Stage("crop", max(1, len(cells)), progress)
             classifier, classifier_config = _load_classifier(config)
+            review_model = _load_review_model(config, classifier)
             crop_config = dataclasses.replace(config.crops, output_size=classifier.image_size)
             framed = _framed([crop_cell(slide, cell, crop_config) for cell in cells],
                              classifier.image_size)
+            reference_framed = None
+            if review_model is not None:  # the same field of view, at the reference's size
+                reference_crops = dataclasses.replace(config.crops, output_size=review_model.image_size)
+                reference_framed = _framed([crop_cell(slide, cell, reference_crops) for cell in cells],
+                                           review_model.image_size)
             scale = slide_scale_check(slide, cells)
             if scale.ok is False:
                 logger.warning("scale check failed: red cells measure %.2f um at the slide's "
@@ -402,6 +413,7 @@ def classify_slide(slide_paths: Path | str | Sequence[Path | str],
 
             stage = _Stage("classify", max(1, len(cells)), progress)
             predictions = _classify(classifier, classifier_config, framed, config, stage)
+            flags = _review(review_model, predictions, reference_framed, scale=scale, site=config.site)
             heatmaps: tuple[HeatmapGrid, ...] = ()
             if config.heatmaps and cells:
                 heatmaps = _heatmaps(classifier, classifier_config, framed, predictions, slide,
@@ -409,8 +421,8 @@ def classify_slide(slide_paths: Path | str | Sequence[Path | str],
 
     cell_results = []
     for i, cell in enumerate(cells):
-        review, abnormal = bool(predictions["review"][i]), bool(predictions["abnormal"][i])
-        anomaly = float(predictions["anomaly_score"][i])
+        reasons, abnormal = flags.reasons[i], bool(flags.abnormal[i])
+        anomaly = float(flags.anomaly_score[i])
         if not math.isfinite(anomaly):
             raise ValueError(f"cell {i}: the classifier gave a non-finite anomaly score")
         probabilities = {name: float(predictions["probabilities"][i, c])
@@ -423,8 +435,7 @@ def classify_slide(slide_paths: Path | str | Sequence[Path | str],
             probabilities=probabilities,
             uncertainty=min(1.0, max(0.0, float(predictions["uncertainty"][i]))),
             anomaly_score=anomaly,
-            review=review, review_reason=FlagReasonValues.HIGH_UNCERTAINTY if review else None,
-            abnormal=abnormal,
+            review=bool(reasons), review_reasons=reasons, abnormal=abnormal,
             abnormal_reason=FlagReasonValues.HIGH_ANOMALY_SCORE if abnormal else None,
         ))
     return SlideResult(
@@ -437,7 +448,8 @@ def classify_slide(slide_paths: Path | str | Sequence[Path | str],
         pixel_spacing_mm=spacing_mm,
         cells=tuple(cell_results),
         provenance=_provenance(classifier, classifier_config, config,
-                               heatmaps[0].cell_size_px if heatmaps else 0, scale),
+                               heatmaps[0].cell_size_px if heatmaps else 0, scale, review_model,
+                               flags.domain),
         heatmaps=heatmaps,
     )
 
@@ -457,6 +469,61 @@ def _load_classifier(config: PipelineConfig) -> tuple[Any, Any]:
                        "and abnormal thresholds were calibrated for %d", n, calibrated.n_timesteps,
                        calibrated.n_timesteps)
     return classifier, budget
+
+
+def _load_review_model(config: PipelineConfig, classifier: Any) -> Any:
+    """The review rule of the calibration (``None`` for one written before it existed)."""
+    from analysis.classifier import WEIGHTS_DIR
+    from analysis.review import ReviewModel
+
+    return ReviewModel.load(config.weights_dir or WEIGHTS_DIR, classifier.calibration)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flags:
+    reasons: tuple[tuple[FlagReasonValues, ...], ...]
+    abnormal: np.ndarray
+    anomaly_score: np.ndarray
+    domain: DomainCheck
+
+
+def _review(review_model: Any, predictions: dict[str, np.ndarray],
+            reference_framed: NDArray[np.uint8] | None, *, scale: ScaleCheck,
+            site: Any = None) -> _Flags:
+    """Flags and reasons of every cell: the review rule (:mod:`analysis.review`) when the
+    calibration has one, else the diffusion thresholds alone. A suspected abnormal cell
+    always goes to review, so "flagged" means the same everywhere."""
+    if review_model is not None:
+        assessment = review_model.assess(predictions["label"], predictions["uncertainty"],
+                                         reference_framed, site=site)
+        domain = check_domain(scale.ok, scale.red_cell_diameter_um, assessment.feature_distance,
+                              _slide_threshold(review_model.rule, site))
+        reasons = assessment.decision.reasons
+        if not domain.inside:
+            logger.warning("slide %s", domain.summary)
+            reasons = tuple(r + (FlagReasonValues.OUTSIDE_DOMAIN,) for r in reasons)
+        return _Flags(reasons, assessment.decision.abnormal, assessment.feature_distance, domain)
+    domain = check_domain(scale.ok, scale.red_cell_diameter_um, None, None)
+    outside_domain = not domain.inside
+    reasons = []
+    for i in range(len(predictions["label"])):
+        r = []
+        if predictions["review"][i]:
+            r.append(FlagReasonValues.HIGH_UNCERTAINTY)
+        if predictions["abnormal"][i]:
+            r.append(FlagReasonValues.HIGH_ANOMALY_SCORE)
+        if outside_domain:
+            r.append(FlagReasonValues.OUTSIDE_DOMAIN)
+        reasons.append(tuple(r))
+    return _Flags(tuple(reasons), np.asarray(predictions["abnormal"], bool),
+                  np.asarray(predictions["anomaly_score"], np.float64), domain)
+
+
+def _slide_threshold(rule: Any, site: Any) -> float | None:
+    """The slide check's threshold: the rule's, or a margin above the site's own median."""
+    if site is not None and site.median_distance > 0:
+        return 1.25 * float(site.median_distance)
+    return rule.slide_feature_threshold
 
 
 def _framed(crops: Sequence[NDArray[np.uint8]], image_size: int) -> NDArray[np.uint8]:
@@ -543,8 +610,9 @@ def _heatmaps(classifier: Any, budget: Any, images: NDArray[np.uint8],
 
 
 def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
-                heatmap_cell_size_px: int, scale: ScaleCheck | None = None) -> ModelProvenance:
-    from analysis.classifier import DIFFUSION_WEIGHTS, WEIGHTS_DIR
+                heatmap_cell_size_px: int, scale: ScaleCheck | None = None,
+                review_model: Any = None, domain: DomainCheck | None = None) -> ModelProvenance:
+    from analysis.classifier import DIFFUSION_WEIGHTS, REFERENCE_WEIGHTS, WEIGHTS_DIR
 
     weights = (config.weights_dir or WEIGHTS_DIR) / DIFFUSION_WEIGHTS
     calibration = classifier.calibration
@@ -559,6 +627,24 @@ def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
         "field_of_view_um": float(config.crops.field_of_view_um),
         "image_size": int(classifier.image_size),
     }
+    if review_model is not None:
+        rule = review_model.rule
+        parameters["review_rule"] = "significant class, unlike any training class, models disagree, uncertain"
+        for key, value in (("review_uncertainty_threshold", rule.uncertainty_threshold),
+                           ("review_feature_threshold", rule.feature_threshold)):
+            parameters[key] = float(value) if math.isfinite(value) else "off"
+        parameters["review_models_disagree"] = bool(rule.disagreement)
+        parameters["review_significant_classes"] = ", ".join(rule.significant_classes)
+        parameters["anomaly_score"] = "reference feature distance (Mahalanobis, nearest class)"
+        parameters["site_calibration"] = config.site.label if config.site is not None else "none"
+        if config.site is not None:
+            parameters["review_feature_threshold"] = float(config.site.feature_threshold)
+        parameters["reference_weights_sha256"] = weights_sha256(
+            (config.weights_dir or WEIGHTS_DIR) / REFERENCE_WEIGHTS)
+    if domain is not None:
+        parameters["validated_domain"] = domain.summary
+        if domain.median_feature_distance is not None:
+            parameters["median_feature_distance"] = round(domain.median_feature_distance, 3)
     if scale is not None:
         parameters["scale_check"] = ("not measured (fewer than 3 crops with red cells)"
                                      if scale.ok is None else "ok" if scale.ok else "failed")

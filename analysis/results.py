@@ -41,6 +41,27 @@ class FlagReasonValues(str, enum.Enum):
     HIGH_ANOMALY_SCORE = "high-anomaly-score"
     """Even the best class explains the cell poorly (anomaly score above its threshold)."""
 
+    SIGNIFICANT_CLASS = "significant-class"
+    """The cell was called a clinically significant class (immature granulocyte,
+    erythroblast), which always goes to a person, as analysers do."""
+
+    MODELS_DISAGREE = "models-disagree"
+    """The diffusion classifier and the discriminative reference call different classes."""
+
+    OUTSIDE_DOMAIN = "outside-validated-domain"
+    """The slide as a whole is outside the validated domain (scale check failed, or
+    its cells look unlike every calibrated site): every cell goes to review."""
+
+
+#: What a person reads for each reason (viewer, demo, PDF, the SR's code meanings).
+FLAG_REASON_LABELS: Mapping[FlagReasonValues, str] = types.MappingProxyType({
+    FlagReasonValues.HIGH_UNCERTAINTY: "uncertain",
+    FlagReasonValues.HIGH_ANOMALY_SCORE: "unlike any training class",
+    FlagReasonValues.SIGNIFICANT_CLASS: "significant class",
+    FlagReasonValues.MODELS_DISAGREE: "models disagree",
+    FlagReasonValues.OUTSIDE_DOMAIN: "outside the validated domain",
+})
+
 
 class HeatmapKindValues(str, enum.Enum):
     """What a heatmap grid shows."""
@@ -213,10 +234,13 @@ class CellResult:
         Normalised uncertainty in [0, 1] (0 certain, 1 uniform posterior).
     anomaly_score:
         How badly even the best class explains the cell (finite; higher is more anomalous).
-    review, review_reason:
-        Whether the cell needs a person's review, and why (a reason exactly when flagged).
+    review, review_reason, review_reasons:
+        Whether the cell needs a person's review, and why: every reason that applies
+        (``review_reasons``, in the order of :class:`FlagReasonValues`) and the first of
+        them (``review_reason``). Give either; a reason exactly when flagged.
     abnormal, abnormal_reason:
-        Whether the cell is suspected abnormal (for example a blast), and why.
+        Whether the cell is suspected abnormal (for example a blast), and why. The
+        analysis also sends every suspected abnormal cell to review.
     """
 
     cell_id: int
@@ -233,6 +257,7 @@ class CellResult:
     review_reason: FlagReasonValues | None = None
     abnormal: bool = False
     abnormal_reason: FlagReasonValues | None = None
+    review_reasons: tuple[FlagReasonValues, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.cell_id, bool) or not isinstance(self.cell_id, (int, np.integer)):
@@ -282,6 +307,7 @@ class CellResult:
         object.__setattr__(self, "probabilities", types.MappingProxyType(probs))
         object.__setattr__(self, "uncertainty", _check_unit_interval(self.uncertainty, "uncertainty"))
         object.__setattr__(self, "anomaly_score", _check_finite(self.anomaly_score, "anomaly_score"))
+        self._normalise_review_reasons()
         for flag, reason in (("review", "review_reason"), ("abnormal", "abnormal_reason")):
             if not isinstance(getattr(self, flag), (bool, np.bool_)):
                 raise TypeError(f"{flag} must be a bool")
@@ -295,6 +321,36 @@ class CellResult:
                 except ValueError:
                     allowed = ", ".join(v.value for v in FlagReasonValues)
                     raise ValueError(f"{reason} must be one of {allowed}, not {value!r}") from None
+
+    def _normalise_review_reasons(self) -> None:
+        try:
+            reasons = tuple(FlagReasonValues(r) for r in self.review_reasons)
+        except (TypeError, ValueError):
+            allowed = ", ".join(v.value for v in FlagReasonValues)
+            raise ValueError(f"review_reasons must hold values of {allowed}, not {self.review_reasons!r}") from None
+        if len(set(reasons)) != len(reasons):
+            raise ValueError(f"review_reasons must not repeat a reason: {[r.value for r in reasons]}")
+        order = list(FlagReasonValues)
+        reasons = tuple(sorted(reasons, key=order.index))
+        if self.review_reason is None:
+            if reasons:
+                object.__setattr__(self, "review_reason", reasons[0])
+        else:
+            try:
+                first = FlagReasonValues(self.review_reason)
+            except ValueError:
+                return  # reported by the loop below with the list of allowed values
+            if not reasons:
+                reasons = (first,)
+            elif first != reasons[0]:
+                raise ValueError(f"review_reason must be the first of review_reasons ({reasons[0].value}), "
+                                 f"not {first.value}")
+        object.__setattr__(self, "review_reasons", reasons)
+
+    @property
+    def review_labels(self) -> tuple[str, ...]:
+        """The review reasons as a person reads them (see :data:`FLAG_REASON_LABELS`)."""
+        return tuple(FLAG_REASON_LABELS[r] for r in self.review_reasons)
 
     @property
     def probability(self) -> float:

@@ -12,6 +12,10 @@ logger = logging.getLogger(__name__)
 
 #: Suffixes read as plain field images rather than DICOM.
 FIELD_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
+#: Sides, in pixels, of a field image ``detect`` reads whole: smaller holds no white cell (one is
+#: about 150 px across at the default 0.0823 um/px); larger is a slide (``cytonode make-slide``).
+FIELD_IMAGE_MIN_SIDE = 32
+FIELD_IMAGE_MAX_SIDE = 8192
 
 
 def add_detect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -31,7 +35,8 @@ def run_detect(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
 
     from analysis.detect import DEFAULT_FIELD_PIXEL_SPACING_UM, find_cells, find_cells_in_image
-    from analysis.errors import SlideUnreadableError
+    from analysis.errors import DatasetError, SlideUnreadableError
+    from analysis.framing import check_image_size
     from analysis.tiles import Slide
 
     path: Path = args.path
@@ -41,6 +46,11 @@ def run_detect(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{path}: no such file or folder")
     try:
         if path.is_file() and path.suffix.lower() in FIELD_IMAGE_SUFFIXES:
+            try:  # from the header, before anything is decoded
+                check_image_size(path, FIELD_IMAGE_MIN_SIDE, FIELD_IMAGE_MAX_SIDE,
+                                 "a field image (convert larger ones with cytonode make-slide)")
+            except DatasetError as exc:
+                raise SlideUnreadableError(str(exc)) from None
             spacing = args.pixel_spacing_um
             if spacing is None:
                 spacing = DEFAULT_FIELD_PIXEL_SPACING_UM

@@ -2,7 +2,8 @@
 
 Every object is built from the real sample slide that ships with CytoNode (BCCD blood smear
 fields, MIT licence; see ``dicom_node/data/sample_slide/README.md``): its smallest pyramid level
-for the image classes, highdicom for SEG, label map SEG, parametric map, bulk annotations and SR.
+for the image classes, highdicom for SEG, label map SEG, parametric map, bulk annotations and SR,
+pydicom and fpdf2 for the Encapsulated PDF.
 Pixel data are encoded for the transfer syntax with real codecs (imagecodecs, pydicom), one
 fragment per frame; objects without pixel data are encoded as the syntax prescribes (PS3.5
 A.4: explicit VR little endian outside Pixel Data). All objects share one study per kit run,
@@ -287,6 +288,27 @@ def _basic_text_sr(src: Dataset) -> Dataset:
     return ds
 
 
+def _encapsulated_pdf(src: Dataset, study_uid: str) -> Dataset:
+    """An Encapsulated PDF (PS3.3 A.45.1) of a one-line PDF, as the node writes its reports."""
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    pdf.add_page()
+    pdf.set_font("helvetica", size=12)
+    pdf.cell(text="CytoNode conformance kit test document; not a clinical report.")
+    document = bytes(pdf.output())
+    ds = Dataset()
+    ds.Modality, ds.ConversionType, ds.BurnedInAnnotation = "DOC", "WSD", "NO"
+    ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName = src.StudyDate, src.StudyTime, ""
+    ds.PatientBirthDate, ds.PatientSex, ds.Manufacturer = "", "", "CytoNode conformance kit"
+    ds.ContentDate, ds.ContentTime, ds.AcquisitionDateTime = src.StudyDate, src.StudyTime, ""
+    ds.DocumentTitle, ds.ConceptNameCodeSequence = "Conformance kit test document", []
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = document + b"\0" * (len(document) % 2)
+    ds.EncapsulatedDocumentLength = len(document)
+    return _identity(ds, study_uid, 7, "1.2.840.10008.5.1.4.1.1.104.1")
+
+
 def _as_plain(obj: Dataset, study_uid: str, sop_class: str | None = None) -> Dataset:
     """A plain pydicom copy of a highdicom object, moved into the kit study."""
     ds = Dataset()
@@ -310,6 +332,7 @@ BUILDERS: dict[str, Callable[[Dataset, str], Dataset]] = {
     "1.2.840.10008.5.1.4.1.1.88.34": lambda src, study: _sr(src, study, "1.2.840.10008.5.1.4.1.1.88.34"),
     "1.2.840.10008.5.1.4.1.1.7": lambda src, study: _plain_image(src, study, "1.2.840.10008.5.1.4.1.1.7", 1),
     "1.2.840.10008.5.1.4.1.1.7.4": lambda src, study: _plain_image(src, study, "1.2.840.10008.5.1.4.1.1.7.4", 2),
+    "1.2.840.10008.5.1.4.1.1.104.1": _encapsulated_pdf,
 }
 
 

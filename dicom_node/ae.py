@@ -6,12 +6,15 @@ Every change here must be mirrored in ``conformance/`` (a test compares them).
 from __future__ import annotations
 
 import logging
+import struct
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, _config, evt
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from dicom_node.settings import Settings
 from dicom_node.store import Store
@@ -33,6 +36,7 @@ STORAGE_SOP_CLASSES: dict[str, str] = {
     "Comprehensive3DSRStorage": "1.2.840.10008.5.1.4.1.1.88.34",
     "SecondaryCaptureImageStorage": "1.2.840.10008.5.1.4.1.1.7",
     "MultiFrameTrueColorSecondaryCaptureImageStorage": "1.2.840.10008.5.1.4.1.1.7.4",
+    "EncapsulatedPDFStorage": "1.2.840.10008.5.1.4.1.1.104.1",
 }
 
 #: Transfer syntaxes accepted for every storage class, in the order preferred
@@ -195,12 +199,17 @@ def handle_conn_close(event: evt.Event, limit: AssociationLimit) -> None:
     host, port = event.address  # type: ignore[attr-defined]
     address = f"{host}:{port}"
     partial = _discard_partial_dataset(assoc)
+    refusal = getattr(assoc.dul.socket, "refusal", None)  # set by PDULimitSocket
     if assoc.requestor.primitive is None:
         # The association thread waits up to the ACSE timeout for an A-ASSOCIATE-RQ that can no
         # longer come, holding a place among pynetdicom's active associations: wake it now.
         assoc.dul.to_user_queue.put(None)
-        log.warning("connection from %s closed without an association request "
-                    "(dropped, or not DICOM)", address)
+        log.warning("connection from %s closed without an association request (%s)", address,
+                    f"aborted: it {refusal}" if refusal else "dropped, or not DICOM")
+    elif refusal is not None:
+        log.warning("association from %s (%s) aborted: it %s%s", assoc.requestor.ae_title.strip(),
+                    address, refusal,
+                    f"; discarded the partial data set of {partial}" if partial else "")
     elif partial is not None:
         log.warning("association from %s (%s) ended during a C-STORE; discarded the partial "
                     "data set of %s", assoc.requestor.ae_title.strip(), address, partial)
@@ -228,6 +237,144 @@ def _discard_partial_dataset(assoc: Any) -> str | None:
     return sop_instance_uid
 
 
+#: The largest PDU other than a P-DATA-TF that the node reads (PS3.8 9.3). An A-ASSOCIATE-RQ
+#: proposing 128 presentation contexts of 20 transfer syntaxes each is about 180 KB; a user
+#: identity item is at most 64 KiB.
+MAX_ASSOCIATION_PDU = 1024 * 1024
+
+#: PDU types of PS3.8 9.3 (A-ASSOCIATE-RQ 0x01 ... A-ABORT 0x07) and P-DATA-TF.
+PDU_TYPES = range(0x01, 0x08)
+P_DATA_TF = 0x04
+
+#: States of pynetdicom's state machine (PS3.8 Table 9-10) in which P-DATA-TF may arrive:
+#: association established (Sta6) and the release states.
+_DATA_TRANSFER_STATES = frozenset(f"Sta{n}" for n in range(6, 13))
+
+#: A-ABORT source and reasons (PS3.8 Table 9-26): service-provider; unrecognized PDU,
+#: invalid PDU parameter value.
+ABORT_SOURCE_PROVIDER = 0x02
+ABORT_UNRECOGNIZED_PDU = 0x01
+ABORT_INVALID_PDU_PARAMETER = 0x06
+
+
+class PDURefusedError(OSError):
+    """A peer's PDU header announced an unknown PDU type or more bytes than the node reads."""
+
+
+class PDULimitSocket(AssociationSocket):
+    """An acceptor's socket that refuses a PDU from its header when it is too large to read
+    or of an unknown type.
+
+    pynetdicom's DUL (``DULServiceProvider._read_pdu_data``) reads each PDU as ``recv(6)`` (type,
+    reserved byte, 32-bit length; PS3.8 9.3.1) and then ``recv(length)`` into memory, whatever
+    the length. Here each header is checked before its body is read: a P-DATA-TF longer than the
+    Maximum Length Received the node announced (``CYTONODE_MAX_PDU``, PS3.8 D.1.1), or any other
+    PDU longer than :data:`MAX_ASSOCIATION_PDU`, is answered by an A-ABORT (service-provider,
+    invalid PDU parameter value; unrecognized PDU for an unknown type) and the read fails. The DUL then handles a closed connection
+    (Evt17: AA-4 or AA-5 close the socket and trigger ``EVT_CONN_CLOSE``), so nothing more of
+    the PDU is read.
+
+    Installed by :class:`NodeRequestHandler` on every accepted connection.
+    """
+
+    _body_due = False  # the next recv() reads the body of a PDU whose header was returned
+    #: Why the node closed the connection, for the one line :func:`handle_conn_close` logs.
+    refusal: str | None = None
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self.refusal is not None:
+            # The DUL may read again before it handles the closed connection: nothing more.
+            return bytearray()
+        if self._body_due:
+            self._body_due = False
+            return super().recv(nr_bytes)
+        data = super().recv(nr_bytes)
+        if nr_bytes == 6 and len(data) == 6:
+            pdu_type, _, length = struct.unpack(">BBL", data)
+            if pdu_type not in PDU_TYPES:
+                # pynetdicom would answer A-ABORT and keep reading (6 bytes at a time) until the
+                # ARTIM timeout; a peer sending a stream of garbage gets its connection closed.
+                self._refuse(ABORT_UNRECOGNIZED_PDU, f"sent a PDU of unknown type 0x{pdu_type:02X}")
+            limit = self._limit(pdu_type)
+            if limit and length > limit:
+                what = "a P-DATA-TF" if pdu_type == P_DATA_TF else f"a PDU of type 0x{pdu_type:02X}"
+                setting = "CYTONODE_MAX_PDU" if pdu_type == P_DATA_TF else "the limit"
+                self._refuse(ABORT_INVALID_PDU_PARAMETER,
+                             f"announced {what} of {length} bytes, more than {setting} ({limit})")
+            self._body_due = True
+        return data
+
+    def _limit(self, pdu_type: int) -> int:
+        """The largest PDU of ``pdu_type`` the node reads now; 0 for no limit."""
+        state = self.assoc.dul.state_machine.current_state
+        if pdu_type == P_DATA_TF and state in _DATA_TRANSFER_STATES:
+            return int(self.assoc.acceptor.maximum_length or 0)
+        return MAX_ASSOCIATION_PDU
+
+    def _refuse(self, reason: int, refusal: str) -> None:
+        """Send an A-ABORT (best effort, outside the state machine) and fail the read."""
+        self.refusal = refusal
+        abort = A_ABORT_RQ()
+        abort.source = ABORT_SOURCE_PROVIDER
+        abort.reason_diagnostic = reason
+        try:
+            if self.socket is not None:
+                self.socket.sendall(abort.encode())
+        except OSError:
+            pass  # the peer has gone; the DUL closes our side either way
+        raise PDURefusedError(refusal)
+
+
+def _guard_dimse_decoding(assoc: Any) -> None:
+    """Abort, rather than lose the DUL thread, when a peer's DIMSE message cannot be decoded.
+
+    pynetdicom decodes P-DATA fragments into a DIMSE message on the DUL thread
+    (``DIMSEServiceProvider.receive_primitive``); some malformed command sets raise there (a
+    command set without Command Data Set Type: ``AttributeError``), which kills the DUL thread
+    with a traceback and leaves the connection open. Here that is handled as an invalid PDU
+    (Evt19: AA-8 sends an A-ABORT and ends the association, PS3.8 9.2) and the connection closed.
+    """
+    receive = assoc.dimse.receive_primitive
+
+    def receive_primitive(primitive: Any) -> None:
+        try:
+            receive(primitive)
+        except Exception as exc:
+            assoc.dimse.message = None
+            socket = assoc.dul.socket
+            if isinstance(socket, PDULimitSocket) and socket.refusal is None:
+                # Also makes the socket read as closed: AA-8's ARTIM wait ends at once.
+                socket.refusal = (f"sent a DIMSE message that cannot be decoded "
+                                  f"({exc.__class__.__name__}: {exc})")
+            assoc.dul.event_queue.put("Evt19")
+
+    assoc.dimse.receive_primitive = receive_primitive
+
+
+class NodeRequestHandler(RequestHandler):
+    """pynetdicom's connection handler, with :class:`PDULimitSocket` as the connection's socket
+    and DIMSE decoding errors handled (:func:`_guard_dimse_decoding`).
+
+    ``RequestHandler._create_association`` builds a plain ``AssociationSocket`` around the
+    accepted connection (signalling Evt5, "transport connection indication", as it does); its
+    class is switched rather than a second socket built, which would signal a second connection.
+    """
+
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        assoc.dul.socket.__class__ = PDULimitSocket
+        _guard_dimse_decoding(assoc)
+        return assoc
+
+
+class NodeAE(AE):
+    """The node's AE: its servers accept connections through :class:`NodeRequestHandler`."""
+
+    def make_server(self, address: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("request_handler", NodeRequestHandler)
+        return super().make_server(address, *args, **kwargs)
+
+
 def make_ae(settings: Settings, store: Store) -> tuple[AE, list[Any]]:
     """Build the SCP AE and its event handlers (not yet started).
 
@@ -239,7 +386,7 @@ def make_ae(settings: Settings, store: Store) -> tuple[AE, list[Any]]:
     from dicom_node.handlers import handle_echo, handle_store
     from dicom_node.qr import QR_SOP_CLASSES, qr_handlers
 
-    ae = AE(ae_title=settings.ae_title)
+    ae = NodeAE(ae_title=settings.ae_title)
     limit = AssociationLimit(settings.max_associations)
     ae.maximum_associations = CONNECTIONS_PER_ASSOCIATION * settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu

@@ -6,6 +6,8 @@ Runs :func:`analysis.pipeline.classify_slide`, encodes the result with
 - ``sr.dcm``: the TID 1500 measurement report (always, also for a slide without cells);
 - ``ann.dcm``: the bulk annotations of every white cell (only when there are cells);
 - ``seg.dcm``: the heatmap segmentation (only when there are heatmaps);
+- ``pdf.dcm``: the report as Encapsulated PDF (always), ``sc.dcm``: the gallery of the flagged
+  cells as Secondary Capture (only when cells are flagged): the report any PACS shows;
 - ``summary.json``: differential (counts, percentages, 95 % Wilson intervals), every
   cell with its flags, seconds per stage and the model's provenance.
 """
@@ -24,7 +26,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 #: Files this command writes into ``--out``; stale ones of an earlier run are removed.
-OUTPUT_FILES = {"sr": "sr.dcm", "ann": "ann.dcm", "seg": "seg.dcm"}
+OUTPUT_FILES = {"sr": "sr.dcm", "ann": "ann.dcm", "seg": "seg.dcm", "pdf": "pdf.dcm", "sc": "sc.dcm"}
 SUMMARY = "summary.json"
 
 
@@ -84,7 +86,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         return 1
 
     encode_start = time.perf_counter()
-    objects = encode_results(result, files)
+    objects = encode_results(result, files, platelets_detected=counts.get("platelets"))
     args.out.mkdir(parents=True, exist_ok=True)
     for kind, name in OUTPUT_FILES.items():
         path = args.out / name
@@ -96,7 +98,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     timings["total"] = round(time.perf_counter() - started, 3)
 
     write_summary(args.out, result, args.slide, objects, timings, counts)
-    _print_differential(result, timings, args.out)
+    _print_differential(result, timings, args.out, platelets_detected=counts.get("platelets"))
     return 0
 
 
@@ -132,9 +134,11 @@ def write_summary(out: Path, result: Any, slide: Path, objects: dict[str, Any],
     return path
 
 
-def encode_results(result: Any, files: list[Path]) -> dict[str, Any]:
+def encode_results(result: Any, files: list[Path], *, platelets_detected: int | None = None,
+                   ) -> dict[str, Any]:
     """The DICOM objects of one slide's result: ``sr`` always, ``ann`` when there are cells,
-    ``seg`` when there are heatmaps (an annotation group cannot be empty, PS3.3 C.37.1.2)."""
+    ``seg`` when there are heatmaps (an annotation group cannot be empty, PS3.3 C.37.1.2),
+    ``pdf`` always and ``sc`` when cells are flagged (released with the SR: same outbox path)."""
     import pydicom
 
     from dicom_node.encode.ann import encode_bulk_annotations
@@ -144,25 +148,32 @@ def encode_results(result: Any, files: list[Path]) -> dict[str, Any]:
 
     source_datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     params = EncoderParams()
-    objects: dict[str, Any] = {"sr": encode_report(result, source_datasets, params)}
+    objects: dict[str, Any] = {"sr": encode_report(result, source_datasets, params,
+                                                   platelets_detected=platelets_detected)}
     if result.cells:
         objects["ann"] = encode_bulk_annotations(result, source_datasets, params)
     if result.heatmaps:
         objects["seg"] = encode_heatmaps(result, source_datasets, params)
+    # --- issue 20 (3): the report any PACS shows, next to the SR ---
+    from dicom_node.encode.pdf import encode_pdf_report
+    from dicom_node.encode.sc import encode_flagged_gallery, read_flagged_crops
+
+    objects["pdf"] = encode_pdf_report(result, source_datasets, params,
+                                       platelets_detected=platelets_detected)
+    crops = read_flagged_crops(result, files)
+    if crops:
+        objects["sc"] = encode_flagged_gallery(result, source_datasets, crops, params)
+    # --- end issue 20 (3) ---
     return objects
 
 
 def differential(result: Any) -> list[dict[str, Any]]:
-    """Per class count, percentage and its 95% Wilson interval, as plain values."""
-    rows = []
-    for count in result.counts:
-        interval = count.confidence_interval
-        rows.append({
-            "label": count.label.value, "count": count.count,
-            "percentage": None if count.percentage is None else round(count.percentage, 3),
-            "ci95": None if interval is None else [round(interval[0], 3), round(interval[1], 3)],
-        })
-    return rows
+    """One row per class (:meth:`dicom_node.encode.differential.Differential.rows`): white cells
+    with percentage of white cells and 95 % Wilson interval, erythroblasts per 100 white cells,
+    platelets counted only."""
+    from dicom_node.encode.differential import Differential
+
+    return Differential.from_result(result).rows()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -173,6 +184,8 @@ def _one_line(exc: BaseException) -> str:
 def _summary(result: Any, slide: Path, objects: dict[str, Any], timings: dict[str, float],
              counts: dict[str, int]) -> dict[str, Any]:
     """The ``summary.json`` document."""
+    from dicom_node.encode.differential import Differential
+
     cells = [_cell_json(c) for c in result.cells]
     return {
         "slide": {
@@ -187,8 +200,10 @@ def _summary(result: Any, slide: Path, objects: dict[str, Any], timings: dict[st
         "cell_count": len(result.cells),
         "platelets_detected": counts.get("platelets"),
         "differential": differential(result),
-        "interval": "95 % Wilson score interval of the percentage, over all classified white cells",
-        "flagged": [c for c in cells if c["review"] or c["abnormal"]],
+        "report": Differential.from_result(
+            result, platelets_detected=counts.get("platelets")).as_json(),
+        "interval": "95 % Wilson score interval of the percentage of white cells",
+        "flagged": [c for c in cells if c["review"]],
         "cells": cells,
         "heatmaps": [{"kind": h.kind.value, "shape": list(h.shape), "cell_size_px": h.cell_size_px}
                      for h in result.heatmaps],
@@ -213,20 +228,27 @@ def _cell_json(cell: Any) -> dict[str, Any]:
         "uncertainty": round(cell.uncertainty, 6), "anomaly_score": round(cell.anomaly_score, 6),
         "review": cell.review,
         "review_reason": cell.review_reason.value if cell.review_reason else None,
+        "review_reasons": [r.value for r in cell.review_reasons],
         "abnormal": cell.abnormal,
         "abnormal_reason": cell.abnormal_reason.value if cell.abnormal_reason else None,
     }
 
 
-def _print_differential(result: Any, timings: dict[str, float], out: Path) -> None:
-    """A short human-readable report on stdout."""
-    lines = [f"{len(result.cells)} white cells; written to {out}"]
-    for count in result.counts:
-        if count.total:
-            low, high = count.confidence_interval
-            lines.append(f"  {count.label.value:<13}{count.count:>5}  {count.percentage:6.1f} %"
-                         f"  (95 % CI {low:.1f}-{high:.1f})")
-    lines.append(f"  flagged for review: {len(result.review_cells)}, "
-                 f"suspected abnormal: {len(result.abnormal_cells)}")
+def _print_differential(result: Any, timings: dict[str, float], out: Path, *,
+                        platelets_detected: int | None = None) -> None:
+    """A short human-readable report on stdout: the differential, the flagged cells with their
+    numbers (as the SR and the viewer name them) and reasons in words."""
+    from dicom_node.encode.differential import Differential, class_label
+
+    lines = [f"{len(result.cells)} cells classified; written to {out}"]
+    params = result.provenance.parameters
+    if "validated_domain" in params:
+        domain = str(params["validated_domain"])
+        lines.append(("WARNING: this slide is " if domain.startswith("outside") else "slide check: ")
+                     + domain + f" (site calibration: {params.get('site_calibration', 'none')})")
+    lines += Differential.from_result(result, platelets_detected=platelets_detected).lines()
+    for cell in result.review_cells:
+        lines.append(f"    Cell {cell.cell_id}: {class_label(cell.label)}"
+                     f" ({', '.join(cell.review_labels)})")
     lines.append("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
     sys.stdout.write("\n".join(lines) + "\n")

@@ -33,6 +33,9 @@ def build_parser(*, node_only: bool = False) -> argparse.ArgumentParser:
     add_train(sub)
     add_classify(sub)
     add_evaluate(sub)
+    from analysis.site_commands import add_calibrate_site
+
+    add_calibrate_site(sub)
     from analysis.slide_commands import add_detect
     from dicom_node.slide_commands import add_make_slide
 

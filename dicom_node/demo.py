@@ -27,6 +27,7 @@ from pydicom import dcmread
 from pydicom.uid import UID
 from pynetdicom import AE
 
+from dicom_node.encode.differential import Differential, cell_reason_labels, class_label
 from dicom_node.node import Node
 from dicom_node.overview import node_status
 from dicom_node.settings import Destination, Settings
@@ -201,21 +202,45 @@ def _start_pacs(folder: Path, node_ae: str, node_port: int, kind: str) -> StandI
     return StandInPACS(folder)
 
 
-def _show_flagged(results_dir: Path, limit: int = 15) -> None:
+def _load_summary(results_dir: Path) -> dict[str, Any] | None:
     try:
         summary = json.loads((results_dir / "summary.json").read_text())
     except (OSError, ValueError):
-        return
-    flagged = summary.get("flagged", [])
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _show_domain(summary: dict[str, Any]) -> None:
+    """The slide quality check and the site calibration the review thresholds came from."""
+    params = summary.get("provenance", {}).get("parameters", {})
+    domain = params.get("validated_domain")
+    if domain:
+        _say(("WARNING: this slide is " if str(domain).startswith("outside") else "slide check: ")
+             + str(domain))
+    _say(f"site calibration: {params.get('site_calibration', 'none')}")
+
+
+def _show_differential(summary: dict[str, Any]) -> None:
+    """The differential as the SR and the viewer state it (white cells only, NRBC per 100 white
+    cells, platelets apart, the caution under 100 white cells, the flag count)."""
+    for line in Differential.from_summary(summary).lines():
+        _say(line)
+
+
+def _show_flagged(summary: dict[str, Any], limit: int = 15) -> None:
+    """Every cell flagged for review, numbered as in the SR and the viewer, its reasons in words."""
+    flagged = [c for c in summary.get("cells", []) if c.get("review")]
     if not flagged:
         _say("flagged cells: none")
         return
-    _say(f"flagged cells ({len(flagged)}; position in base-level pixels):")
+    _say(f"flagged cells: {Differential.from_summary(summary).flag_text} "
+         f"(position in base-level pixels):")
     for cell in flagged[:limit]:
-        reasons = [r for r in (cell.get("review_reason"), cell.get("abnormal_reason")) if r]
-        _say(f"  cell {cell['cell_id']:4d} at ({cell['x']:.0f}, {cell['y']:.0f})  {cell['label']:12s} "
-             f"p={cell['probability']:.2f}  uncertainty={cell['uncertainty']:.2f}  "
-             f"anomaly={cell['anomaly_score']:.2f}  {', '.join(reasons)}")
+        reasons = cell_reason_labels(cell)
+        _say(f"  Cell {cell['cell_id']:<4d} at ({cell['x']:.0f}, {cell['y']:.0f})  "
+             f"{class_label(cell['label']):21s} p={cell['probability']:.2f}  "
+             f"uncertainty={cell['uncertainty']:.2f}  anomaly={cell['anomaly_score']:.2f}  "
+             f"{', '.join(reasons)}")
     if len(flagged) > limit:
         _say(f"  ... and {len(flagged) - limit} more (all of them in the viewer)")
 
@@ -309,16 +334,12 @@ def run_demo(args: argparse.Namespace) -> int:
         _say(f"  {result['width']} x {result['height']} px at "
              f"{result['pixel_spacing_um'][0]:.3f} um/px, {len(result['levels'])} levels, "
              f"{result['frames']} frames in {result['instances']} instances")
-        _say(f"white cells: {result['cell_count']} "
-             f"({result['review']} flagged for review, {result['abnormal']} suspected abnormal)")
-        _say("differential (percentage with 95% Wilson interval):")
-        for row in result["differential"]:
-            if row["count"]:
-                low, high = row["ci95"]
-                _say(f"  {row['label']:13s} {row['count']:4d}  {row['percentage']:5.1f} %  "
-                     f"[{low:5.1f}, {high:5.1f}]")
-        if result.get("results_dir"):
-            _show_flagged(Path(result["results_dir"]))
+        summary = _load_summary(Path(result["results_dir"])) if result.get("results_dir") else None
+        _say(f"cells classified: {result['cell_count']}")
+        if summary is not None:
+            _show_domain(summary)
+            _show_differential(summary)
+            _show_flagged(summary)
         _say("results stored: " + ", ".join(sorted(result["objects"])))
         _say("sending the results to the stand-in PACS ...")
         received: list[tuple[str, str]] = []

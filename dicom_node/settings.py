@@ -136,6 +136,7 @@ class Settings:
     api_token: str = ""
     secret_key: str = ""
     http_enabled: bool = True
+    site_calibration: str = ""
 
     def __post_init__(self) -> None:
         check_ae_title(self.ae_title, "ae_title")
@@ -164,6 +165,34 @@ class Settings:
                 allowed = ", ".join(v.value for v in enum_type)
                 raise SettingsError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}") from None
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.site_calibration not in ("", "none"):
+            from analysis.site import check_site_id
+
+            try:
+                check_site_id(self.site_calibration)
+            except ValueError as exc:
+                raise SettingsError(f"site_calibration: {exc}") from None
+
+    def active_site(self) -> Any:
+        """The site calibration jobs use: the one named by ``site_calibration``, else the
+        newest in ``DATA_DIR/sites`` (``None`` with none there, or with ``none``).
+
+        Raises
+        ------
+        SettingsError
+            If the named calibration does not exist or cannot be read.
+        """
+        from analysis.site import list_sites, load_site
+
+        if self.site_calibration == "none":
+            return None
+        if self.site_calibration:
+            try:
+                return load_site(self.data_dir, self.site_calibration)
+            except (OSError, ValueError, KeyError) as exc:
+                raise SettingsError(f"site_calibration {self.site_calibration!r}: {exc}") from None
+        sites = list_sites(self.data_dir)
+        return sites[-1] if sites else None
 
     # Derived locations -------------------------------------------------
     @property

@@ -16,11 +16,13 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
 from sqlalchemy import select
 
@@ -150,13 +152,22 @@ class Store:
         StoreFullError
             The file system is full.
         """
+        undecodable = (InvalidDicomError, OSError, ValueError, KeyError, AttributeError, EOFError,
+                       TypeError, IndexError, NotImplementedError, zlib.error, RecursionError)
+        try:
+            meta = read_file_meta_info(path)
+            meta_end = meta.get("FileMetaInformationGroupLength")
+            tsyntax = str(meta.TransferSyntaxUID)
+        except undecodable as exc:
+            raise InvalidInstanceError(f"cannot decode the file meta information: {exc}") from exc
+        # The structure first: pydicom reads damaged data tolerantly, or recursing without bound.
+        offset = 132 + 12 + int(meta_end or 0)
+        with open(path, "rb") as fp:
+            check_structure(fp, offset, os.fstat(fp.fileno()).st_size, tsyntax)
         try:
             ds = dcmread(path, stop_before_pixels=True, defer_size="256 KB")
-            meta_end = ds.file_meta.get("FileMetaInformationGroupLength")
-            tsyntax = str(ds.file_meta.TransferSyntaxUID)
             _ = ds.get("Modality"), ds.get("ImageType")  # forces decoding of the header
-        except (InvalidDicomError, OSError, ValueError, KeyError, AttributeError, EOFError,
-                TypeError, IndexError, NotImplementedError) as exc:
+        except undecodable as exc:
             raise InvalidInstanceError(f"cannot decode dataset: {exc}") from exc
         sop_uid, sop_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
         study_uid, series_uid = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
@@ -172,9 +183,6 @@ class Store:
         if expected_sop_class is not None and sop_class != expected_sop_class:
             raise SOPClassMismatchError(
                 f"dataset SOPClassUID {sop_class} differs from the request's {expected_sop_class}")
-        offset = 132 + 12 + int(meta_end or 0)
-        with open(path, "rb") as fp:
-            check_structure(fp, offset, os.fstat(fp.fileno()).st_size, tsyntax)
         size = os.path.getsize(path) - offset
         digest = ""  # computed only when the instance arrives again (it costs ~10% of ingest)
         rel = f"{study_uid}/{series_uid}/{sop_uid}.dcm"

@@ -97,6 +97,7 @@ def analyse(store: Store, job_id: int, paths: list[str]) -> dict[str, Any]:
 
     from analysis.pipeline import PipelineConfig, ProgressEvent, classify_slide
     from dicom_node.analyze import differential, encode_results, stage_recorder, write_summary
+    from dicom_node.encode.differential import Differential
     from dicom_node.settings import DeviceValues, ReleasePolicyValues
 
     settings = store.settings
@@ -120,9 +121,10 @@ def analyse(store: Store, job_id: int, paths: list[str]) -> dict[str, Any]:
     timings: dict[str, float] = {}
     counts: dict[str, int] = {}
     record = stage_recorder(timings, counts, then=progress)
-    result = classify_slide(files, PipelineConfig(device=device), progress=record)
+    result = classify_slide(files, PipelineConfig(device=device, site=settings.active_site()),
+                            progress=record)
     started = time.perf_counter()
-    objects = encode_results(result, files)
+    objects = encode_results(result, files, platelets_detected=counts.get("platelets"))
     timings["encode"] = round(time.perf_counter() - started, 3)
     outputs = {}
     for kind, ds in objects.items():
@@ -137,8 +139,11 @@ def analyse(store: Store, job_id: int, paths: list[str]) -> dict[str, Any]:
         "timings_s": timings,
         "cell_count": len(result.cells),
         "differential": differential(result),
+        "report": Differential.from_result(result, platelets_detected=counts.get("platelets")).as_json(),
         "review": len(result.review_cells),
         "abnormal": sum(1 for c in result.cells if c.abnormal),
+        "validated_domain": str(result.provenance.parameters.get("validated_domain", "not checked")),
+        "site_calibration": str(result.provenance.parameters.get("site_calibration", "none")),
         "objects": outputs,
     }
 

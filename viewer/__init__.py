@@ -27,6 +27,7 @@ BLUEPRINTS: tuple[str, ...] = (
     "viewer.signoff",
     "viewer.audit",
     "viewer.dicomweb",
+    "viewer.dmv",
 )
 
 

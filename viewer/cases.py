@@ -3,10 +3,16 @@
 The analysis result is read from ``results_dir/<series UID>/summary.json`` (and ``heatmaps.npz``),
 written by the worker; the UID is checked before it names a path. Edits are replayed over the
 algorithm's values to give each cell its current state.
+
+A cell is *flagged* when the analysis sent it to review (``review``; suspected abnormal cells are
+among them). A cell was *looked at* when a reviewer opened or selected it in the review (a
+``cell_views`` row) or changed it. Every case page names the patient, the accession and the slide
+(:func:`case_identity`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -18,12 +24,11 @@ import numpy as np
 from flask import abort
 from sqlalchemy import select
 
-from analysis.classes import CLASS_NAMES
-from analysis.results import wilson_interval
+from dicom_node.encode.differential import Differential, cell_reason_labels, class_label
 from dicom_node.index import Instance, Job, Series, Study
 from dicom_node.settings import VL_WSM, Settings
 from dicom_node.store import Store, valid_uid
-from viewer.models import CaseVersion, CellEdit
+from viewer.models import CaseVersion, CellEdit, CellView
 
 #: Worklist states.
 RECEIVED, ANALYSING, READY, SIGNED, FAILED = (
@@ -32,6 +37,7 @@ RECEIVED, ANALYSING, READY, SIGNED, FAILED = (
 _cache_lock = threading.Lock()
 _summary_cache: dict[Path, tuple[float, dict[str, Any]]] = {}
 _heatmap_cache: dict[Path, tuple[float, dict[str, np.ndarray]]] = {}
+_slide_ids_cache: dict[str, dict[str, str]] = {}
 
 
 _UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
@@ -93,6 +99,7 @@ class CaseState:
     cells: list[dict[str, Any]]
     edits: list[CellEdit]
     versions: list[CaseVersion]
+    identity: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def version(self) -> int:
@@ -113,24 +120,69 @@ class CaseState:
         """Cells whose current values differ from the algorithm's."""
         return [c for c in self.cells if c["changed"]]
 
+    @property
+    def domain(self) -> str:
+        """The slide quality check's verdict ("inside the validated domain", or "outside the
+        validated domain: <reasons>"), or "" for results written before the check existed."""
+        params = self.summary.get("provenance", {}).get("parameters", {})
+        return str(params.get("validated_domain", ""))
+
+    @property
+    def site_calibration(self) -> str:
+        params = self.summary.get("provenance", {}).get("parameters", {})
+        return str(params.get("site_calibration", ""))
+
+    def report(self) -> Differential:
+        """The differential of the current (reviewed) classes, with the analysis' flags."""
+        return Differential.from_cells(self.cells,
+                                       platelets_detected=self.summary.get("platelets_detected"))
+
     def differential(self) -> list[dict[str, Any]]:
-        return differential_of(self.cells)
+        """One row per class (:meth:`Differential.rows`): white cells with percentage of white
+        cells and 95 % Wilson interval, erythroblasts per 100 white cells, platelets apart."""
+        return self.report().rows()
+
+    def unreviewed_flagged(self) -> list[dict[str, Any]]:
+        """Flagged cells nobody looked at (opened, selected or changed in the review)."""
+        return [c for c in self.cells if c["flagged"] and not c["looked_at"]]
 
 
-def differential_of(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Count, percentage and 95 % Wilson interval per class over the classifiable cells."""
-    counted = [c for c in cells if not c["unclassifiable"]]
-    total = len(counted)
-    rows = []
-    for name in CLASS_NAMES:
-        count = sum(1 for c in counted if c["label"] == name)
-        if total:
-            low, high = wilson_interval(count, total)
-            rows.append({"label": name, "count": count, "percentage": round(100.0 * count / total, 3),
-                         "ci95": [round(100.0 * low, 3), round(100.0 * high, 3)]})
-        else:
-            rows.append({"label": name, "count": 0, "percentage": None, "ci95": None})
-    return rows
+def case_identity(store: Store, series_instance_uid: str) -> dict[str, str]:
+    """Who and what the case is: patient name (``^`` as spaces), patient ID, accession number,
+    the slide's container identifier and specimen identifier (read once from a stored image)."""
+    with store.session() as db:
+        row = db.execute(select(Study).join(Series, Series.study_instance_uid == Study.study_instance_uid)
+                         .where(Series.series_instance_uid == series_instance_uid)).first()
+        instance = db.scalars(select(Instance).where(
+            Instance.series_instance_uid == series_instance_uid,
+            Instance.sop_class_uid == VL_WSM).limit(1)).first()
+        path = store.path_of(instance) if instance is not None else None
+    study = row[0] if row else None
+    identity = {
+        "patient_name": " ".join(p for p in (study.patient_name if study else "").split("^") if p),
+        "patient_id": study.patient_id if study else "",
+        "accession_number": study.accession_number if study else "",
+        "container_identifier": "", "specimen_identifier": "",
+    }
+    with _cache_lock:
+        slide_ids = _slide_ids_cache.get(series_instance_uid)
+    if slide_ids is None and path is not None:
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                 specific_tags=["ContainerIdentifier", "SpecimenDescriptionSequence"])
+            specimens = ds.get("SpecimenDescriptionSequence") or []
+            slide_ids = {"container_identifier": str(ds.get("ContainerIdentifier") or ""),
+                         "specimen_identifier": ", ".join(
+                             str(s.get("SpecimenIdentifier") or "") for s in specimens
+                             if s.get("SpecimenIdentifier"))}
+        except (OSError, ValueError, AttributeError):
+            slide_ids = {"container_identifier": "", "specimen_identifier": ""}
+        with _cache_lock:
+            _slide_ids_cache[series_instance_uid] = slide_ids
+    identity.update(slide_ids or {})
+    return identity
 
 
 def case_state(store: Store, series_instance_uid: str) -> CaseState:
@@ -142,13 +194,16 @@ def case_state(store: Store, series_instance_uid: str) -> CaseState:
         versions = list(db.scalars(select(CaseVersion).where(
             CaseVersion.series_instance_uid == series_instance_uid)
             .order_by(CaseVersion.version)).all())
+        viewed = set(db.scalars(select(CellView.cell_id).where(
+            CellView.series_instance_uid == series_instance_uid)).all())
     cells = []
     for original in summary.get("cells", []):
         cell = dict(original)
         cell["original_label"] = original["label"]
         cell["original_abnormal"] = bool(original.get("abnormal"))
         cell["unclassifiable"] = False
-        cell["flagged"] = bool(original.get("review") or original.get("abnormal"))
+        cell["flagged"] = bool(original.get("review"))  # suspected abnormal cells are among them
+        cell["review_labels"] = cell_reason_labels(original) if cell["flagged"] else []
         cells.append(cell)
     by_id = {c["cell_id"]: c for c in cells}
     for edit in edits:
@@ -166,7 +221,10 @@ def case_state(store: Store, series_instance_uid: str) -> CaseState:
                            or bool(cell["abnormal"]) != cell["original_abnormal"]
                            or cell["unclassifiable"])
         cell["edited"] = any(e.cell_id == cell["cell_id"] and not e.undone for e in edits)
-    return CaseState(series_instance_uid, summary, cells, edits, versions)
+        cell["looked_at"] = cell["cell_id"] in viewed or any(e.cell_id == cell["cell_id"] for e in edits)
+        cell["name"] = "unclassifiable" if cell["unclassifiable"] else class_label(cell["label"])
+    return CaseState(series_instance_uid, summary, cells, edits, versions,
+                     case_identity(store, series_instance_uid))
 
 
 def worklist(store: Store) -> list[dict[str, Any]]:
@@ -217,6 +275,8 @@ def worklist(store: Store) -> list[dict[str, Any]]:
             "progress": job.progress if job is not None else "",
             "cell_count": result.get("cell_count"),
             "flagged": (result.get("review", 0) or 0) if result else None,
+            "flag_text": (result.get("report") or {}).get("text", {}).get("flags")
+            or (f"{result.get('review', 0) or 0} flagged for review" if result else None),
             "abnormal": result.get("abnormal") if result else None,
             "version": version.version if version is not None else 1,
         })

@@ -10,6 +10,7 @@ from typing import Any
 from flask import Response, abort, current_app, g, jsonify, render_template, request, session
 from werkzeug.exceptions import HTTPException
 
+from dicom_node.encode.differential import class_label
 from dicom_node.settings import Settings
 from dicom_node.store import Store
 from viewer.models import AuditEvent
@@ -128,6 +129,6 @@ def current_user_id() -> int:
 
 
 def context() -> dict[str, Any]:
-    """Template globals: the CSRF token and who is logged in."""
+    """Template globals: the CSRF token, who is logged in, class names in words."""
     return {"csrf_token": csrf_token, "current_username": session.get("username"),
-            "current_role": session.get("role"), "g": g}
+            "current_role": session.get("role"), "g": g, "class_label": class_label}

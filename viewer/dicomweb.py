@@ -398,25 +398,39 @@ def bulkdata(study: str, series: str, instance: str, tag: str) -> Response:
 
 
 def _frame_numbers(frames: str, inst: Instance) -> list[int]:
+    """The frame list of a frames request: each of the instance's frames at most once, so a
+    request is bounded by the instance itself (``frames/1,1,1,...`` would be unbounded)."""
+    limit = inst.number_of_frames
+    if frames.count(",") >= limit:
+        abort(400, description=f"at most {limit} frame numbers per request (the instance's "
+                               f"{limit} frames, each at most once)")
     try:
         numbers = [int(f) for f in frames.split(",")]
     except ValueError:
         abort(400, description="frame numbers must be integers")
+    if len(set(numbers)) != len(numbers):
+        abort(400, description=f"each frame may be asked for once per request (at most {limit} "
+                               "frame numbers)")
     if not numbers or any(n < 1 or n > inst.number_of_frames for n in numbers):
         abort(404, description=f"the instance has {inst.number_of_frames} frames")
     return numbers
 
 
-def _raw_frames(ds: Dataset, inst: Instance) -> list[bytes]:
-    """Every frame's bytes as stored (encapsulated fragments joined, or native slices)."""
+def _raw_frames(ds: Dataset, inst: Instance, numbers: list[int]) -> Iterator[bytes]:
+    """The bytes as stored of frames ``numbers`` (encapsulated fragments joined, or native
+    slices), one at a time: no copy of the whole Pixel Data."""
     if inst.transfer_syntax_uid in UNCOMPRESSED or inst.transfer_syntax_uid.endswith(".99"):
         rows, cols = int(ds.Rows), int(ds.Columns)
         spp, bits = int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated)
         size = rows * cols * spp * bits // 8 if bits >= 8 else (rows * cols + 7) // 8
-        data = bytes(ds.PixelData)
-        return [data[i * size:(i + 1) * size] for i in range(inst.number_of_frames)]
-    return [b"".join(f) for f in generate_fragmented_frames(
-        ds.PixelData, number_of_frames=inst.number_of_frames)]
+        data = memoryview(ds.PixelData)
+        for n in numbers:
+            yield bytes(data[(n - 1) * size:n * size])
+        return
+    fragments = list(generate_fragmented_frames(ds.PixelData,
+                                                number_of_frames=inst.number_of_frames))
+    for n in numbers:
+        yield b"".join(fragments[n - 1])
 
 
 def _frame_choice(inst: Instance) -> tuple[str, str]:
@@ -449,22 +463,24 @@ def retrieve_frames(study: str, series: str, instance: str, frames: str) -> Resp
     ds = dcmread(_store().path_of(inst))
     if "PixelData" not in ds:
         abort(404, description="the instance has no pixel data")
+    # Parts are made as the response is sent, one frame in memory at a time.
+    parts: Iterator[tuple[str, bytes]]
     if syntax:
-        raw = _raw_frames(ds, inst)
-        parts = [(f"{media}; transfer-syntax={syntax}", raw[n - 1]) for n in numbers]
+        parts = ((f"{media}; transfer-syntax={syntax}", raw)
+                 for raw in _raw_frames(ds, inst, numbers))
     elif inst.transfer_syntax_uid in UNCOMPRESSED:
-        raw = _raw_frames(ds, inst)
-        parts = [("application/octet-stream; transfer-syntax=" + EXPLICIT_LE, raw[n - 1])
-                 for n in numbers]
+        parts = (("application/octet-stream; transfer-syntax=" + EXPLICIT_LE, raw)
+                 for raw in _raw_frames(ds, inst, numbers))
     else:
         from pydicom.pixels.utils import pixel_array
 
-        parts = []
-        for n in numbers:
-            arr = pixel_array(ds, index=n - 1)  # YBR converted to RGB, as decompress() does
-            parts.append(("application/octet-stream; transfer-syntax=" + EXPLICIT_LE,
-                          np.ascontiguousarray(arr).tobytes()))
-    return _multipart(iter(parts), media)
+        def decoded() -> Iterator[tuple[str, bytes]]:
+            for n in numbers:
+                arr = pixel_array(ds, index=n - 1)  # YBR converted to RGB, as decompress() does
+                yield ("application/octet-stream; transfer-syntax=" + EXPLICIT_LE,
+                       np.ascontiguousarray(arr).tobytes())
+        parts = decoded()
+    return _multipart(parts, media)
 
 
 def _rendered(inst: Instance, frame: int) -> Response:

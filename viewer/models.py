@@ -3,6 +3,8 @@
 - ``users``: accounts with a hashed password and one role;
 - ``login_failures``: failed logins, for throttling;
 - ``cell_edits``: every change a reviewer made to a cell (append-only; undo marks a row undone);
+- ``cell_views``: which cells a reviewer looked at (opened or selected in the review), once per
+  user and cell: a flagged cell nobody looked at needs the signer's explicit confirmation;
 - ``case_versions``: one row per version of a case's report; signing closes a version, an
   amendment opens the next one;
 - ``audit_events``: who viewed, changed and signed what, and when;
@@ -66,6 +68,18 @@ class CellEdit(Base):
     undone: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class CellView(Base):
+    __tablename__ = "cell_views"
+    __table_args__ = (UniqueConstraint("series_instance_uid", "cell_id", "user_id",
+                                       name="one_view_per_user_and_cell"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    cell_id: Mapped[int] = mapped_column(Integer)
+    user_id: Mapped[int] = mapped_column(Integer, ForeignKey("users.id"))
+    #: the first time this user looked at the cell
+    at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
 class CaseVersion(Base):
     __tablename__ = "case_versions"
     __table_args__ = (UniqueConstraint("series_instance_uid", "version", name="one_row_per_version"),)
@@ -107,5 +121,5 @@ class RevokedSession(Base):
 def create_tables(engine: Engine) -> None:
     """Create the viewer's tables (the node's own are created by :func:`dicom_node.index.make_engine`)."""
     names = (User.__tablename__, LoginFailure.__tablename__, CellEdit.__tablename__,
-             CaseVersion.__tablename__, AuditEvent.__tablename__, RevokedSession.__tablename__)
+             CellView.__tablename__, CaseVersion.__tablename__, AuditEvent.__tablename__, RevokedSession.__tablename__)
     Base.metadata.create_all(engine, tables=[Base.metadata.tables[name] for name in names])

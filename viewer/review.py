@@ -9,12 +9,14 @@ import numpy as np
 from flask import Blueprint, Response, abort, jsonify, render_template, request, session
 from PIL import Image
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from analysis.classes import CLASS_NAMES
+from dicom_node.encode.differential import class_label
 from viewer import cases, common
 from viewer.auth import login_required, role_required
-from viewer.models import CellEdit, RoleValues
-from viewer.slides import CLASS_COLOURS, colourize, encode_jpeg, open_slide
+from viewer.models import CellEdit, CellView, RoleValues
+from viewer.slides import CLASS_COLOURS, HEATMAP_LEGEND, colourize, encode_jpeg, open_slide
 
 bp = Blueprint("review", __name__)
 bp.before_request(common.check_csrf)
@@ -32,8 +34,9 @@ def gallery_order(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def cell_json(cell: dict[str, Any]) -> dict[str, Any]:
     keys = ("cell_id", "x", "y", "bbox", "label", "original_label", "probability", "probabilities",
-            "uncertainty", "anomaly_score", "review", "review_reason", "abnormal",
-            "original_abnormal", "abnormal_reason", "unclassifiable", "flagged", "changed", "edited")
+            "uncertainty", "anomaly_score", "review", "review_reason", "review_reasons",
+            "review_labels", "abnormal", "original_abnormal", "abnormal_reason", "unclassifiable",
+            "flagged", "changed", "edited", "looked_at", "name")
     return {k: cell.get(k) for k in keys}
 
 
@@ -43,9 +46,13 @@ def case_json(state: cases.CaseState) -> dict[str, Any]:
         "version": state.version,
         "signed": state.signed,
         "classes": list(CLASS_NAMES),
+        "class_names": {name: class_label(name) for name in CLASS_NAMES},
         "colours": CLASS_COLOURS,
+        "identity": state.identity,
         "cells": [cell_json(c) for c in gallery_order(state.cells)],
         "differential": state.differential(),
+        "report": state.report().as_json(),
+        "unreviewed_flagged": [c["cell_id"] for c in state.unreviewed_flagged()],
         "changes": len(state.changes()),
         "can_undo": any(not e.undone and e.version == state.version for e in state.edits),
     }
@@ -57,7 +64,8 @@ def gallery(series_instance_uid: str) -> Any:
     state = cases.case_state(common.store(), series_instance_uid)
     common.record("view", series_instance_uid, "review")
     return render_template("review.html", case=state, summary=state.summary,
-                           classes=CLASS_NAMES, colours=CLASS_COLOURS)
+                           classes=CLASS_NAMES, colours=CLASS_COLOURS,
+                           heatmap_legend=HEATMAP_LEGEND)
 
 
 @bp.get("/api/cases/<series_instance_uid>")
@@ -128,6 +136,27 @@ def cell_heatmap(series_instance_uid: str, cell_id: int) -> Any:
     response = Response(encode_jpeg(image), mimetype="image/jpeg")
     response.headers["Cache-Control"] = "private, max-age=600"
     return response
+
+
+@bp.post("/api/cases/<series_instance_uid>/cells/<int:cell_id>/seen")
+@role_required(*REVIEWERS)
+def seen(series_instance_uid: str, cell_id: int) -> Any:
+    """Record that the reviewer looked at the cell (opened or selected it in the review): a
+    flagged cell nobody looked at needs the signer's confirmation. Once per user and cell."""
+    store = common.store()
+    cases.case_state(store, series_instance_uid).cell(cell_id)  # 404 for an unknown case or cell
+    with store.session() as db:
+        db.add(CellView(series_instance_uid=series_instance_uid, cell_id=cell_id,
+                        user_id=session["user_id"], at=time.time()))
+        try:
+            db.commit()
+            first = True
+        except IntegrityError:  # this user looked at it before
+            db.rollback()
+            first = False
+    if first:
+        common.record("view_cell", f"{series_instance_uid}/{cell_id}", "looked at in the review")
+    return jsonify(cell_id=cell_id, looked_at=True)
 
 
 def _open_case(series_instance_uid: str, cell_id: int | None = None) -> cases.CaseState:

@@ -50,7 +50,8 @@ def _tracking_uid(summary: dict[str, Any], cell_id: int) -> str:
 
 
 def build_final_report(store: Store, state: cases.CaseState, user: User, version: int,
-                       previous_finals: list[pydicom.Dataset]) -> Any:
+                       previous_finals: list[pydicom.Dataset], *,
+                       confirmed_unreviewed: bool = False) -> Any:
     summary = state.summary
     preliminary = _stored_dataset(store, summary["files"]["sr"]["sop_instance_uid"])
     with store.session() as db:
@@ -64,13 +65,39 @@ def build_final_report(store: Store, state: cases.CaseState, user: User, version
         cell_id=int(c["cell_id"]), bbox=tuple(int(v) for v in c["bbox"]),  # type: ignore[arg-type]
         original_label=c["original_label"], label=c["label"],
         original_abnormal=bool(c["original_abnormal"]), abnormal=bool(c["abnormal"]),
-        unclassifiable=bool(c["unclassifiable"]), tracking_uid=_tracking_uid(summary, c["cell_id"]))
+        unclassifiable=bool(c["unclassifiable"]), tracking_uid=_tracking_uid(summary, c["cell_id"]),
+        flagged=bool(c["flagged"]), looked_at=bool(c["looked_at"]))
         for c in state.cells]
     return encode_final_report(
         preliminary, sources, cells,
         # a one-component name gets its trailing caret (PS3.5 6.2.1.2): "path" -> "path^"
         verifying_observer_name=user.person_name or f"{user.username}^",
-        verifying_organization=organization, version=version, previous_finals=previous_finals)
+        verifying_organization=organization, version=version, previous_finals=previous_finals,
+        platelets_detected=summary.get("platelets_detected"), confirmed_unreviewed=confirmed_unreviewed)
+
+
+# --- issue 20 (3): the final PDF report next to the final SR ---
+def build_final_pdf(store: Store, state: cases.CaseState, report: Any) -> pydicom.Dataset:
+    """The final, verified Encapsulated PDF report that goes with the final SR ``report``: the
+    same signer, time and version, the reviewed differential (dicom_node.encode.pdf)."""
+    from pydicom.valuerep import DT
+
+    from dicom_node.encode.pdf import Verification, encode_final_pdf_report
+
+    with store.session() as db:
+        paths = [store.path_of(i) for i in db.scalars(select(Instance).where(
+            Instance.series_instance_uid == state.series_instance_uid,
+            Instance.sop_class_uid == VL_WSM)).all()]
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    observer = report.VerifyingObserverSequence[0]
+    verification = Verification(
+        observer_name=str(observer.VerifyingObserverName),
+        organization=str(observer.VerifyingOrganization),
+        verified_at=DT(str(observer.VerificationDateTime)), version=int(report.InstanceNumber),
+        changed_cells=len(state.changes()))
+    return encode_final_pdf_report(state.summary, state.cells, sources, verification,
+                                   final_report=report)
+# --- end issue 20 (3) ---
 
 
 @bp.get("/cases/<series_instance_uid>/signoff")
@@ -83,8 +110,9 @@ def form(series_instance_uid: str) -> Any:
 @bp.post("/cases/<series_instance_uid>/signoff")
 @role_required(RoleValues.PATHOLOGIST)
 def sign(series_instance_uid: str) -> Any:
-    """Sign the open version: check the password, issue the final SR, queue it (and, under the
-    final-only release policy, the preliminary objects) for every destination."""
+    """Sign the open version: check the password, issue the final SR and the final PDF report,
+    queue them (and, under the final-only release policy, the preliminary objects) for every
+    destination."""
     store = common.store()
     state = cases.case_state(store, series_instance_uid)
     if state.signed:
@@ -94,6 +122,16 @@ def sign(series_instance_uid: str) -> Any:
         common.record("sign_refused", series_instance_uid, "wrong password")
         return render_template("signoff.html", case=state, summary=state.summary,
                                error="Wrong password: the case was not signed."), 403
+    # Flagged cells nobody looked at: only with the signer's explicit confirmation (recorded).
+    unreviewed = [c["cell_id"] for c in state.unreviewed_flagged()]
+    confirmed = bool(unreviewed) and request.form.get("confirm_unreviewed") == "yes"
+    if unreviewed and not confirmed:
+        common.record("sign_refused", series_instance_uid,
+                      f"{len(unreviewed)} flagged cells not reviewed, not confirmed")
+        n = len(unreviewed)
+        return render_template("signoff.html", case=state, summary=state.summary, error=(
+            f"{n} flagged cell{'s' if n != 1 else ''} not reviewed: confirm that you sign without "
+            "reviewing them, or review them first. The case was not signed.")), 409
     version = state.version
     now = time.time()
     with store.session() as db:
@@ -115,8 +153,11 @@ def sign(series_instance_uid: str) -> Any:
     try:
         previous = [_stored_dataset(store, v.sr_sop_instance_uid)
                     for v in state.versions if v.version < version and v.sr_sop_instance_uid]
-        report = build_final_report(store, state, user, version, previous)
+        report = build_final_report(store, state, user, version, previous,
+                                    confirmed_unreviewed=confirmed)
+        final_pdf = build_final_pdf(store, state, report)  # issue 20 (3)
         stored = store.add_dataset(report)
+        stored_pdf = store.add_dataset(final_pdf)  # issue 20 (3)
     except BaseException:
         with store.session() as db:  # release the claim: the case stays open
             db.execute(update(CaseVersion).where(
@@ -130,13 +171,19 @@ def sign(series_instance_uid: str) -> Any:
             .values(sr_sop_instance_uid=stored.sop_instance_uid))
         db.commit()
     queued = [entry["sop_instance_uid"] for entry in state.summary.get("files", {}).values()]
-    for uid in [*queued, stored.sop_instance_uid]:
+    for uid in [*queued, stored.sop_instance_uid, stored_pdf.sop_instance_uid]:
         store.enqueue(uid)  # adds nothing for objects already queued (immediate release policy)
+    if unreviewed:
+        common.record("sign_unreviewed", series_instance_uid,
+                      f"version {version}: signed with {len(unreviewed)} flagged cells not reviewed "
+                      f"(confirmed by the signer): cells {', '.join(map(str, unreviewed))}")
     common.record("sign", series_instance_uid,
                   f"version {version}, final SR {stored.sop_instance_uid}, "
-                  f"{len(state.changes())} cells changed")
+                  f"{len(state.changes())} cells changed, "
+                  f"{len(unreviewed)} flagged cells not reviewed")
     if request.accept_mimetypes.best == "application/json":
-        return jsonify(version=version, sop_instance_uid=stored.sop_instance_uid)
+        return jsonify(version=version, sop_instance_uid=stored.sop_instance_uid,
+                       pdf_sop_instance_uid=stored_pdf.sop_instance_uid)
     return redirect(url_for("signoff.form", series_instance_uid=series_instance_uid))
 
 

@@ -35,12 +35,38 @@ JPEG_QUALITY = 90
 #: node_modules at the repository root (``npm ci`` by ``make``); only OpenSeadragon's build is served.
 OPENSEADRAGON_DIR = (Path(__file__).resolve().parent.parent / "node_modules" / "openseadragon"
                      / "build" / "openseadragon")
-#: Ten classes of colours for the overlays, by class name (colour-blind-friendlier Tableau 10).
+#: Colours of the overlays and labels, by class name. The outlines are drawn over red cells, so
+#: every colour is dark: at least 3:1 contrast (WCAG 2 non-text contrast) against the red cells
+#: (:data:`RED_CELL_RGB`) and the background of a smear, and more against the white page.
 CLASS_COLOURS = {
-    "neutrophil": "#4e79a7", "eosinophil": "#f28e2b", "basophil": "#76b7b2",
-    "lymphocyte": "#59a14f", "monocyte": "#edc948", "ig": "#b07aa1", "erythroblast": "#ff9da7",
-    "platelet": "#9c755f",
+    "neutrophil": "#08306b", "eosinophil": "#6a2c00", "basophil": "#3f007d",
+    "lymphocyte": "#00441b", "monocyte": "#00404f", "ig": "#000000", "erythroblast": "#67001f",
+    "platelet": "#383838",
 }
+#: The dashed outline of flagged cells (the same 3:1 rule).
+FLAG_COLOUR = "#870000"
+#: Red cells of the bundled sample smear (May-Gruenwald-Giemsa): the median and the darker
+#: quartile of their pixels; the plasma between them is lighter (about #d0d2cf).
+RED_CELL_RGB = ((179, 146, 164), (173, 139, 154))
+SMEAR_BACKGROUND_RGB = (208, 210, 207)
+#: One line per heatmap kind, under its colour scale (low values are transparent).
+HEATMAP_LEGEND = {
+    "counterfactual-evidence": "where the called class explains the cell better than the runner-up "
+                               "(yellow: little, red: most)",
+    "anomaly": "where no class the model learned explains the cells (yellow: little, red: most)",
+}
+
+
+def contrast_ratio(a: tuple[int, int, int] | str, b: tuple[int, int, int] | str) -> float:
+    """WCAG 2 contrast ratio of two sRGB colours (``"#rrggbb"`` or an RGB tuple), 1 to 21."""
+    def luminance(colour: tuple[int, int, int] | str) -> float:
+        if isinstance(colour, str):
+            colour = (int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16))
+        linear = [c / 255 / 12.92 if c / 255 <= 0.04045 else ((c / 255 + 0.055) / 1.055) ** 2.4
+                  for c in colour]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
 
 
 class FrameTable:
@@ -263,7 +289,8 @@ def view(series_instance_uid: str) -> Any:
     state = cases.case_state(common.store(), series_instance_uid)
     common.record("view", series_instance_uid, "slide")
     return render_template("slide.html", case=state, summary=state.summary,
-                           colours=CLASS_COLOURS)
+                           colours=CLASS_COLOURS, flag_colour=FLAG_COLOUR,
+                           heatmap_legend=HEATMAP_LEGEND)
 
 
 @bp.get("/api/slides/<series_instance_uid>/info")

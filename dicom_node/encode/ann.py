@@ -8,7 +8,9 @@ every 2D annotation group, even on highdicom's own 2D test file. Per class
 with at least one cell there is one POLYGON group of the outlines and, unless
 switched off, one POINT group of the centres (a viewer shows points where
 outlines are too small to see). Each group carries, per annotation, the
-probability of the class, the uncertainty, the anomaly score and the area.
+probability of the class, the uncertainty, the anomaly score and the area, and
+the class's display colour (Recommended Display CIELab Value), which
+dicom-microscopy-viewer (Slim, OHIF) draws the group in.
 """
 
 from __future__ import annotations
@@ -30,6 +32,24 @@ from dicom_node.encode.common import (
     image_to_slide,
     new_uid,
 )
+
+
+#: Display colour per class (sRGB hex): the class colours of the node's own slide view
+#: (``viewer.slides.CLASS_COLOURS``, chosen for contrast over a smear), so that a cell has the
+#: same colour in every viewer. ``tests/viewer/test_dmv.py`` keeps the two equal.
+CLASS_DISPLAY_COLOURS: dict[CellClassValues, str] = {
+    CellClassValues.NEUTROPHIL: "#08306b", CellClassValues.EOSINOPHIL: "#6a2c00",
+    CellClassValues.BASOPHIL: "#3f007d", CellClassValues.LYMPHOCYTE: "#00441b",
+    CellClassValues.MONOCYTE: "#00404f", CellClassValues.IG: "#000000",
+    CellClassValues.ERYTHROBLAST: "#67001f", CellClassValues.PLATELET: "#383838",
+}
+
+
+def display_colour(label: CellClassValues) -> hd.color.CIELabColor:
+    """The class's display colour as CIELab (PS3.3 C.10.7.1.1)."""
+    hex_rgb = CLASS_DISPLAY_COLOURS[label].lstrip("#")
+    red, green, blue = (int(hex_rgb[i:i + 2], 16) for i in (0, 2, 4))
+    return hd.color.CIELabColor.from_rgb(red, green, blue)
 
 
 def encode_bulk_annotations(
@@ -133,4 +153,5 @@ def _group(number: int, label: CellClassValues, what: str, graphic_type: hd.ann.
         measurements=measurements,
         description=f"{codes.CLASS_CODES[label].meaning} {what}, cell ids "
                     + " ".join(str(c.cell_id) for c in cells)[:900],
+        display_color=display_colour(label),
     )

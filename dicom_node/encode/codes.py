@@ -70,6 +70,23 @@ REVIEW_REASON = _private("REVIEWREASON", "Reason for review")
 ABNORMAL_REASON = _private("ABNREASON", "Reason for suspecting an abnormal cell")
 HIGH_UNCERTAINTY = _private("HIGHUNCERTAINTY", "Uncertainty above the calibrated threshold")
 HIGH_ANOMALY = _private("HIGHANOMALY", "Anomaly score above the calibrated threshold")
+SIGNIFICANT_CLASS = _private("SIGNIFCLASS", "Clinically significant class, always reviewed")
+MODELS_DISAGREE = _private("MODELSDISAGREE", "Diffusion classifier and reference model disagree")
+OUTSIDE_DOMAIN = _private("OUTSIDEDOMAIN", "Slide outside the validated domain")
+INSIDE_DOMAIN = _private("INSIDEDOMAIN", "Slide inside the validated domain")
+SLIDE_QUALITY = _private("SLIDEQC", "Slide quality check")
+
+# The differential a haematologist reads (dicom_node.encode.differential): white cells only,
+# nucleated red cells per 100 white cells, platelets apart, a note under 100 white cells.
+WHITE_CELL_COUNT = _private("WBCCOUNT", "Number of white cells in the differential")
+WHITE_CELL_PERCENTAGE = _private("WBCPCT", "Percentage of white cells")
+NRBC_PER_100_WBC = _private("NRBCPER100WBC", "Nucleated red cells per 100 white cells")
+PLATELETS_SEEN = _private("PLTSEEN", "Platelets seen (estimate)")
+UNLIKE_COUNT = _private("UNLIKECOUNT", "Number of flagged cells unlike any training class")
+DIFFERENTIAL_NOTE = _private("DIFFNOTE", "Differential note")
+FEW_WHITE_CELLS = _private("FEWWBC", "Fewer than 100 white cells: interpret with caution")
+#: UCUM unit of a count per 100 white cells, as LOINC writes it (e.g. LOINC 58413-6, NRBC/100 WBC).
+PER_100_WBC = CodedConcept(value="/100{WBCs}", scheme_designator="UCUM", meaning="per 100 white blood cells")
 
 #: The eight classes: no white-cell type (neutrophil, ...) is coded in PS3.16.
 CLASS_CODES: dict[CellClassValues, CodedConcept] = {

@@ -4,9 +4,13 @@ It restates the differential over the reviewed classes and records what the revi
 
 - Observation context: the signing person (TID 1003) and the node as device (TID 1004), the
   slide's specimen as subject (TID 1009).
-- One TID 1501 group "All reviewed cells": classified cells, cells changed by the reviewer,
-  cells marked unclassifiable and cells marked abnormal.
-- One TID 1501 group per class: count, percentage, 95 % Wilson interval of the reviewed classes.
+- One TID 1501 group "All reviewed cells": classified cells, white cells, cells changed by the
+  reviewer, cells marked unclassifiable and cells marked abnormal, cells flagged for review and
+  flagged cells nobody looked at; when there are such cells, the coded statement "Signed with
+  flagged cells not reviewed: Yes" (the signer confirmed it); under 100 white cells the note.
+- One TID 1501 group per class of the reviewed classes, as in the preliminary report
+  (:func:`dicom_node.encode.sr.differential_groups`): white cells with percentage of white cells
+  and 95 % Wilson interval, erythroblasts per 100 white cells, platelets seen.
 - One TID 1410 group per changed cell: its box as SCOORD3D polygon, the reviewed class as finding
   type (or "unclassifiable"), the algorithm's class and the abnormal mark as qualitative evaluations.
 
@@ -27,10 +31,10 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import generate_uid
 
 from analysis.classes import CellClassValues
-from analysis.results import ClassCount
 from dicom_node.encode import codes
 from dicom_node.encode.common import EncoderParams, image_to_slide, new_uid, pixel_spacing
-from dicom_node.encode.sr import _class_group, _specimen_context
+from dicom_node.encode.differential import Differential
+from dicom_node.encode.sr import _specimen_context, differential_groups, differential_note
 
 FINAL_SR_SERIES_NUMBER = 903
 PERSON = hd.sr.CodedConcept.from_code(dcm_codes.DCM.Person)  # DCM 121006; CID 270 Observer Type
@@ -47,6 +51,8 @@ REVIEWER_ABNORMAL_COUNT = _private("REVABNCOUNT", "Number of cells marked abnorm
 UNCLASSIFIABLE = _private("UNCLASSIFIABLE", "Unclassifiable cell")
 ALGORITHM_CLASS = _private("ALGCLASS", "Class assigned by the algorithm")
 REVIEWER_ABNORMAL = _private("REVABN", "Marked abnormal by the reviewer")
+UNREVIEWED_COUNT = _private("UNREVCOUNT", "Number of flagged cells not reviewed")
+SIGNED_UNREVIEWED = _private("SIGNUNREV", "Signed with flagged cells not reviewed")
 YES = hd.sr.CodedConcept.from_code(dcm_codes.SCT.Yes)  # SCT 373066001
 NO = hd.sr.CodedConcept.from_code(dcm_codes.SCT.No)  # SCT 373067005
 
@@ -69,6 +75,10 @@ class ReviewedCell:
         The reviewer marked the cell unclassifiable (it leaves the differential).
     tracking_uid:
         The cell's Tracking UID in the preliminary objects, so both reports name the same cell.
+    flagged:
+        The analysis flagged the cell for review.
+    looked_at:
+        A reviewer opened, selected or changed the cell in the review.
     """
 
     cell_id: int
@@ -79,6 +89,8 @@ class ReviewedCell:
     abnormal: bool = False
     unclassifiable: bool = False
     tracking_uid: str | None = None
+    flagged: bool = False
+    looked_at: bool = False
 
     def __post_init__(self) -> None:
         CellClassValues(self.original_label)
@@ -122,6 +134,8 @@ def encode_final_report(
     previous_finals: Sequence[Dataset] = (),
     params: EncoderParams | None = None,
     sop_instance_uid: str | None = None,
+    platelets_detected: int | None = None,
+    confirmed_unreviewed: bool = False,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the verified final report of a reviewed slide.
 
@@ -139,12 +153,18 @@ def encode_final_report(
         1 for the first signature, 2 and up for amendments (becomes the Instance Number).
     previous_finals:
         Earlier final versions this one amends.
+    platelets_detected:
+        Platelets the cell finder counted without classifying them (part of the estimate).
+    confirmed_unreviewed:
+        The signer confirmed signing with flagged cells nobody looked at; needed when there are
+        such cells, and recorded in the report.
 
     Raises
     ------
     ValueError
-        If the preliminary report is not a preliminary SR of the slide, a name is empty, or
-        ``version`` is not positive.
+        If the preliminary report is not a preliminary SR of the slide, a name is empty,
+        ``version`` is not positive, or flagged cells were not looked at and the signer did not
+        confirm it.
     """
     params = params or EncoderParams()
     if not verifying_observer_name.strip() or not verifying_organization.strip():
@@ -160,6 +180,16 @@ def encode_final_report(
 
     classified = [c for c in cells if not c.unclassifiable]
     changed = [c for c in cells if c.changed]
+    unreviewed = sum(1 for c in cells if c.flagged and not c.looked_at)
+    if unreviewed and not confirmed_unreviewed:
+        raise ValueError(f"{unreviewed} flagged cells were not reviewed: signing needs the signer's "
+                         "confirmation (confirmed_unreviewed=True)")
+    diff = Differential.from_cells(
+        [{"label": c.label, "review": c.flagged, "unclassifiable": c.unclassifiable} for c in cells],
+        platelets_detected=platelets_detected)
+    statements = list(differential_note(diff))
+    if unreviewed:
+        statements.append(hd.sr.QualitativeEvaluation(name=SIGNED_UNREVIEWED, value=YES))
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations
                  | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = [
         hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -173,14 +203,16 @@ def encode_final_report(
                                   value=sum(1 for c in cells if c.unclassifiable), unit=codes.CELLS),
                 hd.sr.Measurement(name=REVIEWER_ABNORMAL_COUNT,
                                   value=sum(1 for c in cells if c.abnormal), unit=codes.CELLS),
+                hd.sr.Measurement(name=codes.WHITE_CELL_COUNT, value=diff.white_cell_count,
+                                  unit=codes.CELLS),
+                hd.sr.Measurement(name=codes.REVIEW_COUNT, value=diff.flagged, unit=codes.CELLS),
+                hd.sr.Measurement(name=UNREVIEWED_COUNT, value=unreviewed, unit=codes.CELLS),
             ],
+            qualitative_evaluations=statements or None,
             source_images=source_images,
         )
     ]
-    total = len(classified)
-    for label in CellClassValues:
-        count = ClassCount(label, sum(1 for c in classified if c.label == label.value), total)
-        groups.append(_class_group(count, None, source_images))  # type: ignore[arg-type]
+    groups.extend(differential_groups(diff, None, source_images))
     frame_of_reference_uid = str(source.FrameOfReferenceUID)
     pixel_spacing(source)  # a tiled image with pixel measures, or it raises
     groups.extend(_changed_group(source, frame_of_reference_uid, cell) for cell in changed)

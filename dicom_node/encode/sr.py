@@ -6,11 +6,16 @@ Content tree (PS3.16 TID 1500):
 - Observation context: the node as device observer (TID 1004), the slide's
   specimen as subject (TID 1009).
 - Image library (TID 1600): the source slide's base level.
-- One TID 1501 group "All classified cells": number of cells, of cells flagged
-  for review and of suspected abnormal cells.
-- One TID 1501 group per class: number of cells, percentage of all classified
-  cells and the lower and upper limit of its 95 % Wilson score confidence
-  interval (see :class:`analysis.results.ClassCount` for why Wilson).
+- One TID 1501 group "All classified cells": number of cells, of white cells (the
+  differential's denominator), of cells flagged for review, of those unlike any
+  training class and of suspected abnormal cells; under 100 white cells the coded
+  note "Fewer than 100 white cells: interpret with caution".
+- One TID 1501 group per class (:mod:`dicom_node.encode.differential`): for the six
+  white-cell classes the count, the percentage of white cells and the lower and upper
+  limit of its 95 % Wilson score confidence interval (see
+  :class:`analysis.results.ClassCount` for why Wilson), and the note when it applies;
+  for erythroblasts (nucleated red cells) the count and the number per 100 white
+  cells; for platelets the count and the platelets seen (an estimate).
 - One TID 1410 group per cell flagged for review or suspected abnormal: the
   outline as SCOORD3D polygon in the slide's frame of reference, the class as
   finding type, probability, uncertainty, anomaly score and area, and the
@@ -29,6 +34,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
+from analysis.classes import CellClassValues
 from analysis.results import CellResult, ClassCount, FlagReasonValues, SlideResult
 from dicom_node.encode import codes
 from dicom_node.encode.common import (
@@ -40,10 +46,14 @@ from dicom_node.encode.common import (
     image_to_slide,
     new_uid,
 )
+from dicom_node.encode.differential import Differential, class_label
 
 _REASON_CODES = {
     FlagReasonValues.HIGH_UNCERTAINTY: codes.HIGH_UNCERTAINTY,
     FlagReasonValues.HIGH_ANOMALY_SCORE: codes.HIGH_ANOMALY,
+    FlagReasonValues.SIGNIFICANT_CLASS: codes.SIGNIFICANT_CLASS,
+    FlagReasonValues.MODELS_DISAGREE: codes.MODELS_DISAGREE,
+    FlagReasonValues.OUTSIDE_DOMAIN: codes.OUTSIDE_DOMAIN,
 }
 
 
@@ -54,6 +64,7 @@ def encode_report(
     *,
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
+    platelets_detected: int | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the preliminary TID 1500 measurement report of one analysed slide.
 
@@ -68,6 +79,9 @@ def encode_report(
         Equipment and series numbering.
     series_instance_uid, sop_instance_uid:
         UIDs of the new series and instance; new ones when omitted.
+    platelets_detected:
+        Platelets the cell finder counted without classifying them (part of the platelet
+        estimate); ``None`` when not known.
 
     Returns
     -------
@@ -86,6 +100,7 @@ def encode_report(
         parameters=[f"{key}={value}" for key, value in algorithm_parameters(result).items()],
     )
     source_images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(source)]
+    diff = Differential.from_result(result, platelets_detected=platelets_detected)
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations
                  | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = [
         hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -94,15 +109,19 @@ def encode_report(
             algorithm_id=algorithm,
             measurements=[
                 hd.sr.Measurement(name=codes.CELL_COUNT, value=len(result.cells), unit=codes.CELLS),
-                hd.sr.Measurement(name=codes.REVIEW_COUNT, value=len(result.review_cells),
+                hd.sr.Measurement(name=codes.WHITE_CELL_COUNT, value=diff.white_cell_count,
+                                  unit=codes.CELLS),
+                hd.sr.Measurement(name=codes.REVIEW_COUNT, value=diff.flagged, unit=codes.CELLS),
+                hd.sr.Measurement(name=codes.UNLIKE_COUNT, value=diff.unlike_training,
                                   unit=codes.CELLS),
                 hd.sr.Measurement(name=codes.ABNORMAL_COUNT, value=len(result.abnormal_cells),
                                   unit=codes.CELLS),
             ],
+            qualitative_evaluations=differential_note(diff) + domain_evaluation(result),
             source_images=source_images,
         )
     ]
-    groups.extend(_class_group(count, algorithm, source_images) for count in result.counts)
+    groups.extend(differential_groups(diff, algorithm, source_images))
     flagged = [cell for cell in result.cells if cell.review or cell.abnormal]
     groups.extend(_cell_group(result, source, cell, algorithm) for cell in flagged)
 
@@ -167,10 +186,64 @@ def _specimen_context(source: Dataset) -> hd.sr.SubjectContext | None:
     )
 
 
-def _class_group(count: ClassCount, algorithm: hd.sr.AlgorithmIdentification,
+def domain_evaluation(result: SlideResult) -> list[hd.sr.QualitativeEvaluation]:
+    """The slide quality check (:mod:`analysis.domain`) as a coded evaluation; its reasons in
+    words are in the algorithm's parameters (``validated_domain``)."""
+    verdict = str(result.provenance.parameters.get("validated_domain", ""))
+    if not verdict:
+        return []
+    value = codes.OUTSIDE_DOMAIN if verdict.startswith("outside") else codes.INSIDE_DOMAIN
+    return [hd.sr.QualitativeEvaluation(name=codes.SLIDE_QUALITY, value=value)]
+
+
+def differential_note(diff: Differential) -> list[hd.sr.QualitativeEvaluation]:
+    """The coded caution of a differential on fewer than 100 white cells (none otherwise)."""
+    if not diff.few_white_cells:
+        return []
+    return [hd.sr.QualitativeEvaluation(name=codes.DIFFERENTIAL_NOTE, value=codes.FEW_WHITE_CELLS)]
+
+
+def differential_groups(diff: Differential, algorithm: hd.sr.AlgorithmIdentification | None,
+                        source_images: list[hd.sr.SourceImageForMeasurementGroup],
+                        ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """One TID 1501 group per class, in class order: the six white-cell classes with their
+    percentage of white cells (and the note under 100 white cells), erythroblasts per 100 white
+    cells, platelets with the platelets seen (an estimate)."""
+    note = differential_note(diff)
+    groups = [_class_group(count, algorithm, source_images, note) for count in diff.white_cells]
+    per_100 = diff.nrbc_per_100_wbc
+    nrbc = [hd.sr.Measurement(name=codes.CELL_COUNT, value=diff.nucleated_red_cells, unit=codes.CELLS)]
+    if per_100 is not None:
+        nrbc.append(hd.sr.Measurement(name=codes.NRBC_PER_100_WBC, value=per_100, unit=codes.PER_100_WBC))
+    groups.append(_group(CellClassValues.ERYTHROBLAST, algorithm, source_images, nrbc))
+    groups.append(_group(CellClassValues.PLATELET, algorithm, source_images, [
+        hd.sr.Measurement(name=codes.CELL_COUNT, value=diff.platelets_classified, unit=codes.CELLS),
+        hd.sr.Measurement(name=codes.PLATELETS_SEEN, value=diff.platelets, unit=codes.CELLS),
+    ]))
+    return groups
+
+
+def _group(label: CellClassValues, algorithm: hd.sr.AlgorithmIdentification | None,
+           source_images: list[hd.sr.SourceImageForMeasurementGroup],
+           measurements: list[hd.sr.Measurement],
+           qualitative_evaluations: list[hd.sr.QualitativeEvaluation] | None = None,
+           ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(identifier=f"Differential: {class_label(label)}"),
+        finding_type=codes.CLASS_CODES[label],
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=qualitative_evaluations or None,
+        source_images=source_images,
+    )
+
+
+def _class_group(count: ClassCount, algorithm: hd.sr.AlgorithmIdentification | None,
                  source_images: list[hd.sr.SourceImageForMeasurementGroup],
+                 note: list[hd.sr.QualitativeEvaluation] | None = None,
                  ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group of one class: count, percentage and its 95 % Wilson interval."""
+    """TID 1501 group of one white-cell class: count, percentage of white cells, its 95 % Wilson
+    interval."""
     measurements = [hd.sr.Measurement(name=codes.CELL_COUNT, value=count.count, unit=codes.CELLS)]
     percentage, interval = count.percentage, count.confidence_interval
     if percentage is not None and interval is not None:
@@ -178,17 +251,11 @@ def _class_group(count: ClassCount, algorithm: hd.sr.AlgorithmIdentification,
         measurements += [
             # Not TID 310's upper/lower measurement uncertainty: highdicom writes those with
             # unit "1", which would misstate a range in percent. Explicit limits instead.
-            hd.sr.Measurement(name=codes.CELL_PERCENTAGE, value=percentage, unit=codes.PERCENT),
+            hd.sr.Measurement(name=codes.WHITE_CELL_PERCENTAGE, value=percentage, unit=codes.PERCENT),
             hd.sr.Measurement(name=codes.CI95_LOWER, value=lower, unit=codes.PERCENT),
             hd.sr.Measurement(name=codes.CI95_UPPER, value=upper, unit=codes.PERCENT),
         ]
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(identifier=f"Differential: {count.label.value}"),
-        finding_type=codes.CLASS_CODES[count.label],
-        algorithm_id=algorithm,
-        measurements=measurements,
-        source_images=source_images,
-    )
+    return _group(count.label, algorithm, source_images, measurements, note)
 
 
 def _cell_group(result: SlideResult, source: Dataset, cell: CellResult,
@@ -197,9 +264,9 @@ def _cell_group(result: SlideResult, source: Dataset, cell: CellResult,
     """TID 1410 group of one flagged cell, its outline in slide coordinates (SCOORD3D)."""
     outline = np.asarray(cell.outline + (cell.outline[0],), dtype=np.float64)  # closed (PS3.3 C.18.9.1.2)
     evaluations = []
-    if cell.review_reason is not None:
+    for reason in cell.review_reasons:  # one evaluation per reason that applies
         evaluations.append(hd.sr.QualitativeEvaluation(
-            name=codes.REVIEW_REASON, value=_REASON_CODES[cell.review_reason]))
+            name=codes.REVIEW_REASON, value=_REASON_CODES[reason]))
     if cell.abnormal_reason is not None:
         evaluations.append(hd.sr.QualitativeEvaluation(
             name=codes.ABNORMAL_REASON, value=_REASON_CODES[cell.abnormal_reason]))

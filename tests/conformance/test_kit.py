@@ -54,7 +54,7 @@ def test_kit_passes_against_cytonode_serve(results_dir: Path, tmp_path: Path) ->
     suite = ET.parse(junit).getroot()
     assert suite.get("failures") == "0"
     names = [case.get("name") for case in suite.iter("testcase")]
-    assert len(names) == 1 + 13 * 15 + 6 + 4 + 2 + 1
+    assert len(names) == 1 + 14 * 15 + 6 + 4 + 2 + 1
     for wanted in ("echo", "store VLWholeSlideMicroscopyImageStorage / HTJ2KLosslessRPCL",
                    "store MicroscopyBulkSimpleAnnotationsStorage / DeflatedExplicitVRLittleEndian",
                    "find IMAGE level, UID list", "get series (C-GET, role selection)",

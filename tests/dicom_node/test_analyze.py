@@ -81,13 +81,26 @@ def test_summary_differential_adds_up(analyzed: tuple[Path, dict[str, Any]]) -> 
     rows = summary["differential"]
     assert [r["label"] for r in rows] == list(CLASS_NAMES)
     assert sum(r["count"] for r in rows) == n
-    assert sum(r["percentage"] for r in rows) == pytest.approx(100.0, abs=0.01)
+    # percentages and intervals over white cells only; erythroblasts and platelets apart
+    white = [r for r in rows if r["white_cell"]]
+    assert [r["label"] for r in white] == list(CLASS_NAMES[:6])
+    n_white = sum(r["count"] for r in white)
+    assert summary["report"]["white_cells"] == n_white
+    if n_white:
+        assert sum(r["percentage"] for r in white) == pytest.approx(100.0, abs=0.01)
+    for r in white:
+        if n_white:
+            low, high = wilson_interval(r["count"], n_white)
+            assert r["ci95"] == pytest.approx([100 * low, 100 * high], abs=1e-3)
     for r in rows:
-        low, high = wilson_interval(r["count"], n)
-        assert r["ci95"] == pytest.approx([100 * low, 100 * high], abs=1e-3)
         assert r["count"] == sum(1 for c in summary["cells"] if c["label"] == r["label"])
-    flagged = [c["cell_id"] for c in summary["cells"] if c["review"] or c["abnormal"]]
+    assert all(r["percentage"] is None for r in rows if not r["white_cell"])
+    if n_white < 100:
+        assert summary["report"]["note"].startswith(f"differential on {n_white} white cell")
+    flagged = [c["cell_id"] for c in summary["cells"] if c["review"]]
     assert [c["cell_id"] for c in summary["flagged"]] == flagged
+    assert summary["report"]["flagged"] == len(flagged)
+    assert all(c["review"] for c in summary["cells"] if c["abnormal"])  # abnormal cells go to review
     for c in summary["cells"]:
         assert (c["review_reason"] is not None) == c["review"]
         assert (c["abnormal_reason"] is not None) == c["abnormal"]
@@ -189,7 +202,7 @@ def test_slide_without_white_cells_gets_only_a_report(tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr[-2000:]
     run = _run("analyze", str(tmp_path / "slide"), "--out", str(tmp_path / "out"), *BUDGET)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sr.dcm", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pdf.dcm", "sr.dcm", "summary.json"]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["cell_count"] == 0 and summary["flagged"] == [] and summary["heatmaps"] == []
     assert all(r["count"] == 0 and r["percentage"] is None for r in summary["differential"])

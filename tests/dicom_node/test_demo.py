@@ -17,7 +17,8 @@ def test_demo_sends_the_sample_slide_and_reports_it() -> None:
     assert "(user pathologist, password " in out.stdout
     assert "slide received and opened" in out.stdout
     assert " um/px, " in out.stdout
-    assert "differential (percentage with 95% Wilson interval)" in out.stdout
+    assert "white-cell differential on " in out.stdout and "95 % Wilson interval" in out.stdout
+    assert "flagged for review" in out.stdout and "nucleated red cells (erythroblasts): " in out.stdout
     # --exit ends once the results reached the stand-in PACS: all three kinds.
     for modality in ("SR", "ANN", "SEG"):
         assert f"DEMOPACS received {modality}: " in out.stdout

@@ -31,9 +31,11 @@ from analysis.results import (
     SlideResult,
     wilson_interval,
 )
+from dicom_node.encode import ann as ann_module
 from dicom_node.encode import codes
 from dicom_node.encode.ann import encode_bulk_annotations
 from dicom_node.encode.common import EncoderParams
+from dicom_node.encode.differential import class_label
 from dicom_node.encode.seg import encode_heatmaps
 from dicom_node.encode.sr import encode_report
 
@@ -256,15 +258,22 @@ def test_report_round_trip(tmp_path: Path, source_datasets: list[Dataset], base:
     groups = report.get_image_measurement_groups()
     assert len(groups) == 1 + len(CLASS_NAMES)
     total = {m.name.meaning: m.value for m in groups[0].get_measurements()}
-    assert total == {"Number of cells": 7, "Number of cells flagged for review": 2,
+    assert total == {"Number of cells": 7, "Number of white cells in the differential": 7,
+                     "Number of cells flagged for review": 2,
+                     "Number of flagged cells unlike any training class": 0,
                      "Number of suspected abnormal cells": 1}
-    for group, count in zip(groups[1:], result.counts):
+    # all seven are white cells: the percentages are over them; no erythroblast, no platelet
+    for group, count in zip(groups[1:7], result.counts[:6]):
         assert _same_code(group.finding_type, codes.CLASS_CODES[count.label])
         values = {(m.name.value, m.unit.value): m.value for m in group.get_measurements()}
         lower, upper = count.confidence_interval or (math.nan, math.nan)
         assert values == pytest.approx({("CELLCOUNT", "{cells}"): count.count,
-                                        ("CELLPCT", "%"): count.percentage,
+                                        ("WBCPCT", "%"): count.percentage,
                                         ("CI95LOW", "%"): lower, ("CI95UPP", "%"): upper}, rel=1e-9)
+        notes = {q.name.value: q.value.value for q in group.get_qualitative_evaluations()}
+        assert notes == {"DIFFNOTE": "FEWWBC"}  # 7 white cells: fewer than 100
+        assert group.tracking_identifier == f"Differential: {class_label(count.label)}"
+    assert groups[6].tracking_identifier == "Differential: immature granulocyte"
 
     regions = report.get_planar_roi_measurement_groups()
     flagged = [c for c in result.cells if c.review or c.abnormal]
@@ -307,12 +316,92 @@ def test_report_of_a_slide_without_cells_says_so(tmp_path: Path, source_datasets
     report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
     groups = report.get_image_measurement_groups()
     assert groups[0].get_measurements()[0].value == 0
-    assert all([m.name.value for m in g.get_measurements()] == ["CELLCOUNT"] for g in groups[1:])
+    assert all([m.name.value for m in g.get_measurements()] == ["CELLCOUNT"] for g in groups[1:8])
+    assert {m.name.value: m.value for m in groups[8].get_measurements()} == {"CELLCOUNT": 0, "PLTSEEN": 0}
+    assert [q.value.value for q in groups[0].get_qualitative_evaluations()] == ["FEWWBC"]
     assert report.get_planar_roi_measurement_groups() == []
     with pytest.raises(ValueError, match="no cells"):
         encode_bulk_annotations(empty, source_datasets, params)
     with pytest.raises(ValueError, match="no heatmaps"):
         encode_heatmaps(empty, source_datasets, params)
+
+
+def _labelled(base: Dataset, labels: list[str], reasons: dict[int, tuple[str, ...]] | None = None,
+              ) -> SlideResult:
+    """A result of len(labels) cells on a grid of the slide, with the given classes and review
+    reasons (cell id -> reasons)."""
+    reasons = reasons or {}
+    width, height = int(base.TotalPixelMatrixColumns), int(base.TotalPixelMatrixRows)
+    cells = []
+    columns = 30
+    for i, label in enumerate(labels):
+        x0, y0 = 5 + (i % columns) * (width - 10) // columns, 5 + (i // columns) * 60
+        bbox = (x0, y0, x0 + 20, y0 + 20)
+        assert bbox[3] <= height
+        probabilities = {c: 0.02 for c in CLASS_NAMES}
+        probabilities[label] = 1.0 - 0.02 * 7
+        cells.append(CellResult(
+            cell_id=i, x=x0 + 10.0, y=y0 + 10.0, outline=_outline(bbox, 8), bbox=bbox, area_um2=50.0,
+            label=label, probabilities=probabilities, uncertainty=0.1, anomaly_score=0.0,
+            review=i in reasons, review_reasons=reasons.get(i, ())))
+    return _result(base, cells, heatmaps=False)
+
+
+def _class_values(report: hd.sr.MeasurementReport) -> dict[str, dict[str, float]]:
+    """Per class (tracking identifier "Differential: <class in words>"): measurement code -> value."""
+    words = {class_label(c): c for c in CLASS_NAMES}
+    return {words[g.tracking_identifier.split(": ")[1]]: {m.name.value: m.value for m in g.get_measurements()}
+            for g in report.get_image_measurement_groups()[1:]}
+
+
+def test_report_differential_counts_white_cells_only(tmp_path: Path, source_datasets: list[Dataset],
+                                                     base: Dataset, params: EncoderParams) -> None:
+    # 100 white cells, 4 nucleated red cells, 3 platelets (and 9 more the cell finder counted)
+    labels = (["neutrophil"] * 60 + ["lymphocyte"] * 30 + ["monocyte"] * 6 + ["eosinophil"] * 2
+              + ["basophil"] + ["ig"] + ["erythroblast"] * 4 + ["platelet"] * 3)
+    reasons = {98: ("significant-class",), 99: ("high-uncertainty", "high-anomaly-score"),
+               100: ("significant-class",)}
+    result = _labelled(base, labels, reasons)
+    ds = _write(encode_report(result, source_datasets, params, platelets_detected=9),
+                tmp_path / "sr.dcm")
+    assert _dciodvfy_errors(tmp_path / "sr.dcm") == []
+    report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
+    summary = report.get_image_measurement_groups()[0]
+    total = {m.name.meaning: m.value for m in summary.get_measurements()}
+    assert total["Number of cells"] == 107 and total["Number of white cells in the differential"] == 100
+    assert total["Number of cells flagged for review"] == 3
+    assert total["Number of flagged cells unlike any training class"] == 1
+    assert summary.get_qualitative_evaluations() == []  # 100 white cells: no caution
+    values = _class_values(report)
+    assert values["neutrophil"]["WBCPCT"] == pytest.approx(60.0)  # of white cells, not of 107
+    assert values["ig"]["WBCPCT"] == pytest.approx(1.0)
+    assert sum(values[c]["WBCPCT"] for c in ("neutrophil", "eosinophil", "basophil", "lymphocyte",
+                                              "monocyte", "ig")) == pytest.approx(100.0)
+    # nucleated red cells per 100 white cells, no percentage; platelets apart, as an estimate
+    assert values["erythroblast"] == pytest.approx({"CELLCOUNT": 4, "NRBCPER100WBC": 4.0})
+    assert values["platelet"] == {"CELLCOUNT": 3, "PLTSEEN": 12}
+    text = str(hd.sr.srread(tmp_path / "sr.dcm"))
+    assert "Nucleated red cells per 100 white cells" in text and "Platelets seen (estimate)" in text
+    assert "Fewer than 100 white cells" not in text
+
+
+def test_report_on_fewer_than_100_white_cells_says_so(tmp_path: Path, source_datasets: list[Dataset],
+                                                      base: Dataset, params: EncoderParams) -> None:
+    labels = ["neutrophil"] * 40 + ["lymphocyte"] * 19 + ["erythroblast"] * 3 + ["platelet"]
+    ds = _write(encode_report(_labelled(base, labels), source_datasets, params), tmp_path / "sr.dcm")
+    assert _dciodvfy_errors(tmp_path / "sr.dcm") == []
+    report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
+    groups = report.get_image_measurement_groups()
+    notes = [(q.name.meaning, q.value.meaning) for q in groups[0].get_qualitative_evaluations()]
+    assert notes == [("Differential note", "Fewer than 100 white cells: interpret with caution")]
+    values = _class_values(report)
+    assert {m.name.meaning: m.value for m in groups[0].get_measurements()}[
+        "Number of white cells in the differential"] == 59
+    assert values["erythroblast"]["NRBCPER100WBC"] == pytest.approx(100 * 3 / 59)
+    assert values["platelet"] == {"CELLCOUNT": 1, "PLTSEEN": 1}
+    # the caution sits next to the numbers: in every white-cell class group
+    for group in groups[1:7]:
+        assert [q.value.value for q in group.get_qualitative_evaluations()] == ["FEWWBC"]
 
 
 # --- ANN -------------------------------------------------------------------------------------
@@ -333,6 +422,10 @@ def test_bulk_annotations_round_trip(tmp_path: Path, source_datasets: list[Datas
         assert _same_code(group.annotated_property_type, codes.CLASS_CODES[label])
         assert _same_code(group.annotated_property_category, codes.ANATOMICAL_STRUCTURE)
         assert group.algorithm_identification[0].AlgorithmName == "cytodiffusion"
+        # the class's colour, which dicom-microscopy-viewer (Slim, OHIF) draws the group in
+        red, green, blue = (int(ann_module.CLASS_DISPLAY_COLOURS[label][i:i + 2], 16) for i in (1, 3, 5))
+        assert np.allclose(hd.color.CIELabColor.from_dicom_value(
+            group.RecommendedDisplayCIELabValue).to_rgb(), (red, green, blue), atol=1)
         graphic = group.get_graphic_data(coordinate_type="3D")
         assert len(graphic) == len(cells)
         for points, cell in zip(graphic, cells):

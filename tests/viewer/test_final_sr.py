@@ -64,3 +64,59 @@ def test_refuses_bad_input(inputs) -> None:
         ReviewedCell(1, (10, 10, 5, 20), "monocyte", "monocyte")
     with pytest.raises(ValueError):
         ReviewedCell(1, (0, 0, 5, 5), "monocyte", "blast")
+
+
+def _dciodvfy_errors(path) -> list[str]:
+    import shutil
+    import subprocess
+
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (dicom3tools) not installed")
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_signing_with_unreviewed_flagged_cells_needs_and_records_the_confirmation(
+        inputs, tmp_path) -> None:
+    import dataclasses
+
+    prelim, sources, cells = inputs
+    # two flagged cells: one looked at, one not; one cell an erythroblast, one a platelet
+    marked = [dataclasses.replace(cells[0], flagged=True, looked_at=True),
+              dataclasses.replace(cells[1], flagged=True, label="erythroblast"),
+              dataclasses.replace(cells[2], label="platelet"), *cells[3:]]
+    with pytest.raises(ValueError, match="1 flagged cells were not reviewed"):
+        encode_final_report(prelim, sources, marked, verifying_observer_name="Doe^Jane",
+                            verifying_organization="Lab")
+    report = encode_final_report(prelim, sources, marked, verifying_observer_name="Doe^Jane",
+                                 verifying_organization="Lab", confirmed_unreviewed=True,
+                                 platelets_detected=5)
+    report.save_as(tmp_path / "final.dcm", enforce_file_format=True)
+    assert _dciodvfy_errors(tmp_path / "final.dcm") == []
+    back = hd.sr.srread(tmp_path / "final.dcm")
+    groups = back.content.get_image_measurement_groups()
+    values = {m.name.meaning: m.value for m in groups[0].get_measurements()}
+    white = len(cells) - 2
+    assert values["Number of cells flagged for review"] == 2
+    assert values["Number of flagged cells not reviewed"] == 1
+    assert values["Number of white cells in the differential"] == white
+    statements = {q.name.meaning: q.value.meaning for q in groups[0].get_qualitative_evaluations()}
+    assert statements["Signed with flagged cells not reviewed"] == "Yes"
+    assert statements["Differential note"] == "Fewer than 100 white cells: interpret with caution"
+    per_class = {g.tracking_identifier: {m.name.meaning: m.value for m in g.get_measurements()}
+                 for g in groups[1:]}
+    assert per_class["Differential: erythroblast"]["Nucleated red cells per 100 white cells"] == \
+        pytest.approx(100 / white)
+    assert per_class["Differential: platelet"] == {"Number of cells": 1, "Platelets seen (estimate)": 6}
+    assert sum(v["Percentage of white cells"] for k, v in per_class.items()
+               if "Percentage of white cells" in v) == pytest.approx(100.0)
+    # every flagged cell looked at: nothing to confirm, nothing recorded
+    seen = [dataclasses.replace(c, looked_at=True) for c in marked]
+    plain = encode_final_report(prelim, sources, seen, verifying_observer_name="Doe^Jane",
+                                verifying_organization="Lab")
+    plain.save_as(tmp_path / "plain.dcm", enforce_file_format=True)
+    first = hd.sr.srread(tmp_path / "plain.dcm").content.get_image_measurement_groups()[0]
+    assert "Signed with flagged cells not reviewed" not in {
+        q.name.meaning for q in first.get_qualitative_evaluations()}
+    assert {m.name.meaning: m.value for m in first.get_measurements()}[
+        "Number of flagged cells not reviewed"] == 0

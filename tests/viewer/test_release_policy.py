@@ -38,12 +38,14 @@ def test_final_only_sends_the_preliminary_objects_with_the_final_sr(node_case, a
     token = login(client, "signer")
     with store.session() as db:
         assert db.scalars(select(OutboxItem)).all() == []  # held
-    rsp = client.post(f"/cases/{uid}/signoff", data={"password": PASSWORD, "csrf_token": token},
+    rsp = client.post(f"/cases/{uid}/signoff", data={"password": PASSWORD, "csrf_token": token,
+                                                      "confirm_unreviewed": "yes"},
                       headers={"Accept": "application/json"})
     assert rsp.status_code == 200, rsp.get_data(as_text=True)
     final = rsp.get_json()["sop_instance_uid"]
+    final_pdf = rsp.get_json()["pdf_sop_instance_uid"]  # the final PDF report goes with the final SR
     with store.session() as db:
         queued = {(i.sop_instance_uid, i.destination) for i in db.scalars(select(OutboxItem)).all()}
     destination = str(node_case.settings.destinations[0])
-    assert queued == {(u, destination) for u in (*results, final)}
+    assert queued == {(u, destination) for u in (*results, final, final_pdf)}
     store.close()

@@ -34,6 +34,7 @@ def _routes(uid: str, cell: int) -> list[tuple[str, str]]:
         ("GET", f"/api/cases/{uid}/cells/{cell}/crop.jpg"),
         ("GET", f"/api/cases/{uid}/cells/{cell}/heatmap.jpg"),
         ("POST", f"/api/cases/{uid}/cells/{cell}"), ("POST", f"/api/cases/{uid}/undo"),
+        ("POST", f"/api/cases/{uid}/cells/{cell}/seen"),
         ("GET", f"/cases/{uid}/signoff"), ("POST", f"/cases/{uid}/signoff"),
         ("POST", f"/cases/{uid}/amend"), ("GET", f"/api/cases/{uid}/versions"),
         ("POST", "/logout"),
@@ -147,6 +148,9 @@ def test_roles_are_enforced(client_as, node_case) -> None:
                      headers={"X-CSRF-Token": admin_token})
     assert rsp.status_code == 403 and rsp.get_json()["code"] == 403
     assert admin.get(f"/cases/{uid}/signoff").status_code == 403
+    # looking at a cell counts for a reviewer only
+    assert admin.post(f"/api/cases/{uid}/cells/{cell}/seen",
+                      headers={"X-CSRF-Token": admin_token}).status_code == 403
 
 
 def test_unknown_ids_give_404(client_as, node_case) -> None:
@@ -293,7 +297,22 @@ def test_signoff_issues_a_verified_final_sr_that_reaches_the_pacs(client_as, nod
     assert rsp.status_code == 403
     assert not client.get(f"/api/cases/{uid}").get_json()["signed"]
     before = client.get(f"/api/cases/{uid}/versions").get_json()["versions"]
-    rsp = client.post(f"/cases/{uid}/signoff", data={"password": PASSWORD, "csrf_token": token},
+    # flagged cells nobody looked at: the form asks, the server refuses without the confirmation
+    case = client.get(f"/api/cases/{uid}").get_json()
+    unreviewed = case["unreviewed_flagged"]
+    assert unreviewed and cell not in unreviewed  # the changed cell was looked at
+    page = client.get(f"/cases/{uid}/signoff").get_data(as_text=True)
+    assert 'name="confirm_unreviewed"' in page
+    assert f"I sign with {len(unreviewed)} flagged cell" in page
+    for cell_id in unreviewed:
+        assert f"#cell-{cell_id}\">Cell {cell_id}</a>" in page
+    rsp = client.post(f"/cases/{uid}/signoff", data={"password": PASSWORD, "csrf_token": token})
+    assert rsp.status_code == 409
+    assert f"{len(unreviewed)} flagged cell{'s' if len(unreviewed) != 1 else ''} not reviewed: confirm" \
+        in rsp.get_data(as_text=True)
+    assert not client.get(f"/api/cases/{uid}").get_json()["signed"]
+    rsp = client.post(f"/cases/{uid}/signoff", data={"password": PASSWORD, "csrf_token": token,
+                                                      "confirm_unreviewed": "yes"},
                       headers={"Accept": "application/json"})
     assert rsp.status_code == 200, rsp.get_data(as_text=True)
     signed = rsp.get_json()
@@ -322,6 +341,17 @@ def test_signoff_issues_a_verified_final_sr_that_reaches_the_pacs(client_as, nod
     assert int(report.InstanceNumber) == signed["version"]
     text = str(report)
     assert "Class assigned by the algorithm" in text and f"Cell {cell}" in text
+    # the confirmation is in the report and in the audit log
+    group = report.content.get_image_measurement_groups()[0]
+    values = {m.name.meaning: m.value for m in group.get_measurements()}
+    assert values["Number of flagged cells not reviewed"] == len(unreviewed)
+    assert {q.name.meaning: q.value.meaning for q in group.get_qualitative_evaluations()}[
+        "Signed with flagged cells not reviewed"] == "Yes"
+    with store.session() as db:
+        details = [e.detail for e in db.scalars(select(AuditEvent).where(
+            AuditEvent.action == "sign_unreviewed", AuditEvent.target == uid)).all()]
+    assert details[-1] == (f"version {signed['version']}: signed with {len(unreviewed)} flagged cells not "
+                           f"reviewed (confirmed by the signer): cells {', '.join(map(str, unreviewed))}")
     assert report.StudyInstanceUID == node_case.study_instance_uid
     if shutil.which("dciodvfy"):
         out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False,
@@ -388,3 +418,56 @@ def test_user_add_command_refuses_a_short_password(node_case) -> None:
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "cytonode user: password must have at least 8 characters"]
+
+
+def test_case_pages_name_the_patient_and_state_the_differential(client_as, node_case, app) -> None:
+    uid = node_case.series_instance_uid
+    client, _ = client_as("path")
+    summary = cases.load_summary(node_case.settings, uid)
+    report = summary["report"]
+    flag_text = node_case.job["result"]["report"]["text"]["flags"]
+    assert flag_text.startswith(f"{sum(c['review'] for c in summary['cells'])} flagged for review")
+    row = client.get("/api/worklist").get_json()["cases"][0]
+    assert row["flag_text"] == flag_text and row["flagged"] == report["flagged"]
+    for url in (f"/slides/{uid}", f"/cases/{uid}", f"/cases/{uid}/signoff"):
+        page = client.get(url).get_data(as_text=True)
+        for text in ('id="patient-name">BCCD Anonymous<', 'id="patient-id">CYTO-SAMPLE<',
+                     'id="accession-number">CYTO0001<',
+                     'id="slide-id">CYTO-SAMPLE-0001 (specimen CYTO-SAMPLE-0001-S1)<',
+                     f'id="flag-count">{flag_text}<'):
+            assert text in page, (url, text)
+        # white cells only, NRBC per 100 white cells, platelets apart, the caution under 100
+        assert f"White-cell differential on {report['white_cells']} white cells" in page
+        assert (f"differential on {report['white_cells']} white cells (fewer than 100): "
+                "interpret with caution") in page
+        assert "per 100 white cells" in page and "nucleated red cells (erythroblasts): " in page
+        assert (f"platelets: {report['platelets']['seen']} seen (an estimate; not white cells, "
+                "not in the differential)") in page
+        assert "immature granulocyte" in page and ">ig<" not in page
+        assert 'data-label="erythroblast"' not in page and 'data-label="platelet"' not in page
+    case = client.get(f"/api/cases/{uid}").get_json()
+    assert case["class_names"]["ig"] == "immature granulocyte"
+    assert case["report"]["note"] and case["report"]["white_cells"] == report["white_cells"]
+    flagged = [c for c in case["cells"] if c["flagged"]]
+    assert flagged == [c for c in case["cells"] if c["review"]]
+    assert all(c["review_labels"] for c in flagged)
+
+
+def test_looking_at_a_flagged_cell_is_recorded(client_as, node_case) -> None:
+    uid = node_case.series_instance_uid
+    client, token = client_as("tech")
+    case = client.get(f"/api/cases/{uid}").get_json()
+    assert client.post(f"/api/cases/{uid}/cells/99999/seen",
+                       headers={"X-CSRF-Token": token}).status_code == 404
+    for cell_id in case["unreviewed_flagged"]:
+        rsp = client.post(f"/api/cases/{uid}/cells/{cell_id}/seen", headers={"X-CSRF-Token": token})
+        assert rsp.status_code == 200 and rsp.get_json()["looked_at"] is True
+        assert client.post(f"/api/cases/{uid}/cells/{cell_id}/seen",  # once is enough
+                           headers={"X-CSRF-Token": token}).status_code == 200
+    after = client.get(f"/api/cases/{uid}").get_json()
+    assert after["unreviewed_flagged"] == []
+    assert all(c["looked_at"] for c in after["cells"] if c["flagged"])
+    path, _ = client_as("path")
+    page = path.get(f"/cases/{uid}/signoff").get_data(as_text=True)
+    if not after["signed"]:
+        assert 'name="confirm_unreviewed"' not in page and "Every flagged cell was looked at." in page

@@ -8,6 +8,8 @@
   // Legend colours: set here, as the page's Content-Security-Policy allows no style attributes.
   for (const swatch of document.querySelectorAll(".swatch[data-colour]")) swatch.style.background = swatch.dataset.colour;
   const [info, kase] = await Promise.all([api(base + "/info"), api(window.cyto.caseUrl(series))]);
+  const name = label => (kase.class_names && kase.class_names[label]) || label;
+  state.flagged = kase.cells.filter(c => c.flagged).length;
   const viewer = OpenSeadragon({
     element: box, prefixUrl: box.dataset.prefix, drawer: "canvas", showNavigator: true,
     maxZoomPixelRatio: 4, crossOriginPolicy: false,
@@ -28,7 +30,8 @@
       const [x0, y0, x1, y1] = cell.bbox;
       const colour = kase.colours[cell.label] || "#ffffff";
       const node = el("div", {class: "cell-box" + (cell.flagged ? " flagged" : "") + (cell.changed ? " changed" : ""),
-        title: "cell " + cell.cell_id + ": " + cell.label + " (p " + cell.probability.toFixed(2) + ")",
+        title: "Cell " + cell.cell_id + ": " + name(cell.label) + " (p " + cell.probability.toFixed(2) + ")"
+          + (cell.flagged ? ", flagged: " + cell.review_labels.join(", ") : ""),
         dataset: {cell: cell.cell_id}});
       node.style.borderColor = colour;
       viewer.addOverlay({element: node, location: tiled.imageToViewportRectangle(x0, y0, x1 - x0, y1 - y0)});
@@ -48,7 +51,8 @@
       const [x0, y0, x1, y1] = cell.bbox;
       const tiled = viewer.world.getItemAt(0);
       viewer.viewport.fitBounds(tiled.imageToViewportRectangle(x0 - 50, y0 - 50, x1 - x0 + 100, y1 - y0 + 100));
-    }}, "cell " + cell.cell_id + ": " + cell.label + (cell.flagged ? " (flagged)" : "")), " ",
+    }}, "Cell " + cell.cell_id + ": " + (cell.unclassifiable ? "unclassifiable" : name(cell.label))
+      + (cell.flagged ? " (flagged: " + cell.review_labels.join(", ") + ")" : "")), " ",
     el("a", {href: box.dataset.review + "#cell-" + cell.cell_id}, "review"))));
   // Heatmap: the analysis grid as one image over the slide, its opacity under the slider.
   let heat = null;
@@ -57,6 +61,8 @@
   kind.addEventListener("change", () => {
     if (heat) { viewer.world.removeItem(heat); heat = null; }
     const option = kind.selectedOptions[0];
+    document.getElementById("heatmap-key").hidden = !kind.value;
+    document.getElementById("heatmap-legend").textContent = kind.value ? option.textContent + ": " + option.dataset.legend : "";
     if (!kind.value) return;
     const widthPx = Number(option.dataset.cols) * Number(option.dataset.cell);
     viewer.addTiledImage({

@@ -16,10 +16,10 @@
         const series = encodeURIComponent(row.series_instance_uid);
         const open = row.status === "ready for review" || row.status === "signed";
         return el("tr", {class: "status-" + row.status.replace(/ /g, "-"), dataset: {series: row.series_instance_uid}},
-          el("td", {}, row.patient_name), el("td", {}, row.patient_id), el("td", {}, row.accession_number),
+          el("td", {}, (row.patient_name || "").split("^").filter(Boolean).join(" ")), el("td", {}, row.patient_id), el("td", {}, row.accession_number),
           el("td", {}, row.study_date), el("td", {}, row.study_description + " / " + row.series_description),
           el("td", {class: "status"}, row.status + (row.status === "analysing" && row.progress ? " (" + row.progress + ")" : "")),
-          el("td", {}, row.cell_count ?? ""), el("td", {class: "flagged"}, row.flagged ?? ""),
+          el("td", {}, row.cell_count ?? ""), el("td", {class: "flagged", dataset: {flagged: row.flagged ?? ""}}, row.flag_text ?? ""),
           el("td", {}, fmtTime(row.received_at)),
           el("td", {}, open ? el("a", {href: "/slides/" + series, class: "open-slide"}, "Slide") : "", " ",
             open ? el("a", {href: "/cases/" + series, class: "open-review"}, "Review") : ""));

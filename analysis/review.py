@@ -1,0 +1,284 @@
+"""Which cells go to a person, and why: the review rule.
+
+A cell is flagged for review when any of these holds, each with its reason
+(:class:`analysis.results.FlagReasonValues`):
+
+``significant-class``
+    The diffusion classifier or the reference calls it a clinically significant
+    class (immature granulocyte, erythroblast), which always goes to a person, as
+    haematology analysers do.
+``high-anomaly-score`` ("unlike any training class")
+    The reference network's features lie far from every training class: the
+    Mahalanobis distance to the nearest class mean (shared covariance, in the
+    leading principal components of the pooled 1280-d EfficientNet-Lite0
+    features, scaled to unit length, of the training cells of every lab) is above
+    its threshold. A lab's site calibration (:mod:`analysis.site`) first takes off
+    how its cells sit off the training classes and sets the threshold on its own
+    normal cells; without one the threshold of the val labs is used. These
+    cells are also the suspected abnormal ones (a blast is none of the eight classes).
+``models-disagree``
+    The diffusion classifier and the discriminative reference call different classes.
+``high-uncertainty`` ("uncertain")
+    The diffusion posterior's normalised entropy is above its threshold.
+``outside-validated-domain``
+    The slide as a whole failed its quality check (see :mod:`analysis.domain`).
+
+The thresholds are chosen on val splits (PBC, BCCD, Chula, and the first half of
+aml_dev) by :mod:`analysis.training.review_rule`, which also reports every
+candidate signal; they are stored in ``calibration.json`` under ``review_rule``
+and the feature density in :data:`DENSITY_WEIGHTS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analysis.classes import CLASS_NAMES
+from analysis.results import FlagReasonValues
+
+#: The feature density of the reference network (next to its weights).
+DENSITY_WEIGHTS = "reference_density.safetensors"
+
+#: Classes every call of which goes to review.
+SIGNIFICANT_CLASSES: tuple[str, ...] = ("ig", "erythroblast")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureDensity:
+    """Class-conditional Gaussians with one shared covariance in a PCA subspace.
+
+    ``mean`` ``(D,)`` and ``components`` ``(K, D)`` project a feature vector;
+    ``class_means`` ``(C, K)`` and ``precision`` ``(K, K)`` give the Mahalanobis
+    distance to each class (Lee et al. 2018, "A simple unified framework for
+    detecting out-of-distribution samples and adversarial attacks").
+    """
+
+    mean: np.ndarray
+    components: np.ndarray
+    class_means: np.ndarray
+    precision: np.ndarray
+
+    @staticmethod
+    def normalise(features: np.ndarray) -> np.ndarray:
+        """Features on the unit sphere: the density sees their direction, not their size
+        (on val this separated aml_dev's blasts better than the raw features)."""
+        x = np.asarray(features, dtype=np.float64)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels: np.ndarray, n_components: int = 64,
+            shrinkage: float = 0.05) -> FeatureDensity:
+        """Fit on ``features`` ``(N, D)`` of training cells of every class in ``labels``."""
+        x = cls.normalise(features)
+        labels = np.asarray(labels)
+        present = np.unique(labels)
+        if len(present) < 2 or len(x) <= n_components:
+            raise ValueError("need cells of at least two classes and more cells than components")
+        mean = x.mean(axis=0)
+        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+        components = vt[:n_components]
+        z = (x - mean) @ components.T
+        class_means = np.stack([z[labels == c].mean(axis=0) if np.any(labels == c)
+                                else np.full(n_components, np.nan) for c in range(len(CLASS_NAMES))])
+        centred = z - class_means[labels]
+        cov = centred.T @ centred / len(z)
+        cov = (1 - shrinkage) * cov + shrinkage * np.trace(cov) / n_components * np.eye(n_components)
+        return cls(mean.astype(np.float32), components.astype(np.float32),
+                   class_means.astype(np.float32), np.linalg.inv(cov).astype(np.float32))
+
+    def project(self, features: np.ndarray) -> np.ndarray:
+        """``(N, K)``: (normalised) features in the density's principal components."""
+        return (self.normalise(features) - self.mean) @ self.components.T.astype(np.float64)
+
+    def class_distances(self, features: np.ndarray, shift: np.ndarray | None = None) -> np.ndarray:
+        """``(N, C)`` Mahalanobis distances (NaN for a class the density has no cells of);
+        ``shift`` ``(K,)`` (a site calibration's) is taken off the projected features first."""
+        z = self.project(features)
+        if shift is not None:
+            z = z - shift
+        d = z[:, None, :] - self.class_means[None].astype(np.float64)
+        m = np.einsum("nck,kl,ncl->nc", d, self.precision.astype(np.float64), d)
+        return np.sqrt(np.maximum(m, 0.0))
+
+    def distance(self, features: np.ndarray, shift: np.ndarray | None = None) -> np.ndarray:
+        """Distance to the nearest class: how unlike every training class a cell is."""
+        return np.nanmin(self.class_distances(features, shift), axis=1)
+
+    def site_shift(self, features: np.ndarray, iterations: int = 3) -> np.ndarray:
+        """How a site's cells sit off the training classes: the mean offset of each cell
+        from its nearest class mean (``(K,)``, re-assigned ``iterations`` times). Unlike
+        the difference of overall means it does not depend on the site's differential."""
+        z = self.project(features)
+        shift = np.zeros(z.shape[1])
+        means = self.class_means.astype(np.float64)
+        for _ in range(iterations):
+            nearest = np.nanargmin(self.class_distances(features, shift), axis=1)
+            shift = (z - means[nearest]).mean(axis=0)
+        return shift
+
+    def save(self, path: Path) -> None:
+        from safetensors.numpy import save_file
+
+        save_file({f.name: np.ascontiguousarray(getattr(self, f.name))
+                   for f in dataclasses.fields(self)}, str(path),
+                  metadata={"kind": "reference feature density", "classes": json.dumps(CLASS_NAMES)})
+
+    @classmethod
+    def load(cls, path: Path) -> FeatureDensity:
+        from safetensors.numpy import load_file
+
+        arrays = load_file(str(path))
+        return cls(**{f.name: arrays[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class ReviewRule:
+    """The thresholds of the review rule (``inf``: that signal never flags)."""
+
+    uncertainty_threshold: float
+    feature_threshold: float
+    disagreement: bool = True
+    significant_classes: tuple[str, ...] = SIGNIFICANT_CLASSES
+    chosen_on: str = ""
+    #: Share of val normal cells the feature threshold flags (a site calibration keeps it).
+    val_normal_flag_rate: float = 0.05
+    #: A slide whose cells' median distance is above this is outside the validated domain
+    #: (:mod:`analysis.domain`); ``None``: not checked.
+    slide_feature_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("uncertainty_threshold", "feature_threshold"):
+            value = float(getattr(self, name))
+            if math.isnan(value):
+                raise ValueError(f"{name} must be a number or inf, not NaN")
+            object.__setattr__(self, name, value)
+        unknown = [c for c in self.significant_classes if c not in CLASS_NAMES]
+        if unknown:
+            raise ValueError(f"significant_classes must be classes of {CLASS_NAMES}, not {unknown}")
+        object.__setattr__(self, "significant_classes", tuple(self.significant_classes))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for name in ("uncertainty_threshold", "feature_threshold"):
+            if math.isinf(out[name]):
+                out[name] = None  # JSON has no inf: None means "never flags"
+        out["significant_classes"] = list(self.significant_classes)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ReviewRule:
+        values = dict(raw)
+        for name in ("uncertainty_threshold", "feature_threshold"):
+            if values.get(name) is None:
+                values[name] = math.inf
+        values["significant_classes"] = tuple(values.get("significant_classes", SIGNIFICANT_CLASSES))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclasses.dataclass(frozen=True)
+class ReviewDecision:
+    """Per cell: ``review`` and ``abnormal`` masks and the reasons of each flagged cell."""
+
+    review: np.ndarray
+    abnormal: np.ndarray
+    reasons: tuple[tuple[FlagReasonValues, ...], ...]
+
+
+def decide(rule: ReviewRule, label: np.ndarray, reference_label: np.ndarray,
+           uncertainty: np.ndarray, feature_distance: np.ndarray, *,
+           outside_domain: bool = False) -> ReviewDecision:
+    """Apply ``rule`` to the cells of one slide (or any set of cells)."""
+    label = np.asarray(label)
+    reference_label = np.asarray(reference_label)
+    significant = np.array([CLASS_NAMES.index(c) for c in rule.significant_classes], dtype=np.int64)
+    signals = {
+        FlagReasonValues.HIGH_UNCERTAINTY: np.asarray(uncertainty) > rule.uncertainty_threshold,
+        FlagReasonValues.HIGH_ANOMALY_SCORE: np.asarray(feature_distance) > rule.feature_threshold,
+        FlagReasonValues.SIGNIFICANT_CLASS: np.isin(label, significant) | np.isin(reference_label,
+                                                                                    significant),
+        FlagReasonValues.MODELS_DISAGREE: (label != reference_label) if rule.disagreement
+        else np.zeros(len(label), bool),
+        FlagReasonValues.OUTSIDE_DOMAIN: np.full(len(label), bool(outside_domain)),
+    }
+    order = list(FlagReasonValues)
+    reasons = tuple(tuple(r for r in order if signals[r][i]) for i in range(len(label)))
+    review = np.array([bool(r) for r in reasons], dtype=bool)
+    return ReviewDecision(review=review, abnormal=signals[FlagReasonValues.HIGH_ANOMALY_SCORE].copy(),
+                          reasons=reasons)
+
+
+@dataclasses.dataclass(frozen=True)
+class Assessment:
+    """The review decision of a set of cells with what it rests on."""
+
+    decision: ReviewDecision
+    feature_distance: np.ndarray
+    reference_label: np.ndarray
+    reference_probabilities: np.ndarray
+
+
+class ReviewModel:
+    """The reference network, its feature density and the rule: what flags cells.
+
+    ``load`` returns ``None`` for a calibration written before the rule existed
+    (the diffusion thresholds alone then decide, as before).
+    """
+
+    def __init__(self, weights_dir: Path, rule: ReviewRule) -> None:
+        from analysis.classifier import ReferenceClassifier
+
+        self.rule = rule
+        self.reference = ReferenceClassifier(weights_dir)
+        self.density = FeatureDensity.load(weights_dir / DENSITY_WEIGHTS)
+
+    @classmethod
+    def load(cls, weights_dir: Path, calibration: Mapping[str, Any]) -> ReviewModel | None:
+        raw = calibration.get("review_rule")
+        if raw is None:
+            return None
+        from analysis.errors import CheckpointError
+
+        if not (weights_dir / DENSITY_WEIGHTS).is_file():
+            raise CheckpointError(f"{weights_dir / DENSITY_WEIGHTS} not found: the calibration's "
+                                  f"review rule needs it (python -m analysis.training.review_rule --write)")
+        return cls(weights_dir, ReviewRule.from_dict(raw))
+
+    @property
+    def image_size(self) -> int:
+        """The reference network's input size (cells are framed for it apart)."""
+        return self.reference.image_size
+
+    def assess(self, label: np.ndarray, uncertainty: np.ndarray, reference_images: np.ndarray, *,
+               outside_domain: bool = False, site: Any = None) -> Assessment:
+        """Decide for cells the diffusion classifier called ``label`` with ``uncertainty``;
+        ``reference_images`` are the same cells framed at :attr:`image_size`. With a
+        :class:`analysis.site.SiteCalibration` its shift and feature threshold are used."""
+        import torch
+
+        from analysis.reference import reference_logits
+
+        n = len(label)
+        if n == 0:
+            empty = np.zeros(0)
+            return Assessment(decide(self.rule, empty, empty, empty, empty), empty,
+                              np.zeros(0, np.int64), np.zeros((0, len(CLASS_NAMES))))
+        logits, features = reference_logits(self.reference.model, reference_images, features=True)
+        p = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+        reference_label = p.argmax(axis=1)
+        rule = self.rule
+        if site is None:
+            distance = self.density.distance(features)
+        else:
+            distance = self.density.distance(features, site.shift())
+            rule = dataclasses.replace(rule, feature_threshold=site.feature_threshold)
+        decision = decide(rule, label, reference_label, uncertainty, distance,
+                          outside_domain=outside_domain)
+        return Assessment(decision, distance, reference_label, p)

@@ -1,0 +1,155 @@
+"""Site calibration: fit the site-dependent parts of the review rule on a new lab's cells.
+
+A lab that installs CytoNode has its own stain, microscope and scanner. Its normal
+cells sit at a different place in the reference network's feature space than the
+training labs' cells, so the "unlike any training class" distance flags more of
+them than on val. ``cytonode calibrate-site DIR`` reads unlabelled cell images of
+normal smears of the new lab (single-cell crops, framed as ``cytonode classify``
+frames them) and fits:
+
+``feature_shift``
+    How the site's cells sit off the training classes in the reference feature
+    density's principal components: the mean offset of each cell from its nearest
+    class mean (:meth:`analysis.review.FeatureDensity.site_shift`), taken off a
+    cell's features before the distance. It does not depend on the site's differential.
+``feature_threshold``
+    The distance (after the shift) that flags the same share of the site's cells as
+    the shipped threshold flags of val normal cells (``val_normal_flag_rate``).
+``colour``
+    Mean and standard deviation of the site's cells in CIELAB (recorded for the
+    report and the slide quality check; not applied to the pixels).
+
+It is stored as ``DATA_DIR/sites/<id>.json`` with its id, date, cell count and
+source, and every result analysed with it names it in its provenance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SITES_DIR = "sites"
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: Fewer cells than this give too noisy a mean and quantile to be worth storing.
+MIN_CELLS = 30
+
+
+def check_site_id(value: str) -> str:
+    """A site id becomes a file name: letters, digits, ``_.-``, at most 64, no leading dot."""
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise ValueError(f"site id must be 1-64 letters, digits, '_', '.', '-' (not starting with "
+                         f"'.', '_' or '-'), not {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteCalibration:
+    site_id: str
+    created: str
+    cells: int
+    source: str
+    feature_shift: tuple[float, ...]
+    feature_threshold: float
+    flag_rate_before: float
+    flag_rate_after: float
+    colour_lab_mean: tuple[float, float, float]
+    colour_lab_std: tuple[float, float, float]
+    #: Median distance of the site's cells after the shift (the slide check's reference).
+    median_distance: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_site_id(self.site_id)
+        if self.cells < MIN_CELLS:
+            raise ValueError(f"a site calibration needs at least {MIN_CELLS} cells, not {self.cells}")
+        if not np.isfinite(self.feature_threshold):
+            raise ValueError("feature_threshold must be finite")
+
+    @property
+    def label(self) -> str:
+        """How a report names it: ``<id> (<date>, <n> cells)``."""
+        return f"{self.site_id} ({self.created[:10]}, {self.cells} cells)"
+
+    def shift(self) -> np.ndarray:
+        return np.asarray(self.feature_shift, dtype=np.float64)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> SiteCalibration:
+        raw: dict[str, Any] = json.loads(text)
+        for key in ("feature_shift", "colour_lab_mean", "colour_lab_std"):
+            raw[key] = tuple(float(v) for v in raw[key])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def site_path(data_dir: Path, site_id: str) -> Path:
+    return data_dir / SITES_DIR / f"{check_site_id(site_id)}.json"
+
+
+def save_site(data_dir: Path, site: SiteCalibration) -> Path:
+    path = site_path(data_dir, site.site_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+    tmp.write_text(site.to_json() + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_site(data_dir: Path, site_id: str) -> SiteCalibration:
+    path = site_path(data_dir, site_id)
+    if not path.is_file():
+        raise FileNotFoundError(f"no site calibration {site_id!r} in {path.parent}")
+    return SiteCalibration.from_json(path.read_text())
+
+
+def list_sites(data_dir: Path) -> list[SiteCalibration]:
+    folder = data_dir / SITES_DIR
+    if not folder.is_dir():
+        return []
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            out.append(SiteCalibration.from_json(path.read_text()))
+        except (ValueError, KeyError, TypeError):
+            continue  # a damaged file is not a calibration; `calibrate-site --list` shows the rest
+    return sorted(out, key=lambda s: s.created)
+
+
+def lab_colour(images: np.ndarray) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Mean and standard deviation of uint8 RGB cell images in CIELAB (OpenCV's 8-bit scale)."""
+    import cv2
+
+    lab = np.concatenate([cv2.cvtColor(np.ascontiguousarray(im), cv2.COLOR_RGB2LAB).reshape(-1, 3)
+                          for im in images]).astype(np.float64)
+    mean, std = lab.mean(axis=0), lab.std(axis=0)
+    return (float(mean[0]), float(mean[1]), float(mean[2])), (float(std[0]), float(std[1]), float(std[2]))
+
+
+def fit_site(site_id: str, features: np.ndarray, images: np.ndarray, *, density: Any,
+             shipped_threshold: float, val_normal_flag_rate: float, source: str) -> SiteCalibration:
+    """Fit a site calibration from the reference ``features`` of the site's cells
+    (``density``: :class:`analysis.review.FeatureDensity`)."""
+    if len(features) < MIN_CELLS:
+        raise ValueError(f"a site calibration needs at least {MIN_CELLS} cells, not {len(features)}")
+    shift = density.site_shift(features)
+    before = density.distance(features)
+    after = density.distance(features, shift)
+    threshold = float(np.quantile(after, 1.0 - val_normal_flag_rate))
+    mean, std = lab_colour(images)
+    return SiteCalibration(
+        site_id=site_id, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        cells=len(features), source=source,
+        feature_shift=tuple(float(v) for v in shift),
+        feature_threshold=threshold,
+        flag_rate_before=round(float(np.mean(before > shipped_threshold)), 4),
+        flag_rate_after=round(float(np.mean(after > threshold)), 4),
+        colour_lab_mean=mean, colour_lab_std=std, median_distance=round(float(np.median(after)), 4))

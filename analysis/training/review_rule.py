@@ -1,0 +1,379 @@
+"""Choose the review rule on val, then score it and every candidate signal on test.
+
+Reads the per-cell outputs written by :mod:`analysis.training.review_signals`
+(``.train/signals/*.npz``). Steps, in this order:
+
+1. Fit the reference feature density (:class:`analysis.review.FeatureDensity`) on the
+   training cells of every lab, and the two-sided density over the diffusion
+   classifier's per-timestep error statistics on a few training cells.
+2. Measure every candidate signal on val (PBC val, BCCD val, Chula val, the first half
+   of aml_dev): AUROC of myeloblasts against aml neutrophils, AUROC of wrong against
+   right calls.
+3. Choose the rule on val only: always review the significant classes; search whether
+   model disagreement flags and the feature threshold (quantiles of val normal cells'
+   distances); for each, the uncertainty threshold is the largest one that keeps the
+   error among unflagged val cells at <= 1 % on PBC and <= 3 % on each other lab.
+   Among rules that flag <= 15 % of val normal cells and of the aml-val neutrophils,
+   keep the one that flags the most aml-val blasts (then the fewest normal cells).
+4. Write the rule (``calibration.json`` ``review_rule``) and the density, then score
+   test (PBC test, BCCD test, Chula test, the second half of aml_dev) once.
+
+Run::
+
+    .venv/bin/python -m analysis.training.review_rule --signals .train/signals \\
+        --out docs/model/review_rule.json --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from analysis.classes import CLASS_NAMES
+from analysis.classifier import (
+    WEIGHTS_DIR,
+    anomaly_reference,
+    diffusion_predictions,
+    read_calibration,
+)
+from analysis.classify import DiffusionScores, error_deltas
+from analysis.review import DENSITY_WEIGHTS, SIGNIFICANT_CLASSES, FeatureDensity, ReviewRule, decide
+from analysis.training.review_signals import BLAST, aml_half
+from analysis.uncertainty import auroc
+
+TARGET_ERROR = {"pbc": 0.01, "other": 0.03}
+BLAST_TARGET = 0.95
+#: A slide is outside the validated domain above this multiple of the largest val lab's median.
+SLIDE_MARGIN = 1.25
+#: Shares of a site's own cells the "unlike any training class" threshold may flag.
+SHARES = (0.02, 0.05, 0.10, 0.15)
+SIGNIFICANT = np.array([CLASS_NAMES.index(c) for c in SIGNIFICANT_CLASSES])
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Signals:
+    """Every candidate signal of one cell set."""
+
+    def __init__(self, raw: dict[str, np.ndarray], calibration: dict[str, object],
+                 density: FeatureDensity, error_density: tuple[np.ndarray, np.ndarray] | None):
+        self.labels = raw["labels"]
+        self.lab = raw["lab"]
+        self.paths = raw["paths"]
+        self.ref_p = _softmax(raw["ref_logits"].astype(np.float64))
+        self.ref_label = self.ref_p.argmax(axis=1)
+        self.ref_msp = 1.0 - self.ref_p.max(axis=1)
+        self.features = raw["ref_features"]
+        self.feature = density.distance(self.features)
+        if "errors" not in raw:
+            return
+        scores = DiffusionScores(errors=raw["errors"].astype(np.float64), timesteps=raw["timesteps"],
+                                 unet_evals=raw["unet_evals"], error_scale=str(raw["error_scale"]))
+        pred = diffusion_predictions(scores, calibration)
+        self.label = pred.label
+        self.uncertainty = pred.uncertainty
+        self.anomaly = pred.anomaly_score
+        self.old_review = pred.review | pred.abnormal
+        self.zeta = -relative_score(scores.errors)  # higher: less sure
+        self.error_stats = error_statistics(scores, calibration)
+        if error_density is not None:
+            mu, precision = error_density
+            d = self.error_stats - mu
+            self.error_density = np.sqrt(np.einsum("nk,kl,nl->n", d, precision, d))
+        self.disagree = (self.label != self.ref_label).astype(np.float64)
+
+
+def relative_score(errors: np.ndarray) -> np.ndarray:
+    """CytoDiffusion's relative score: errors normalised per timestep (log ratio to the best
+    class there), averaged per class; the gap of the best class to the others minus
+    their spread. High: one class clearly explains the cell best."""
+    deltas, best = error_deltas(errors, "log")
+    out = np.zeros(len(deltas))
+    for i in range(len(deltas)):
+        others = np.delete(deltas[i], best[i])
+        out[i] = others.mean() - others.std()
+    return out
+
+
+def error_statistics(scores: DiffusionScores, calibration: dict[str, object]) -> np.ndarray:
+    """Per cell: the best class's log error relative to the val reference in four timestep
+    bands, and the log gap to the runner-up (what the error density is fitted on)."""
+    errors = np.log(scores.errors)
+    reference = np.log(anomaly_reference(calibration, scores.timesteps))
+    deltas, best = error_deltas(scores.errors, "log")
+    bands = np.array_split(np.arange(len(scores.timesteps)), 4)
+    out = np.zeros((len(errors), 5))
+    for i in range(len(errors)):
+        e = errors[i, best[i]] - reference
+        for b, idx in enumerate(bands):
+            vals = e[idx][~np.isnan(e[idx])]
+            out[i, b] = vals.mean() if len(vals) else np.nanmean(e)
+        out[i, 4] = np.sort(deltas[i])[1]
+    return out
+
+
+def fit_error_density(stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mu = stats.mean(axis=0)
+    cov = np.cov(stats.T) + 1e-6 * np.eye(stats.shape[1])
+    return mu, np.linalg.inv(cov)
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _subset(s: Signals, mask: np.ndarray) -> Signals:
+    out = object.__new__(Signals)
+    for k, v in vars(s).items():
+        out.__dict__[k] = v[mask] if isinstance(v, np.ndarray) and len(v) == len(mask) else v
+    return out
+
+
+def _normal(s: Signals) -> np.ndarray:
+    """Cells of a normal class (not blasts, not the significant classes)."""
+    return (s.labels >= 0) & ~np.isin(s.labels, SIGNIFICANT)
+
+
+CANDIDATES = {
+    "diffusion uncertainty (entropy)": "uncertainty",
+    "diffusion anomaly score (best-class error)": "anomaly",
+    "CytoDiffusion relative score (minus zeta)": "zeta",
+    "two-sided density of the error statistics": "error_density",
+    "models disagree (0/1)": "disagree",
+    "reference 1 - max softmax": "ref_msp",
+    "reference feature distance (Mahalanobis)": "feature",
+}
+
+
+def candidate_table(val: Signals, aml: Signals) -> dict[str, dict[str, float | None]]:
+    out = {}
+    blasts, neutrophils = aml.labels == BLAST, aml.labels == 0
+    known = val.labels >= 0
+    wrong = val.label != val.labels
+    for name, attr in CANDIDATES.items():
+        v, a = getattr(val, attr), getattr(aml, attr)
+        q85 = float(np.quantile(v[_normal(val)], 0.85))
+        out[name] = {
+            "blast_auroc_vs_aml_neutrophils": round(auroc(a[blasts], a[neutrophils]), 4),
+            "error_auroc": round(auroc(v[known & wrong], v[known & ~wrong]), 4),
+            "blasts_above_val_normal_q85": round(float(np.mean(a[blasts] > q85)), 4),
+        }
+    return out
+
+
+def rule_metrics(rule: ReviewRule, s: Signals, feature: np.ndarray | None = None) -> dict[str, object]:
+    """What a rule does on cells ``s``; ``feature``: their distances (site-calibrated ones)."""
+    feature = s.feature if feature is None else feature
+    d = decide(rule, s.label, s.ref_label, s.uncertainty, feature)
+    known = s.labels >= 0
+    correct = s.label == s.labels
+    out: dict[str, object] = {"cells": len(s.labels),
+                              "feature_threshold": round(float(rule.feature_threshold), 4)}
+    normal = _normal(s)
+    if normal.any():
+        out["normal_flagged"] = round(float(d.review[normal].mean()), 4)
+    if known.any():
+        kept = known & ~d.review
+        out["flagged"] = round(float(d.review[known].mean()), 4)
+        out["error_among_not_flagged"] = round(float(1 - correct[kept].mean()), 4) if kept.any() else None
+        out["not_flagged"] = int(kept.sum())
+        out["accuracy"] = round(float(correct[known].mean()), 4)
+        sig = known & np.isin(s.labels, SIGNIFICANT)
+        if sig.any():
+            out["significant_class_flagged"] = round(float(d.review[sig].mean()), 4)
+    if (s.labels == BLAST).any():
+        b, n = s.labels == BLAST, s.labels == 0
+        out["blasts_flagged"] = round(float(d.review[b].mean()), 4)
+        out["blasts_unlike_any_class"] = round(float(d.abnormal[b].mean()), 4)
+        out["blast_auroc_feature"] = round(auroc(feature[b], feature[n]), 4)
+    counts: dict[str, int] = {}
+    for reasons in d.reasons:
+        for r in reasons:
+            counts[r.value] = counts.get(r.value, 0) + 1
+    out["reasons"] = counts
+    return out
+
+
+class Site:
+    """A lab's site calibration as ``cytonode calibrate-site`` fits it, from unlabelled cells."""
+
+    def __init__(self, density: FeatureDensity, features: np.ndarray, source: str):
+        self.shift = density.site_shift(features)
+        self.distances = density.distance(features, self.shift)
+        self.source = source
+        self.cells = len(features)
+
+    def threshold(self, share: float) -> float:
+        return float(np.quantile(self.distances, 1.0 - share))
+
+
+def _by_lab(s: Signals) -> dict[str, Signals]:
+    return {str(lab): _subset(s, s.lab == lab) for lab in np.unique(s.lab)}
+
+
+def evaluate(rule: ReviewRule, groups: dict[str, Signals], sites: dict[str, Site] | None,
+             density: FeatureDensity) -> dict[str, dict[str, object]]:
+    """Per group: the rule with each lab's site calibration (``sites``) or without (``None``:
+    the shipped threshold)."""
+    out = {}
+    for name, s in groups.items():
+        if sites is None:
+            out[name] = rule_metrics(rule, s)
+            continue
+        site = sites[name.split("_")[0]]
+        feature = density.distance(s.features, site.shift)
+        local = dataclasses.replace(rule, feature_threshold=site.threshold(rule.val_normal_flag_rate))
+        out[name] = rule_metrics(local, s, feature)
+    return out
+
+
+def _flags_with_sites(rule: ReviewRule, s: Signals, sites: dict[str, Site],
+                      density: FeatureDensity) -> np.ndarray:
+    flagged = np.zeros(len(s.labels), bool)
+    for lab in np.unique(s.lab):
+        m = s.lab == lab
+        site = sites[str(lab)]
+        feature = density.distance(s.features[m], site.shift)
+        threshold = site.threshold(rule.val_normal_flag_rate)
+        flagged[m] = decide(dataclasses.replace(rule, feature_threshold=threshold), s.label[m],
+                            s.ref_label[m], s.uncertainty[m], feature).review
+    return flagged
+
+
+def _uncertainty_threshold(val: Signals, flagged: np.ndarray) -> float:
+    """Largest entropy threshold keeping every val lab's error among unflagged cells in target."""
+    best = -math.inf
+    for t in np.unique(np.r_[val.uncertainty, 1.0]):  # ascending: keep the largest that passes
+        kept = ~flagged & (val.uncertainty <= t)
+        ok = True
+        for lab in np.unique(val.lab):
+            m = kept & (val.lab == lab)
+            if m.any() and np.mean(val.label[m] != val.labels[m]) > TARGET_ERROR[
+                    "pbc" if lab == "pbc" else "other"]:
+                ok = False
+                break
+        if ok:
+            best = float(t)
+    return best
+
+
+def choose_rule(val: Signals, aml_val: Signals, sites: dict[str, Site], density: FeatureDensity
+                ) -> tuple[ReviewRule, list[dict[str, object]]]:
+    """See the module docstring, step 3."""
+    normal = _normal(val)
+    tried = []
+    groups = {**_by_lab(val), "aml_val": aml_val}
+    for disagreement in (True, False):
+        for share in SHARES:
+            shipped = float(np.quantile(val.feature[normal], 1.0 - share))
+            base = ReviewRule(uncertainty_threshold=math.inf, feature_threshold=shipped,
+                              disagreement=disagreement, val_normal_flag_rate=share)
+            t_u = _uncertainty_threshold(val, _flags_with_sites(base, val, sites, density))
+            rule = dataclasses.replace(base, uncertainty_threshold=t_u)
+            per = evaluate(rule, groups, sites, density)
+            normal_rates = [per[g]["normal_flagged"] for g in groups]
+            tried.append({"disagreement": disagreement, "share": share, "rule": rule.to_dict(),
+                          "mean_normal_flagged": round(float(np.mean(normal_rates)), 4),
+                          "per_group": per})
+    good = [t for t in tried if t["per_group"]["aml_val"]["blasts_flagged"] >= BLAST_TARGET]
+    if good:
+        best = min(good, key=lambda t: t["mean_normal_flagged"])
+    else:
+        best = max(tried, key=lambda t: (t["per_group"]["aml_val"]["blasts_flagged"],
+                                         -t["mean_normal_flagged"]))
+    chosen = ReviewRule.from_dict({**best["rule"], "chosen_on": (
+        "val splits of PBC, BCCD and Chula and the first half of aml_dev, each with its site "
+        "calibration" + ("" if good else f"; no candidate flagged {BLAST_TARGET:.0%} of blasts: "
+                         "the most blasts kept"))})
+    return chosen, tried
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--signals", type=Path, default=Path(".train/signals"))
+    p.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
+    p.add_argument("--out", type=Path, default=Path("docs/model/review_rule.json"))
+    p.add_argument("--components", type=int, default=64)
+    p.add_argument("--write", action="store_true",
+                   help="write the rule into calibration.json and the density next to the weights")
+    args = p.parse_args(argv)
+    calibration = read_calibration(args.weights)
+    train = _load(args.signals / "train.npz")
+    density = FeatureDensity.fit(train["ref_features"], train["labels"], args.components)
+    small = Signals(_load(args.signals / "train_small.npz"), calibration, density, None)
+    error_density = fit_error_density(small.error_stats[small.labels >= 0])
+    val = Signals(_load(args.signals / "val.npz"), calibration, density, error_density)
+    aml = Signals(_load(args.signals / "aml.npz"), calibration, density, error_density)
+    first = aml_half(aml.paths)
+    aml_val, aml_test = _subset(aml, first), _subset(aml, ~first)
+    # Site calibrations from unlabelled cells: each lab's train split; for aml_dev (no train
+    # split) the neutrophils of its first half, the "normal smear" of that lab.
+    sites = {lab: Site(density, train["ref_features"][train["lab"] == lab], f"{lab} train split")
+             for lab in np.unique(train["lab"])}
+    sites["aml"] = Site(density, aml_val.features[aml_val.labels == 0],
+                        "aml_dev first half, neutrophils")
+
+    report: dict[str, object] = {
+        "signals": str(args.signals), "feature_components": args.components,
+        "train_cells_for_density": len(train["labels"]),
+        "sites": {k: {"cells": v.cells, "source": v.source} for k, v in sites.items()},
+        "candidates_val_without_site": candidate_table(val, aml_val),
+        "blast_auroc_feature_with_site": {
+            "aml_val": round(auroc(*_blast_split(aml_val, density, sites["aml"])), 4)},
+    }
+    rule, tried = choose_rule(val, aml_val, sites, density)
+    medians = {str(lab): float(np.median(val.feature[val.lab == lab])) for lab in np.unique(val.lab)}
+    rule = dataclasses.replace(rule, slide_feature_threshold=round(
+        SLIDE_MARGIN * max(medians.values()), 4))
+    report["val_median_feature_distance"] = {k: round(v, 4) for k, v in medians.items()}
+    report["rule"] = rule.to_dict()
+    report["tried_on_val"] = tried
+    val_groups = {**_by_lab(val), "aml_val": aml_val}
+    report["val_with_site"] = evaluate(rule, val_groups, sites, density)
+    report["val_without_site"] = evaluate(rule, val_groups, None, density)
+    print(json.dumps({"rule": report["rule"], "val_with_site": report["val_with_site"]}, indent=1),
+          file=sys.stderr)
+
+    test_path = args.signals / "test.npz"
+    if test_path.is_file():  # scored once, after the rule is fixed
+        test = Signals(_load(test_path), calibration, density, error_density)
+        report["candidates_test_without_site"] = candidate_table(test, aml_test)
+        report["blast_auroc_feature_with_site"]["aml_test"] = round(
+            auroc(*_blast_split(aml_test, density, sites["aml"])), 4)
+        test_groups = {**_by_lab(test), "aml_test": aml_test}
+        report["test_with_site"] = evaluate(rule, test_groups, sites, density)
+        report["test_without_site"] = evaluate(rule, test_groups, None, density)
+        report["previous_rule_test_flagged"] = {
+            lab: round(float(np.mean(s.old_review)), 4) for lab, s in test_groups.items()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    if args.write:
+        density.save(args.weights / DENSITY_WEIGHTS)
+        path = args.weights / "calibration.json"
+        raw = json.loads(path.read_text())
+        raw["review_rule"] = rule.to_dict()
+        path.write_text(json.dumps(raw, indent=1) + "\n")
+    print(json.dumps({k: report[k] for k in ("rule", "test_with_site", "test_without_site",
+                                             "blast_auroc_feature_with_site") if k in report},
+                     indent=1))
+    return 0
+
+
+def _blast_split(s: Signals, density: FeatureDensity, site: Site) -> tuple[np.ndarray, np.ndarray]:
+    d = density.distance(s.features, site.shift)
+    return d[s.labels == BLAST], d[s.labels == 0]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

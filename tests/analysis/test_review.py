@@ -1,0 +1,137 @@
+"""The review rule: which cells go to a person and why (analysis.review)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis.classes import CLASS_NAMES
+from analysis.classifier import CALIBRATION, WEIGHTS_DIR, read_calibration
+from analysis.results import FLAG_REASON_LABELS, CellResult, FlagReasonValues
+from analysis.review import DENSITY_WEIGHTS, ReviewModel, ReviewRule, decide
+from analysis.uncertainty import auroc
+
+from .conftest import DATA
+
+AML = DATA / "aml_dev"
+N = {name: i for i, name in enumerate(CLASS_NAMES)}
+
+
+def _rule(**kw: object) -> ReviewRule:
+    values: dict[str, object] = {"uncertainty_threshold": 0.3, "feature_threshold": 10.0}
+    values.update(kw)
+    return ReviewRule(**values)  # type: ignore[arg-type]
+
+
+def test_every_reason_that_applies_is_named_in_a_fixed_order() -> None:
+    label = np.array([N["neutrophil"], N["ig"], N["lymphocyte"], N["monocyte"], N["neutrophil"]])
+    reference = np.array([N["neutrophil"], N["ig"], N["monocyte"], N["monocyte"], N["erythroblast"]])
+    uncertainty = np.array([0.1, 0.1, 0.5, 0.1, 0.1])
+    distance = np.array([3.0, 3.0, 3.0, 12.0, 3.0])
+    d = decide(_rule(), label, reference, uncertainty, distance)
+    assert d.review.tolist() == [False, True, True, True, True]
+    assert d.reasons[0] == ()
+    assert d.reasons[1] == (FlagReasonValues.SIGNIFICANT_CLASS,)
+    assert d.reasons[2] == (FlagReasonValues.HIGH_UNCERTAINTY, FlagReasonValues.MODELS_DISAGREE)
+    assert d.reasons[3] == (FlagReasonValues.HIGH_ANOMALY_SCORE,)
+    # the reference alone calling an erythroblast is enough, and the models disagree
+    assert d.reasons[4] == (FlagReasonValues.SIGNIFICANT_CLASS, FlagReasonValues.MODELS_DISAGREE)
+    # every suspected abnormal cell is also flagged for review
+    assert d.abnormal.tolist() == [False, False, False, True, False]
+    assert not np.any(d.abnormal & ~d.review)
+
+
+def test_outside_the_validated_domain_flags_every_cell() -> None:
+    label = np.array([N["neutrophil"], N["lymphocyte"]])
+    d = decide(_rule(), label, label, np.zeros(2), np.zeros(2), outside_domain=True)
+    assert d.review.all()
+    assert all(FlagReasonValues.OUTSIDE_DOMAIN in r for r in d.reasons)
+
+
+def test_switched_off_signals_never_flag_and_survive_json() -> None:
+    rule = _rule(uncertainty_threshold=math.inf, disagreement=False)
+    raw = json.loads(json.dumps(rule.to_dict()))
+    assert raw["uncertainty_threshold"] is None
+    again = ReviewRule.from_dict(raw)
+    assert again == rule
+    d = decide(again, np.array([N["lymphocyte"]]), np.array([N["monocyte"]]), np.array([1.0]),
+               np.array([0.0]))
+    assert not d.review.any()
+    with pytest.raises(ValueError, match="significant_classes"):
+        _rule(significant_classes=("blast",))
+
+
+def test_a_cell_result_carries_every_reason_and_its_words() -> None:
+    probabilities = {c: (1.0 if c == "ig" else 0.0) for c in CLASS_NAMES}
+    cell = CellResult(cell_id=3, x=5, y=5, outline=((0, 0), (10, 0), (10, 10)), bbox=(0, 0, 10, 10),
+                      area_um2=40.0, label="ig", probabilities=probabilities, uncertainty=0.0,
+                      anomaly_score=1.0, review=True,
+                      review_reasons=("models-disagree", "significant-class"))
+    assert cell.review_reasons == (FlagReasonValues.SIGNIFICANT_CLASS, FlagReasonValues.MODELS_DISAGREE)
+    assert cell.review_reason == FlagReasonValues.SIGNIFICANT_CLASS
+    assert cell.review_labels == ("significant class", "models disagree")
+    assert set(FLAG_REASON_LABELS) == set(FlagReasonValues)
+    with pytest.raises(ValueError, match="review_reason must be given exactly when review is True"):
+        CellResult(cell_id=3, x=5, y=5, outline=((0, 0), (10, 0), (10, 10)), bbox=(0, 0, 10, 10),
+                   area_um2=40.0, label="ig", probabilities=probabilities, uncertainty=0.0,
+                   anomaly_score=1.0, review=False, review_reasons=("significant-class",))
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / DENSITY_WEIGHTS).is_file() or not AML.is_dir(),
+                    reason="shipped review density or aml_dev not present")
+def test_a_site_calibration_makes_blasts_of_an_unseen_lab_stand_out(tmp_path: Path) -> None:
+    """aml_dev is another lab and scanner, never trained on. `cytonode calibrate-site` on 40 of
+    its neutrophils (unlabelled cells of that lab's normal smears); then its myeloblasts, none
+    of the eight classes, are "unlike any training class" and its other neutrophils are not."""
+    import subprocess
+    import sys
+
+    from analysis.evaluate import AML_BLASTS, AML_NEUTROPHILS, load_folder
+    from analysis.framing import collect_image_paths
+    from analysis.site import load_site
+
+    neutrophils = collect_image_paths([AML / AML_NEUTROPHILS])
+    site_cells = tmp_path / "site"
+    site_cells.mkdir()
+    for p in neutrophils[:40]:
+        (site_cells / p.name).symlink_to(p)
+    data_dir = tmp_path / "var"
+    run = subprocess.run([sys.executable, "-m", "dicom_node.cli", "calibrate-site", str(site_cells),
+                          "--id", "aml-lab", "--data-dir", str(data_dir), "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["cells"] == 40 and summary["flag_rate_after"] <= 0.05
+    site = load_site(data_dir, "aml-lab")
+    assert site.label.startswith("aml-lab (") and site.label.endswith("40 cells)")
+
+    model = ReviewModel.load(WEIGHTS_DIR, read_calibration(WEIGHTS_DIR))
+    assert model is not None, f"{WEIGHTS_DIR / CALIBRATION} has no review_rule"
+    blasts = load_folder(AML / AML_BLASTS, model.image_size, 30)
+    others = load_folder(AML / AML_NEUTROPHILS, model.image_size, 70)[40:]
+    images = np.concatenate([blasts, others])
+    label = np.zeros(len(images), np.int64)  # the diffusion call does not enter the distance
+    a = model.assess(label, np.zeros(len(images)), images, site=site)
+    assert auroc(a.feature_distance[:30], a.feature_distance[30:]) >= 0.95
+    assert a.decision.abnormal[:30].mean() >= 0.8
+    assert a.decision.abnormal[30:].mean() <= 0.2
+    assert a.decision.review[:30].mean() >= 0.9
+
+
+def test_calibrate_site_refuses_bad_input(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cases = [(["--id", "../etc", str(tmp_path)], "site id"),
+             (["--id", "ok", str(tmp_path / "missing")], "does not exist")]
+    for extra, message in cases:
+        run = subprocess.run([sys.executable, "-m", "dicom_node.cli", "calibrate-site", *extra,
+                              "--data-dir", str(tmp_path / "var")],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2, run.stderr
+        assert message in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "var").exists()
