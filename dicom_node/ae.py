@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
@@ -114,6 +115,11 @@ def configure_pynetdicom(settings: Settings) -> None:
     _config.STORE_SEND_CHUNKED_DATASET = True
     tempfile.tempdir = str(settings.tmp_dir)
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        # pynetdicom's own handlers only log each PDU and DIMSE message (INFO, DEBUG), and
+        # raise, logging a traceback, on a malformed one; pydicom warns about every invalid
+        # value a peer sends (data are stored as received, PS3.2 statement 2.2.1.4.3).
+        _config.LOG_HANDLER_LEVEL = "none"
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         for name in PEER_PDU_LOGGERS:
             logging.getLogger(name).setLevel(logging.CRITICAL)

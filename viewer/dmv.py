@@ -43,17 +43,19 @@ DMV_SUFFIXES = (".js", ".wasm")
 WORKER = "dataLoader.worker.min.js"
 WORKER_FILE = "dataLoader.worker.bundle.min.js"
 
-#: The page's own policy: the library compiles WebAssembly codecs ('wasm-unsafe-eval'), runs a
-#: worker from this origin, and OpenLayers sets inline styles on its controls. ``connect-src``
-#: names this origin and, on the stand-alone page, the DICOMweb server the URL names.
-_CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self' blob:; "
+#: The page's own policy: the app's, except that OpenLayers and the library set inline styles on
+#: their controls and legend, draw from blob:/data: images, OpenLayers' WebGL vector layers (the
+#: annotation centres) run a blob: worker, and ``connect-src`` also names, on the
+#: stand-alone page, the DICOMweb server the URL names. Scripts stay 'self' only: the codecs run
+#: in the worker, which has its own policy (``_WORKER_CSP``).
+_CSP = ("default-src 'self'; script-src 'self'; worker-src 'self' blob:; "
         "style-src 'self' 'unsafe-inline'; img-src 'self' blob: data:; connect-src 'self'{extra}; "
         "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 
 #: The decoding worker's policy: its emscripten codecs evaluate strings and compile WebAssembly.
 _WORKER_CSP = ("default-src 'self'; script-src 'self' 'unsafe-eval' 'wasm-unsafe-eval'; "
-               "connect-src 'self'; object-src 'none'; base-uri 'none'")
+               "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 
 def _page(config: dict[str, str], connect: str = "") -> Response:
@@ -140,6 +142,14 @@ def export_static(dest: Path, *, dicomweb: str = "") -> Path:
     (dest / "vendor" / "dicomweb-client").mkdir(exist_ok=True)
     shutil.copyfile(DICOMWEB_CLIENT_DIR / "dicomweb-client.js",
                     dest / "vendor" / "dicomweb-client" / "dicomweb-client.js")
+    # The libraries' licences (MIT) and the third-party notices of the bundles go with them.
+    for package, folder in (("dicom-microscopy-viewer", vendor),
+                            ("dicomweb-client", dest / "vendor" / "dicomweb-client")):
+        licence = NODE_MODULES / package / "LICENSE"
+        if licence.exists():
+            shutil.copyfile(licence, folder / "LICENSE")
+    for notice in DMV_DIR.glob("*.LICENSE.txt"):
+        shutil.copyfile(notice, vendor / notice.name)
     for name in ("dmv.js", "dmv.css"):
         shutil.copyfile(ROOT / "static" / name, dest / name)
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(ROOT / "templates"), autoescape=True)

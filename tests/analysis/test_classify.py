@@ -271,8 +271,9 @@ def test_classify_cli_json_contract(tiny_weights: Path, tmp_path: Path) -> None:
     assert [r["path"] for r in lines[:2]] == files
     for r in lines:
         assert set(r) == {"path", "label", "probabilities", "uncertainty", "anomaly_score",
-                          "review", "abnormal", "pixel_spacing_um", "pixel_spacing_source",
-                          "scale_ok"}
+                          "review", "abnormal", "review_reasons", "pixel_spacing_um",
+                          "pixel_spacing_source", "scale_ok"}
+        assert bool(r["review_reasons"]) == (r["review"] or r["abnormal"])
         assert r["pixel_spacing_source"] == "red cells" and 0.1 < r["pixel_spacing_um"] < 0.6
         assert r["label"] in CLASS_NAMES
         assert list(r["probabilities"]) == list(CLASS_NAMES)

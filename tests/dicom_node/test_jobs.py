@@ -91,10 +91,12 @@ def test_slide_without_white_cells_sends_a_report_that_says_so(start_node, pacs:
     job = _wait_job(node)
     assert job["state"] == "done", job["error"]
     assert job["result"]["cell_count"] == 0
-    assert set(job["result"]["objects"]) == {"sr"}  # no annotations or heatmaps of nothing
-    node.wait_for(lambda s: s["outbox"]["sent"] == 1, timeout=60, what="the report's delivery")
-    assert [m for m, _ in pacs.received] == ["SR"]
-    sr = hd.sr.srread(pacs.folder / f"{pacs.received[0][1]}.dcm")
+    # no annotations, heatmaps or gallery of nothing: the SR and the PDF report that say so
+    assert set(job["result"]["objects"]) == {"sr", "pdf"}
+    node.wait_for(lambda s: s["outbox"]["sent"] == 2, timeout=60, what="the reports' delivery")
+    assert sorted(m for m, _ in pacs.received) == ["DOC", "SR"]
+    sr_uid = next(uid for m, uid in pacs.received if m == "SR")
+    sr = hd.sr.srread(pacs.folder / f"{sr_uid}.dcm")
     assert sr.PreliminaryFlag == "PRELIMINARY" and sr.VerificationFlag == "UNVERIFIED"
     total = sr.content.get_image_measurement_groups()[0].get_measurements()
     assert total[0].value == 0
@@ -113,3 +115,36 @@ def test_final_only_policy_holds_results_until_sign_off(start_node, pacs: StandI
     status = node.status()
     assert status["outbox"]["pending"] == 0 and status["outbox"]["sent"] == 0
     assert pacs.received == []
+
+
+AML_NEUTROPHILS = Path(__file__).resolve().parents[3] / "shared" / "data" / "aml_dev" / "neutrophil_segmented_NGS"
+
+
+@pytest.mark.skipif(not AML_NEUTROPHILS.is_dir(), reason="aml_dev not present")
+def test_jobs_use_and_name_the_sites_calibration(start_node, pacs: StandInPACS, tmp_path: Path,
+                                                 blank_slide: list[Path]) -> None:
+    """`cytonode calibrate-site` writes into the node's data folder; the next job uses the
+    newest calibration and says which, in `status --json` and in the SR's parameters."""
+    import json
+
+    cells = tmp_path / "site-cells"
+    cells.mkdir()
+    for p in sorted(AML_NEUTROPHILS.glob("*.jpg"))[:32]:
+        (cells / p.name).symlink_to(p)
+    made = subprocess.run([CYTONODE, "calibrate-site", str(cells), "--id", "lab-2",
+                           "--data-dir", str(tmp_path / "node"), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    label = f"lab-2 ({json.loads(made.stdout)['label'].split('(')[1]}"
+    node = start_node(workers=1, destinations=f"DEMOPACS@127.0.0.1:{pacs.port}",
+                      outbox_retry_initial_s=0.5)
+    storescu(node.port, *blank_slide)
+    job = _wait_job(node)
+    assert job["state"] == "done", job["error"]
+    assert job["result"]["site_calibration"] == label
+    assert job["result"]["validated_domain"] == "inside the validated domain"
+    node.wait_for(lambda s: s["outbox"]["sent"] == 2, timeout=60, what="the reports' delivery")
+    sr_uid = next(uid for m, uid in pacs.received if m == "SR")
+    sr = dcmread(pacs.folder / f"{sr_uid}.dcm")
+    texts = [str(el.value) for el in sr.iterall() if el.keyword == "TextValue"]
+    assert f"site_calibration={label}" in texts  # TID 4019 Algorithm Parameters

@@ -32,6 +32,8 @@ async function main() {
     page.on("crash", () => out.errors.push("page crashed"));
     page.on("console", (m) => {
       if (m.type() === "error") out.console_errors.push(m.text().slice(0, 500));
+      // The page runs under a Content-Security-Policy: anything it blocks is an error too.
+      if (/Content Security Policy/i.test(m.text())) out.errors.push(m.text().slice(0, 500));
     });
     page.on("response", (r) => {
       if (r.status() >= 400) out.failed_requests.push(`${r.status()} ${r.url()}`);

@@ -57,7 +57,12 @@
       },
       // Fit the whole slide into the viewport (the test compares screenshots at this view).
       fit: () => map.getView().fit(map.getView().getProjection().getExtent(), { size: map.getSize() }),
-      render: () => new Promise((resolve) => { map.once("rendercomplete", resolve); map.render(); }),
+      // Resolves when OpenLayers finished a frame with every tile in, or after 10 s at most.
+      render: () => new Promise((resolve) => {
+        const timer = setTimeout(() => resolve(false), 10000);
+        map.once("rendercomplete", () => { clearTimeout(timer); resolve(true); });
+        map.render();
+      }),
       showAnnotations: (visible) => state.annotationGroups.forEach((g) => {
         if (visible) viewer.showAnnotationGroup(g.uid, { color: g.color, opacity: 1 });
         else viewer.hideAnnotationGroup(g.uid);
