@@ -45,6 +45,7 @@ from numpy.typing import NDArray
 from scipy import ndimage as ndi
 from skimage import measure, segmentation
 
+from analysis.errors import NotABloodSmearError
 from analysis.tiles import Slide
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,14 @@ class DetectorConfig:
         A cell whose centre is closer than this to the edge of the image
         (not of a tile) is cut off by it and is not reported: most of it lies
         outside, so neither its class nor its outline can be trusted.
+    max_cells_per_mm2, density_check_mm2:
+        A slide on which, once this much area has been searched, more nucleated
+        objects than this per mm² were found is not a blood smear and detection
+        stops (:class:`analysis.errors.NotABloodSmearError`). In a smear's monolayer
+        there are about 20,000 red cells per mm²; even extreme leukocytosis puts
+        fewer than 1 white cell among 10 red cells, about 2,000/mm² (the densest
+        BCCD field, chosen around its white cells: 960/mm²). A tissue section's
+        nuclei are 5,000-20,000/mm². ``0`` switches the check off.
     """
 
     working_spacing_um: float = 0.2
@@ -125,6 +134,8 @@ class DetectorConfig:
     lobe_merge_solidity: float = 0.9
     tile_size_px: int = 1024
     edge_margin_um: float = 2.3
+    max_cells_per_mm2: float = 4000.0
+    density_check_mm2: float = 0.04
 
     def __post_init__(self) -> None:
         for name in ("working_spacing_um", "group_distance_um", "min_nucleus_area_um2",
@@ -555,6 +566,18 @@ def _tile_origins(length: int, tile: int, overlap: int) -> Iterator[tuple[int, i
         yield s, bounds[k], bounds[k + 1]
 
 
+def _check_density(found: int, searched_um2: float, config: DetectorConfig) -> None:
+    """Stop early on a slide that is not a blood smear (see :class:`DetectorConfig`)."""
+    if config.max_cells_per_mm2 <= 0 or searched_um2 < config.density_check_mm2 * 1e6:
+        return
+    density = found / searched_um2 * 1e6
+    if density > config.max_cells_per_mm2:
+        raise NotABloodSmearError(
+            f"not a blood smear: {density:,.0f} nucleated objects per mm² in the first "
+            f"{searched_um2 / 1e6:.3f} mm² searched (a blood smear has at most about "
+            f"{config.max_cells_per_mm2:,.0f}); is this a tissue section?")
+
+
 def find_cells(slide: Slide, config: DetectorConfig | None = None) -> Detections:
     """Find white cells on a whole slide, region by region.
 
@@ -578,6 +601,9 @@ def find_cells(slide: Slide, config: DetectorConfig | None = None) -> Detections
     ------
     analysis.errors.SlideUnreadableError
         If a frame cannot be decoded.
+    analysis.errors.NotABloodSmearError
+        If, once ``config.density_check_mm2`` was searched, nucleated objects are far denser
+        than in any blood smear.
     """
     config = config or DetectorConfig()
     level = slide.level_for_spacing(config.working_spacing_um)
@@ -591,6 +617,7 @@ def find_cells(slide: Slide, config: DetectorConfig | None = None) -> Detections
     cells: list[DetectedCell] = []
     platelets: list[tuple[float, float]] = []
     base_scale = level.downsample
+    searched_um2 = 0.0
     for ty, cy0, cy1 in _tile_origins(height, tile, overlap):
         for tx, cx0, cx1 in _tile_origins(width, tile, overlap):
             w, h = min(tile, width - tx), min(tile, height - ty)
@@ -607,6 +634,8 @@ def find_cells(slide: Slide, config: DetectorConfig | None = None) -> Detections
                 lx, ly = (px + 0.5) * scale - 0.5 + tx, (py + 0.5) * scale - 0.5 + ty
                 if cx0 <= lx < cx1 and cy0 <= ly < cy1:
                     platelets.append((lx * base_scale, ly * base_scale))
+            searched_um2 += (cx1 - cx0) * (cy1 - cy0) * level.pixel_spacing_um ** 2
+            _check_density(len(cells), searched_um2, config)
     cells = list(_inside(cells, slide.size, config.edge_margin_um / slide.pixel_spacing_um))
     logger.debug("%d cells, %d platelets", len(cells), len(platelets))
     return Detections(

@@ -17,3 +17,8 @@ class CheckpointError(AnalysisError):
 
 class SlideUnreadableError(AnalysisError):
     """A slide cannot be opened or decoded."""
+
+
+class NotABloodSmearError(AnalysisError):
+    """The slide is not a peripheral blood smear (for example a tissue section routed by
+    mistake): recognised early, before its cells are classified one by one."""

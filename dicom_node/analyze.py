@@ -56,7 +56,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     """Run ``cytonode analyze``; return the exit status (0, 2 for bad input)."""
     import pydicom
 
-    from analysis.errors import CheckpointError, SlideUnreadableError
+    from analysis.errors import CheckpointError, NotABloodSmearError, SlideUnreadableError
     from analysis.pipeline import PipelineConfig, classify_slide, series_files
 
     config = PipelineConfig(weights_dir=args.weights, device=args.device, seed=args.seed,
@@ -78,7 +78,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     try:
         files = series_files(args.slide)
         result = classify_slide(files, config, progress=record)
-    except SlideUnreadableError as exc:
+    except (SlideUnreadableError, NotABloodSmearError) as exc:
         sys.stderr.write(f"cytonode analyze: {_one_line(exc)}\n")
         return 2
     except CheckpointError as exc:

@@ -222,3 +222,21 @@ def test_cli_detect_bad_input_exits_2(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert "cannot decode" in err and len(err.strip().splitlines()) == 1
     assert main(["detect", str(tmp_path), "--json"]) == 2
+
+
+def test_a_slide_far_denser_in_nuclei_than_any_smear_is_stopped_early(sample_slide: Path) -> None:
+    """The early stop that keeps a tissue section from being classified nucleus by nucleus: the
+    real sample slide passes the shipped limit (4,000 nucleated objects per mm²), and a limit
+    below its own density stops detection after the first area searched, with the numbers."""
+    import dataclasses
+
+    from analysis.errors import NotABloodSmearError
+
+    with Slide.open(sample_slide) as slide:
+        cells = find_cells(slide).cells
+        area_mm2 = slide.size[0] * slide.size[1] * (slide.pixel_spacing_um / 1000) ** 2
+        assert len(cells) / area_mm2 < DetectorConfig().max_cells_per_mm2 / 4
+        strict = dataclasses.replace(DetectorConfig(), max_cells_per_mm2=len(cells) / area_mm2 / 10,
+                                     density_check_mm2=0.001, tile_size_px=256)
+        with pytest.raises(NotABloodSmearError, match=r"not a blood smear: [\d,]+ nucleated objects"):
+            find_cells(slide, strict)
