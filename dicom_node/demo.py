@@ -217,7 +217,10 @@ def _show_domain(summary: dict[str, Any]) -> None:
     if domain:
         _say(("WARNING: this slide is " if str(domain).startswith("outside") else "slide check: ")
              + str(domain))
-    _say(f"site calibration: {params.get('site_calibration', 'none')}")
+    site = params.get("site_calibration", "none")
+    _say(f"site calibration: {site}" + (" (the shipped thresholds; a lab calibrates its own with "
+                                        "`cytonode calibrate-site`, see the README)"
+                                        if site == "none" else ""))
 
 
 def _show_differential(summary: dict[str, Any]) -> None:
