@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pydicom
@@ -77,7 +78,8 @@ def build_final_report(store: Store, state: cases.CaseState, user: User, version
 
 
 # --- issue 20 (3): the final PDF report next to the final SR ---
-def build_final_pdf(store: Store, state: cases.CaseState, report: Any) -> pydicom.Dataset:
+def build_final_pdf(store: Store, state: cases.CaseState, report: Any,
+                    unreviewed: Sequence[int] = ()) -> pydicom.Dataset:
     """The final, verified Encapsulated PDF report that goes with the final SR ``report``: the
     same signer, time and version, the reviewed differential (dicom_node.encode.pdf)."""
     from pydicom.valuerep import DT
@@ -94,7 +96,7 @@ def build_final_pdf(store: Store, state: cases.CaseState, report: Any) -> pydico
         observer_name=str(observer.VerifyingObserverName),
         organization=str(observer.VerifyingOrganization),
         verified_at=DT(str(observer.VerificationDateTime)), version=int(report.InstanceNumber),
-        changed_cells=len(state.changes()))
+        changed_cells=len(state.changes()), unreviewed_flagged=tuple(unreviewed))
     return encode_final_pdf_report(state.summary, state.cells, sources, verification,
                                    final_report=report)
 # --- end issue 20 (3) ---
@@ -155,7 +157,7 @@ def sign(series_instance_uid: str) -> Any:
                     for v in state.versions if v.version < version and v.sr_sop_instance_uid]
         report = build_final_report(store, state, user, version, previous,
                                     confirmed_unreviewed=confirmed)
-        final_pdf = build_final_pdf(store, state, report)  # issue 20 (3)
+        final_pdf = build_final_pdf(store, state, report, unreviewed)  # issue 20 (3)
         stored = store.add_dataset(report)
         stored_pdf = store.add_dataset(final_pdf)  # issue 20 (3)
     except BaseException:

@@ -79,6 +79,8 @@ class Verification:
     verified_at: datetime.datetime
     version: int = 1
     changed_cells: int = 0
+    #: Flagged cells nobody looked at, signed with the signer's explicit confirmation.
+    unreviewed_flagged: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +258,12 @@ def render_pdf(content: ReportContent, source: Dataset, *, software_versions: st
         line(f"Verified by {_person_name(verification.observer_name)} ({verification.organization}) "
              f"on {when}; report version {verification.version}. Cells changed by the reviewer: "
              f"{verification.changed_cells}; marked unclassifiable: {differential.unclassifiable}.")
+        if verification.unreviewed_flagged:
+            pdf.set_font("DejaVu", "B", 9)
+            n = len(verification.unreviewed_flagged)
+            line(f"Signed with {n} flagged cell{'s' if n != 1 else ''} not reviewed (confirmed by the "
+                 f"signer): {', '.join(f'#{c}' for c in verification.unreviewed_flagged)}.")
+            pdf.set_font("DejaVu", "", 9)
 
     heading("Differential")
     line(f"{differential.white_cell_count} white cells counted. Percentage of the white cells with "

@@ -296,6 +296,48 @@ def test_signoff_issues_a_final_pdf_with_the_final_sr(tmp_path: Path) -> None:
     assert f"Lymphocyte {white.count('lymphocyte')} {share:.1f}" in text
 
 
+def test_the_final_pdf_names_flagged_cells_signed_without_review(tmp_path: Path) -> None:
+    from tests.viewer.conftest import PASSWORD, login
+    from viewer import create_app
+    from viewer.auth import add_user
+
+    result = make_result(flagged=True)
+    flagged = [c.cell_id for c in result.cells if c.review]
+    assert flagged
+    files = slide_files()
+    objects = encode_results(result, files, platelets_detected=PLATELETS_DETECTED)
+    settings = Settings(data_dir=tmp_path / "node")
+    store = Store(settings)
+    try:
+        for path in files:
+            store.ingest_file(path)
+        for ds in objects.values():
+            store.add_dataset(ds)
+        uid = result.series_instance_uid
+        write_summary(settings.results_dir / uid, result, SLIDE, objects, {},
+                      {"platelets": PLATELETS_DETECTED})
+        add_user(store, "signer", "pathologist", PASSWORD, person_name="Curie^Marie",
+                 organization="Haematology Lab")
+        client = create_app(settings, store).test_client()
+        token = login(client, "signer")
+        form = {"password": PASSWORD, "csrf_token": token}
+        rsp = client.post(f"/cases/{uid}/signoff", data=form, headers={"Accept": "application/json"})
+        assert rsp.status_code == 409, rsp.get_data(as_text=True)  # nobody looked at them
+        rsp = client.post(f"/cases/{uid}/signoff", data={**form, "confirm_unreviewed": "yes"},
+                          headers={"Accept": "application/json"})
+        assert rsp.status_code == 200, rsp.get_data(as_text=True)
+        with store.session() as db:
+            from dicom_node.index import Instance
+
+            path = store.path_of(db.get(Instance, rsp.get_json()["pdf_sop_instance_uid"]))
+    finally:
+        store.close()
+    text = pdf_text(path)
+    n = len(flagged)
+    assert (f"Signed with {n} flagged cell{'s' if n != 1 else ''} not reviewed (confirmed by the signer): "
+            + ", ".join(f"#{c}" for c in flagged)) in text
+
+
 # --- Orthanc receives them with the SR ---------------------------------------------------------
 def test_pdf_and_gallery_arrive_in_orthanc_with_the_sr(made: dict[str, Path], result: SlideResult,
                                                        tmp_path: Path) -> None:
