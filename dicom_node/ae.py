@@ -9,16 +9,18 @@ import logging
 import struct
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.settings import Settings
 from dicom_node.store import Store
+from dicom_node.tls import TLSAssociationServer
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +86,9 @@ CONNECTIONS_PER_ASSOCIATION = 4
 
 
 #: pynetdicom modules whose errors (often with a traceback) only ever describe a PDU, a string
-#: in it or a state-machine event that a peer sent.
-PEER_PDU_LOGGERS = ("pynetdicom.pdu", "pynetdicom.pdu_items", "pynetdicom.utils", "pynetdicom.fsm")
+#: in it, the UIDs a peer proposed or a state-machine event that a peer sent.
+PEER_PDU_LOGGERS = ("pynetdicom.pdu", "pynetdicom.pdu_items", "pynetdicom.utils", "pynetdicom.fsm",
+                    "pynetdicom.presentation")
 
 
 class _PeerPDUErrors(logging.Filter):
@@ -97,6 +100,19 @@ class _PeerPDUErrors(logging.Filter):
 
 
 _PEER_PDU_ERRORS = _PeerPDUErrors()
+
+
+class _PeerMessageReports(logging.Filter):
+    """Drops pynetdicom's reports about DIMSE messages a peer sent that name no service the
+    node offers, or that it did not expect (a response where a request belongs)."""
+
+    PREFIXES = ("Received unexpected ", "No supported service class available")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
+_PEER_MESSAGE_REPORTS = _PeerMessageReports()
 
 
 def configure_pynetdicom(settings: Settings) -> None:
@@ -120,12 +136,17 @@ def configure_pynetdicom(settings: Settings) -> None:
         # value a peer sends (data are stored as received, PS3.2 statement 2.2.1.4.3).
         _config.LOG_HANDLER_LEVEL = "none"
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         for name in PEER_PDU_LOGGERS:
             logging.getLogger(name).setLevel(logging.CRITICAL)
         dul_logger = logging.getLogger("pynetdicom.dul")
         if _PEER_PDU_ERRORS not in dul_logger.filters:
             dul_logger.addFilter(_PEER_PDU_ERRORS)
+        association_logger = logging.getLogger("pynetdicom.association")
+        if _PEER_MESSAGE_REPORTS not in association_logger.filters:
+            association_logger.addFilter(_PEER_MESSAGE_REPORTS)
 
 
 class AssociationLimit:
@@ -378,6 +399,9 @@ class NodeAE(AE):
 
     def make_server(self, address: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("request_handler", NodeRequestHandler)
+        # TLS (dicom_node/tls.py): the handshake runs on the connection's thread, not accept()'s.
+        if kwargs.get("server_class") is ThreadedAssociationServer:
+            kwargs["server_class"] = TLSAssociationServer
         return super().make_server(address, *args, **kwargs)
 
 

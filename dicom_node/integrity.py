@@ -13,6 +13,7 @@ import struct
 import zlib
 from typing import BinaryIO
 
+from pydicom import Dataset
 from pydicom.datadict import dictionary_VR
 
 from dicom_node.errors import InvalidInstanceError
@@ -34,6 +35,8 @@ EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 
 class _Data:
     """The dataset's bytes from ``offset`` to ``end`` of a file: read, tell, skip forward."""
+
+    pixel_data_length: int | None = None  # of native (not encapsulated) Pixel Data, if any
 
     def __init__(self, fp: BinaryIO, offset: int, end: int) -> None:
         self._fp, self.end = fp, end
@@ -60,6 +63,7 @@ class _Inflated:
     """A raw deflate stream (RFC 1951; PS3.5 A.5) inflated forwards, at most ``_WINDOW`` at a time."""
 
     _WINDOW = 1 << 20
+    pixel_data_length: int | None = None  # of native (not encapsulated) Pixel Data, if any
 
     def __init__(self, fp: BinaryIO, offset: int) -> None:
         fp.seek(offset)
@@ -169,6 +173,8 @@ def _walk(data: _Source, end: int | None, explicit: bool, depth: int,
         if vr == b"SQ" or (not explicit and _is_sequence(tag)):
             _items(data, data.tell() + length, explicit, depth + 1, end)
         else:
+            if tag == _PIXEL_DATA and depth == 0:
+                data.pixel_data_length = length
             data.skip(length)
 
 
@@ -218,14 +224,41 @@ def _fragments(data: _Source, limit: int | None) -> None:
         data.skip(length)
 
 
-def check_structure(fp: BinaryIO, offset: int, size: int, transfer_syntax: str) -> None:
+def check_structure(fp: BinaryIO, offset: int, size: int, transfer_syntax: str) -> int | None:
     """Raise :class:`InvalidInstanceError` unless the dataset from ``offset`` to ``size``
-    is a complete sequence of elements with known VRs. Big-endian data are not walked."""
+    is a complete sequence of elements with known VRs. Big-endian data are not walked.
+
+    Returns
+    -------
+    int or None
+        The length of native (not encapsulated) Pixel Data, for :func:`check_pixel_data`.
+    """
     if transfer_syntax == EXPLICIT_VR_BIG_ENDIAN:
-        return
+        return None
     data: _Source
     if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         data = _Inflated(fp, offset)
     else:
         data = _Data(fp, offset, size)
     _walk(data, None, transfer_syntax != IMPLICIT_VR_LITTLE_ENDIAN, 0)
+    return data.pixel_data_length
+
+
+def check_pixel_data(ds: Dataset, pixel_data_length: int | None) -> None:
+    """Raise :class:`InvalidInstanceError` if native Pixel Data of ``pixel_data_length`` bytes
+    is shorter than the frames the Image Pixel module describes (PS3.3 C.7.6.3, PS3.5 8.1.1),
+    or that module is missing. Longer data (trailing padding) are accepted."""
+    if pixel_data_length is None:
+        return
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples, bits = int(ds.SamplesPerPixel), int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise InvalidInstanceError(f"Pixel Data without a valid Image Pixel module: {exc}") from None
+    if min(rows, columns, samples, bits, frames) < 1:
+        raise InvalidInstanceError("Pixel Data with an Image Pixel module of zero size")
+    expected = (rows * columns * samples * frames * bits + 7) // 8
+    if pixel_data_length < expected:
+        raise InvalidInstanceError(f"Pixel Data holds {pixel_data_length} bytes; {frames} frame(s) "
+                                   f"of {rows} x {columns} x {samples} at {bits} bits need {expected}")

@@ -20,6 +20,7 @@ from dicom_node.outbox import deliver_due
 from dicom_node.routing import mark_queued, pending_jobs, route_stable_series
 from dicom_node.settings import Settings
 from dicom_node.store import Store
+from dicom_node.tls import dicom_server_context
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,13 @@ class Node:
             log.warning("removed %d partial files left by an interrupted run", removed)
         self.ae, handlers = make_ae(s, self.store)
         server = self.ae.start_server((s.bind_address, s.dicom_port), block=False,
-                                      evt_handlers=handlers)
+                                      ssl_context=dicom_server_context(s), evt_handlers=handlers)
         assert server is not None  # block=False returns the server
         self.server = server
         port = self.server.server_address[1]
-        log.info("DICOM SCP %s listening on %s:%d", s.ae_title, s.bind_address, port)
+        log.info("DICOM SCP %s listening on %s:%d%s", s.ae_title, s.bind_address, port,
+                 (" (TLS, client certificate required)" if s.tls_require_client_certificate
+                  else " (TLS)") if s.tls_enabled else "")
         self.http = None
         if s.http_enabled:
             from viewer.server import HttpServer  # the web app; imported only when serving it

@@ -14,6 +14,7 @@ from dicom_node.index import Instance, OutboxItem
 from dicom_node.send import send_instances
 from dicom_node.settings import Destination, Settings
 from dicom_node.store import Store
+from dicom_node.tls import client_tls_args
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ def deliver_due(store: Store, settings: Settings, now: float | None = None) -> i
         try:
             send_instances([(sop, c, s, p) for _, sop, c, s, p in items], destination,
                            settings.ae_title, timeout_s=settings.network_timeout_s,
-                           on_success=lambda sop_uid: _mark_sent(store, ids[sop_uid], sent))
+                           on_success=lambda sop_uid: _mark_sent(store, ids[sop_uid], sent),
+                           tls_args=client_tls_args(settings, destination))
         except (SendRefusedError, OSError) as exc:
             _backoff(store, settings, [i[0] for i in items], str(exc))
             log.warning("outbox: %s; will retry", exc)

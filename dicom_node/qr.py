@@ -29,6 +29,7 @@ from sqlalchemy import ColumnElement, and_, distinct, exists, func, or_, select
 from dicom_node.index import Instance, Series, Study
 from dicom_node.settings import Destination, Settings
 from dicom_node.store import Store
+from dicom_node.tls import client_tls_args
 
 log = logging.getLogger(__name__)
 
@@ -593,13 +594,15 @@ def handle_move(event: evt.Event, store: Store, settings: Settings) -> Iterator[
         # pynetdicom answers success when 0 sub-operations are announced, so announce one and
         # fail it with the identifier's status (it associates with the destination first).
         log.warning("C-MOVE from %s refused: %s", calling, exc)
-        yield dest.host, dest.port, {"contexts": _move_contexts([])}
+        yield dest.host, dest.port, {"contexts": _move_contexts([]),
+                                     "tls_args": client_tls_args(settings, dest)}
         yield 1
         yield int(exc.status), None
         return
     except Exception:  # the DIMSE edge
         log.exception("C-MOVE from %s failed", calling)
-        yield dest.host, dest.port, {"contexts": _move_contexts([])}
+        yield dest.host, dest.port, {"contexts": _move_contexts([]),
+                                     "tls_args": client_tls_args(settings, dest)}
         yield 1
         yield int(QueryRetrieveStatusValues.UNABLE_TO_PROCESS), None
         return
@@ -607,7 +610,8 @@ def handle_move(event: evt.Event, store: Store, settings: Settings) -> Iterator[
         log.warning("C-MOVE from %s: more than 128 contexts needed; some sub-operations will fail",
                     calling)
     log.info("C-MOVE from %s to %s: %d instances", calling, dest, len(instances))
-    yield dest.host, dest.port, {"contexts": _move_contexts(instances)}
+    yield dest.host, dest.port, {"contexts": _move_contexts(instances),
+                                 "tls_args": client_tls_args(settings, dest)}
     yield len(instances)
     yield from _send_all(event, store, instances)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,7 +18,8 @@ log = logging.getLogger(__name__)
 
 def send_instances(files: Sequence[tuple[str, str, str, Path]], destination: Destination,
                    calling_ae: str, *, timeout_s: float = 30.0,
-                   on_success: Callable[[str], None] | None = None) -> None:
+                   on_success: Callable[[str], None] | None = None,
+                   tls_args: tuple[ssl.SSLContext, str] | None = None) -> None:
     """Send files to ``destination`` over one association.
 
     Parameters
@@ -26,6 +28,9 @@ def send_instances(files: Sequence[tuple[str, str, str, Path]], destination: Des
         ``(sop_instance_uid, sop_class_uid, transfer_syntax_uid, path)`` per instance.
     on_success:
         Called with the SOP Instance UID after each success, before the next send.
+    tls_args:
+        ``(ssl_context, server_hostname)`` for a DICOM TLS association
+        (:func:`dicom_node.tls.client_tls_args`); ``None`` for plain TCP.
 
     Raises
     ------
@@ -41,9 +46,12 @@ def send_instances(files: Sequence[tuple[str, str, str, Path]], destination: Des
         raise ValueError("more than 128 distinct (SOP class, transfer syntax) pairs in one send")
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         tls_args=tls_args)
     if not assoc.is_established:
-        raise SendRefusedError(str(destination), files[0][0], "association rejected or not reachable")
+        reason = "association rejected or not reachable"
+        raise SendRefusedError(str(destination), files[0][0],
+                               reason + (" (or the TLS handshake failed)" if tls_args else ""))
     try:
         for sop_uid, _sop_class, _syntax, path in files:
             rsp = assoc.send_c_store(path)

@@ -54,11 +54,13 @@ def check_ae_title(value: str, name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Destination:
-    """A peer that receives what the node creates, written ``AE@host:port``."""
+    """A peer that receives what the node creates, written ``AE@host:port``, or
+    ``AE@host:port+tls`` for a peer reached over DICOM TLS (PS3.15 B.9)."""
 
     ae_title: str
     host: str
     port: int
+    tls: bool = False
 
     def __post_init__(self) -> None:
         check_ae_title(self.ae_title, "destination AE title")
@@ -69,14 +71,14 @@ class Destination:
 
     @classmethod
     def parse(cls, text: str) -> Destination:
-        m = re.fullmatch(r"([^@]+)@(\[[^\]]+\]|[^:]+):(\d+)", text.strip())
+        m = re.fullmatch(r"([^@]+)@(\[[^\]]+\]|[^:]+):(\d+)(\+tls)?", text.strip())
         if not m:
-            raise SettingsError(f"destination {text!r} is not of the form AE@host:port")
-        return cls(m.group(1), m.group(2).strip("[]"), int(m.group(3)))
+            raise SettingsError(f"destination {text!r} is not of the form AE@host:port or AE@host:port+tls")
+        return cls(m.group(1), m.group(2).strip("[]"), int(m.group(3)), tls=bool(m.group(4)))
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.ae_title}@{host}:{self.port}"
+        return f"{self.ae_title}@{host}:{self.port}" + ("+tls" if self.tls else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +139,10 @@ class Settings:
     secret_key: str = ""
     http_enabled: bool = True
     site_calibration: str = ""
+    tls_certificate: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_require_client_certificate: bool = False
 
     def __post_init__(self) -> None:
         check_ae_title(self.ae_title, "ae_title")
@@ -172,6 +178,26 @@ class Settings:
                 check_site_id(self.site_calibration)
             except ValueError as exc:
                 raise SettingsError(f"site_calibration: {exc}") from None
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        """TLS needs the certificate and its key together; required client certificates need
+        the CAs that sign them. The files must exist (their contents are checked at start)."""
+        if bool(self.tls_certificate) != bool(self.tls_key):
+            raise SettingsError("tls_certificate and tls_key must be set together (PEM files): "
+                                "both switch TLS on, neither leaves it off")
+        if self.tls_require_client_certificate and not (self.tls_enabled and self.tls_ca):
+            raise SettingsError("tls_require_client_certificate needs tls_certificate, tls_key and "
+                                "tls_ca (the CAs that sign the client certificates)")
+        for name in ("tls_certificate", "tls_key", "tls_ca"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise SettingsError(f"{name}: {path!r} is not a file")
+
+    @property
+    def tls_enabled(self) -> bool:
+        """TLS on the DICOM port and HTTPS on the HTTP port (``tls_certificate`` is set)."""
+        return bool(self.tls_certificate)
 
     def active_site(self) -> Any:
         """The site calibration jobs use: the one named by ``site_calibration``, else the

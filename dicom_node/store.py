@@ -33,7 +33,7 @@ from dicom_node.errors import (
     StoreFullError,
 )
 from dicom_node.index import Instance, OutboxItem, Series, Study, make_engine, make_sessionmaker
-from dicom_node.integrity import check_structure
+from dicom_node.integrity import check_pixel_data, check_structure
 from dicom_node.settings import DuplicatePolicyValues, Settings
 
 log = logging.getLogger(__name__)
@@ -163,12 +163,13 @@ class Store:
         # The structure first: pydicom reads damaged data tolerantly, or recursing without bound.
         offset = 132 + 12 + int(meta_end or 0)
         with open(path, "rb") as fp:
-            check_structure(fp, offset, os.fstat(fp.fileno()).st_size, tsyntax)
+            pixel_data_length = check_structure(fp, offset, os.fstat(fp.fileno()).st_size, tsyntax)
         try:
             ds = dcmread(path, stop_before_pixels=True, defer_size="256 KB")
             _ = ds.get("Modality"), ds.get("ImageType")  # forces decoding of the header
         except undecodable as exc:
             raise InvalidInstanceError(f"cannot decode dataset: {exc}") from exc
+        check_pixel_data(ds, pixel_data_length)
         sop_uid, sop_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
         study_uid, series_uid = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
         for name, value in (("SOPInstanceUID", sop_uid), ("SOPClassUID", sop_class),

@@ -46,11 +46,13 @@ def require_tool(name: str) -> str:
     return path
 
 
-def echo(port: int, *, calling: str = "TESTSCU", called: str = "CYTONODE", timeout: float = 5) -> bool:
+def echo(port: int, *, calling: str = "TESTSCU", called: str = "CYTONODE", timeout: float = 5,
+         tls_args: Any = None) -> bool:
+    """C-ECHO the node; ``tls_args`` is ``(ssl_context, server_hostname)`` for DICOM TLS."""
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = timeout
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls_args)
     if not assoc.is_established:
         return False
     try:
@@ -77,6 +79,7 @@ class NodeProcess:
         self.env.update({f"CYTONODE_{k.upper()}": str(v) for k, v in settings.items()})
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"node-{self.port}.log"
+        self.tls_args: Any = None  # (ssl_context, server_hostname) when the node runs DICOM TLS
 
     def start(self, timeout: float = 180) -> NodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +93,7 @@ class NodeProcess:
             try:
                 if echo(self.port, called=self.env.get("CYTONODE_AE_TITLE", "CYTONODE"),
                         calling=self.env.get("CYTONODE_ALLOWED_AES", "TESTSCU").split(",")[0],
-                        timeout=2):
+                        timeout=2, tls_args=self.tls_args):
                     return self
             except OSError:
                 pass

@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None, store=None) -> Flask:
         SECRET_KEY=secret_key(settings),
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.tls_enabled,  # sent back over HTTPS only
         MAX_CONTENT_LENGTH=2 * 1024 * 1024 * 1024,
     )
     app.extensions["cytonode.settings"] = settings

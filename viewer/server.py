@@ -1,4 +1,5 @@
-"""Runs the web application in a thread of ``cytonode serve`` (werkzeug's threaded WSGI server)."""
+"""Runs the web application in a thread of ``cytonode serve`` (werkzeug's threaded WSGI server),
+over HTTPS when the node has a TLS certificate (``CYTONODE_TLS_CERTIFICATE``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import threading
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from dicom_node.settings import Settings
+from dicom_node.tls import http_server_context
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +22,8 @@ class HttpServer:
 
         self.app = create_app(settings, store)
         self.server: BaseWSGIServer = make_server(settings.bind_address, settings.http_port,
-                                                  self.app, threaded=True)
+                                                  self.app, threaded=True,
+                                                  ssl_context=http_server_context(settings))
         self.thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
 
     @property
@@ -29,7 +32,8 @@ class HttpServer:
 
     def start(self) -> None:
         self.thread.start()
-        log.info("HTTP (viewer, DICOMweb) listening on %s:%d", self.server.host, self.port)
+        scheme = "HTTPS" if self.server.ssl_context is not None else "HTTP"
+        log.info("%s (viewer, DICOMweb) listening on %s:%d", scheme, self.server.host, self.port)
 
     def stop(self) -> None:
         self.server.shutdown()

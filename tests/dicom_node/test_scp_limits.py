@@ -55,7 +55,7 @@ def _send_until_refused(sock: socket.socket, total: int) -> int:
         while sent < total:
             sock.sendall(block)
             sent += len(block)
-    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+    except OSError:  # refused: reset, broken pipe, or our side closed on the node's A-ABORT
         pass
     return sent
 

@@ -69,3 +69,52 @@ def test_serve_refuses_bad_settings_with_exit_2(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "dicom_port" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_tls_settings_round_trip_and_destination_marker(tmp_path: Path) -> None:
+    for name in ("node.pem", "node.key", "ca.pem"):
+        (tmp_path / name).write_text("PEM")  # contents are checked when the node starts
+    s = Settings.from_env({"CYTONODE_TLS_CERTIFICATE": str(tmp_path / "node.pem"),
+                           "CYTONODE_TLS_KEY": str(tmp_path / "node.key"),
+                           "CYTONODE_TLS_CA": str(tmp_path / "ca.pem"),
+                           "CYTONODE_TLS_REQUIRE_CLIENT_CERTIFICATE": "yes",
+                           "CYTONODE_DESTINATIONS": "PACS@pacs.example:2762+tls,OLD@[::1]:104"})
+    assert s.tls_enabled and s.tls_require_client_certificate
+    assert s.destinations == (Destination("PACS", "pacs.example", 2762, tls=True),
+                              Destination("OLD", "::1", 104))
+    assert [str(d) for d in s.destinations] == ["PACS@pacs.example:2762+tls", "OLD@[::1]:104"]
+    assert Settings.from_env(s.to_env()) == s
+    assert not Settings().tls_enabled
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"CYTONODE_TLS_CERTIFICATE": "{d}/node.pem"}, "tls_certificate and tls_key must be set together"),
+    ({"CYTONODE_TLS_KEY": "{d}/node.key"}, "tls_certificate and tls_key must be set together"),
+    ({"CYTONODE_TLS_CERTIFICATE": "{d}/node.pem", "CYTONODE_TLS_KEY": "{d}/node.key",
+      "CYTONODE_TLS_REQUIRE_CLIENT_CERTIFICATE": "true"}, "needs tls_certificate, tls_key and tls_ca"),
+    ({"CYTONODE_TLS_CERTIFICATE": "{d}/missing.pem", "CYTONODE_TLS_KEY": "{d}/node.key"},
+     "tls_certificate: .*missing.pem' is not a file"),
+    ({"CYTONODE_DESTINATIONS": "PACS@host:104+ssl"}, "AE@host:port or AE@host:port\\+tls"),
+])
+def test_invalid_tls_settings_name_the_rule(tmp_path: Path, env: dict[str, str], message: str) -> None:
+    for name in ("node.pem", "node.key"):
+        (tmp_path / name).write_text("PEM")
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env({k: v.format(d=tmp_path) for k, v in env.items()})
+
+
+def test_unreadable_certificate_stops_serve_with_exit_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "node.pem").write_text("not a certificate")
+    (tmp_path / "node.key").write_text("not a key")
+    cytonode = str(Path(sys.executable).with_name("cytonode"))
+    out = subprocess.run([cytonode, "serve"], env={"CYTONODE_DATA_DIR": str(tmp_path / "data"),
+                                                    "CYTONODE_TLS_CERTIFICATE": str(tmp_path / "node.pem"),
+                                                    "CYTONODE_TLS_KEY": str(tmp_path / "node.key"),
+                                                    "CYTONODE_DICOM_PORT": "0", "CYTONODE_HTTP_PORT": "0",
+                                                    "CYTONODE_WORKERS": "0"},
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "cannot load tls_certificate" in out.stderr and "Traceback" not in out.stderr

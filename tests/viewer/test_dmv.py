@@ -39,8 +39,8 @@ WORKER_QUIRK = "Cannot set properties of undefined (setting 'dicomMicroscopyView
 
 def _cells(node_case) -> list[np.ndarray]:
     """Every cell's outline in base-level pixels, from the annotations the node sent to the PACS."""
-    deadline_files = sorted(node_case.pacs.folder.glob("*.dcm"))
-    ann_paths = [p for p in deadline_files if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == ANN]
+    received = sorted(node_case.pacs.folder.glob("*.dcm"))
+    ann_paths = [p for p in received if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == ANN]
     assert ann_paths, "the node sent no bulk annotations"
     ann = hd.ann.annread(ann_paths[0])
     base = next(pydicom.dcmread(p, stop_before_pixels=True) for p in SAMPLE_SLIDE.glob("*.dcm")
