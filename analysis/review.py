@@ -70,7 +70,7 @@ class FeatureDensity:
         """Features on the unit sphere: the density sees their direction, not their size
         (on val this separated aml_dev's blasts better than the raw features)."""
         x = np.asarray(features, dtype=np.float64)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return np.asarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
 
     @classmethod
     def fit(cls, features: np.ndarray, labels: np.ndarray, n_components: int = 64,
@@ -95,7 +95,7 @@ class FeatureDensity:
 
     def project(self, features: np.ndarray) -> np.ndarray:
         """``(N, K)``: (normalised) features in the density's principal components."""
-        return (self.normalise(features) - self.mean) @ self.components.T.astype(np.float64)
+        return np.asarray((self.normalise(features) - self.mean) @ self.components.T.astype(np.float64))
 
     def class_distances(self, features: np.ndarray, shift: np.ndarray | None = None) -> np.ndarray:
         """``(N, C)`` Mahalanobis distances (NaN for a class the density has no cells of);
@@ -105,11 +105,11 @@ class FeatureDensity:
             z = z - shift
         d = z[:, None, :] - self.class_means[None].astype(np.float64)
         m = np.einsum("nck,kl,ncl->nc", d, self.precision.astype(np.float64), d)
-        return np.sqrt(np.maximum(m, 0.0))
+        return np.asarray(np.sqrt(np.maximum(m, 0.0)))
 
     def distance(self, features: np.ndarray, shift: np.ndarray | None = None) -> np.ndarray:
         """Distance to the nearest class: how unlike every training class a cell is."""
-        return np.nanmin(self.class_distances(features, shift), axis=1)
+        return np.asarray(np.nanmin(self.class_distances(features, shift), axis=1))
 
     def site_shift(self, features: np.ndarray, iterations: int = 3) -> np.ndarray:
         """How a site's cells sit off the training classes: the mean offset of each cell
@@ -271,6 +271,7 @@ class ReviewModel:
             return Assessment(decide(self.rule, empty, empty, empty, empty), empty,
                               np.zeros(0, np.int64), np.zeros((0, len(CLASS_NAMES))))
         logits, features = reference_logits(self.reference.model, reference_images, features=True)
+        assert features is not None  # asked for
         p = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
         reference_label = p.argmax(axis=1)
         rule = self.rule

@@ -103,6 +103,7 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     spacing = pixel_spacing_um or folder_spacing_um(paths)
     images = np.stack([read_framed(p, model.image_size, spacing) for p in paths])
     _, features = reference_logits(model.reference.model, images, features=True)
+    assert features is not None  # asked for
     val_rate = float(model.rule.val_normal_flag_rate)
     site = fit_site(site_id, features, images, density=model.density,
                     shipped_threshold=model.rule.feature_threshold,
