@@ -1,40 +1,78 @@
-"""Runs the web application in a thread of ``cytonode serve`` (werkzeug's threaded WSGI server),
-over HTTPS when the node has a TLS certificate (``CYTONODE_TLS_CERTIFICATE``)."""
+"""Runs the web application in threads of ``cytonode serve`` on a production WSGI server
+(cheroot, the server of CherryPy), over HTTPS when the node has a TLS certificate
+(``CYTONODE_TLS_CERTIFICATE``).
+
+Why cheroot: it runs inside the node's process (the viewer shares the node's store and
+settings), serves with a fixed pool of worker threads and keep-alive, and speaks TLS itself.
+waitress has no TLS; gunicorn forks its own processes. Measured against werkzeug's threaded
+development server with ``bench/tiles.py`` (see ``docs/benchmarks.md``).
+"""
 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
+from typing import Any
 
-from werkzeug.serving import BaseWSGIServer, make_server
+from cheroot import wsgi
+from cheroot.ssl.builtin import BuiltinSSLAdapter
 
 from dicom_node.settings import Settings
 from dicom_node.tls import http_server_context
 
 log = logging.getLogger(__name__)
 
+#: Worker threads of the web server: concurrent requests in progress (tile viewers fetch ~8 at once).
+HTTP_THREADS = 16
+
+
+class _DeferredHandshakeAdapter(BuiltinSSLAdapter):
+    """cheroot's TLS adapter with the node's own context (:func:`dicom_node.tls.http_server_context`),
+    whose handshake runs on the request's worker thread at the first read, not in the thread that
+    accepts every connection: a client that connects and sends nothing holds one worker thread
+    until the server's timeout, and nobody else waits for it."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:  # noqa: D107 - no certificate files: a context
+        self.context = context
+        self.certificate = self.private_key = self.certificate_chain = self.ciphers = None
+        self.private_key_password = None
+        self._server_env = {}
+
+    def wrap(self, sock: Any) -> tuple[Any, dict[str, str]]:
+        wrapped = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return wrapped, {"wsgi.url_scheme": "https", "HTTPS": "on"}
+
+    def get_environ(self, sock: Any) -> dict[str, str]:
+        return {"wsgi.url_scheme": "https", "HTTPS": "on"}
+
 
 class HttpServer:
     """The viewer and DICOMweb on ``settings.http_port``; ``start()`` returns once it listens."""
 
-    def __init__(self, settings: Settings, store=None) -> None:
+    def __init__(self, settings: Settings, store: Any = None) -> None:
         from viewer import create_app
 
         self.app = create_app(settings, store)
-        self.server: BaseWSGIServer = make_server(settings.bind_address, settings.http_port,
-                                                  self.app, threaded=True,
-                                                  ssl_context=http_server_context(settings))
-        self.thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+        self.server = wsgi.Server((settings.bind_address, settings.http_port), self.app,
+                                  numthreads=HTTP_THREADS, server_name="cytonode",
+                                  timeout=max(1, int(settings.network_timeout_s)))
+        context = http_server_context(settings)
+        if context is not None:
+            self.server.ssl_adapter = _DeferredHandshakeAdapter(context)
+        self.server.prepare()  # binds: the port is known (and taken) from here on
+        self.thread = threading.Thread(target=self.server.serve, name="http", daemon=True)
 
     @property
     def port(self) -> int:
-        return self.server.server_port
+        return int(self.server.bind_addr[1])
 
     def start(self) -> None:
         self.thread.start()
-        scheme = "HTTPS" if self.server.ssl_context is not None else "HTTP"
-        log.info("%s (viewer, DICOMweb) listening on %s:%d", scheme, self.server.host, self.port)
+        scheme = "HTTPS" if self.server.ssl_adapter is not None else "HTTP"
+        log.info("%s (viewer, DICOMweb) listening on %s:%d (cheroot, %d threads)", scheme,
+                 self.server.bind_addr[0], self.port, HTTP_THREADS)
 
     def stop(self) -> None:
-        self.server.shutdown()
+        self.server.stop()
         self.thread.join(timeout=5)
