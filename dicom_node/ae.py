@@ -115,6 +115,17 @@ class _PeerMessageReports(logging.Filter):
 _PEER_MESSAGE_REPORTS = _PeerMessageReports()
 
 
+class _PeerMessageTracebacks(logging.Filter):
+    """Keeps pynetdicom's one line "Received an invalid DIMSE message" (it then aborts the
+    association) and drops the traceback it logs after it: the error is in the peer's bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.funcName == "receive_primitive" and record.exc_info)
+
+
+_PEER_MESSAGE_TRACEBACKS = _PeerMessageTracebacks()
+
+
 def configure_pynetdicom(settings: Settings) -> None:
     """Set pynetdicom's process-wide flags and loggers. Called once, at node start-up.
 
@@ -147,6 +158,9 @@ def configure_pynetdicom(settings: Settings) -> None:
         association_logger = logging.getLogger("pynetdicom.association")
         if _PEER_MESSAGE_REPORTS not in association_logger.filters:
             association_logger.addFilter(_PEER_MESSAGE_REPORTS)
+        dimse_logger = logging.getLogger("pynetdicom.dimse")
+        if _PEER_MESSAGE_TRACEBACKS not in dimse_logger.filters:
+            dimse_logger.addFilter(_PEER_MESSAGE_TRACEBACKS)
 
 
 class AssociationLimit:

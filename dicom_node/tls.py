@@ -25,7 +25,7 @@ class _ServerContext(ssl.SSLContext):
     """An ``SSLContext`` whose server-side sockets do their handshake on the connection's own
     thread (see :class:`TLSAssociationServer`), not in ``accept()``.
 
-    pynetdicom's ``AssociationServer.get_request`` and werkzeug's ``BaseWSGIServer`` wrap
+    pynetdicom's ``AssociationServer.get_request`` (and cheroot's connection manager) wrap
     sockets on the one thread that accepts every connection, with the handshake run at once:
     a peer that connects and sends nothing would stop all others from connecting.
     """

@@ -246,3 +246,43 @@ def test_undecodable_data_gets_cannot_understand_without_traceback(start_node) -
     _assert_refused(node, ds, _explicit_le(ds) + _nested(200), EXPLICIT_LE, "200 nested sequences")
     assert echo(node.port)
     assert os.listdir(node.data_dir / "tmp") == []
+
+
+def _pdata(context_id: int, command: bytes) -> bytes:
+    """One P-DATA-TF PDU: a single PDV, the last fragment of a command."""
+    pdv = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
+    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+
+
+def test_undecodable_dimse_command_aborts_without_traceback(start_node) -> None:
+    """A command set pynetdicom cannot turn into a message (no Command Data Set Type; a UID
+    where a number belongs) aborts the association, in one log line."""
+    node = start_node()
+    commands = []
+    for fields in ((0x0120, None), (0x0000, b"1.2.840.10008.1.1\x00")):
+        ds = Dataset()
+        ds.AffectedSOPClassUID = "1.2.840.10008.1.1"
+        ds.CommandField, ds.MessageID = 0x0030, 1
+        if fields[1] is None:  # no CommandDataSetType
+            commands.append(encode(ds, True, True))
+        else:  # the group length holds a UID's bytes
+            ds.CommandDataSetType = 0x0101
+            data = encode(ds, True, True)
+            commands.append(struct.pack("<HHI", 0, 0, len(fields[1])) + fields[1] + data)
+    for command in commands:
+        before = len(node.log().splitlines())
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        ae.acse_timeout = ae.network_timeout = 10
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="CYTONODE")
+        assert assoc.is_established
+        assoc.dul.socket.socket.sendall(_pdata(assoc.accepted_contexts[0].context_id, command))
+        deadline = time.monotonic() + 10
+        while assoc.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert assoc.is_aborted
+        time.sleep(0.5)
+        lines = node.log().splitlines()[before:]
+        assert "Traceback" not in node.log(), "\n".join(lines)
+        assert len([line for line in lines if "established" not in line]) <= 1, lines
+    assert echo(node.port)
