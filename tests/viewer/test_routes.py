@@ -445,6 +445,10 @@ def test_case_pages_name_the_patient_and_state_the_differential(client_as, node_
                 "not in the differential)") in page
         assert "immature granulocyte" in page and ">ig<" not in page
         assert 'data-label="erythroblast"' not in page and 'data-label="platelet"' not in page
+        # the slide check and the thresholds' site calibration, as the job recorded them
+        assert node_case.job["result"]["validated_domain"] == "inside the validated domain"
+        assert ('id="domain-check">inside the validated domain · site calibration: none<' in page
+                and "domain-alert" not in page), url
     case = client.get(f"/api/cases/{uid}").get_json()
     assert case["class_names"]["ig"] == "immature granulocyte"
     assert case["report"]["note"] and case["report"]["white_cells"] == report["white_cells"]
