@@ -380,7 +380,7 @@ def _guard_dimse_decoding(assoc: Any) -> None:
     def receive_primitive(primitive: Any) -> None:
         try:
             receive(primitive)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - pynetdicom raises whatever the bytes cause
             assoc.dimse.message = None
             socket = assoc.dul.socket
             if isinstance(socket, PDULimitSocket) and socket.refusal is None:

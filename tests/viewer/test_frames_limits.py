@@ -71,7 +71,7 @@ def test_repeated_frame_numbers_are_refused_with_the_limit(slide_node) -> None:
 
 
 def test_every_frame_once_is_served(slide_node) -> None:
-    node, url, frames = slide_node
+    _node, url, frames = slide_node
     rsp = _get(url + ",".join(str(n) for n in range(frames, 0, -1)))
     assert rsp.status_code == 200
     assert rsp.content.count(b"Content-Type: application/octet-stream") == frames
