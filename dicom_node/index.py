@@ -93,7 +93,11 @@ class Job(Base):
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Runs started; the running one is the attempt number, which fences out a stale worker.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: The worker holding a running job ("host:pid") and when it last renewed its lease.
+    worker: Mapped[str] = mapped_column(String(64), default="")
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     result_json: Mapped[str] = mapped_column(Text, default="")
     error: Mapped[str] = mapped_column(Text, default="")
 

@@ -17,7 +17,7 @@ from types import FrameType
 from dicom_node.ae import configure_pynetdicom, make_ae
 from dicom_node.jobs import configure_celery, dispatch
 from dicom_node.outbox import deliver_due
-from dicom_node.routing import mark_queued, pending_jobs, route_stable_series
+from dicom_node.routing import mark_queued, pending_jobs, requeue_lost_jobs, route_stable_series
 from dicom_node.settings import Settings
 from dicom_node.store import Store
 from dicom_node.tls import dicom_server_context
@@ -90,6 +90,7 @@ class Node:
     def _route(self) -> None:
         s = self.settings
         route_stable_series(self.store, s.routing_rules, s.stable_age_s)
+        requeue_lost_jobs(self.store, s.job_lease_s, s.job_max_attempts)
         for job_id in pending_jobs(self.store):
             dispatch(job_id)
             mark_queued(self.store, job_id)

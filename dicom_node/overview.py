@@ -47,6 +47,8 @@ def node_status(store: Store) -> dict[str, Any]:
             "state": j.state,
             "progress": j.progress,
             "attempts": j.attempts,
+            "worker": j.worker,
+            "heartbeat_at": j.heartbeat_at,
             "created_at": j.created_at,
             "started_at": j.started_at,
             "finished_at": j.finished_at,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dicom_node.index import Instance, Job, Series
@@ -63,6 +63,39 @@ def pending_jobs(store: Store) -> list[int]:
     """Jobs made but not yet handed to the broker (e.g. after a crash)."""
     with store.session() as session:
         return list(session.scalars(select(Job.id).where(Job.state == "pending")).all())
+
+
+def requeue_lost_jobs(store: Store, lease_s: float, max_attempts: int,
+                      now: float | None = None) -> list[int]:
+    """Give back to the queue every running job whose worker has not renewed its lease for
+    ``lease_s`` (it died, or hangs); fail it instead once it has run ``max_attempts`` times.
+
+    Returns the ids put back to ``pending``, which the router dispatches again. The worker that
+    lost the lease can no longer record the outcome (see :mod:`dicom_node.worker`).
+    """
+    now = time.time() if now is None else now
+    last_seen = func.coalesce(Job.heartbeat_at, Job.started_at, 0.0)
+    requeued: list[int] = []
+    with store.session() as session:
+        lost = session.execute(select(Job.id, Job.attempts, Job.worker).where(
+            Job.state == "running", last_seen < now - lease_s)).all()
+        for job_id, attempts, worker in lost:
+            if attempts >= max_attempts:
+                values = {"state": "failed", "finished_at": now, "progress": "failed",
+                          "error": f"the worker was lost {attempts} times (last {worker or 'unknown'}, "
+                                   f"no lease renewal for {lease_s:g} s); not retried"}
+            else:
+                values = {"state": "pending", "progress": f"requeued: worker {worker or 'unknown'} lost"}
+            result = session.execute(update(Job).where(
+                Job.id == job_id, Job.state == "running", Job.attempts == attempts,
+                last_seen < now - lease_s).values(**values))
+            session.commit()
+            if getattr(result, "rowcount", 0):
+                log.warning("job %d: worker %s lost (attempt %d of %d); %s", job_id, worker, attempts,
+                            max_attempts, "failed" if values["state"] == "failed" else "requeued")
+                if values["state"] == "pending":
+                    requeued.append(job_id)
+    return requeued
 
 
 def mark_queued(store: Store, job_id: int) -> None:

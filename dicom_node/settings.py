@@ -132,6 +132,10 @@ class Settings:
     release_policy: ReleasePolicyValues = ReleasePolicyValues.IMMEDIATE
     outbox_retry_initial_s: float = 2.0
     outbox_retry_max_s: float = 300.0
+    #: A running job whose worker has not renewed its lease for this long is queued again.
+    job_lease_s: float = 120.0
+    #: Runs of one job (the first included) before a lost job is failed instead of requeued.
+    job_max_attempts: int = 3
     shutdown_grace_s: float = 30.0
     min_free_bytes: int = 64 * 1024 * 1024
     move_destinations: tuple[Destination, ...] = ()
@@ -160,6 +164,8 @@ class Settings:
             raise SettingsError("stable_age_s, network_timeout_s and shutdown_grace_s must be positive")
         if not 0 < self.outbox_retry_initial_s <= self.outbox_retry_max_s:
             raise SettingsError("need 0 < outbox_retry_initial_s <= outbox_retry_max_s")
+        if self.job_lease_s <= 0 or self.job_max_attempts < 1:
+            raise SettingsError("need job_lease_s > 0 and job_max_attempts >= 1")
         if self.workers < 0:
             raise SettingsError("workers must be 0 (no embedded worker) or more")
         for name, enum_type in (("duplicate_policy", DuplicatePolicyValues),

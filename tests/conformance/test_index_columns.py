@@ -51,3 +51,24 @@ def test_ingest_fills_the_query_columns(tmp_path: Path) -> None:
             assert (study.study_time, study.study_id, inst.instance_number) == ("120000", "1", 1)
     finally:
         store.close()
+
+
+OLD_JOBS = """
+CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, series_instance_uid VARCHAR(64) NOT NULL,
+  state VARCHAR(16) NOT NULL, progress VARCHAR(200) NOT NULL, created_at FLOAT NOT NULL,
+  started_at FLOAT, finished_at FLOAT, attempts INTEGER NOT NULL, result_json TEXT NOT NULL,
+  error TEXT NOT NULL, CONSTRAINT one_job_per_series UNIQUE (series_instance_uid));
+INSERT INTO jobs VALUES (1, '1.2.3.4', 'running', 'segment 1/2', 0, 5, NULL, 1, '', '');
+"""
+
+
+def test_old_index_gets_the_job_lease_columns(tmp_path: Path) -> None:
+    """A job running when the node was upgraded has no lease yet: ``heartbeat_at`` is NULL, and the
+    router falls back to its start time (see ``routing.requeue_lost_jobs``)."""
+    db = tmp_path / "index.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(OLD_JOBS)
+    make_engine(f"sqlite:///{db}").dispose()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT state, attempts, worker, heartbeat_at FROM jobs").fetchall() == [
+            ("running", 1, "", None)]

@@ -137,11 +137,13 @@ def test_sample_slide_is_analysed_and_results_reach_orthanc(start_node, tmp_path
         assert job["result"]["cell_count"] > 0
         assert sum(row["count"] for row in job["result"]["differential"]) == job["result"]["cell_count"]
         objects = job["result"]["objects"]
-        assert set(objects) == {"sr", "ann", "seg"}
+        # ... and, for any PACS viewer, a PDF report and a gallery of the flagged cells ...
+        assert set(objects) == {"sr", "ann", "seg", "pdf", "sc"}
         # ... which the outbox delivered to the PACS, in the slide's study.
-        node.wait_for(lambda s: s["outbox"]["sent"] == 3, timeout=120, what="delivery to Orthanc")
+        node.wait_for(lambda s: s["outbox"]["sent"] == 5, timeout=120, what="delivery to Orthanc")
         classes = {"sr": "1.2.840.10008.5.1.4.1.1.88.34", "ann": "1.2.840.10008.5.1.4.1.1.91.1",
-                   "seg": "1.2.840.10008.5.1.4.1.1.66.4"}
+                   "seg": "1.2.840.10008.5.1.4.1.1.66.4", "pdf": "1.2.840.10008.5.1.4.1.1.104.1",
+                   "sc": "1.2.840.10008.5.1.4.1.1.7"}
         for kind, uid in objects.items():
             found = orthanc.find_instance(uid)
             assert len(found) == 1, f"{kind} not in Orthanc"
@@ -151,6 +153,6 @@ def test_sample_slide_is_analysed_and_results_reach_orthanc(start_node, tmp_path
         rsp = requests.get(f"{orthanc.url}/dicom-web/studies/{base.StudyInstanceUID}/series", timeout=30)
         assert rsp.ok
         modalities = {s["00080060"]["Value"][0] for s in rsp.json()}
-        assert {"SR", "ANN", "SEG"} <= modalities
+        assert {"SR", "ANN", "SEG", "DOC", "OT"} <= modalities
     finally:
         orthanc.stop()
