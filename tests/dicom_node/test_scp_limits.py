@@ -102,7 +102,9 @@ def test_pdata_larger_than_max_pdu_aborts_the_association(start_node) -> None:
     assert sent < 64 << 20, f"the node read {sent} bytes of a P-DATA it should have refused"
     assert assoc.is_aborted, "the node did not abort the association"
     growth = _rss_bytes(node) - before
-    assert growth < 16 << 20, f"RSS grew by {growth / 2**20:.0f} MiB"
+    # Reading the P-DATA would add its 128 MiB; the first association's lazily imported code and
+    # allocator arenas measured up to 29 MiB on a busy machine (CI, 2026-12-04).
+    assert growth < 48 << 20, f"RSS grew by {growth / 2**20:.0f} MiB"
     assert echo(node.port)
     log = node.log()
     assert "CYTONODE_MAX_PDU" in log and "Traceback" not in log
