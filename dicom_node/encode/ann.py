@@ -32,7 +32,7 @@ from dicom_node.encode.common import (
     image_to_slide,
     new_uid,
 )
-
+from dicom_node.encode.differential import class_label
 
 #: Display colour per class (sRGB hex): the class colours of the node's own slide view
 #: (``viewer.slides.CLASS_COLOURS``, chosen for contrast over a smear), so that a cell has the
@@ -143,7 +143,7 @@ def _group(number: int, label: CellClassValues, what: str, graphic_type: hd.ann.
     return hd.ann.AnnotationGroup(
         number=number,
         uid=str(hd.UID()),
-        label=f"{label.value} {what}",
+        label=f"{class_label(label)} {what}",  # in words: "immature granulocyte outlines"
         annotated_property_category=codes.ANATOMICAL_STRUCTURE,
         annotated_property_type=codes.CLASS_CODES[label],
         graphic_type=graphic_type,

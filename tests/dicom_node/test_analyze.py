@@ -21,6 +21,7 @@ import pytest
 
 from analysis.classes import CLASS_NAMES
 from analysis.results import wilson_interval
+from dicom_node.encode.differential import class_label
 
 REPO = Path(__file__).resolve().parents[2]
 SLIDE = REPO / "dicom_node" / "data" / "sample_slide"
@@ -119,8 +120,8 @@ def test_cells_match_detect_and_annotations(analyzed: tuple[Path, dict[str, Any]
     for cell, found in zip(summary["cells"], detected):
         assert cell["bbox"] == found["bbox"]
         assert (cell["x"], cell["y"]) == pytest.approx((found["x"], found["y"]), abs=0.11)
-    labels = sorted(g.label.split()[0] for g in outlines)
-    assert labels == sorted({c["label"] for c in summary["cells"]})
+    labels = sorted(g.label.rsplit(" ", 1)[0] for g in outlines)  # "<class in words> outlines"
+    assert labels == sorted({class_label(c["label"]) for c in summary["cells"]})
 
 
 def test_report_references_the_slide(analyzed: tuple[Path, dict[str, Any]],
