@@ -127,12 +127,15 @@ def run_classify(args: argparse.Namespace) -> int:
     from analysis.framing import (
         CELL_IMAGE_MAX_SIDE,
         CELL_IMAGE_MIN_SIDE,
+        FIELD_OF_VIEW_UM,
         FramedImage,
         check_image_size,
         collect_image_paths,
+        frame_at,
         frame_cell_image,
         read_image,
     )
+    from analysis.review import diffusion_reasons
 
     if args.batch < 1:
         raise ValueError("--batch must be positive")
@@ -195,24 +198,25 @@ def run_classify(args: argparse.Namespace) -> int:
             try:
                 rgb = read_image(p)
                 framed.append(frame_cell_image(rgb, model.image_size, args.pixel_spacing))
-                if review_model is not None:  # the same cell at the spacing just found
-                    reference_images.append(frame_cell_image(
-                        rgb, review_model.image_size, framed[-1].pixel_spacing_um).image)
+                if review_model is not None:  # the same cell and spacing, at the reference's size
+                    h, w = rgb.shape[:2]
+                    reference_images.append(frame_at(rgb, (w / 2, h / 2), framed[-1].pixel_spacing_um,
+                                                     FIELD_OF_VIEW_UM, review_model.image_size))
             except DatasetError as exc:
                 sys.stderr.write(f"cytonode classify: {p}: {exc}\n")
                 return 2
         images = np.stack([f.image for f in framed])
         pred: Predictions
-        reasons: list[list[str]] | None = None
         if isinstance(model, DiffusionClassifier):
             pred = model.predict(images, generator)
-            if review_model is not None:
-                a = review_model.assess(pred.label, pred.uncertainty, np.stack(reference_images))
-                pred = dataclasses.replace(pred, review=a.decision.review, abnormal=a.decision.abnormal,
-                                           anomaly_score=a.feature_distance)
-                reasons = [[r.value for r in rs] for rs in a.decision.reasons]
         else:
             pred = model.predict(images)
+        reasons = diffusion_reasons(pred.review, pred.abnormal)
+        if review_model is not None:
+            a = review_model.assess(pred.label, pred.uncertainty, np.stack(reference_images))
+            pred = dataclasses.replace(pred, review=a.decision.review, abnormal=a.decision.abnormal,
+                                       anomaly_score=a.feature_distance)
+            reasons = a.decision.reasons
         for i, path in enumerate(chunk):
             record = {
                 "path": str(path),
@@ -223,9 +227,7 @@ def run_classify(args: argparse.Namespace) -> int:
                 "anomaly_score": round(float(pred.anomaly_score[i]), 6),
                 "review": bool(pred.review[i]),
                 "abnormal": bool(pred.abnormal[i]),
-                "review_reasons": reasons[i] if reasons is not None else (
-                    (["high-uncertainty"] if pred.review[i] else [])
-                    + (["high-anomaly-score"] if pred.abnormal[i] else [])),
+                "review_reasons": [r.value for r in reasons[i]],
                 "pixel_spacing_um": round(framed[i].pixel_spacing_um, 5),
                 "pixel_spacing_source": framed[i].spacing_source,
                 "scale_ok": framed[i].scale_ok,

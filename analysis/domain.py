@@ -19,11 +19,16 @@ the SR, the viewer, the demo output and ``status --json`` say so with the reason
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 #: Fewer cells than this say too little about the slide's cells as a whole.
 MIN_CELLS_FOR_DISTRIBUTION = 10
+#: The slide threshold is this multiple of a reference median: the largest val lab's
+#: (chosen by :mod:`analysis.training.review_rule`) or a site calibration's own.
+SLIDE_MARGIN = 1.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,3 +62,21 @@ def check_domain(scale_ok: bool | None, red_cell_diameter_um: float | None,
             reasons.append(f"its white cells look unlike every calibrated site (median distance "
                            f"{median:.1f} > {slide_feature_threshold:.1f})")
     return DomainCheck(inside=not reasons, reasons=tuple(reasons), median_feature_distance=median)
+
+
+def slide_threshold(rule_threshold: float | None, site: Any = None) -> float | None:
+    """The slide check's threshold: a margin above the site calibration's own median distance,
+    else the review rule's (``None``: the distribution is not checked)."""
+    if site is not None and site.median_distance > 0:
+        return SLIDE_MARGIN * float(site.median_distance)
+    return rule_threshold
+
+
+def headline(parameters: Mapping[str, Any]) -> str | None:
+    """The one line a person reads first about a result's slide check (``None`` for results
+    written before the check existed), from the result's provenance parameters."""
+    verdict = parameters.get("validated_domain")
+    if not verdict:
+        return None
+    verdict = str(verdict)
+    return ("WARNING: this slide is " if verdict.startswith("outside") else "slide check: ") + verdict

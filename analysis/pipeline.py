@@ -40,7 +40,7 @@ from numpy.typing import NDArray
 from analysis.classes import CLASS_NAMES, CellClassValues
 from analysis.crops import CropConfig, ScaleCheck, crop_cell, crop_footprint, slide_scale_check
 from analysis.detect import DetectedCell, DetectorConfig, find_cells
-from analysis.domain import DomainCheck, check_domain
+from analysis.domain import DomainCheck, check_domain, slide_threshold
 from analysis.errors import SlideUnreadableError
 from analysis.results import (
     CellResult,
@@ -50,6 +50,7 @@ from analysis.results import (
     ModelProvenance,
     SlideResult,
 )
+from analysis.review import decide, diffusion_reasons
 from analysis.tiles import VL_WSM_SOP_CLASS_UID, Slide, has_dicm_preamble
 
 logger = logging.getLogger(__name__)
@@ -491,39 +492,23 @@ def _review(review_model: Any, predictions: dict[str, np.ndarray],
             reference_framed: NDArray[np.uint8] | None, *, scale: ScaleCheck,
             site: Any = None) -> _Flags:
     """Flags and reasons of every cell: the review rule (:mod:`analysis.review`) when the
-    calibration has one, else the diffusion thresholds alone. A suspected abnormal cell
+    calibration has one, else the diffusion thresholds alone; every cell of a slide outside
+    the validated domain (:mod:`analysis.domain`) is flagged too. A suspected abnormal cell
     always goes to review, so "flagged" means the same everywhere."""
-    if review_model is not None:
-        assessment = review_model.assess(predictions["label"], predictions["uncertainty"],
-                                         reference_framed, site=site)
-        domain = check_domain(scale.ok, scale.red_cell_diameter_um, assessment.feature_distance,
-                              _slide_threshold(review_model.rule, site))
-        reasons = assessment.decision.reasons
-        if not domain.inside:
-            logger.warning("slide %s", domain.summary)
-            reasons = tuple(r + (FlagReasonValues.OUTSIDE_DOMAIN,) for r in reasons)
-        return _Flags(reasons, assessment.decision.abnormal, assessment.feature_distance, domain)
-    domain = check_domain(scale.ok, scale.red_cell_diameter_um, None, None)
-    outside_domain = not domain.inside
-    reasons = []
-    for i in range(len(predictions["label"])):
-        r = []
-        if predictions["review"][i]:
-            r.append(FlagReasonValues.HIGH_UNCERTAINTY)
-        if predictions["abnormal"][i]:
-            r.append(FlagReasonValues.HIGH_ANOMALY_SCORE)
-        if outside_domain:
-            r.append(FlagReasonValues.OUTSIDE_DOMAIN)
-        reasons.append(tuple(r))
-    return _Flags(tuple(reasons), np.asarray(predictions["abnormal"], bool),
-                  np.asarray(predictions["anomaly_score"], np.float64), domain)
-
-
-def _slide_threshold(rule: Any, site: Any) -> float | None:
-    """The slide check's threshold: the rule's, or a margin above the site's own median."""
-    if site is not None and site.median_distance > 0:
-        return 1.25 * float(site.median_distance)
-    return rule.slide_feature_threshold
+    if review_model is None:
+        domain = check_domain(scale.ok, scale.red_cell_diameter_um, None, None)
+        reasons = diffusion_reasons(predictions["review"], predictions["abnormal"],
+                                    outside_domain=not domain.inside)
+        return _Flags(reasons, np.asarray(predictions["abnormal"], bool),
+                      np.asarray(predictions["anomaly_score"], np.float64), domain)
+    reference_label, _, distance = review_model.measure(reference_framed, site)
+    domain = check_domain(scale.ok, scale.red_cell_diameter_um, distance,
+                          slide_threshold(review_model.rule.slide_feature_threshold, site))
+    if not domain.inside:
+        logger.warning("slide %s", domain.summary)
+    decision = decide(review_model.rule_for(site), predictions["label"], reference_label,
+                      predictions["uncertainty"], distance, outside_domain=not domain.inside)
+    return _Flags(decision.reasons, decision.abnormal, distance, domain)
 
 
 def _framed(crops: Sequence[NDArray[np.uint8]], image_size: int) -> NDArray[np.uint8]:
@@ -628,7 +613,7 @@ def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
         "image_size": int(classifier.image_size),
     }
     if review_model is not None:
-        rule = review_model.rule
+        rule = review_model.rule_for(config.site)
         parameters["review_rule"] = "significant class, unlike any training class, models disagree, uncertain"
         for key, value in (("review_uncertainty_threshold", rule.uncertainty_threshold),
                            ("review_feature_threshold", rule.feature_threshold)):
@@ -637,8 +622,6 @@ def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
         parameters["review_significant_classes"] = ", ".join(rule.significant_classes)
         parameters["anomaly_score"] = "reference feature distance (Mahalanobis, nearest class)"
         parameters["site_calibration"] = config.site.label if config.site is not None else "none"
-        if config.site is not None:
-            parameters["review_feature_threshold"] = float(config.site.feature_threshold)
         parameters["reference_weights_sha256"] = weights_sha256(
             (config.weights_dir or WEIGHTS_DIR) / REFERENCE_WEIGHTS)
     if domain is not None:

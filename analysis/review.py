@@ -215,6 +215,15 @@ def decide(rule: ReviewRule, label: np.ndarray, reference_label: np.ndarray,
                           reasons=reasons)
 
 
+def diffusion_reasons(review: np.ndarray, abnormal: np.ndarray, *, outside_domain: bool = False
+                      ) -> tuple[tuple[FlagReasonValues, ...], ...]:
+    """Reasons under a calibration without the rule: the diffusion classifier's own review
+    (uncertainty) and abnormal (anomaly score) thresholds, and the slide check."""
+    tail = (FlagReasonValues.OUTSIDE_DOMAIN,) if outside_domain else ()
+    return tuple((FlagReasonValues.HIGH_UNCERTAINTY,) * bool(r) + (FlagReasonValues.HIGH_ANOMALY_SCORE,)
+                 * bool(a) + tail for r, a in zip(review, abnormal))
+
+
 @dataclasses.dataclass(frozen=True)
 class Assessment:
     """The review decision of a set of cells with what it rests on."""
@@ -256,30 +265,34 @@ class ReviewModel:
         """The reference network's input size (cells are framed for it apart)."""
         return self.reference.image_size
 
+    def rule_for(self, site: Any = None) -> ReviewRule:
+        """The rule with a :class:`analysis.site.SiteCalibration`'s feature threshold, if any."""
+        if site is None:
+            return self.rule
+        return dataclasses.replace(self.rule, feature_threshold=site.feature_threshold)
+
+    def measure(self, reference_images: np.ndarray, site: Any = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The reference's call, its probabilities and the feature distance (with the site's
+        shift, if any) of cells framed at :attr:`image_size`."""
+        import torch
+
+        from analysis.reference import reference_logits
+
+        if len(reference_images) == 0:
+            return np.zeros(0, np.int64), np.zeros((0, len(CLASS_NAMES))), np.zeros(0)
+        logits, features = reference_logits(self.reference.model, reference_images, features=True)
+        assert features is not None  # asked for
+        p = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+        distance = self.density.distance(features, None if site is None else site.shift())
+        return p.argmax(axis=1), p, distance
+
     def assess(self, label: np.ndarray, uncertainty: np.ndarray, reference_images: np.ndarray, *,
                outside_domain: bool = False, site: Any = None) -> Assessment:
         """Decide for cells the diffusion classifier called ``label`` with ``uncertainty``;
         ``reference_images`` are the same cells framed at :attr:`image_size`. With a
         :class:`analysis.site.SiteCalibration` its shift and feature threshold are used."""
-        import torch
-
-        from analysis.reference import reference_logits
-
-        n = len(label)
-        if n == 0:
-            empty = np.zeros(0)
-            return Assessment(decide(self.rule, empty, empty, empty, empty), empty,
-                              np.zeros(0, np.int64), np.zeros((0, len(CLASS_NAMES))))
-        logits, features = reference_logits(self.reference.model, reference_images, features=True)
-        assert features is not None  # asked for
-        p = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
-        reference_label = p.argmax(axis=1)
-        rule = self.rule
-        if site is None:
-            distance = self.density.distance(features)
-        else:
-            distance = self.density.distance(features, site.shift())
-            rule = dataclasses.replace(rule, feature_threshold=site.feature_threshold)
-        decision = decide(rule, label, reference_label, uncertainty, distance,
+        reference_label, p, distance = self.measure(reference_images, site)
+        decision = decide(self.rule_for(site), label, reference_label, uncertainty, distance,
                           outside_domain=outside_domain)
         return Assessment(decision, distance, reference_label, p)

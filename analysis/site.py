@@ -15,9 +15,9 @@ frames them) and fits:
 ``feature_threshold``
     The distance (after the shift) that flags the same share of the site's cells as
     the shipped threshold flags of val normal cells (``val_normal_flag_rate``).
-``colour``
-    Mean and standard deviation of the site's cells in CIELAB (recorded for the
-    report and the slide quality check; not applied to the pixels).
+``median_distance``
+    The median of the site's distances after the shift: the slide check's reference
+    (:func:`analysis.domain.slide_threshold`).
 
 It is stored as ``DATA_DIR/sites/<id>.json`` with its id, date, cell count and
 source, and every result analysed with it names it in its provenance.
@@ -59,8 +59,6 @@ class SiteCalibration:
     feature_threshold: float
     flag_rate_before: float
     flag_rate_after: float
-    colour_lab_mean: tuple[float, float, float]
-    colour_lab_std: tuple[float, float, float]
     #: Median distance of the site's cells after the shift (the slide check's reference).
     median_distance: float = 0.0
 
@@ -85,8 +83,7 @@ class SiteCalibration:
     @classmethod
     def from_json(cls, text: str) -> SiteCalibration:
         raw: dict[str, Any] = json.loads(text)
-        for key in ("feature_shift", "colour_lab_mean", "colour_lab_std"):
-            raw[key] = tuple(float(v) for v in raw[key])
+        raw["feature_shift"] = tuple(float(v) for v in raw["feature_shift"])
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
@@ -124,17 +121,7 @@ def list_sites(data_dir: Path) -> list[SiteCalibration]:
     return sorted(out, key=lambda s: s.created)
 
 
-def lab_colour(images: np.ndarray) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Mean and standard deviation of uint8 RGB cell images in CIELAB (OpenCV's 8-bit scale)."""
-    import cv2
-
-    lab = np.concatenate([cv2.cvtColor(np.ascontiguousarray(im), cv2.COLOR_RGB2LAB).reshape(-1, 3)
-                          for im in images]).astype(np.float64)
-    mean, std = lab.mean(axis=0), lab.std(axis=0)
-    return (float(mean[0]), float(mean[1]), float(mean[2])), (float(std[0]), float(std[1]), float(std[2]))
-
-
-def fit_site(site_id: str, features: np.ndarray, images: np.ndarray, *, density: Any,
+def fit_site(site_id: str, features: np.ndarray, *, density: Any,
              shipped_threshold: float, val_normal_flag_rate: float, source: str) -> SiteCalibration:
     """Fit a site calibration from the reference ``features`` of the site's cells
     (``density``: :class:`analysis.review.FeatureDensity`)."""
@@ -144,7 +131,6 @@ def fit_site(site_id: str, features: np.ndarray, images: np.ndarray, *, density:
     before = density.distance(features)
     after = density.distance(features, shift)
     threshold = float(np.quantile(after, 1.0 - val_normal_flag_rate))
-    mean, std = lab_colour(images)
     return SiteCalibration(
         site_id=site_id, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         cells=len(features), source=source,
@@ -152,4 +138,4 @@ def fit_site(site_id: str, features: np.ndarray, images: np.ndarray, *, density:
         feature_threshold=threshold,
         flag_rate_before=round(float(np.mean(before > shipped_threshold)), 4),
         flag_rate_after=round(float(np.mean(after > threshold)), 4),
-        colour_lab_mean=mean, colour_lab_std=std, median_distance=round(float(np.median(after)), 4))
+        median_distance=round(float(np.median(after)), 4))

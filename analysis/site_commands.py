@@ -105,7 +105,7 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     _, features = reference_logits(model.reference.model, images, features=True)
     assert features is not None  # asked for
     val_rate = float(model.rule.val_normal_flag_rate)
-    site = fit_site(site_id, features, images, density=model.density,
+    site = fit_site(site_id, features, density=model.density,
                     shipped_threshold=model.rule.feature_threshold,
                     val_normal_flag_rate=val_rate, source=source)
     path = save_site(data_dir, site)

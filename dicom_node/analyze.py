@@ -54,7 +54,6 @@ def add_analyze(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 def run_analyze(args: argparse.Namespace) -> int:
     """Run ``cytonode analyze``; return the exit status (0, 2 for bad input)."""
-    import pydicom
 
     from analysis.errors import CheckpointError, NotABloodSmearError, SlideUnreadableError
     from analysis.pipeline import PipelineConfig, classify_slide, series_files
@@ -238,14 +237,14 @@ def _print_differential(result: Any, timings: dict[str, float], out: Path, *,
                         platelets_detected: int | None = None) -> None:
     """A short human-readable report on stdout: the differential, the flagged cells with their
     numbers (as the SR and the viewer name them) and reasons in words."""
+    from analysis.domain import headline
     from dicom_node.encode.differential import Differential, class_label
 
     lines = [f"{len(result.cells)} cells classified; written to {out}"]
     params = result.provenance.parameters
-    if "validated_domain" in params:
-        domain = str(params["validated_domain"])
-        lines.append(("WARNING: this slide is " if domain.startswith("outside") else "slide check: ")
-                     + domain + f" (site calibration: {params.get('site_calibration', 'none')})")
+    line = headline(params)
+    if line is not None:
+        lines.append(f"{line} (site calibration: {params.get('site_calibration', 'none')})")
     lines += Differential.from_result(result, platelets_detected=platelets_detected).lines()
     for cell in result.review_cells:
         lines.append(f"    Cell {cell.cell_id}: {class_label(cell.label)}"

@@ -212,11 +212,12 @@ def _load_summary(results_dir: Path) -> dict[str, Any] | None:
 
 def _show_domain(summary: dict[str, Any]) -> None:
     """The slide quality check and the site calibration the review thresholds came from."""
+    from analysis.domain import headline
+
     params = summary.get("provenance", {}).get("parameters", {})
-    domain = params.get("validated_domain")
-    if domain:
-        _say(("WARNING: this slide is " if str(domain).startswith("outside") else "slide check: ")
-             + str(domain))
+    line = headline(params)
+    if line is not None:
+        _say(line)
     site = params.get("site_calibration", "none")
     _say(f"site calibration: {site}" + (" (the shipped thresholds; a lab calibrates its own with "
                                         "`cytonode calibrate-site`, see the README)"

@@ -43,14 +43,13 @@ from analysis.classifier import (
     read_calibration,
 )
 from analysis.classify import DiffusionScores, error_deltas
+from analysis.domain import SLIDE_MARGIN
 from analysis.review import DENSITY_WEIGHTS, SIGNIFICANT_CLASSES, FeatureDensity, ReviewRule, decide
 from analysis.training.review_signals import BLAST, aml_half
 from analysis.uncertainty import auroc
 
 TARGET_ERROR = {"pbc": 0.01, "other": 0.03}
 BLAST_TARGET = 0.95
-#: A slide is outside the validated domain above this multiple of the largest val lab's median.
-SLIDE_MARGIN = 1.25
 #: Shares of a site's own cells the "unlike any training class" threshold may flag.
 SHARES = (0.02, 0.05, 0.10, 0.15)
 SIGNIFICANT = np.array([CLASS_NAMES.index(c) for c in SIGNIFICANT_CLASSES])
