@@ -55,6 +55,7 @@ from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import P_DATA_TF
 
+from tests.dicom_factory import deflate, nested_sequences
 from tests.peers import NodeProcess, echo
 
 SC = "1.2.840.10008.5.1.4.1.1.7"
@@ -221,20 +222,6 @@ def plain(ds: Dataset, syntax: str) -> bytes:
     return data
 
 
-def deflate(data: bytes) -> bytes:
-    z = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
-    return z.compress(data) + z.flush()
-
-
-def nested(depth: int) -> bytes:
-    inner = struct.pack("<HH2sH", 0x0040, 0xA040, b"CS", 4) + b"TEXT"
-    for _ in range(depth):
-        inner = (struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF)
-                 + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + inner
-                 + struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
-    return inner
-
-
 def element_headers(data: bytes, implicit: bool, start: int = 0, end: int | None = None) -> list[int]:
     """Offsets of every element header of a well-formed data set (defined lengths, as pydicom
     writes them), in sequence items too."""
@@ -270,7 +257,7 @@ def mutate(kind: str, rng: random.Random) -> tuple[Dataset, str, bytes]:
     syntax = rng.choice(SYNTAXES)
     if kind == "nested":
         ds = base_dataset(rng, pixels=False)
-        return ds, EXPLICIT, plain(ds, EXPLICIT) + nested(rng.choice((2, 8, 30, 33, 64, 200, 500)))
+        return ds, EXPLICIT, plain(ds, EXPLICIT) + nested_sequences(rng.choice((2, 8, 30, 33, 64, 200, 500)))
     ds = base_dataset(rng)
     if kind == "bad-vr":
         syntax = rng.choice((EXPLICIT, DEFLATED))
@@ -434,11 +421,11 @@ def run_case(port: int, kind: str, seed: int) -> dict[str, object]:
 # The run ------------------------------------------------------------------------------------
 
 def rss(node: NodeProcess) -> int:
-    assert node.proc is not None
-    for line in Path(f"/proc/{node.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """The node's RSS in bytes; 0 when it has none (it exited)."""
+    try:
+        return node.rss()
+    except AssertionError:
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:

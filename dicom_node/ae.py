@@ -152,15 +152,10 @@ def configure_pynetdicom(settings: Settings) -> None:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         for name in PEER_PDU_LOGGERS:
             logging.getLogger(name).setLevel(logging.CRITICAL)
-        dul_logger = logging.getLogger("pynetdicom.dul")
-        if _PEER_PDU_ERRORS not in dul_logger.filters:
-            dul_logger.addFilter(_PEER_PDU_ERRORS)
-        association_logger = logging.getLogger("pynetdicom.association")
-        if _PEER_MESSAGE_REPORTS not in association_logger.filters:
-            association_logger.addFilter(_PEER_MESSAGE_REPORTS)
-        dimse_logger = logging.getLogger("pynetdicom.dimse")
-        if _PEER_MESSAGE_TRACEBACKS not in dimse_logger.filters:
-            dimse_logger.addFilter(_PEER_MESSAGE_TRACEBACKS)
+        for name, peer_filter in (("pynetdicom.dul", _PEER_PDU_ERRORS),
+                                  ("pynetdicom.association", _PEER_MESSAGE_REPORTS),
+                                  ("pynetdicom.dimse", _PEER_MESSAGE_TRACEBACKS)):
+            logging.getLogger(name).addFilter(peer_filter)  # once: addFilter skips a repeat
 
 
 class AssociationLimit:

@@ -579,6 +579,13 @@ def _move_contexts(instances: list[Instance]) -> list[Any]:
     return contexts
 
 
+def _move_association(settings: Settings, dest: Destination, instances: list[Instance]
+                      ) -> tuple[str, int, dict[str, Any]]:
+    """What a C-MOVE handler yields first: where to send, with the contexts and TLS to use."""
+    return dest.host, dest.port, {"contexts": _move_contexts(instances),
+                                  "tls_args": client_tls_args(settings, dest)}
+
+
 def handle_move(event: evt.Event, store: Store, settings: Settings) -> Iterator[Any]:
     """C-MOVE SCP (PS3.4 C.4.2): C-STORE sub-operations to a configured AE only."""
     calling = event.assoc.requestor.ae_title.strip()
@@ -594,15 +601,13 @@ def handle_move(event: evt.Event, store: Store, settings: Settings) -> Iterator[
         # pynetdicom answers success when 0 sub-operations are announced, so announce one and
         # fail it with the identifier's status (it associates with the destination first).
         log.warning("C-MOVE from %s refused: %s", calling, exc)
-        yield dest.host, dest.port, {"contexts": _move_contexts([]),
-                                     "tls_args": client_tls_args(settings, dest)}
+        yield _move_association(settings, dest, [])
         yield 1
         yield int(exc.status), None
         return
     except Exception:  # the DIMSE edge
         log.exception("C-MOVE from %s failed", calling)
-        yield dest.host, dest.port, {"contexts": _move_contexts([]),
-                                     "tls_args": client_tls_args(settings, dest)}
+        yield _move_association(settings, dest, [])
         yield 1
         yield int(QueryRetrieveStatusValues.UNABLE_TO_PROCESS), None
         return
@@ -610,8 +615,7 @@ def handle_move(event: evt.Event, store: Store, settings: Settings) -> Iterator[
         log.warning("C-MOVE from %s: more than 128 contexts needed; some sub-operations will fail",
                     calling)
     log.info("C-MOVE from %s to %s: %d instances", calling, dest, len(instances))
-    yield dest.host, dest.port, {"contexts": _move_contexts(instances),
-                                 "tls_args": client_tls_args(settings, dest)}
+    yield _move_association(settings, dest, instances)
     yield len(instances)
     yield from _send_all(event, store, instances)
 

@@ -163,7 +163,8 @@ class Store:
         # The structure first: pydicom reads damaged data tolerantly, or recursing without bound.
         offset = 132 + 12 + int(meta_end or 0)
         with open(path, "rb") as fp:
-            pixel_data_length = check_structure(fp, offset, os.fstat(fp.fileno()).st_size, tsyntax)
+            file_size = os.fstat(fp.fileno()).st_size
+            pixel_data_length = check_structure(fp, offset, file_size, tsyntax)
         try:
             ds = dcmread(path, stop_before_pixels=True, defer_size="256 KB")
             _ = ds.get("Modality"), ds.get("ImageType")  # forces decoding of the header
@@ -184,7 +185,7 @@ class Store:
         if expected_sop_class is not None and sop_class != expected_sop_class:
             raise SOPClassMismatchError(
                 f"dataset SOPClassUID {sop_class} differs from the request's {expected_sop_class}")
-        size = os.path.getsize(path) - offset
+        size = file_size - offset
         digest = ""  # computed only when the instance arrives again (it costs ~10% of ingest)
         rel = f"{study_uid}/{series_uid}/{sop_uid}.dcm"
 
@@ -301,17 +302,23 @@ class Store:
     # Outbox -------------------------------------------------------------------
     def enqueue(self, sop_instance_uid: str) -> int:
         """Queue a stored instance for every configured destination; return rows added."""
-        added = 0
         with self.session() as session:
             if session.get(Instance, sop_instance_uid) is None:
                 raise KeyError(f"{sop_instance_uid} is not in the store")
-            for dest in self.settings.destinations:
-                exists = session.scalar(select(OutboxItem).where(
-                    OutboxItem.sop_instance_uid == sop_instance_uid,
-                    OutboxItem.destination == str(dest)))
-                if exists is None:
-                    session.add(OutboxItem(sop_instance_uid=sop_instance_uid, destination=str(dest),
-                                           next_attempt_at=0.0))
-                    added += 1
+            added = self.enqueue_in(session, sop_instance_uid)
             session.commit()
+        return added
+
+    def enqueue_in(self, session: Any, sop_instance_uid: str) -> int:
+        """Add the outbox rows of :meth:`enqueue` to ``session`` (the caller commits), for one
+        transaction with other changes; return rows added."""
+        added = 0
+        for dest in self.settings.destinations:
+            exists = session.scalar(select(OutboxItem.id).where(
+                OutboxItem.sop_instance_uid == sop_instance_uid,
+                OutboxItem.destination == str(dest)))
+            if exists is None:
+                session.add(OutboxItem(sop_instance_uid=sop_instance_uid, destination=str(dest),
+                                       next_attempt_at=0.0))
+                added += 1
         return added

@@ -36,10 +36,11 @@ class _ServerContext(ssl.SSLContext):
                                    *args, **kwargs)
 
 
-def _load(context: ssl.SSLContext, settings: Settings, *, own_certificate: bool) -> ssl.SSLContext:
+def _load(context: ssl.SSLContext, settings: Settings) -> ssl.SSLContext:
+    """TLS 1.2 or newer, the node's own certificate (if it has one) and the CAs of ``tls_ca``."""
     context.minimum_version = ssl.TLSVersion.TLSv1_2  # BCP 195 (RFC 9325): TLS 1.2 or newer
     try:
-        if own_certificate and settings.tls_certificate:
+        if settings.tls_certificate:
             context.load_cert_chain(settings.tls_certificate, settings.tls_key)
         if settings.tls_ca:
             context.load_verify_locations(cafile=settings.tls_ca)
@@ -49,22 +50,21 @@ def _load(context: ssl.SSLContext, settings: Settings, *, own_certificate: bool)
     return context
 
 
-def dicom_server_context(settings: Settings) -> ssl.SSLContext | None:
-    """The SCP's context (``None`` when TLS is off): a client certificate signed by a CA in
-    ``tls_ca`` is required with ``tls_require_client_certificate``, else not asked for."""
-    if not settings.tls_enabled:
-        return None
-    context = _load(_ServerContext(ssl.PROTOCOL_TLS_SERVER), settings, own_certificate=True)
-    context.verify_mode = ssl.CERT_REQUIRED if settings.tls_require_client_certificate else ssl.CERT_NONE
-    return context
-
-
 def http_server_context(settings: Settings) -> ssl.SSLContext | None:
     """The HTTPS context (``None`` when TLS is off). Browsers are not asked for certificates:
     the viewer and DICOMweb authenticate with a session or a bearer token."""
     if not settings.tls_enabled:
         return None
-    return _load(_ServerContext(ssl.PROTOCOL_TLS_SERVER), settings, own_certificate=True)
+    return _load(_ServerContext(ssl.PROTOCOL_TLS_SERVER), settings)
+
+
+def dicom_server_context(settings: Settings) -> ssl.SSLContext | None:
+    """The SCP's context (``None`` when TLS is off): the HTTPS one, but a client certificate
+    signed by a CA in ``tls_ca`` is required with ``tls_require_client_certificate``."""
+    context = http_server_context(settings)
+    if context is not None and settings.tls_require_client_certificate:
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def client_tls_args(settings: Settings, destination: Destination) -> tuple[ssl.SSLContext, str] | None:
@@ -79,7 +79,7 @@ def client_tls_args(settings: Settings, destination: Destination) -> tuple[ssl.S
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the certificate and host name
     if not settings.tls_ca:
         context.load_default_certs()
-    return _load(context, settings, own_certificate=True), destination.host
+    return _load(context, settings), destination.host
 
 
 class TLSAssociationServer(ThreadedAssociationServer):

@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from dicom_node.index import Instance, Job, OutboxItem
+from dicom_node.index import Instance, Job
 from dicom_node.settings import VL_WSM, ReleasePolicyValues
 from dicom_node.store import Store
 
@@ -235,11 +235,6 @@ def finish(store: Store, job_id: int, attempt: int, state: str, *,
             session.rollback()
             return False
         for uid in send or ():
-            for dest in store.settings.destinations:
-                exists = session.scalar(select(OutboxItem.id).where(
-                    OutboxItem.sop_instance_uid == uid, OutboxItem.destination == str(dest)))
-                if exists is None:
-                    session.add(OutboxItem(sop_instance_uid=uid, destination=str(dest),
-                                           next_attempt_at=0.0))
+            store.enqueue_in(session, uid)
         session.commit()
         return True

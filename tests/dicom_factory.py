@@ -4,15 +4,26 @@ highdicom test files with fresh UIDs."""
 from __future__ import annotations
 
 import copy
+import math
+import shutil
+import struct
+import subprocess
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pytest
 from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from tests.peers import BCCD_IMAGES
+
+if TYPE_CHECKING:
+    from analysis.results import CellResult, HeatmapGrid, ModelProvenance, SlideResult
 
 MF_TRUE_COLOR_SC = "1.2.840.10008.5.1.4.1.1.7.4"
 
@@ -93,3 +104,52 @@ def comprehensive_3d_sr(evidence: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     sr.save_as(out, enforce_file_format=True)
     return out
+
+
+def ellipse_outline(bbox: tuple[int, int, int, int], n: int = 16) -> tuple[tuple[float, float], ...]:
+    """``n`` points of the ellipse inscribed in ``bbox`` (x0, y0, x1, y1): a cell outline."""
+    x0, y0, x1, y1 = bbox
+    cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    return tuple((round(cx + rx * math.cos(a), 3), round(cy + ry * math.sin(a), 3))
+                 for a in np.linspace(0.0, 2.0 * math.pi, n, endpoint=False))
+
+
+def slide_result(base: Dataset, cells: Iterable[CellResult], provenance: ModelProvenance,
+                 heatmaps: Iterable[HeatmapGrid] = ()) -> SlideResult:
+    """A result on the slide whose base level is ``base``: its UIDs, size and pixel spacing."""
+    from analysis.results import SlideResult
+    from dicom_node.encode.common import pixel_spacing
+
+    return SlideResult(
+        study_instance_uid=base.StudyInstanceUID, series_instance_uid=base.SeriesInstanceUID,
+        sop_instance_uids=(base.SOPInstanceUID,), frame_of_reference_uid=base.FrameOfReferenceUID,
+        total_pixel_matrix_columns=int(base.TotalPixelMatrixColumns),
+        total_pixel_matrix_rows=int(base.TotalPixelMatrixRows),
+        pixel_spacing_mm=pixel_spacing(base), cells=tuple(cells), provenance=provenance,
+        heatmaps=tuple(heatmaps))
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The ``Error`` lines dciodvfy (dicom3tools) reports on ``path``; skips without dciodvfy."""
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (dicom3tools) not installed")
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False,
+                         timeout=120)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def nested_sequences(depth: int) -> bytes:
+    """Explicit VR little endian bytes of (0040,A730) Content Sequence nested ``depth`` deep,
+    sequences and items of undefined length, around one (0040,A040) element."""
+    inner = struct.pack("<HH2sH", 0x0040, 0xA040, b"CS", 4) + b"TEXT"
+    for _ in range(depth):
+        inner = (struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF)
+                 + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + inner
+                 + struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
+    return inner
+
+
+def deflate(data: bytes) -> bytes:
+    """``data`` as a raw deflate stream, as Deflated Explicit VR Little Endian sends it (PS3.5 A.5)."""
+    z = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return z.compress(data) + z.flush()

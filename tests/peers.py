@@ -103,6 +103,14 @@ class NodeProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def rss(self) -> int:
+        """The node process's resident set size in bytes (``VmRSS``, Linux)."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
     def stop(self, timeout: float = 90) -> int:
         """SIGTERM and wait; returns the exit status."""
         assert self.proc is not None

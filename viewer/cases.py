@@ -137,11 +137,6 @@ class CaseState:
         return Differential.from_cells(self.cells,
                                        platelets_detected=self.summary.get("platelets_detected"))
 
-    def differential(self) -> list[dict[str, Any]]:
-        """One row per class (:meth:`Differential.rows`): white cells with percentage of white
-        cells and 95 % Wilson interval, erythroblasts per 100 white cells, platelets apart."""
-        return self.report().rows()
-
     def unreviewed_flagged(self) -> list[dict[str, Any]]:
         """Flagged cells nobody looked at (opened, selected or changed in the review)."""
         return [c for c in self.cells if c["flagged"] and not c["looked_at"]]
@@ -151,38 +146,46 @@ def case_identity(store: Store, series_instance_uid: str) -> dict[str, str]:
     """Who and what the case is: patient name (``^`` as spaces), patient ID, accession number,
     the slide's container identifier and specimen identifier (read once from a stored image)."""
     with store.session() as db:
-        row = db.execute(select(Study).join(Series, Series.study_instance_uid == Study.study_instance_uid)
-                         .where(Series.series_instance_uid == series_instance_uid)).first()
-        instance = db.scalars(select(Instance).where(
-            Instance.series_instance_uid == series_instance_uid,
-            Instance.sop_class_uid == VL_WSM).limit(1)).first()
-        path = store.path_of(instance) if instance is not None else None
-    study = row[0] if row else None
+        study = db.scalars(select(Study).join(Series, Series.study_instance_uid == Study.study_instance_uid)
+                           .where(Series.series_instance_uid == series_instance_uid)).first()
     identity = {
         "patient_name": " ".join(p for p in (study.patient_name if study else "").split("^") if p),
         "patient_id": study.patient_id if study else "",
         "accession_number": study.accession_number if study else "",
-        "container_identifier": "", "specimen_identifier": "",
     }
-    with _cache_lock:
-        slide_ids = _slide_ids_cache.get(series_instance_uid)
-    if slide_ids is None and path is not None:
-        import pydicom
+    return {**identity, **_slide_ids(store, series_instance_uid)}
 
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True,
-                                 specific_tags=["ContainerIdentifier", "SpecimenDescriptionSequence"])
-            specimens = ds.get("SpecimenDescriptionSequence") or []
-            slide_ids = {"container_identifier": str(ds.get("ContainerIdentifier") or ""),
-                         "specimen_identifier": ", ".join(
-                             str(s.get("SpecimenIdentifier") or "") for s in specimens
-                             if s.get("SpecimenIdentifier"))}
-        except (OSError, ValueError, AttributeError):
-            slide_ids = {"container_identifier": "", "specimen_identifier": ""}
-        with _cache_lock:
-            _slide_ids_cache[series_instance_uid] = slide_ids
-    identity.update(slide_ids or {})
-    return identity
+
+def _slide_ids(store: Store, series_instance_uid: str) -> dict[str, str]:
+    """Container and specimen identifiers of the slide, read from one stored image the first
+    time (cached: a stored image does not change)."""
+    with _cache_lock:
+        cached = _slide_ids_cache.get(series_instance_uid)
+    if cached is not None:
+        return cached
+    with store.session() as db:
+        instance = db.scalars(select(Instance).where(
+            Instance.series_instance_uid == series_instance_uid,
+            Instance.sop_class_uid == VL_WSM).limit(1)).first()
+        path = store.path_of(instance) if instance is not None else None
+    slide_ids = {"container_identifier": "", "specimen_identifier": ""}
+    if path is None:  # not stored (yet): nothing to cache
+        return slide_ids
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["ContainerIdentifier", "SpecimenDescriptionSequence"])
+        specimens = ds.get("SpecimenDescriptionSequence") or []
+        slide_ids = {"container_identifier": str(ds.get("ContainerIdentifier") or ""),
+                     "specimen_identifier": ", ".join(
+                         str(s.get("SpecimenIdentifier") or "") for s in specimens
+                         if s.get("SpecimenIdentifier"))}
+    except (OSError, ValueError, AttributeError):
+        pass
+    with _cache_lock:
+        _slide_ids_cache[series_instance_uid] = slide_ids
+    return slide_ids
 
 
 def case_state(store: Store, series_instance_uid: str) -> CaseState:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import io
+import itertools
 import json
 import logging
 import re
@@ -411,14 +412,14 @@ def _frame_numbers(frames: str, inst: Instance) -> list[int]:
     if len(set(numbers)) != len(numbers):
         abort(400, description=f"each frame may be asked for once per request (at most {limit} "
                                "frame numbers)")
-    if not numbers or any(n < 1 or n > inst.number_of_frames for n in numbers):
-        abort(404, description=f"the instance has {inst.number_of_frames} frames")
+    if not numbers or any(n < 1 or n > limit for n in numbers):
+        abort(404, description=f"the instance has {limit} frames")
     return numbers
 
 
 def _raw_frames(ds: Dataset, inst: Instance, numbers: list[int]) -> Iterator[bytes]:
     """The bytes as stored of frames ``numbers`` (encapsulated fragments joined, or native
-    slices), one at a time: no copy of the whole Pixel Data."""
+    slices): no copy of the whole Pixel Data, only of the frames asked for."""
     if inst.transfer_syntax_uid in UNCOMPRESSED or inst.transfer_syntax_uid.endswith(".99"):
         rows, cols = int(ds.Rows), int(ds.Columns)
         spp, bits = int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated)
@@ -427,10 +428,13 @@ def _raw_frames(ds: Dataset, inst: Instance, numbers: list[int]) -> Iterator[byt
         for n in numbers:
             yield bytes(data[(n - 1) * size:n * size])
         return
-    fragments = list(generate_fragmented_frames(ds.PixelData,
-                                                number_of_frames=inst.number_of_frames))
+    asked, wanted = set(numbers), {}  # only the frames asked for, read up to the last of them
+    frames = generate_fragmented_frames(ds.PixelData, number_of_frames=inst.number_of_frames)
+    for n, fragments in enumerate(itertools.islice(frames, max(numbers)), 1):
+        if n in asked:
+            wanted[n] = b"".join(fragments)
     for n in numbers:
-        yield b"".join(fragments[n - 1])
+        yield wanted[n]
 
 
 def _frame_choice(inst: Instance) -> tuple[str, str]:

@@ -41,6 +41,7 @@ def cell_json(cell: dict[str, Any]) -> dict[str, Any]:
 
 
 def case_json(state: cases.CaseState) -> dict[str, Any]:
+    report = state.report().as_json()  # its rows are the "differential" too: computed once
     return {
         "series_instance_uid": state.series_instance_uid,
         "version": state.version,
@@ -50,8 +51,8 @@ def case_json(state: cases.CaseState) -> dict[str, Any]:
         "colours": CLASS_COLOURS,
         "identity": state.identity,
         "cells": [cell_json(c) for c in gallery_order(state.cells)],
-        "differential": state.differential(),
-        "report": state.report().as_json(),
+        "differential": report["rows"],
+        "report": report,
         "unreviewed_flagged": [c["cell_id"] for c in state.unreviewed_flagged()],
         "changes": len(state.changes()),
         "can_undo": any(not e.undone and e.version == state.version for e in state.edits),

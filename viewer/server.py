@@ -30,18 +30,15 @@ HTTP_THREADS = 16
 class _DeferredHandshakeAdapter(BuiltinSSLAdapter):
     """cheroot's TLS adapter with the node's own context (:func:`dicom_node.tls.http_server_context`),
     whose handshake runs on the request's worker thread at the first read, not in the thread that
-    accepts every connection: a client that connects and sends nothing holds one worker thread
-    until the server's timeout, and nobody else waits for it."""
+    accepts every connection (the context's ``wrap_socket`` defers it): a client that connects
+    and sends nothing holds one worker thread until the server's timeout, and nobody else waits
+    for it. The WSGI environ names no cipher: there is none before the handshake."""
 
-    def __init__(self, context: ssl.SSLContext) -> None:  # noqa: D107 - no certificate files: a context
+    def __init__(self, context: ssl.SSLContext) -> None:  # no certificate files: a context
         self.context = context
         self.certificate = self.private_key = self.certificate_chain = self.ciphers = None
         self.private_key_password = None
         self._server_env = {}
-
-    def wrap(self, sock: Any) -> tuple[Any, dict[str, str]]:
-        wrapped = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return wrapped, {"wsgi.url_scheme": "https", "HTTPS": "on"}
 
     def get_environ(self, sock: Any) -> dict[str, str]:
         return {"wsgi.url_scheme": "https", "HTTPS": "on"}

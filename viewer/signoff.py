@@ -50,16 +50,22 @@ def _tracking_uid(summary: dict[str, Any], cell_id: int) -> str:
         summary["provenance"]["weights_sha256"], f"cell {cell_id}"]))
 
 
-def build_final_report(store: Store, state: cases.CaseState, user: User, version: int,
-                       previous_finals: list[pydicom.Dataset], *,
-                       confirmed_unreviewed: bool = False) -> Any:
-    summary = state.summary
-    preliminary = _stored_dataset(store, summary["files"]["sr"]["sop_instance_uid"])
+def _slide_sources(store: Store, series_instance_uid: str) -> list[pydicom.Dataset]:
+    """The slide's stored VL Whole Slide Microscopy instances, headers only: read once per
+    signature, for the final SR and the final PDF."""
     with store.session() as db:
         paths = [store.path_of(i) for i in db.scalars(select(Instance).where(
-            Instance.series_instance_uid == state.series_instance_uid,
+            Instance.series_instance_uid == series_instance_uid,
             Instance.sop_class_uid == VL_WSM)).all()]
-    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+
+
+def build_final_report(store: Store, state: cases.CaseState, user: User, version: int,
+                       previous_finals: list[pydicom.Dataset], sources: Sequence[pydicom.Dataset], *,
+                       confirmed_unreviewed: bool = False) -> Any:
+    """The final SR; ``sources`` are the slide's images (:func:`_slide_sources`)."""
+    summary = state.summary
+    preliminary = _stored_dataset(store, summary["files"]["sr"]["sop_instance_uid"])
     organization = (user.organization or str(sources[0].get("InstitutionName") or "")
                     or DEFAULT_ORGANIZATION)
     cells = [ReviewedCell(
@@ -78,19 +84,15 @@ def build_final_report(store: Store, state: cases.CaseState, user: User, version
 
 
 # --- issue 20 (3): the final PDF report next to the final SR ---
-def build_final_pdf(store: Store, state: cases.CaseState, report: Any,
+def build_final_pdf(state: cases.CaseState, report: Any, sources: Sequence[pydicom.Dataset],
                     unreviewed: Sequence[int] = ()) -> pydicom.Dataset:
     """The final, verified Encapsulated PDF report that goes with the final SR ``report``: the
-    same signer, time and version, the reviewed differential (dicom_node.encode.pdf)."""
+    same signer, time and version, the reviewed differential (dicom_node.encode.pdf);
+    ``sources`` as for :func:`build_final_report`."""
     from pydicom.valuerep import DT
 
     from dicom_node.encode.pdf import Verification, encode_final_pdf_report
 
-    with store.session() as db:
-        paths = [store.path_of(i) for i in db.scalars(select(Instance).where(
-            Instance.series_instance_uid == state.series_instance_uid,
-            Instance.sop_class_uid == VL_WSM)).all()]
-    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     observer = report.VerifyingObserverSequence[0]
     verification = Verification(
         observer_name=str(observer.VerifyingObserverName),
@@ -155,9 +157,10 @@ def sign(series_instance_uid: str) -> Any:
     try:
         previous = [_stored_dataset(store, v.sr_sop_instance_uid)
                     for v in state.versions if v.version < version and v.sr_sop_instance_uid]
-        report = build_final_report(store, state, user, version, previous,
+        sources = _slide_sources(store, series_instance_uid)
+        report = build_final_report(store, state, user, version, previous, sources,
                                     confirmed_unreviewed=confirmed)
-        final_pdf = build_final_pdf(store, state, report, unreviewed)  # issue 20 (3)
+        final_pdf = build_final_pdf(state, report, sources, unreviewed)  # issue 20 (3)
         stored = store.add_dataset(report)
         stored_pdf = store.add_dataset(final_pdf)  # issue 20 (3)
     except BaseException:

@@ -21,6 +21,7 @@ from flask import Blueprint, Response, abort, jsonify, render_template, send_fro
 from PIL import Image
 from sqlalchemy import select
 
+from dicom_node.encode.ann import CLASS_DISPLAY_COLOURS
 from dicom_node.index import Instance
 from dicom_node.settings import VL_WSM
 from dicom_node.store import Store
@@ -37,12 +38,10 @@ OPENSEADRAGON_DIR = (Path(__file__).resolve().parent.parent / "node_modules" / "
                      / "build" / "openseadragon")
 #: Colours of the overlays and labels, by class name. The outlines are drawn over red cells, so
 #: every colour is dark: at least 3:1 contrast (WCAG 2 non-text contrast) against the red cells
-#: (:data:`RED_CELL_RGB`) and the background of a smear, and more against the white page.
-CLASS_COLOURS = {
-    "neutrophil": "#08306b", "eosinophil": "#6a2c00", "basophil": "#3f007d",
-    "lymphocyte": "#00441b", "monocyte": "#00404f", "ig": "#000000", "erythroblast": "#67001f",
-    "platelet": "#383838",
-}
+#: (:data:`RED_CELL_RGB`) and the background of a smear, and more against the white page. The
+#: table is the bulk annotations' (:data:`dicom_node.encode.ann.CLASS_DISPLAY_COLOURS`), so that a
+#: cell has the same colour in every viewer.
+CLASS_COLOURS = {label.value: colour for label, colour in CLASS_DISPLAY_COLOURS.items()}
 #: The dashed outline of flagged cells (the same 3:1 rule).
 FLAG_COLOUR = "#870000"
 #: Red cells of the bundled sample smear (May-Gruenwald-Giemsa): the median and the darker

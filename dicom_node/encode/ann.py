@@ -34,9 +34,9 @@ from dicom_node.encode.common import (
 )
 from dicom_node.encode.differential import class_label
 
-#: Display colour per class (sRGB hex): the class colours of the node's own slide view
-#: (``viewer.slides.CLASS_COLOURS``, chosen for contrast over a smear), so that a cell has the
-#: same colour in every viewer. ``tests/viewer/test_dmv.py`` keeps the two equal.
+#: Display colour per class (sRGB hex), chosen for contrast over a smear: the node's own slide view
+#: uses the same table (``viewer.slides.CLASS_COLOURS``), so that a cell has the same colour in
+#: every viewer.
 CLASS_DISPLAY_COLOURS: dict[CellClassValues, str] = {
     CellClassValues.NEUTROPHIL: "#08306b", CellClassValues.EOSINOPHIL: "#6a2c00",
     CellClassValues.BASOPHIL: "#3f007d", CellClassValues.LYMPHOCYTE: "#00441b",

@@ -29,15 +29,15 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, gene
 
 from analysis.results import CellResult, SlideResult
 from dicom_node.encode.common import VL_WSM, EncoderParams, base_level, new_uid
-
-# fpdf2 subsets the font with fontTools, which logs a dozen INFO lines per PDF.
-logging.getLogger("fontTools").setLevel(logging.WARNING)
 from dicom_node.encode.differential import (
     Differential,
     cell_reason_labels,
     class_label,
     reason_labels,
 )
+
+# fpdf2 subsets the font with fontTools, which logs a dozen INFO lines per PDF.
+logging.getLogger("fontTools").setLevel(logging.WARNING)
 
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 #: Series Number of the preliminary PDF report (SR 900, ANN 901, SEG 902, final SR 903).
@@ -335,7 +335,7 @@ def encode_pdf(
     params: EncoderParams,
     *,
     document_title: str,
-    series_instance_uid: str,
+    series_instance_uid: str | None,
     series_number: int,
     series_description: str,
     sop_instance_uid: str | None = None,
@@ -346,7 +346,8 @@ def encode_pdf(
     """An Encapsulated PDF instance (PS3.3 A.45.1) in the study of ``source``.
 
     ``source_instances`` are the instances the document was derived from (Source Instance
-    Sequence, PS3.3 C.24.2). Raises ``ValueError`` if ``pdf_bytes`` is not a PDF.
+    Sequence, PS3.3 C.24.2); a new series when ``series_instance_uid`` is ``None``. Raises
+    ``ValueError`` if ``pdf_bytes`` is not a PDF.
     """
     if not pdf_bytes.startswith(b"%PDF-"):
         raise ValueError("pdf_bytes is not a PDF document")
@@ -414,7 +415,7 @@ def encode_pdf_report(result: SlideResult, source_datasets: Sequence[Dataset], p
     pdf_bytes = render_pdf(content, source, software_versions=params.software_versions)
     return encode_pdf(
         pdf_bytes, source, params, document_title="White-cell differential (preliminary, unverified)",
-        series_instance_uid=new_uid(series_instance_uid), series_number=PDF_SERIES_NUMBER,
+        series_instance_uid=series_instance_uid, series_number=PDF_SERIES_NUMBER,
         series_description="White-cell differential report, PDF (preliminary, unverified)",
         sop_instance_uid=sop_instance_uid, source_instances=[source])
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +37,7 @@ from dicom_node.encode.common import EncoderParams
 from dicom_node.encode.differential import class_label
 from dicom_node.encode.seg import encode_heatmaps
 from dicom_node.encode.sr import encode_report
+from tests.dicom_factory import dciodvfy_errors, ellipse_outline, slide_result
 
 SLIDE = Path(__file__).resolve().parents[2] / "dicom_node" / "data" / "sample_slide"
 HIGHDICOM_SM = Path("/work/shared/data/dicom/highdicom_test_files/sm_image.dcm")
@@ -70,20 +70,13 @@ def base(source_datasets: list[Dataset]) -> Dataset:
     return max(source_datasets, key=lambda ds: int(ds.TotalPixelMatrixColumns))
 
 
-def _outline(bbox: tuple[int, int, int, int], n: int = 16) -> tuple[tuple[float, float], ...]:
-    x0, y0, x1, y1 = bbox
-    cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
-    return tuple((round(cx + rx * math.cos(a), 3), round(cy + ry * math.sin(a), 3))
-                 for a in np.linspace(0.0, 2.0 * math.pi, n, endpoint=False))
-
-
 def _cell(i: int) -> CellResult:
     x, y, bbox, area, label = DETECTED[i]
     probabilities = {c: 0.02 for c in CLASS_NAMES}
     probabilities[label] = 1.0 - 0.02 * 7
     review, abnormal = i in REVIEW_IDS, i in ABNORMAL_IDS
     return CellResult(
-        cell_id=i, x=x, y=y, outline=_outline(bbox), bbox=bbox, area_um2=area, label=label,
+        cell_id=i, x=x, y=y, outline=ellipse_outline(bbox), bbox=bbox, area_um2=area, label=label,
         probabilities=probabilities, uncertainty=0.62 if review else 0.08 + 0.01 * i,
         anomaly_score=3.25 if abnormal else -0.4 + 0.1 * i,
         review=review, review_reason="high-uncertainty" if review else None,
@@ -108,18 +101,11 @@ def _heatmaps(base: Dataset, cells: list[CellResult]) -> tuple[HeatmapGrid, ...]
 
 
 def _result(base: Dataset, cells: list[CellResult], heatmaps: bool = True) -> SlideResult:
-    spacing = base.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
-    return SlideResult(
-        study_instance_uid=base.StudyInstanceUID, series_instance_uid=base.SeriesInstanceUID,
-        sop_instance_uids=(base.SOPInstanceUID,), frame_of_reference_uid=base.FrameOfReferenceUID,
-        total_pixel_matrix_columns=int(base.TotalPixelMatrixColumns),
-        total_pixel_matrix_rows=int(base.TotalPixelMatrixRows),
-        pixel_spacing_mm=(float(spacing[0]), float(spacing[1])),
-        cells=tuple(cells),
-        provenance=ModelProvenance("cytodiffusion", "0.1.0", "0123456789abcdef" * 4,
-                                   {"review_threshold": 0.4, "abnormal_threshold": 2.5, "device": "cpu"}),
-        heatmaps=_heatmaps(base, cells) if heatmaps else (),
-    )
+    return slide_result(
+        base, cells,
+        ModelProvenance("cytodiffusion", "0.1.0", "0123456789abcdef" * 4,
+                        {"review_threshold": 0.4, "abnormal_threshold": 2.5, "device": "cpu"}),
+        _heatmaps(base, cells) if heatmaps else ())
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +126,6 @@ def _write(dataset: Dataset, path: Path) -> Dataset:
     dataset.save_as(buffer, enforce_file_format=True)
     path.write_bytes(buffer.getvalue())
     return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
-
-
-def _dciodvfy_errors(path: Path) -> list[str]:
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (dicom3tools) not installed")
-    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
-    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
 def _to_image(base: Dataset, points: np.ndarray) -> np.ndarray:
@@ -238,7 +217,7 @@ def test_report_round_trip(tmp_path: Path, source_datasets: list[Dataset], base:
                            result: SlideResult, params: EncoderParams) -> None:
     written = encode_report(result, source_datasets, params)
     ds = _write(written, tmp_path / "sr.dcm")
-    assert _dciodvfy_errors(tmp_path / "sr.dcm") == []
+    assert dciodvfy_errors(tmp_path / "sr.dcm") == []
     _common_checks(ds, base, 900)
     assert (ds.PreliminaryFlag, ds.VerificationFlag, ds.CompletionFlag) == \
         ("PRELIMINARY", "UNVERIFIED", "COMPLETE")
@@ -312,7 +291,7 @@ def test_report_of_a_slide_without_cells_says_so(tmp_path: Path, source_datasets
                                                  base: Dataset, params: EncoderParams) -> None:
     empty = _result(base, [], heatmaps=False)
     ds = _write(encode_report(empty, source_datasets, params), tmp_path / "empty_sr.dcm")
-    assert _dciodvfy_errors(tmp_path / "empty_sr.dcm") == []
+    assert dciodvfy_errors(tmp_path / "empty_sr.dcm") == []
     report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
     groups = report.get_image_measurement_groups()
     assert groups[0].get_measurements()[0].value == 0
@@ -341,7 +320,7 @@ def _labelled(base: Dataset, labels: list[str], reasons: dict[int, tuple[str, ..
         probabilities = {c: 0.02 for c in CLASS_NAMES}
         probabilities[label] = 1.0 - 0.02 * 7
         cells.append(CellResult(
-            cell_id=i, x=x0 + 10.0, y=y0 + 10.0, outline=_outline(bbox, 8), bbox=bbox, area_um2=50.0,
+            cell_id=i, x=x0 + 10.0, y=y0 + 10.0, outline=ellipse_outline(bbox, 8), bbox=bbox, area_um2=50.0,
             label=label, probabilities=probabilities, uncertainty=0.1, anomaly_score=0.0,
             review=i in reasons, review_reasons=reasons.get(i, ())))
     return _result(base, cells, heatmaps=False)
@@ -364,7 +343,7 @@ def test_report_differential_counts_white_cells_only(tmp_path: Path, source_data
     result = _labelled(base, labels, reasons)
     ds = _write(encode_report(result, source_datasets, params, platelets_detected=9),
                 tmp_path / "sr.dcm")
-    assert _dciodvfy_errors(tmp_path / "sr.dcm") == []
+    assert dciodvfy_errors(tmp_path / "sr.dcm") == []
     report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
     summary = report.get_image_measurement_groups()[0]
     total = {m.name.meaning: m.value for m in summary.get_measurements()}
@@ -389,7 +368,7 @@ def test_report_on_fewer_than_100_white_cells_says_so(tmp_path: Path, source_dat
                                                       base: Dataset, params: EncoderParams) -> None:
     labels = ["neutrophil"] * 40 + ["lymphocyte"] * 19 + ["erythroblast"] * 3 + ["platelet"]
     ds = _write(encode_report(_labelled(base, labels), source_datasets, params), tmp_path / "sr.dcm")
-    assert _dciodvfy_errors(tmp_path / "sr.dcm") == []
+    assert dciodvfy_errors(tmp_path / "sr.dcm") == []
     report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
     groups = report.get_image_measurement_groups()
     notes = [(q.name.meaning, q.value.meaning) for q in groups[0].get_qualitative_evaluations()]
@@ -408,7 +387,7 @@ def test_report_on_fewer_than_100_white_cells_says_so(tmp_path: Path, source_dat
 def test_bulk_annotations_round_trip(tmp_path: Path, source_datasets: list[Dataset], base: Dataset,
                                      result: SlideResult, params: EncoderParams) -> None:
     ds = _write(encode_bulk_annotations(result, source_datasets, params), tmp_path / "ann.dcm")
-    assert _dciodvfy_errors(tmp_path / "ann.dcm") == []
+    assert dciodvfy_errors(tmp_path / "ann.dcm") == []
     _common_checks(ds, base, 901)
     assert ds.FrameOfReferenceUID == base.FrameOfReferenceUID
     ann = hd.ann.annread(tmp_path / "ann.dcm")
@@ -462,7 +441,7 @@ def test_heatmap_segmentation_round_trip(tmp_path: Path, source_datasets: list[D
     ds = _write(encode_heatmaps(result, source_datasets, params), tmp_path / "seg.dcm")
     assert [float(v) for v in ds.ImageOrientationSlide] == [float(v) for v in base.ImageOrientationSlide]
     assert "ImageOrientationPatient" not in ds and "PatientOrientation" not in ds
-    assert [e for e in _dciodvfy_errors(tmp_path / "seg.dcm") if e != SEG_FALSE_POSITIVE] == []
+    assert [e for e in dciodvfy_errors(tmp_path / "seg.dcm") if e != SEG_FALSE_POSITIVE] == []
     verbose = subprocess.run(["dciodvfy", "-verbose", str(tmp_path / "seg.dcm")], capture_output=True,
                              text=True, check=False)
     assert SEG_PREMISE in verbose.stdout + verbose.stderr

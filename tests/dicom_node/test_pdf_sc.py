@@ -11,12 +11,14 @@ final PDF.
 
 from __future__ import annotations
 
+import contextlib
 import html
-import math
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydicom
@@ -40,10 +42,14 @@ from dicom_node.encode.sc import (
     read_flagged_crops,
     tile_origin,
 )
-from dicom_node.index import OutboxItem
+from dicom_node.index import Instance, OutboxItem
 from dicom_node.settings import Destination, Settings
 from dicom_node.store import Store
+from tests.dicom_factory import dciodvfy_errors, ellipse_outline, slide_result
 from tests.peers import NodeProcess, OrthancProcess
+
+if TYPE_CHECKING:
+    from flask.testing import FlaskClient
 
 pypdf = pytest.importorskip("pypdf")
 
@@ -65,13 +71,6 @@ CELLS = [
 ABNORMAL = 5
 
 
-def _outline(bbox: tuple[int, int, int, int], n: int = 16) -> tuple[tuple[float, float], ...]:
-    x0, y0, x1, y1 = bbox
-    cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
-    return tuple((round(cx + rx * math.cos(a), 3), round(cy + ry * math.sin(a), 3))
-                 for a in np.linspace(0.0, 2.0 * math.pi, n, endpoint=False))
-
-
 def slide_files() -> list[Path]:
     return sorted(SLIDE.glob("*.dcm"))
 
@@ -86,19 +85,12 @@ def make_result(*, flagged: bool = True) -> SlideResult:
         probabilities[label] = 1.0 - 0.02 * 7
         abnormal = flagged and i == ABNORMAL
         cells.append(CellResult(
-            cell_id=i, x=x, y=y, outline=_outline(bbox), bbox=bbox, area_um2=area, label=label,
+            cell_id=i, x=x, y=y, outline=ellipse_outline(bbox), bbox=bbox, area_um2=area, label=label,
             probabilities=probabilities, uncertainty=0.6 if reasons else 0.1,
             anomaly_score=3.0 if abnormal else 0.0, review=bool(reasons), review_reasons=reasons,
             abnormal=abnormal, abnormal_reason="high-anomaly-score" if abnormal else None))
-    spacing = base.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
-    return SlideResult(
-        study_instance_uid=base.StudyInstanceUID, series_instance_uid=base.SeriesInstanceUID,
-        sop_instance_uids=(base.SOPInstanceUID,), frame_of_reference_uid=base.FrameOfReferenceUID,
-        total_pixel_matrix_columns=int(base.TotalPixelMatrixColumns),
-        total_pixel_matrix_rows=int(base.TotalPixelMatrixRows),
-        pixel_spacing_mm=(float(spacing[0]), float(spacing[1])), cells=tuple(cells),
-        provenance=ModelProvenance("cytodiffusion", "0.3.1", "0123456789abcdef" * 4,
-                                   {"field_of_view_um": 26.0, "n_timesteps": 8}))
+    return slide_result(base, cells, ModelProvenance("cytodiffusion", "0.3.1", "0123456789abcdef" * 4,
+                                                     {"field_of_view_um": 26.0, "n_timesteps": 8}))
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +107,6 @@ def made(result: SlideResult, tmp_path_factory: pytest.TempPathFactory) -> dict[
         paths[kind] = out / f"{kind}.dcm"
         ds.save_as(paths[kind], enforce_file_format=True)
     return paths
-
-
-def _dciodvfy_errors(path: Path) -> list[str]:
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (dicom3tools) not installed")
-    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False,
-                         timeout=120)
-    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
 def pdf_text(path: Path) -> str:
@@ -145,8 +129,8 @@ def test_pdf_and_gallery_are_made_next_to_the_sr_in_the_slide_study(made: dict[s
                                                                     result: SlideResult) -> None:
     assert set(made) == {"sr", "ann", "pdf", "sc"}  # no heatmaps: no SEG
     objects = {kind: pydicom.dcmread(path, stop_before_pixels=True) for kind, path in made.items()}
-    base = next(pydicom.dcmread(p, stop_before_pixels=True) for p in slide_files()
-                if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == result.sop_instance_uids[0])
+    base = next(ds for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in slide_files())
+                if ds.SOPInstanceUID == result.sop_instance_uids[0])
     for kind, ds in objects.items():
         assert ds.StudyInstanceUID == result.study_instance_uid, kind
         for keyword in ("PatientName", "PatientID", "AccessionNumber", "StudyID"):
@@ -165,8 +149,8 @@ def test_pdf_and_gallery_are_made_next_to_the_sr_in_the_slide_study(made: dict[s
 
 
 def test_dciodvfy_reports_no_errors_on_pdf_and_gallery(made: dict[str, Path]) -> None:
-    assert _dciodvfy_errors(made["pdf"]) == []
-    assert _dciodvfy_errors(made["sc"]) == []
+    assert dciodvfy_errors(made["pdf"]) == []
+    assert dciodvfy_errors(made["sc"]) == []
 
 
 # --- The PDF ---------------------------------------------------------------------------------
@@ -237,30 +221,41 @@ def test_dsr2html_renders_the_differential_of_the_sr(made: dict[str, Path], resu
 
 
 # --- Sign-off issues the final PDF with the final SR -------------------------------------------
-def test_signoff_issues_a_final_pdf_with_the_final_sr(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _signer_on_case(settings: Settings, result: SlideResult, objects: dict[str, Any],
+                    ) -> Iterator[tuple[Store, FlaskClient, str]]:
+    """The slide and its analysis objects stored as the worker stores them, the summary written,
+    a pathologist logged in: the store, the client and its CSRF token (the store closes after)."""
     from tests.viewer.conftest import PASSWORD, login
     from viewer import create_app
     from viewer.auth import add_user
 
-    result = make_result(flagged=False)  # no flagged cell: no gallery, nothing unreviewed
-    files = slide_files()
-    objects = encode_results(result, files, platelets_detected=PLATELETS_DETECTED)
-    assert set(objects) == {"sr", "ann", "pdf"}
-    settings = Settings(data_dir=tmp_path / "node",
-                        destinations=(Destination("PACS", "127.0.0.1", 11112),))
     store = Store(settings)
     try:
-        for path in files:
+        for path in slide_files():
             store.ingest_file(path)
         for ds in objects.values():
             store.add_dataset(ds)  # as the worker stores them
-        uid = result.series_instance_uid
-        write_summary(settings.results_dir / uid, result, SLIDE, objects, {},
+        write_summary(settings.results_dir / result.series_instance_uid, result, SLIDE, objects, {},
                       {"platelets": PLATELETS_DETECTED})
         add_user(store, "signer", "pathologist", PASSWORD, person_name="Curie^Marie",
                  organization="Haematology Lab")
         client = create_app(settings, store).test_client()
-        token = login(client, "signer")
+        yield store, client, login(client, "signer")
+    finally:
+        store.close()
+
+
+def test_signoff_issues_a_final_pdf_with_the_final_sr(tmp_path: Path) -> None:
+    from tests.viewer.conftest import PASSWORD
+
+    result = make_result(flagged=False)  # no flagged cell: no gallery, nothing unreviewed
+    objects = encode_results(result, slide_files(), platelets_detected=PLATELETS_DETECTED)
+    assert set(objects) == {"sr", "ann", "pdf"}
+    settings = Settings(data_dir=tmp_path / "node",
+                        destinations=(Destination("PACS", "127.0.0.1", 11112),))
+    uid = result.series_instance_uid
+    with _signer_on_case(settings, result, objects) as (store, client, token):
         rsp = client.post(f"/api/cases/{uid}/cells/0", json={"label": "lymphocyte"},
                           headers={"X-CSRF-Token": token})
         assert rsp.status_code == 200, rsp.get_data(as_text=True)
@@ -270,18 +265,14 @@ def test_signoff_issues_a_final_pdf_with_the_final_sr(tmp_path: Path) -> None:
         signed = rsp.get_json()
         with store.session() as db:
             queued = set(db.scalars(select(OutboxItem.sop_instance_uid)).all())
-            from dicom_node.index import Instance
-
             path = store.path_of(db.get(Instance, signed["pdf_sop_instance_uid"]))
         assert {signed["sop_instance_uid"], signed["pdf_sop_instance_uid"]} <= queued
-    finally:
-        store.close()
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     assert (ds.SOPClassUID, int(ds.SeriesNumber), int(ds.InstanceNumber)) == (
         ENCAPSULATED_PDF_STORAGE, FINAL_PDF_SERIES_NUMBER, signed["version"])
     assert ds.StudyInstanceUID == result.study_instance_uid and "final" in ds.DocumentTitle.lower()
     assert signed["sop_instance_uid"] in {str(i.ReferencedSOPInstanceUID) for i in ds.SourceInstanceSequence}
-    assert _dciodvfy_errors(path) == []
+    assert dciodvfy_errors(path) == []
     text = pdf_text(path)
     assert "Report status: FINAL, VERIFIED" in text
     assert "Verified by Curie, Marie (Haematology Lab)" in text and "report version 1" in text
@@ -297,29 +288,14 @@ def test_signoff_issues_a_final_pdf_with_the_final_sr(tmp_path: Path) -> None:
 
 
 def test_the_final_pdf_names_flagged_cells_signed_without_review(tmp_path: Path) -> None:
-    from tests.viewer.conftest import PASSWORD, login
-    from viewer import create_app
-    from viewer.auth import add_user
+    from tests.viewer.conftest import PASSWORD
 
     result = make_result(flagged=True)
     flagged = [c.cell_id for c in result.cells if c.review]
     assert flagged
-    files = slide_files()
-    objects = encode_results(result, files, platelets_detected=PLATELETS_DETECTED)
-    settings = Settings(data_dir=tmp_path / "node")
-    store = Store(settings)
-    try:
-        for path in files:
-            store.ingest_file(path)
-        for ds in objects.values():
-            store.add_dataset(ds)
-        uid = result.series_instance_uid
-        write_summary(settings.results_dir / uid, result, SLIDE, objects, {},
-                      {"platelets": PLATELETS_DETECTED})
-        add_user(store, "signer", "pathologist", PASSWORD, person_name="Curie^Marie",
-                 organization="Haematology Lab")
-        client = create_app(settings, store).test_client()
-        token = login(client, "signer")
+    objects = encode_results(result, slide_files(), platelets_detected=PLATELETS_DETECTED)
+    uid = result.series_instance_uid
+    with _signer_on_case(Settings(data_dir=tmp_path / "node"), result, objects) as (store, client, token):
         form = {"password": PASSWORD, "csrf_token": token}
         rsp = client.post(f"/cases/{uid}/signoff", data=form, headers={"Accept": "application/json"})
         assert rsp.status_code == 409, rsp.get_data(as_text=True)  # nobody looked at them
@@ -327,11 +303,7 @@ def test_the_final_pdf_names_flagged_cells_signed_without_review(tmp_path: Path)
                           headers={"Accept": "application/json"})
         assert rsp.status_code == 200, rsp.get_data(as_text=True)
         with store.session() as db:
-            from dicom_node.index import Instance
-
             path = store.path_of(db.get(Instance, rsp.get_json()["pdf_sop_instance_uid"]))
-    finally:
-        store.close()
     text = pdf_text(path)
     n = len(flagged)
     assert (f"Signed with {n} flagged cell{'s' if n != 1 else ''} not reviewed (confirmed by the signer): "

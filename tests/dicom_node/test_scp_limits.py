@@ -8,9 +8,7 @@ import random
 import socket
 import struct
 import time
-import zlib
 from io import BytesIO
-from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.sequence import Sequence
@@ -19,20 +17,13 @@ from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
+from tests.dicom_factory import deflate, nested_sequences
 from tests.peers import NodeProcess, echo
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 CANNOT_UNDERSTAND = 0xC000
-
-
-def _rss_bytes(node: NodeProcess) -> int:
-    assert node.proc is not None
-    for line in Path(f"/proc/{node.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def _recv_all(sock: socket.socket, timeout: float) -> bytes:
@@ -71,12 +62,12 @@ def test_pdu_header_claiming_4_gib_is_refused_before_association(start_node) -> 
         assert _recv_all(sock, 10) == ABORT_INVALID_PARAMETER
 
     time.sleep(0.5)
-    before = _rss_bytes(node)
+    before = node.rss()
     with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
         sock.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF))
         sent = _send_until_refused(sock, 512 << 20)
     assert sent < 64 << 20, f"the node read {sent} bytes of a PDU it should have refused"
-    growth = _rss_bytes(node) - before
+    growth = node.rss() - before
     assert growth < 16 << 20, f"RSS grew by {growth / 2**20:.0f} MiB"
     assert echo(node.port)
     assert "Traceback" not in node.log()
@@ -90,7 +81,7 @@ def test_pdata_larger_than_max_pdu_aborts_the_association(start_node) -> None:
     assoc = ae.associate("127.0.0.1", node.port, ae_title="CYTONODE")
     assert assoc.is_established
     assert assoc.acceptor.maximum_length == 65536
-    before = _rss_bytes(node)
+    before = node.rss()
     raw = assoc.dul.socket.socket
     try:
         raw.sendall(struct.pack(">BBL", 0x04, 0, 128 << 20))
@@ -101,7 +92,7 @@ def test_pdata_larger_than_max_pdu_aborts_the_association(start_node) -> None:
             time.sleep(0.05)
     assert sent < 64 << 20, f"the node read {sent} bytes of a P-DATA it should have refused"
     assert assoc.is_aborted, "the node did not abort the association"
-    growth = _rss_bytes(node) - before
+    growth = node.rss() - before
     # Reading the P-DATA would add its 128 MiB; the first association's lazily imported code and
     # allocator arenas measured up to 29 MiB on a busy machine (CI, 2026-12-04).
     assert growth < 48 << 20, f"RSS grew by {growth / 2**20:.0f} MiB"
@@ -127,11 +118,6 @@ def _explicit_le(ds: Dataset) -> bytes:
     data = encode(ds, False, True)
     assert data is not None
     return data
-
-
-def _deflate(data: bytes) -> bytes:
-    z = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
-    return z.compress(data) + z.flush()
 
 
 def _image(pixels: int = 4096) -> Dataset:
@@ -190,16 +176,16 @@ def test_damaged_deflated_and_sequence_data_are_not_acknowledged(start_node) -> 
     node = start_node()
     # A good deflated image is stored (the check must not refuse sound data).
     good = _image()
-    assert _store_raw(node.port, good, _deflate(_explicit_le(good)), DEFLATED) == 0
+    assert _store_raw(node.port, good, deflate(_explicit_le(good)), DEFLATED) == 0
     assert _stored(node, good)
 
     # Truncated inside Pixel Data, then deflated: a complete deflate stream of a short dataset.
     ds = _image()
     plain = _explicit_le(ds)
-    _assert_refused(node, ds, _deflate(plain[:-1000]), DEFLATED, "truncated, then deflated")
+    _assert_refused(node, ds, deflate(plain[:-1000]), DEFLATED, "truncated, then deflated")
     # The deflate stream itself cut off inside Pixel Data.
     ds = _image()
-    deflated = _deflate(_explicit_le(ds))
+    deflated = deflate(_explicit_le(ds))
     _assert_refused(node, ds, deflated[: len(deflated) * 3 // 4], DEFLATED, "deflate stream cut")
 
     # An unknown VR inside a sequence item.
@@ -227,16 +213,6 @@ def test_sequence_items_of_undefined_length_are_accepted(start_node) -> None:
     assert _stored(node, ds)
 
 
-def _nested(depth: int) -> bytes:
-    """(0040,A730) Content Sequence nested ``depth`` deep, undefined lengths."""
-    inner = struct.pack("<HH2sH", 0x0040, 0xA040, b"CS", 4) + b"TEXT"
-    for _ in range(depth):
-        inner = (struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF)
-                 + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + inner
-                 + struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
-    return inner
-
-
 def test_undecodable_data_gets_cannot_understand_without_traceback(start_node) -> None:
     node = start_node()
     ds = _identified()
@@ -245,7 +221,7 @@ def test_undecodable_data_gets_cannot_understand_without_traceback(start_node) -
 
     ds = _identified()
     # Elements up to (0020,000E), then 200 nested sequences: the UIDs decode, the rest does not.
-    _assert_refused(node, ds, _explicit_le(ds) + _nested(200), EXPLICIT_LE, "200 nested sequences")
+    _assert_refused(node, ds, _explicit_le(ds) + nested_sequences(200), EXPLICIT_LE, "200 nested sequences")
     assert echo(node.port)
     assert os.listdir(node.data_dir / "tmp") == []
 

@@ -19,6 +19,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_node.demo import SAMPLE_SLIDE, StandInPACS
+from tests.dicom_factory import with_new_uids
 from tests.peers import CYTONODE, PostgresProcess, RedisProcess, require_tool
 
 LEASE_S = 8.0
@@ -27,15 +28,8 @@ LEASE_S = 8.0
 def copy_slide(out: Path) -> tuple[str, list[Path]]:
     """The sample slide under a new study, series and SOP Instance UIDs; returns (study, files)."""
     study, series = generate_uid(), generate_uid()
-    out.mkdir(parents=True)
-    files = []
-    for path in sorted(SAMPLE_SLIDE.glob("*.dcm")):
-        ds = dcmread(path)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        files.append(out / f"{ds.SOPInstanceUID}.dcm")
-        ds.save_as(files[-1], enforce_file_format=True)
-    return study, files
+    return study, [with_new_uids(path, out / path.name, series_uid=series, study_uid=study)
+                   for path in sorted(SAMPLE_SLIDE.glob("*.dcm"))]
 
 
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from dicom_node.encode.final_sr import ReviewedCell, encode_final_report, final_series_uid
 from dicom_node.index import Instance
 from dicom_node.settings import VL_WSM
+from tests.dicom_factory import dciodvfy_errors
 from viewer import cases
 
 
@@ -66,16 +67,6 @@ def test_refuses_bad_input(inputs) -> None:
         ReviewedCell(1, (0, 0, 5, 5), "monocyte", "blast")
 
 
-def _dciodvfy_errors(path) -> list[str]:
-    import shutil
-    import subprocess
-
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (dicom3tools) not installed")
-    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
-    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
-
-
 def test_signing_with_unreviewed_flagged_cells_needs_and_records_the_confirmation(
         inputs, tmp_path) -> None:
     import dataclasses
@@ -92,7 +83,7 @@ def test_signing_with_unreviewed_flagged_cells_needs_and_records_the_confirmatio
                                  verifying_organization="Lab", confirmed_unreviewed=True,
                                  platelets_detected=5)
     report.save_as(tmp_path / "final.dcm", enforce_file_format=True)
-    assert _dciodvfy_errors(tmp_path / "final.dcm") == []
+    assert dciodvfy_errors(tmp_path / "final.dcm") == []
     back = hd.sr.srread(tmp_path / "final.dcm")
     groups = back.content.get_image_measurement_groups()
     values = {m.name.meaning: m.value for m in groups[0].get_measurements()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,12 +38,6 @@ def slide_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeP
         node.cleanup()
 
 
-def _rss(node: NodeProcess) -> int:
-    assert node.proc is not None
-    status = Path(f"/proc/{node.proc.pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) * 1024  # type: ignore[union-attr]
-
-
 def _get(url: str, **headers: str) -> requests.Response:
     for _ in range(100):  # the HTTP thread listens a moment after the SCP answers
         try:
@@ -58,7 +51,7 @@ def _get(url: str, **headers: str) -> requests.Response:
 def test_repeated_frame_numbers_are_refused_with_the_limit(slide_node) -> None:
     node, url, frames = slide_node
     assert frames < 300
-    before = _rss(node)
+    before = node.rss()
     rsp = _get(url + ",".join(["1"] * 600))
     assert rsp.status_code == 400, rsp.status_code
     assert f"at most {frames} frame" in rsp.text, rsp.text  # names the limit
@@ -67,7 +60,7 @@ def test_repeated_frame_numbers_are_refused_with_the_limit(slide_node) -> None:
     assert rsp.status_code == 400
     rsp = _get(url + "1,2,1")
     assert rsp.status_code == 400 and "once" in rsp.text, rsp.text
-    assert _rss(node) - before < 32 << 20
+    assert node.rss() - before < 32 << 20
 
 
 def test_every_frame_once_is_served(slide_node) -> None:
