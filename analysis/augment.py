@@ -26,8 +26,15 @@ def _u(b: int, g: torch.Generator, low: float, high: float, *shape: int) -> torc
     return low + (high - low) * torch.rand(b, *shape, generator=g)
 
 
-def stain_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """HED jitter, white balance, blur and noise on a ``(B, 3, S, S)`` batch in ``[0, 1]``."""
+#: The ``strong`` ranges: wide enough for pale, low-contrast, blurred, grey-green smears.
+STRONG = {"contrast": (0.5, 1.3), "hue": 0.5, "saturation": (0.5, 1.5), "blur": (0.3, 2.0),
+          "grey": 0.1}
+
+
+def stain_augment(x: torch.Tensor, generator: torch.Generator, *,
+                  strong: bool = False) -> torch.Tensor:
+    """HED jitter, white balance, blur and noise on a ``(B, 3, S, S)`` batch in ``[0, 1]``
+    (``strong``: blur up to 2 px and a tenth of the batch in grey)."""
     b, g = x.shape[0], generator
     # HED: optical density -> stain concentrations, scale and shift each, back.
     od = -torch.log(x.clamp(min=1e-3))
@@ -41,7 +48,8 @@ def stain_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     # Focus: Gaussian blur on half the batch (one sigma a batch, 0.3-1.0 output pixels).
     blur = torch.rand(b, generator=g) < 0.5
     if bool(blur.any()):
-        sigma = float(_u(1, g, 0.3, 1.0))
+        low, high = STRONG["blur"] if strong else (0.3, 1.0)
+        sigma = float(_u(1, g, low, high))
         radius = max(1, round(2.5 * sigma))
         k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
         k = k / k.sum()
@@ -52,15 +60,20 @@ def stain_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         sub = torch.nn.functional.conv2d(sub, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
         x = x.clone()
         x[blur] = sub
+    if strong:
+        grey = (torch.rand(b, 1, 1, 1, generator=g) < STRONG["grey"]).float()
+        y = torch.einsum("c,bchw->bhw", _RGB2YIQ[0], x)[:, None]
+        x = grey * y.expand_as(x) + (1 - grey) * x
     # Sensor noise.
     x = x + torch.randn(x.shape, generator=g) * _u(b, g, 0.0, 0.025, 1, 1, 1)
     return x.clamp(0.0, 1.0)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, out_size: int,
-            *, stain: bool = True) -> torch.Tensor:
+            *, stain: bool = True, strong: bool = False) -> torch.Tensor:
     """Randomly rotate, flip, rescale and colour-jitter a batch (and, with ``stain``, the
-    stain, white balance, focus and noise shifts of :func:`stain_augment`).
+    stain, white balance, focus and noise shifts of :func:`stain_augment`; ``strong`` widens
+    contrast, hue, saturation and blur to :data:`STRONG`).
 
     Parameters
     ----------
@@ -94,9 +107,14 @@ def augment(x: torch.Tensor, generator: torch.Generator, out_size: int,
     x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     # Colour jitter: brightness, contrast, saturation, hue.
     bright = 1.0 + (torch.rand(b, 1, 1, 1, generator=g) - 0.5) * 0.3
-    contrast = 1.0 + (torch.rand(b, 1, 1, 1, generator=g) - 0.5) * 0.3
-    sat = 1.0 + (torch.rand(b, 1, 1, generator=g) - 0.5) * 0.4
-    hue = (torch.rand(b, generator=g) - 0.5) * 0.2  # radians
+    if strong:
+        contrast = _u(b, g, *STRONG["contrast"], 1, 1, 1)
+        sat = _u(b, g, *STRONG["saturation"], 1, 1)
+        hue = (torch.rand(b, generator=g) - 0.5) * 2 * STRONG["hue"]  # radians
+    else:
+        contrast = 1.0 + (torch.rand(b, 1, 1, 1, generator=g) - 0.5) * 0.3
+        sat = 1.0 + (torch.rand(b, 1, 1, generator=g) - 0.5) * 0.4
+        hue = (torch.rand(b, generator=g) - 0.5) * 0.2  # radians
     x = x * bright
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * contrast + mean
@@ -107,4 +125,4 @@ def augment(x: torch.Tensor, generator: torch.Generator, out_size: int,
     q2 = (s[:, None, None] * i_ + c[:, None, None] * q_) * sat
     yiq = torch.stack([yiq[:, 0], i2, q2], dim=1)
     x = torch.einsum("ij,bjhw->bihw", _YIQ2RGB, yiq).clamp(0.0, 1.0)
-    return stain_augment(x, g) if stain else x
+    return stain_augment(x, g, strong=strong) if stain else x

@@ -4,7 +4,7 @@
 diffusion model), ``baseline_cnn.safetensors`` and ``calibration.json`` (the
 posterior temperature, review and abnormal thresholds, and the per-class
 anomaly normalisation, all fitted on the val split by
-:func:`analysis.evaluate.calibrate`).
+:func:`analysis.training.evaluate.calibrate`).
 """
 
 from __future__ import annotations

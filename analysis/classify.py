@@ -168,7 +168,7 @@ def dihedral_views(x: torch.Tensor, views: int) -> torch.Tensor:
 
 
 def load_diffusion(path: Path, device: str = "cpu") -> tuple[UNet2DModel, ModelConfig, dict[str, str]]:
-    """Load exported EMA weights (see :func:`analysis.train.export_weights`).
+    """Load exported EMA weights (see :func:`analysis.training.train.export_weights`).
 
     Returns
     -------

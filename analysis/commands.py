@@ -1,7 +1,8 @@
 """Command-line entry points of the analysis package (train, evaluate, classify).
 
 Each ``add_*`` function registers a sub-command on an :mod:`argparse` parser;
-:mod:`dicom_node.cli` assembles them into the ``cytonode`` command.
+:mod:`dicom_node.cli` assembles them into the ``cytonode`` command. The train and evaluate
+handlers import :mod:`analysis.training` only when they run, so the node loads no training code.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def run_train(args: argparse.Namespace) -> int:
         sys.stderr.write(f"cytonode train: {exc}\n")
         return 2
     from analysis.model import ModelConfig
-    from analysis.train import TrainConfig, export_weights, train_diffusion
+    from analysis.training.train import TrainConfig, export_weights, train_diffusion
 
     channels = tuple(int(c) for c in args.channels.split(","))
     levels = len(channels)
@@ -213,9 +214,11 @@ def run_classify(args: argparse.Namespace) -> int:
             pred = model.predict(images)
         reasons = diffusion_reasons(pred.review, pred.abnormal)
         if review_model is not None:
-            a = review_model.assess(pred.label, pred.uncertainty, np.stack(reference_images))
-            pred = dataclasses.replace(pred, review=a.decision.review, abnormal=a.decision.abnormal,
-                                       anomaly_score=a.feature_distance)
+            a = review_model.assess(pred.probabilities, pred.uncertainty, np.stack(reference_images),
+                                    combined=isinstance(model, DiffusionClassifier))
+            pred = dataclasses.replace(pred, probabilities=a.probabilities, label=a.label,
+                                       uncertainty=a.uncertainty, review=a.decision.review,
+                                       abnormal=a.decision.abnormal, anomaly_score=a.feature_distance)
             reasons = a.decision.reasons
         for i, path in enumerate(chunk):
             record = {
@@ -290,7 +293,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from analysis.classifier import read_calibration
     from analysis.classify import ClassifierConfig
     from analysis.errors import CheckpointError, DatasetError
-    from analysis.evaluate import calibrate, evaluate, evaluate_heldout
+    from analysis.training.evaluate import calibrate, evaluate, evaluate_heldout
 
     if args.threads:
         torch.set_num_threads(args.threads)

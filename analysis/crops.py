@@ -9,21 +9,19 @@ gives a single-cell image. Parts of the square outside the slide are mirrored in
 :func:`slide_scale_check` measures the red cells around the crops (median 7.5 um across), so
 that a slide whose pixel spacing is wrong is noticed before its cells are trusted.
 
-``docs/contact_sheet.png`` (made by :func:`contact_sheet`) shows slide crops
-next to framed PBC images so a person can see that the framing matches.
+``docs/contact_sheet.png`` (made by :func:`analysis.training.plots.make_contact_sheet`) shows
+slide crops next to framed PBC images so a person can see that the framing matches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, ImageDraw
 
 from analysis.detect import DetectedCell
 from analysis.framing import (
@@ -171,88 +169,3 @@ def _resize(region: NDArray[np.uint8], size: int) -> NDArray[np.uint8]:
     interpolation = cv2.INTER_AREA if region.shape[0] > size else cv2.INTER_CUBIC
     return np.asarray(cv2.resize(np.ascontiguousarray(region), (size, size),
                                  interpolation=interpolation), dtype=np.uint8)
-
-
-def contact_sheet(rows: Sequence[tuple[str, Sequence[NDArray[np.uint8]]]], path: Path,
-                  tile: int = 128) -> Path:
-    """Write a PNG with one labelled row of images per entry.
-
-    Parameters
-    ----------
-    rows:
-        ``(caption, images)`` pairs; images are resized to ``tile`` x ``tile``.
-    path:
-        PNG to write.
-    tile:
-        Side of each shown image.
-
-    Returns
-    -------
-    pathlib.Path
-        ``path``.
-    """
-    if not rows:
-        raise ValueError("rows must not be empty")
-    columns = max(len(images) for _, images in rows)
-    caption_h = 18
-    sheet = Image.new("RGB", (columns * (tile + 4) + 4, len(rows) * (tile + caption_h + 6) + 4),
-                      "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, (caption, images) in enumerate(rows):
-        top = 4 + r * (tile + caption_h + 6)
-        draw.text((6, top + 2), caption, fill=(0, 0, 0))
-        for c, image in enumerate(images):
-            im = Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((tile, tile))
-            sheet.paste(im, (4 + c * (tile + 4), top + caption_h))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, optimize=True)
-    return path
-
-
-def make_contact_sheet(slide_path: Path, pbc_dir: Path, out: Path, per_row: int = 8,
-                       config: CropConfig | None = None) -> Path:
-    """Write the contact sheet: crops from a slide above PBC images of the same size.
-
-    Parameters
-    ----------
-    slide_path:
-        A WSI DICOM series (file or folder).
-    pbc_dir:
-        The PBC folder (one sub-folder per class).
-    out:
-        PNG to write.
-    per_row:
-        Images per row.
-    config:
-        Crop framing (defaults if ``None``).
-
-    Returns
-    -------
-    pathlib.Path
-        ``out``.
-    """
-    from analysis.detect import find_cells
-
-    config = config or CropConfig()
-    with Slide.open(slide_path) as slide:
-        cells = find_cells(slide).cells
-        crops = [crop for _, crop in iter_crops(slide, cells, config)]
-    pbc: list[NDArray[np.uint8]] = []
-    for cls in ("neutrophil", "eosinophil", "lymphocyte", "monocyte", "basophil", "ig",
-                "neutrophil", "eosinophil"):
-        files = sorted((pbc_dir / cls).glob("*.jpg"))
-        if files:
-            with Image.open(files[len(pbc) % len(files)]) as im:
-                rgb = np.asarray(im.convert("RGB"))
-            from analysis.pbc import PBC_FRAME_UM
-
-            h, w = rgb.shape[:2]
-            pbc.append(frame_at(rgb, (w / 2, h / 2), PBC_FRAME_UM / w, config.field_of_view_um,
-                                config.output_size))
-    rows: list[tuple[str, Sequence[NDArray[np.uint8]]]] = []
-    for start in range(0, min(len(crops), 2 * per_row), per_row):
-        rows.append((f"slide crops (cytonode detect + crops), cells {start + 1}-"
-                     f"{min(len(crops), start + per_row)}", crops[start:start + per_row]))
-    rows.append((f"PBC training images framed the same way ({config.field_of_view_um:g} um)",
-                 pbc[:per_row]))
-    return contact_sheet(rows, out)

@@ -282,3 +282,19 @@ def collect_image_paths(inputs: list[Path]) -> list[Path]:
     if not paths:
         raise DatasetError("no PNG, JPEG or BMP images found in " + ", ".join(map(str, inputs)))
     return paths
+
+
+def folder_spacing_um(paths: list[Path]) -> float:
+    """One lab's pixel spacing: the median of the red-cell estimates of its images.
+
+    Raises
+    ------
+    DatasetError
+        If fewer than 3 images have red cells to measure.
+    """
+    estimates = [found[0] for found in (estimate_pixel_spacing_um(read_image(p)) for p in paths)
+                 if found is not None]
+    if len(estimates) < 3:
+        raise DatasetError(f"too few images with red cells to estimate the pixel spacing of "
+                           f"{paths[0].parent if paths else 'an empty folder'}")
+    return float(np.median(estimates))

@@ -50,7 +50,7 @@ from analysis.results import (
     ModelProvenance,
     SlideResult,
 )
-from analysis.review import decide, diffusion_reasons
+from analysis.review import diffusion_reasons
 from analysis.tiles import VL_WSM_SOP_CLASS_UID, Slide, has_dicm_preamble
 
 logger = logging.getLogger(__name__)
@@ -414,7 +414,8 @@ def classify_slide(slide_paths: Path | str | Sequence[Path | str],
 
             stage = _Stage("classify", max(1, len(cells)), progress)
             predictions = _classify(classifier, classifier_config, framed, config, stage)
-            flags = _review(review_model, predictions, reference_framed, scale=scale, site=config.site)
+            flags, predictions = _review(review_model, predictions, reference_framed, scale=scale,
+                                         site=config.site)
             heatmaps: tuple[HeatmapGrid, ...] = ()
             if config.heatmaps and cells:
                 heatmaps = _heatmaps(classifier, classifier_config, framed, predictions, slide,
@@ -490,9 +491,10 @@ class _Flags:
 
 def _review(review_model: Any, predictions: dict[str, np.ndarray],
             reference_framed: NDArray[np.uint8] | None, *, scale: ScaleCheck,
-            site: Any = None) -> _Flags:
-    """Flags and reasons of every cell: the review rule (:mod:`analysis.review`) when the
-    calibration has one, else the diffusion thresholds alone; every cell of a slide outside
+            site: Any = None) -> tuple[_Flags, dict[str, np.ndarray]]:
+    """Flags and reasons of every cell, and the predictions reported: the review rule
+    (:mod:`analysis.review`, with the combined posterior) when the calibration has one, else
+    the diffusion classifier's own predictions and thresholds; every cell of a slide outside
     the validated domain (:mod:`analysis.domain`) is flagged too. A suspected abnormal cell
     always goes to review, so "flagged" means the same everywhere."""
     if review_model is None:
@@ -500,15 +502,18 @@ def _review(review_model: Any, predictions: dict[str, np.ndarray],
         reasons = diffusion_reasons(predictions["review"], predictions["abnormal"],
                                     outside_domain=not domain.inside)
         return _Flags(reasons, np.asarray(predictions["abnormal"], bool),
-                      np.asarray(predictions["anomaly_score"], np.float64), domain)
-    reference_label, _, distance = review_model.measure(reference_framed, site)
+                      np.asarray(predictions["anomaly_score"], np.float64), domain), predictions
+    measured = review_model.measure(reference_framed, site)
+    distance = measured[2]
     domain = check_domain(scale.ok, scale.red_cell_diameter_um, distance,
                           slide_threshold(review_model.rule.slide_feature_threshold, site))
     if not domain.inside:
         logger.warning("slide %s", domain.summary)
-    decision = decide(review_model.rule_for(site), predictions["label"], reference_label,
-                      predictions["uncertainty"], distance, outside_domain=not domain.inside)
-    return _Flags(decision.reasons, decision.abnormal, distance, domain)
+    a = review_model.conclude(predictions["probabilities"], predictions["uncertainty"], measured,
+                              outside_domain=not domain.inside, site=site)
+    reported = {**predictions, "probabilities": a.probabilities, "label": a.label,
+                "uncertainty": a.uncertainty}
+    return _Flags(a.decision.reasons, a.decision.abnormal, distance, domain), reported
 
 
 def _framed(crops: Sequence[NDArray[np.uint8]], image_size: int) -> NDArray[np.uint8]:

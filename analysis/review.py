@@ -1,12 +1,15 @@
 """Which cells go to a person, and why: the review rule.
 
-A cell is flagged for review when any of these holds, each with its reason
-(:class:`analysis.results.FlagReasonValues`):
+The class reported for a cell is that of the combined posterior (:func:`combine`):
+the diffusion classifier's posterior and the reference's softmax, multiplied with
+the weights chosen on val (``ReviewRule.diffusion_weight``; 1 is the diffusion
+classifier alone). A cell is flagged for review when any of these holds, each with
+its reason (:class:`analysis.results.FlagReasonValues`):
 
 ``significant-class``
-    The diffusion classifier or the reference calls it a clinically significant
-    class (immature granulocyte, erythroblast), which always goes to a person, as
-    haematology analysers do.
+    The reported class, the diffusion classifier's or the reference's is a clinically
+    significant class (immature granulocyte, erythroblast), which always goes to a
+    person, as haematology analysers do.
 ``high-anomaly-score`` ("unlike any training class")
     The reference network's features lie far from every training class: the
     Mahalanobis distance to the nearest class mean (shared covariance, in the
@@ -19,7 +22,8 @@ A cell is flagged for review when any of these holds, each with its reason
 ``models-disagree``
     The diffusion classifier and the discriminative reference call different classes.
 ``high-uncertainty`` ("uncertain")
-    The diffusion posterior's normalised entropy is above its threshold.
+    The normalised entropy of the reported posterior or of the diffusion classifier's
+    (``ReviewRule.uncertainty_of``, chosen on val) is above its threshold.
 ``outside-validated-domain``
     The slide as a whole failed its quality check (see :mod:`analysis.domain`).
 
@@ -46,8 +50,27 @@ from analysis.results import FlagReasonValues
 #: The feature density of the reference network (next to its weights).
 DENSITY_WEIGHTS = "reference_density.safetensors"
 
+#: What the rule's uncertainty may be measured on (see :attr:`ReviewRule.uncertainty_of`).
+UNCERTAINTY_OF = ("combined", "diffusion")
+
 #: Classes every call of which goes to review.
 SIGNIFICANT_CLASSES: tuple[str, ...] = ("ig", "erythroblast")
+
+
+def combine(p_diffusion: np.ndarray, p_reference: np.ndarray, diffusion_weight: float) -> np.ndarray:
+    """The reported posterior: ``p_diffusion ** w * p_reference ** (1 - w)``, normalised per
+    cell (a weighted product of experts; ``w`` 1 is the diffusion classifier alone)."""
+    w = float(diffusion_weight)
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"diffusion_weight must be in [0, 1], not {w}")
+    a = np.asarray(p_diffusion, dtype=np.float64)
+    b = np.asarray(p_reference, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"posteriors of different shapes: {a.shape} and {b.shape}")
+    log = w * np.log(np.clip(a, 1e-12, 1.0)) + (1.0 - w) * np.log(np.clip(b, 1e-12, 1.0))
+    log -= log.max(axis=1, keepdims=True) if len(log) else 0.0
+    p = np.exp(log)
+    return np.asarray(p / p.sum(axis=1, keepdims=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +175,17 @@ class ReviewRule:
     #: A slide whose cells' median distance is above this is outside the validated domain
     #: (:mod:`analysis.domain`); ``None``: not checked.
     slide_feature_threshold: float | None = None
+    #: Weight of the diffusion posterior in the reported one (:func:`combine`; 1: alone).
+    diffusion_weight: float = 1.0
+    #: Whose normalised entropy ``uncertainty_threshold`` applies to: ``"combined"`` (the
+    #: reported posterior's) or ``"diffusion"`` (the diffusion classifier's own).
+    uncertainty_of: str = "diffusion"
 
     def __post_init__(self) -> None:
+        if not 0.0 <= float(self.diffusion_weight) <= 1.0:
+            raise ValueError(f"diffusion_weight must be in [0, 1], not {self.diffusion_weight}")
+        if self.uncertainty_of not in UNCERTAINTY_OF:
+            raise ValueError(f"uncertainty_of must be one of {UNCERTAINTY_OF}, not {self.uncertainty_of!r}")
         for name in ("uncertainty_threshold", "feature_threshold"):
             value = float(getattr(self, name))
             if math.isnan(value):
@@ -194,17 +226,21 @@ class ReviewDecision:
 
 def decide(rule: ReviewRule, label: np.ndarray, reference_label: np.ndarray,
            uncertainty: np.ndarray, feature_distance: np.ndarray, *,
-           outside_domain: bool = False) -> ReviewDecision:
-    """Apply ``rule`` to the cells of one slide (or any set of cells)."""
+           outside_domain: bool = False, diffusion_label: np.ndarray | None = None
+           ) -> ReviewDecision:
+    """Apply ``rule`` to the cells of one slide (or any set of cells): ``label`` and
+    ``uncertainty`` are the reported ones, ``diffusion_label`` the diffusion classifier's own
+    call where it differs from ``label`` (the combined posterior; ``None``: the same)."""
     label = np.asarray(label)
     reference_label = np.asarray(reference_label)
+    own = label if diffusion_label is None else np.asarray(diffusion_label)
     significant = np.array([CLASS_NAMES.index(c) for c in rule.significant_classes], dtype=np.int64)
     signals = {
         FlagReasonValues.HIGH_UNCERTAINTY: np.asarray(uncertainty) > rule.uncertainty_threshold,
         FlagReasonValues.HIGH_ANOMALY_SCORE: np.asarray(feature_distance) > rule.feature_threshold,
-        FlagReasonValues.SIGNIFICANT_CLASS: np.isin(label, significant) | np.isin(reference_label,
-                                                                                    significant),
-        FlagReasonValues.MODELS_DISAGREE: (label != reference_label) if rule.disagreement
+        FlagReasonValues.SIGNIFICANT_CLASS: (np.isin(label, significant) | np.isin(own, significant)
+                                             | np.isin(reference_label, significant)),
+        FlagReasonValues.MODELS_DISAGREE: (own != reference_label) if rule.disagreement
         else np.zeros(len(label), bool),
         FlagReasonValues.OUTSIDE_DOMAIN: np.full(len(label), bool(outside_domain)),
     }
@@ -226,12 +262,17 @@ def diffusion_reasons(review: np.ndarray, abnormal: np.ndarray, *, outside_domai
 
 @dataclasses.dataclass(frozen=True)
 class Assessment:
-    """The review decision of a set of cells with what it rests on."""
+    """The review decision of a set of cells with what it rests on: the reported posterior
+    (``probabilities``), its class (``label``) and normalised entropy (``uncertainty``)."""
 
     decision: ReviewDecision
     feature_distance: np.ndarray
     reference_label: np.ndarray
     reference_probabilities: np.ndarray
+    probabilities: np.ndarray
+    label: np.ndarray
+    #: The uncertainty the rule judged (:attr:`ReviewRule.uncertainty_of`).
+    uncertainty: np.ndarray
 
 
 class ReviewModel:
@@ -287,12 +328,34 @@ class ReviewModel:
         distance = self.density.distance(features, None if site is None else site.shift())
         return p.argmax(axis=1), p, distance
 
-    def assess(self, label: np.ndarray, uncertainty: np.ndarray, reference_images: np.ndarray, *,
+    def assess(self, probabilities: np.ndarray, uncertainty: np.ndarray,
+               reference_images: np.ndarray, *, combined: bool = True,
                outside_domain: bool = False, site: Any = None) -> Assessment:
-        """Decide for cells the diffusion classifier called ``label`` with ``uncertainty``;
-        ``reference_images`` are the same cells framed at :attr:`image_size`. With a
-        :class:`analysis.site.SiteCalibration` its shift and feature threshold are used."""
-        reference_label, p, distance = self.measure(reference_images, site)
-        decision = decide(self.rule_for(site), label, reference_label, uncertainty, distance,
-                          outside_domain=outside_domain)
-        return Assessment(decision, distance, reference_label, p)
+        """Decide for cells the diffusion classifier gave ``probabilities`` (and ``uncertainty``);
+        ``reference_images`` are the same cells framed at :attr:`image_size`. ``combined``:
+        report the combined posterior (:func:`combine`); without it (another model's
+        ``probabilities``) they are reported as given. With a :class:`analysis.site.SiteCalibration`
+        its shift and feature threshold are used."""
+        return self.conclude(probabilities, uncertainty, self.measure(reference_images, site),
+                             combined=combined, outside_domain=outside_domain, site=site)
+
+    def conclude(self, probabilities: np.ndarray, uncertainty: np.ndarray,
+                 measured: tuple[np.ndarray, np.ndarray, np.ndarray], *, combined: bool = True,
+                 outside_domain: bool = False, site: Any = None) -> Assessment:
+        """:meth:`assess` on what :meth:`measure` returned (for a caller that needs the
+        distances first, e.g. for the slide check)."""
+        from analysis.uncertainty import entropy
+
+        reference_label, p_ref, distance = measured
+        own = np.asarray(probabilities, dtype=np.float64)
+        u = np.asarray(uncertainty, dtype=np.float64)
+        p = own
+        if combined:
+            p = combine(own, p_ref, self.rule.diffusion_weight)
+            if self.rule.uncertainty_of == "combined":
+                u = entropy(p) if len(p) else np.zeros(0)
+        label = p.argmax(axis=1) if len(p) else np.zeros(0, np.int64)
+        decision = decide(self.rule_for(site), label, reference_label, u, distance,
+                          outside_domain=outside_domain,
+                          diffusion_label=own.argmax(axis=1) if len(own) else label)
+        return Assessment(decision, distance, reference_label, p_ref, p, label, u)

@@ -90,8 +90,7 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     import numpy as np
 
     from analysis.classifier import WEIGHTS_DIR, read_calibration
-    from analysis.evaluate import folder_spacing_um
-    from analysis.framing import read_framed
+    from analysis.framing import folder_spacing_um, read_framed
     from analysis.reference import reference_logits
     from analysis.review import ReviewModel
     from analysis.site import fit_site, save_site

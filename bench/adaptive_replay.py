@@ -33,8 +33,8 @@ def collect(weights: Path, data: Path, per_class: int, out: Path, threads: int) 
     import torch
 
     from analysis.classify import ClassifierConfig, images_to_tensor, load_diffusion, score_cells
-    from analysis.evaluate import stratified_rows
-    from analysis.pbc import load_images, read_split
+    from analysis.training.evaluate import stratified_rows
+    from analysis.training.pbc import load_images, read_split
 
     torch.set_num_threads(threads)
     unet, model_config, meta = load_diffusion(weights)

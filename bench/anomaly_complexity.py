@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         load_diffusion,
         score_cells,
     )
-    from analysis.evaluate import stratified_rows
-    from analysis.pbc import load_images, read_split
+    from analysis.training.evaluate import stratified_rows
+    from analysis.training.pbc import load_images, read_split
     from analysis.uncertainty import auroc
 
     torch.set_num_threads(args.threads)

@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     from analysis.classes import CLASS_NAMES
     from analysis.classifier import DIFFUSION_WEIGHTS
     from analysis.classify import images_to_tensor, load_diffusion
-    from analysis.evaluate import AML_BLASTS, AML_NEUTROPHILS, load_folder, stratified_rows
     from analysis.model import build_scheduler
-    from analysis.pbc import load_images, read_split
+    from analysis.training.evaluate import AML_BLASTS, AML_NEUTROPHILS, load_folder, stratified_rows
+    from analysis.training.pbc import load_images, read_split
     from analysis.uncertainty import auroc
 
     torch.set_num_threads(args.threads)

@@ -67,7 +67,7 @@ def train_autoencoder(ae, images, labels, steps: int, generator, log: logging.Lo
     import torch
 
     from analysis.augment import augment
-    from analysis.train import class_balanced_weights, format_duration
+    from analysis.training.train import class_balanced_weights, format_duration
 
     optimiser = torch.optim.AdamW(ae.parameters(), lr=1e-3)
     weights = class_balanced_weights(labels)
@@ -99,10 +99,10 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, object]:
         load_diffusion,
         score_cells,
     )
-    from analysis.evaluate import stratified_rows
     from analysis.model import ModelConfig, build_scheduler, build_unet, count_parameters
-    from analysis.pbc import load_images, read_split
-    from analysis.train import (
+    from analysis.training.evaluate import stratified_rows
+    from analysis.training.pbc import load_images, read_split
+    from analysis.training.train import (
         TrainConfig,
         class_balanced_weights,
         export_weights,

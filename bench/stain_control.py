@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from analysis.classes import CLASS_NAMES
     from analysis.classifier import BaselineClassifier, DiffusionClassifier
-    from analysis.evaluate import AML_BLASTS, AML_NEUTROPHILS, load_folder, stratified_rows
-    from analysis.pbc import load_images, read_split
+    from analysis.training.evaluate import AML_BLASTS, AML_NEUTROPHILS, load_folder, stratified_rows
+    from analysis.training.pbc import load_images, read_split
     from analysis.uncertainty import auroc
 
     torch.set_num_threads(args.threads)

@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     from analysis.classes import CLASS_NAMES
     from analysis.classifier import DiffusionClassifier
     from analysis.classify import error_deltas, images_to_tensor, posterior, score_cells
-    from analysis.evaluate import stratified_rows
-    from analysis.pbc import load_images, read_split
+    from analysis.training.evaluate import stratified_rows
+    from analysis.training.pbc import load_images, read_split
     from analysis.uncertainty import (
         aurc,
         auroc,

@@ -60,7 +60,7 @@ def _predict(model: DiffusionClassifier | ReferenceClassifier, cells: LabCells,
 
 
 def _aml(aml_dir: Path, size: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    from analysis.evaluate import load_folder
+    from analysis.training.evaluate import load_folder
 
     return (load_folder(aml_dir / AML_BLASTS, size, limit),
             load_folder(aml_dir / AML_NEUTROPHILS, size, limit))

@@ -38,7 +38,7 @@ from analysis.classes import CLASS_NAMES
 from analysis.detect import DEFAULT_FIELD_PIXEL_SPACING_UM
 from analysis.errors import DatasetError
 from analysis.framing import frame_at
-from analysis.pbc import load_images, read_split
+from analysis.training.pbc import load_images, read_split
 
 LABS = ("pbc", "bccd", "chula")
 SPLITS = ("train", "val", "test")

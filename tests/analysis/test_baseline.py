@@ -20,7 +20,7 @@ from analysis.classes import CLASS_NAMES
 from analysis.classifier import BASELINE_WEIGHTS, WEIGHTS_DIR
 from analysis.classify import images_to_tensor
 from analysis.errors import CheckpointError
-from analysis.pbc import load_images, read_split
+from analysis.training.pbc import load_images, read_split
 
 PBC = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "pbc"
 needs_pbc = pytest.mark.skipif(not (PBC / "splits.csv").is_file(), reason=f"no PBC data at {PBC}")

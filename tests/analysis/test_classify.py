@@ -27,11 +27,11 @@ from analysis.classify import (
     score_cells,
 )
 from analysis.errors import CheckpointError
-from analysis.evaluate import calibrate
 from analysis.framing import frame_image
 from analysis.heatmap import counterfactual_heatmap, overlay_png
 from analysis.model import ModelConfig, build_unet
-from analysis.pbc import load_images, read_split
+from analysis.training.evaluate import calibrate
+from analysis.training.pbc import load_images, read_split
 from tests.analysis.conftest import write_tiny_cnn, write_tiny_diffusion
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from analysis import commands
-from analysis.evaluate import stratified_rows
 from analysis.model import ModelConfig
+from analysis.training.evaluate import stratified_rows
 from analysis.uncertainty import (
     aurc,
     auroc,

@@ -18,9 +18,9 @@ from analysis.classes import CLASS_NAMES, kept_classes
 from analysis.classifier import CALIBRATION, BaselineClassifier, DiffusionClassifier
 from analysis.classify import ClassifierConfig
 from analysis.errors import CheckpointError
-from analysis.evaluate import calibrate, evaluate, evaluate_heldout
 from analysis.model import ModelConfig
-from analysis.pbc import load_images, read_split
+from analysis.training.evaluate import calibrate, evaluate, evaluate_heldout
+from analysis.training.pbc import load_images, read_split
 from tests.analysis.conftest import write_tiny_cnn, write_tiny_diffusion
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -21,7 +21,6 @@ from analysis.reference import (
     reference_logits,
     save_reference,
 )
-from analysis.train import lab_class_weights
 from analysis.training.labs import (
     BCCD_SPLITS,
     SAMPLE_SLIDE_FIELDS,
@@ -29,6 +28,7 @@ from analysis.training.labs import (
     bccd_split,
     load_lab,
 )
+from analysis.training.train import lab_class_weights
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "bccd").is_dir(), reason="../shared/data not present")

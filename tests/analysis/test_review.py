@@ -12,7 +12,7 @@ import pytest
 from analysis.classes import CLASS_NAMES
 from analysis.classifier import CALIBRATION, WEIGHTS_DIR, read_calibration
 from analysis.results import FLAG_REASON_LABELS, CellResult, FlagReasonValues
-from analysis.review import DENSITY_WEIGHTS, ReviewModel, ReviewRule, decide
+from analysis.review import DENSITY_WEIGHTS, ReviewModel, ReviewRule, combine, decide
 from analysis.uncertainty import auroc
 
 from .conftest import DATA
@@ -65,6 +65,26 @@ def test_switched_off_signals_never_flag_and_survive_json() -> None:
         _rule(significant_classes=("blast",))
 
 
+def test_the_combined_posterior_weighs_both_models_and_disagreement_stays_the_models() -> None:
+    diffusion = np.array([[0.6, 0.4, 0, 0, 0, 0, 0, 0], [0.9, 0.1, 0, 0, 0, 0, 0, 0]]) + 1e-9
+    reference = np.array([[0.1, 0.9, 0, 0, 0, 0, 0, 0], [0.6, 0.4, 0, 0, 0, 0, 0, 0]]) + 1e-9
+    alone = combine(diffusion, reference, 1.0)
+    assert np.allclose(alone, diffusion / diffusion.sum(axis=1, keepdims=True))
+    mixed = combine(diffusion, reference, 0.3)
+    assert np.allclose(mixed.sum(axis=1), 1.0)
+    # a confident reference outweighs a hesitant diffusion call; agreement stays as it was
+    assert mixed.argmax(axis=1).tolist() == [N["eosinophil"], N["neutrophil"]]
+    with pytest.raises(ValueError, match="diffusion_weight"):
+        combine(diffusion, reference, 1.5)
+    with pytest.raises(ValueError, match="diffusion_weight"):
+        _rule(diffusion_weight=-0.1)
+    # the reported class follows the combination, but the models still disagree on cell 0
+    d = decide(_rule(uncertainty_threshold=math.inf), mixed.argmax(axis=1),
+               reference.argmax(axis=1), np.zeros(2), np.zeros(2),
+               diffusion_label=diffusion.argmax(axis=1))
+    assert d.reasons == ((FlagReasonValues.MODELS_DISAGREE,), ())
+
+
 def test_a_cell_result_carries_every_reason_and_its_words() -> None:
     probabilities = {c: (1.0 if c == "ig" else 0.0) for c in CLASS_NAMES}
     cell = CellResult(cell_id=3, x=5, y=5, outline=((0, 0), (10, 0), (10, 10)), bbox=(0, 0, 10, 10),
@@ -90,9 +110,9 @@ def test_a_site_calibration_makes_blasts_of_an_unseen_lab_stand_out(tmp_path: Pa
     import subprocess
     import sys
 
-    from analysis.evaluate import AML_BLASTS, AML_NEUTROPHILS, load_folder
     from analysis.framing import collect_image_paths
     from analysis.site import load_site
+    from analysis.training.evaluate import AML_BLASTS, AML_NEUTROPHILS, load_folder
 
     neutrophils = collect_image_paths([AML / AML_NEUTROPHILS])
     site_cells = tmp_path / "site"
@@ -114,8 +134,8 @@ def test_a_site_calibration_makes_blasts_of_an_unseen_lab_stand_out(tmp_path: Pa
     blasts = load_folder(AML / AML_BLASTS, model.image_size, 30)
     others = load_folder(AML / AML_NEUTROPHILS, model.image_size, 70)[40:]
     images = np.concatenate([blasts, others])
-    label = np.zeros(len(images), np.int64)  # the diffusion call does not enter the distance
-    a = model.assess(label, np.zeros(len(images)), images, site=site)
+    neutrophil = np.eye(len(CLASS_NAMES))[np.zeros(len(images), np.int64)]
+    a = model.assess(neutrophil, np.zeros(len(images)), images, site=site)  # no diffusion run
     assert auroc(a.feature_distance[:30], a.feature_distance[30:]) >= 0.95
     assert a.decision.abnormal[:30].mean() >= 0.8
     assert a.decision.abnormal[30:].mean() <= 0.2

@@ -17,7 +17,13 @@ from safetensors import safe_open
 from analysis.classes import CLASS_NAMES
 from analysis.errors import CheckpointError
 from analysis.model import ModelConfig
-from analysis.train import STATE, TrainConfig, export_weights, format_duration, train_diffusion
+from analysis.training.train import (
+    STATE,
+    TrainConfig,
+    export_weights,
+    format_duration,
+    train_diffusion,
+)
 
 PBC = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "pbc"
 pytestmark = pytest.mark.skipif(not (PBC / "splits.csv").is_file(), reason=f"no PBC data at {PBC}")

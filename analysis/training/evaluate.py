@@ -21,9 +21,9 @@ from analysis.classes import CLASS_NAMES
 from analysis.classifier import (
     ANOMALY_SCORE,
     BASELINE_WEIGHTS,
-    REFERENCE_WEIGHTS,
     CALIBRATION,
     DIFFUSION_WEIGHTS,
+    REFERENCE_WEIGHTS,
     Predictions,
     cnn_predictions,
     diffusion_predictions,
@@ -40,13 +40,8 @@ from analysis.classify import (
     score_cells,
 )
 from analysis.errors import CheckpointError, DatasetError
-from analysis.framing import (
-    collect_image_paths,
-    estimate_pixel_spacing_um,
-    read_framed,
-    read_image,
-)
-from analysis.pbc import LabelledImages, load_images, read_split
+from analysis.framing import collect_image_paths, folder_spacing_um, read_framed
+from analysis.training.pbc import LabelledImages, load_images, read_split
 from analysis.uncertainty import (
     aurc,
     auroc,
@@ -77,19 +72,10 @@ def stratified_rows(rows: list[tuple[str, int]], per_class: int, seed: int) -> l
     return out
 
 
-def folder_spacing_um(paths: list[Path]) -> float:
-    """One lab's pixel spacing: the median of the red-cell estimates of its images."""
-    estimates = [found[0] for found in (estimate_pixel_spacing_um(read_image(p)) for p in paths)
-                 if found is not None]
-    if len(estimates) < 3:
-        raise DatasetError(f"too few images with red cells to estimate the pixel spacing of "
-                           f"{paths[0].parent if paths else 'an empty folder'}")
-    return float(np.median(estimates))
-
-
 def load_folder(folder: Path, size: int, limit: int = 0) -> np.ndarray:
     """Frame every image of a folder (sorted; the first ``limit`` if > 0) at the folder's
-    pixel spacing (:func:`folder_spacing_um`: the images come from one lab and scanner)."""
+    pixel spacing (:func:`analysis.framing.folder_spacing_um`: the images come from one lab
+    and scanner)."""
     if not folder.is_dir():
         raise DatasetError(f"{folder} not found")
     paths = collect_image_paths([folder])

@@ -1,23 +1,33 @@
-"""Figures of the model card: reliability diagram, risk-coverage curve, heatmap examples.
+"""Figures of the model card and the docs: reliability diagram, risk-coverage curve, heatmap
+examples, and the framing contact sheet.
 
-``python -m analysis.plots --arrays eval.npz --out docs/model`` draws the first two
+``python -m analysis.training.plots --arrays eval.npz --out docs/model`` draws the first two
 from the per-cell outputs written by ``cytonode evaluate --arrays-out eval.npz``;
 ``--heatmaps N`` adds N counterfactual heatmap examples of PBC test cells.
+``docs/contact_sheet.png`` (:func:`make_contact_sheet`, see ``docs/detection.md``) shows slide
+crops next to framed PBC images so a person can see that the framing matches.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, ImageDraw
 
 from analysis.uncertainty import entropy, reliability_table, risk_coverage
+
+if TYPE_CHECKING:
+    from analysis.crops import CropConfig
 
 
 def reliability_png(models: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
@@ -63,9 +73,9 @@ def heatmap_examples(weights_dir: Path, data_dir: Path, out_dir: Path, n: int, s
 
     from analysis.classes import CLASS_NAMES
     from analysis.classifier import DiffusionClassifier
-    from analysis.evaluate import stratified_rows
     from analysis.heatmap import counterfactual_heatmap, overlay_png
-    from analysis.pbc import load_images, read_split
+    from analysis.training.evaluate import stratified_rows
+    from analysis.training.pbc import load_images, read_split
 
     model = DiffusionClassifier(weights_dir)
     rows = stratified_rows(read_split(data_dir, "test"), 1, seed)[:n]
@@ -86,8 +96,96 @@ def heatmap_examples(weights_dir: Path, data_dir: Path, out_dir: Path, n: int, s
     return written
 
 
+def contact_sheet(rows: Sequence[tuple[str, Sequence[NDArray[np.uint8]]]], path: Path,
+                  tile: int = 128) -> Path:
+    """Write a PNG with one labelled row of images per entry.
+
+    Parameters
+    ----------
+    rows:
+        ``(caption, images)`` pairs; images are resized to ``tile`` x ``tile``.
+    path:
+        PNG to write.
+    tile:
+        Side of each shown image.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    if not rows:
+        raise ValueError("rows must not be empty")
+    columns = max(len(images) for _, images in rows)
+    caption_h = 18
+    sheet = Image.new("RGB", (columns * (tile + 4) + 4, len(rows) * (tile + caption_h + 6) + 4),
+                      "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (caption, images) in enumerate(rows):
+        top = 4 + r * (tile + caption_h + 6)
+        draw.text((6, top + 2), caption, fill=(0, 0, 0))
+        for c, image in enumerate(images):
+            im = Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((tile, tile))
+            sheet.paste(im, (4 + c * (tile + 4), top + caption_h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, optimize=True)
+    return path
+
+
+def make_contact_sheet(slide_path: Path, pbc_dir: Path, out: Path, per_row: int = 8,
+                       config: CropConfig | None = None) -> Path:
+    """Write the contact sheet: crops from a slide above PBC images of the same size.
+
+    Parameters
+    ----------
+    slide_path:
+        A WSI DICOM series (file or folder).
+    pbc_dir:
+        The PBC folder (one sub-folder per class).
+    out:
+        PNG to write.
+    per_row:
+        Images per row.
+    config:
+        Crop framing (defaults if ``None``).
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.
+    """
+    from analysis.crops import CropConfig, iter_crops
+    from analysis.detect import find_cells
+    from analysis.framing import frame_at
+    from analysis.tiles import Slide
+    from analysis.training.pbc import PBC_FRAME_UM
+
+    config = config or CropConfig()
+    with Slide.open(slide_path) as slide:
+        cells = find_cells(slide).cells
+        crops = [crop for _, crop in iter_crops(slide, cells, config)]
+    pbc: list[NDArray[np.uint8]] = []
+    for cls in ("neutrophil", "eosinophil", "lymphocyte", "monocyte", "basophil", "ig",
+                "neutrophil", "eosinophil"):
+        files = sorted((pbc_dir / cls).glob("*.jpg"))
+        if files:
+            with Image.open(files[len(pbc) % len(files)]) as im:
+                rgb = np.asarray(im.convert("RGB"))
+            h, w = rgb.shape[:2]
+            pbc.append(frame_at(rgb, (w / 2, h / 2), PBC_FRAME_UM / w, config.field_of_view_um,
+                                config.output_size))
+    rows: list[tuple[str, Sequence[NDArray[np.uint8]]]] = []
+    for start in range(0, min(len(crops), 2 * per_row), per_row):
+        caption = (f"slide crops (cytonode detect + crops), cells {start + 1}-"
+                   f"{min(len(crops), start + per_row)}")
+        rows.append((caption, crops[start:start + per_row]))
+    rows.append((f"PBC training images framed the same way ({config.field_of_view_um:g} um)",
+                 pbc[:per_row]))
+    return contact_sheet(rows, out)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m analysis.plots", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m analysis.training.plots", description=__doc__.splitlines()[0])
     p.add_argument("--arrays", type=Path, help="npz from `cytonode evaluate --arrays-out`")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--heatmaps", type=int, default=0, help="heatmap examples to draw")

@@ -1,4 +1,4 @@
-"""Training of the diffusion classifier and of the discriminative baseline.
+"""Training of the diffusion classifier (``cytonode train``).
 
 Training is resumable: every ``checkpoint_every`` steps the model, its EMA
 copy, the optimiser and the step count are written atomically to ``out_dir``;
