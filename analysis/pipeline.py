@@ -624,6 +624,11 @@ def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
                            ("review_feature_threshold", rule.feature_threshold)):
             parameters[key] = float(value) if math.isfinite(value) else "off"
         parameters["review_models_disagree"] = bool(rule.disagreement)
+        parameters["review_uncertainty_of"] = rule.uncertainty_of
+        w = float(rule.diffusion_weight)
+        parameters["reported_posterior"] = (
+            "diffusion classifier alone" if w == 1.0 else
+            f"diffusion^{w:g} x reference^{1 - w:g}, normalised (weight chosen on val)")
         parameters["review_significant_classes"] = ", ".join(rule.significant_classes)
         parameters["anomaly_score"] = "reference feature distance (Mahalanobis, nearest class)"
         parameters["site_calibration"] = config.site.label if config.site is not None else "none"

@@ -7,7 +7,8 @@ on the sending side, so anything can be sent):
 - transport: connect and close; random bytes; a PDU header claiming up to 4 GiB; a mutated
   (bit-flipped, truncated, extended) A-ASSOCIATE-RQ;
 - association: random P-DATA, a P-DATA larger than the node's maximum PDU, a mutated C-ECHO
-  command, a C-STORE cut off mid-data set;
+  command, a command set in fragments that never end (up to 256 KiB), a C-STORE cut off mid-data
+  set;
 - data set (a C-STORE on a valid association, explicit, implicit or deflated): valid (controls),
   truncated inside Pixel Data, truncated anywhere, bit flips, an element length or VR replaced,
   deep sequence nesting, deflate garbage, a cut deflate stream, a deflated truncated data set.
@@ -334,7 +335,7 @@ def damaged(data: bytes, syntax: str) -> bool:
 # The cases ----------------------------------------------------------------------------------
 
 TRANSPORT = ("connect-close", "random-bytes", "huge-pdu-header", "associate-mutated")
-ASSOCIATION = ("pdata-garbage", "pdata-oversize", "command-mutated", "store-cut")
+ASSOCIATION = ("pdata-garbage", "pdata-oversize", "command-mutated", "command-endless", "store-cut")
 DATASET = ("valid", "truncate-pixels", "truncate-any", "bitflip", "length", "bad-vr", "nested",
            "deflate-garbage", "deflate-cut", "deflate-of-truncated")
 KINDS = TRANSPORT + ASSOCIATION + DATASET
@@ -377,7 +378,7 @@ def run_case(port: int, kind: str, seed: int) -> dict[str, object]:
             syntax = EXPLICIT
             if kind in DATASET:
                 ds, syntax, data = mutate(kind, rng)
-            abstract = VERIFICATION if kind == "command-mutated" else SC
+            abstract = VERIFICATION if kind in ("command-mutated", "command-endless") else SC
             if not peer.associate(syntax, abstract):
                 return {**out, "outcome": "association-failed"}
             if kind == "pdata-garbage":
@@ -393,6 +394,16 @@ def run_case(port: int, kind: str, seed: int) -> dict[str, object]:
                 for _ in range(rng.randint(1, 4)):
                     raw[rng.randrange(12, len(raw))] ^= 1 << rng.randrange(8)
                 peer.send(bytes(raw))
+                out["outcome"] = peer.response_status()
+            elif kind == "command-endless":
+                # Command fragments (PS3.8 E.2: control header 0x01) without the last one.
+                sent = 0
+                while sent < 256 << 10:
+                    value = bytes(rng.randrange(1, 16 << 10))
+                    pdv = struct.pack(">IBB", len(value) + 2, 1, 0x01) + value
+                    if not peer.send(struct.pack(">BBI", 4, 0, len(pdv)) + pdv):
+                        break
+                    sent += len(value)
                 out["outcome"] = peer.response_status()
             elif kind == "store-cut":
                 sent = base_dataset(rng)

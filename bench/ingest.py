@@ -77,10 +77,27 @@ def round_storescp(folder: Path, work: Path) -> float:
         shutil.rmtree(out)
 
 
+def wait_http(port: int, timeout: float = 180) -> None:
+    """Until the node's viewer answers ``/healthz``: the node has finished starting."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as rsp:
+                if rsp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"cytonode's HTTP server on {port} did not answer")
+
+
 def round_cytonode(folder: Path, work: Path) -> float:
-    port, data = free_port(), work / "cytonode"
+    port, http_port, data = free_port(), free_port(), work / "cytonode"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CYTONODE_")}
     env.update(CYTONODE_DATA_DIR=str(data), CYTONODE_DICOM_PORT=str(port),
+               CYTONODE_HTTP_PORT=str(http_port),
                CYTONODE_BIND_ADDRESS="127.0.0.1", CYTONODE_WORKERS="0",
                CYTONODE_STABLE_AGE_S="3600")
     cytonode = str(Path(sys.executable).with_name("cytonode"))
@@ -92,6 +109,9 @@ def round_cytonode(folder: Path, work: Path) -> float:
             if time.monotonic() > deadline:
                 raise RuntimeError("cytonode did not start")
             time.sleep(0.3)
+        # The SCP answers before the viewer has imported (highdicom, the encoders): about a
+        # second of start-up that would otherwise share the cores with the first send.
+        wait_http(http_port)
         return send(port, "CYTONODE", folder)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -66,7 +66,7 @@ def train_autoencoder(ae, images, labels, steps: int, generator, log: logging.Lo
     """MSE reconstruction of augmented train images plus a KL term of weight 1e-6 (as Stable Diffusion's)."""
     import torch
 
-    from analysis.augment import augment
+    from analysis.training.augment import augment
     from analysis.training.train import class_balanced_weights, format_duration
 
     optimiser = torch.optim.AdamW(ae.parameters(), lr=1e-3)
@@ -91,7 +91,6 @@ def train_autoencoder(ae, images, labels, steps: int, generator, log: logging.Lo
 def run_arm(arm: str, args: argparse.Namespace) -> dict[str, object]:
     import torch
 
-    from analysis.augment import augment
     from analysis.classify import (
         ClassifierConfig,
         error_deltas,
@@ -100,6 +99,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, object]:
         score_cells,
     )
     from analysis.model import ModelConfig, build_scheduler, build_unet, count_parameters
+    from analysis.training.augment import augment
     from analysis.training.evaluate import stratified_rows
     from analysis.training.pbc import load_images, read_split
     from analysis.training.train import (

@@ -11,13 +11,14 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from dicom_node.receive import command_set_overflow, watch_data_set_file
 from dicom_node.settings import Settings
 from dicom_node.store import Store
 from dicom_node.tls import TLSAssociationServer
@@ -386,26 +387,41 @@ class PDULimitSocket(AssociationSocket):
         raise PDURefusedError(refusal)
 
 
-def _guard_dimse_decoding(assoc: Any) -> None:
-    """Abort, rather than lose the DUL thread, when a peer's DIMSE message cannot be decoded.
+class _CommandSetTooLargeError(Exception):
+    """A peer's command set fragments add up to more than the node reads."""
+
+
+def _guard_dimse_decoding(assoc: Any, store: Store) -> None:
+    """Abort, rather than lose the DUL thread, when a peer's DIMSE message cannot be decoded or its
+    command set grows too large; check free space while a C-STORE's data set is written.
 
     pynetdicom decodes P-DATA fragments into a DIMSE message on the DUL thread
     (``DIMSEServiceProvider.receive_primitive``); some malformed command sets raise there (a
     command set without Command Data Set Type: ``AttributeError``), which kills the DUL thread
     with a traceback and leaves the connection open. Here that is handled as an invalid PDU
     (Evt19: AA-8 sends an A-ABORT and ends the association, PS3.8 9.2) and the connection closed.
+    So is a command set that would pass :data:`dicom_node.receive.MAX_COMMAND_SET_BYTES`
+    (pynetdicom buffers any number of command fragments). A data set is written through a
+    :class:`dicom_node.receive.ReceivedDataSetFile`, which drops it once free space runs short.
     """
     receive = assoc.dimse.receive_primitive
 
     def receive_primitive(primitive: Any) -> None:
         try:
+            overflow = command_set_overflow(assoc.dimse.message, primitive)
+            if overflow is not None:
+                raise _CommandSetTooLargeError(overflow)
             receive(primitive)
+            if assoc.dimse.message is not None:
+                watch_data_set_file(assoc.dimse.message, store)
         except Exception as exc:  # noqa: BLE001 - pynetdicom raises whatever the bytes cause
+            _discard_partial_dataset(assoc)
             assoc.dimse.message = None
             socket = assoc.dul.socket
             if isinstance(socket, PDULimitSocket) and socket.refusal is None:
                 # Also makes the socket read as closed: AA-8's ARTIM wait ends at once.
-                socket.refusal = (f"sent a DIMSE message that cannot be decoded "
+                socket.refusal = (str(exc) if isinstance(exc, _CommandSetTooLargeError) else
+                                  f"sent a DIMSE message that cannot be decoded "
                                   f"({exc.__class__.__name__}: {exc})")
             assoc.dul.event_queue.put("Evt19")
 
@@ -414,7 +430,7 @@ def _guard_dimse_decoding(assoc: Any) -> None:
 
 class NodeRequestHandler(RequestHandler):
     """pynetdicom's connection handler, with :class:`PDULimitSocket` as the connection's socket
-    and DIMSE decoding errors handled (:func:`_guard_dimse_decoding`).
+    and DIMSE messages guarded as they arrive (:func:`_guard_dimse_decoding`).
 
     ``RequestHandler._create_association`` builds a plain ``AssociationSocket`` around the
     accepted connection (signalling Evt5, "transport connection indication", as it does); its
@@ -424,12 +440,24 @@ class NodeRequestHandler(RequestHandler):
     def _create_association(self) -> Any:
         assoc = super()._create_association()
         assoc.dul.socket.__class__ = PDULimitSocket
-        _guard_dimse_decoding(assoc)
+        _guard_dimse_decoding(assoc, cast("NodeAE", self.ae).store)
         return assoc
 
 
 class NodeAE(AE):
-    """The node's AE: its servers accept connections through :class:`NodeRequestHandler`."""
+    """The node's AE: its servers accept connections through :class:`NodeRequestHandler`.
+
+    Parameters
+    ----------
+    ae_title:
+        The node's AE title.
+    store:
+        The store received data sets are written for (its free space is checked as they arrive).
+    """
+
+    def __init__(self, ae_title: str, store: Store) -> None:
+        super().__init__(ae_title=ae_title)
+        self.store = store
 
     def make_server(self, address: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("request_handler", NodeRequestHandler)
@@ -450,7 +478,7 @@ def make_ae(settings: Settings, store: Store) -> tuple[AE, list[Any]]:
     from dicom_node.handlers import handle_echo, handle_store
     from dicom_node.qr import QR_SOP_CLASSES, qr_handlers
 
-    ae = NodeAE(ae_title=settings.ae_title)
+    ae = NodeAE(settings.ae_title, store)
     limit = AssociationLimit(settings.max_associations)
     ae.maximum_associations = CONNECTIONS_PER_ASSOCIATION * settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu

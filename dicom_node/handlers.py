@@ -17,6 +17,7 @@ from dicom_node.errors import (
     SOPClassMismatchError,
     StoreFullError,
 )
+from dicom_node.receive import data_set_refusal
 from dicom_node.status import StatusValues
 from dicom_node.store import Store
 
@@ -37,6 +38,10 @@ def handle_store(event: evt.Event, store: Store) -> int:
     req: Any = event.request
     sop_uid = str(req.AffectedSOPInstanceUID)
     calling = event.assoc.requestor.ae_title.strip()
+    refusal = data_set_refusal(req)
+    if refusal is not None:  # dropped as it arrived (dicom_node.receive.ReceivedDataSetFile)
+        log.error("out of resources storing %s from %s: %s", sop_uid, calling, refusal)
+        return int(StatusValues.OUT_OF_RESOURCES)
     try:
         store.check_space()
         result = store.ingest_file(

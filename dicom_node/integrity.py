@@ -4,7 +4,9 @@ pydicom reads damaged data tolerantly (a warning, a shorter dataset, an error on
 is first used); the node must not acknowledge such a dataset. This walks the element headers
 (PS3.5 7.1) of a little-endian dataset, into sequences and their items (PS3.5 7.5) and past
 values, so it costs a few reads even for a large multi-frame slide. A Deflated Explicit VR Little
-Endian dataset (PS3.5 A.5) is inflated as it is walked, a window at a time, never whole.
+Endian dataset (PS3.5 A.5) is inflated as it is walked, a window at a time, never whole, and
+refused once it inflates past a limit: pydicom inflates such a dataset whole, in memory, to read
+it, and a few MB of deflate stream can inflate to gigabytes (a "deflate bomb").
 """
 
 from __future__ import annotations
@@ -60,14 +62,16 @@ class _Data:
 
 
 class _Inflated:
-    """A raw deflate stream (RFC 1951; PS3.5 A.5) inflated forwards, at most ``_WINDOW`` at a time."""
+    """A raw deflate stream (RFC 1951; PS3.5 A.5) inflated forwards, at most ``_WINDOW`` at a time,
+    and at most ``max_inflated`` bytes in all (``None``: no limit)."""
 
     _WINDOW = 1 << 20
     pixel_data_length: int | None = None  # of native (not encapsulated) Pixel Data, if any
 
-    def __init__(self, fp: BinaryIO, offset: int) -> None:
+    def __init__(self, fp: BinaryIO, offset: int, max_inflated: int | None = None) -> None:
         fp.seek(offset)
         self._fp = fp
+        self._max_inflated = max_inflated
         self._z = zlib.decompressobj(-zlib.MAX_WBITS)
         self._buffer = bytearray()
         self._position = 0  # of the first byte in the buffer, in the inflated dataset
@@ -83,6 +87,9 @@ class _Inflated:
             self._buffer += self._z.decompress(data, self._WINDOW)
         except zlib.error as exc:
             raise InvalidInstanceError(f"deflated dataset cannot be inflated: {exc}") from exc
+        if self._max_inflated is not None and self._position + len(self._buffer) > self._max_inflated:
+            raise InvalidInstanceError(f"deflated dataset inflates to more than {self._max_inflated} "
+                                       "bytes (CYTONODE_MAX_INFLATED_BYTES)")
         if self._z.eof and len(self._z.unused_data) + len(self._fp.read(2)) > 1:
             # PS3.5 A.5: at most one padding byte follows the deflated bit stream.
             raise InvalidInstanceError("data follow the end of the deflated dataset")
@@ -224,9 +231,22 @@ def _fragments(data: _Source, limit: int | None) -> None:
         data.skip(length)
 
 
-def check_structure(fp: BinaryIO, offset: int, size: int, transfer_syntax: str) -> int | None:
+def check_structure(fp: BinaryIO, offset: int, size: int, transfer_syntax: str, *,
+                    max_inflated: int | None = None) -> int | None:
     """Raise :class:`InvalidInstanceError` unless the dataset from ``offset`` to ``size``
     is a complete sequence of elements with known VRs. Big-endian data are not walked.
+
+    Parameters
+    ----------
+    fp:
+        The file, open for reading in binary mode.
+    offset, size:
+        Where the dataset starts (after the file meta information) and the file's size.
+    transfer_syntax:
+        The dataset's Transfer Syntax UID.
+    max_inflated:
+        For Deflated Explicit VR Little Endian: the most bytes the dataset may inflate to. It is
+        refused as soon as inflating passes that, before it is ever inflated whole.
 
     Returns
     -------
@@ -237,7 +257,7 @@ def check_structure(fp: BinaryIO, offset: int, size: int, transfer_syntax: str) 
         return None
     data: _Source
     if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        data = _Inflated(fp, offset)
+        data = _Inflated(fp, offset, max_inflated)
     else:
         data = _Data(fp, offset, size)
     _walk(data, None, transfer_syntax != IMPLICIT_VR_LITTLE_ENDIAN, 0)

@@ -24,6 +24,11 @@ PREFIX = "CYTONODE_"
 _AE_RE = re.compile(r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14})$")  # PS3.5 6.2 AE
 VL_WSM = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
+#: The largest object the node accepts whole: a STOW-RS request body (the viewer's
+#: ``MAX_CONTENT_LENGTH``). A deflated data set, which pydicom inflates in memory to read it,
+#: may inflate to at most this by default (``max_inflated_bytes``).
+MAX_OBJECT_BYTES = 2 * 1024 * 1024 * 1024
+
 
 class ReleasePolicyValues(str, enum.Enum):
     """When results leave the node: at once as preliminary, or only after sign-off."""
@@ -138,6 +143,8 @@ class Settings:
     job_max_attempts: int = 3
     shutdown_grace_s: float = 30.0
     min_free_bytes: int = 64 * 1024 * 1024
+    #: The most bytes a Deflated Explicit VR Little Endian data set may inflate to (PS3.5 A.5).
+    max_inflated_bytes: int = MAX_OBJECT_BYTES
     move_destinations: tuple[Destination, ...] = ()
     api_token: str = ""
     secret_key: str = ""
@@ -160,6 +167,8 @@ class Settings:
             raise SettingsError("max_associations must be at least 1")
         if self.max_pdu != 0 and self.max_pdu < 4096:
             raise SettingsError("max_pdu must be 0 (unlimited) or at least 4096 bytes")
+        if self.max_inflated_bytes < 1024 * 1024:
+            raise SettingsError("max_inflated_bytes must be at least 1 MiB (1048576 bytes)")
         if self.stable_age_s < 0 or self.network_timeout_s <= 0 or self.shutdown_grace_s < 0:
             raise SettingsError("stable_age_s, network_timeout_s and shutdown_grace_s must be positive")
         if not 0 < self.outbox_retry_initial_s <= self.outbox_retry_max_s:

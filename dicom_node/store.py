@@ -39,6 +39,9 @@ from dicom_node.settings import DuplicatePolicyValues, Settings
 log = logging.getLogger(__name__)
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+#: What pydicom raises on a file it cannot decode.
+UNDECODABLE = (InvalidDicomError, OSError, ValueError, KeyError, AttributeError, EOFError,
+               TypeError, IndexError, NotImplementedError, zlib.error, RecursionError)
 
 
 def valid_uid(value: Any) -> bool:
@@ -116,16 +119,42 @@ class Store:
                 removed += 1
         return removed
 
-    def check_space(self) -> None:
-        """Raise :class:`StoreFullError` if less than ``min_free_bytes`` are free."""
+    def check_space(self, needed: int = 0) -> None:
+        """Raise :class:`StoreFullError` unless ``min_free_bytes`` stay free after ``needed``
+        more bytes are written."""
         free = shutil.disk_usage(self.root).free
-        if free < self.settings.min_free_bytes:
-            raise StoreFullError(f"only {free} bytes free under {self.root}")
+        if free - needed < self.settings.min_free_bytes:
+            raise StoreFullError(f"only {free} bytes free under {self.root} "
+                                 f"(CYTONODE_MIN_FREE_BYTES {self.settings.min_free_bytes})")
 
     def path_of(self, instance: Instance) -> Path:
         return self.root / instance.path
 
     # Ingest ------------------------------------------------------------------
+    def check_file(self, path: Path) -> tuple[int, int, int | None]:
+        """The structural check of a Part 10 file, before pydicom reads it (pydicom reads damaged
+        data tolerantly, recurses without bound and inflates deflated data whole): returns the
+        dataset's offset, the file size and the Pixel Data length found (``None``: none).
+
+        Raises
+        ------
+        InvalidInstanceError
+            The file meta cannot be decoded, or the dataset is damaged or inflates beyond
+            ``settings.max_inflated_bytes``.
+        """
+        try:
+            meta = read_file_meta_info(path)
+            meta_end = meta.get("FileMetaInformationGroupLength")
+            tsyntax = str(meta.TransferSyntaxUID)
+        except UNDECODABLE as exc:
+            raise InvalidInstanceError(f"cannot decode the file meta information: {exc}") from exc
+        offset = 132 + 12 + int(meta_end or 0)
+        with open(path, "rb") as fp:
+            file_size = os.fstat(fp.fileno()).st_size
+            pixel_data_length = check_structure(
+                fp, offset, file_size, tsyntax, max_inflated=self.settings.max_inflated_bytes)
+        return offset, file_size, pixel_data_length
+
     def ingest_file(self, path: Path, *, calling_ae: str = "", expected_sop_class: str | None = None,
                     expected_sop_instance: str | None = None, move: bool = False,
                     routing: str | None = None) -> IngestResult:
@@ -152,23 +181,11 @@ class Store:
         StoreFullError
             The file system is full.
         """
-        undecodable = (InvalidDicomError, OSError, ValueError, KeyError, AttributeError, EOFError,
-                       TypeError, IndexError, NotImplementedError, zlib.error, RecursionError)
-        try:
-            meta = read_file_meta_info(path)
-            meta_end = meta.get("FileMetaInformationGroupLength")
-            tsyntax = str(meta.TransferSyntaxUID)
-        except undecodable as exc:
-            raise InvalidInstanceError(f"cannot decode the file meta information: {exc}") from exc
-        # The structure first: pydicom reads damaged data tolerantly, or recursing without bound.
-        offset = 132 + 12 + int(meta_end or 0)
-        with open(path, "rb") as fp:
-            file_size = os.fstat(fp.fileno()).st_size
-            pixel_data_length = check_structure(fp, offset, file_size, tsyntax)
+        offset, file_size, pixel_data_length = self.check_file(path)
         try:
             ds = dcmread(path, stop_before_pixels=True, defer_size="256 KB")
             _ = ds.get("Modality"), ds.get("ImageType")  # forces decoding of the header
-        except undecodable as exc:
+        except UNDECODABLE as exc:
             raise InvalidInstanceError(f"cannot decode dataset: {exc}") from exc
         check_pixel_data(ds, pixel_data_length)
         sop_uid, sop_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")

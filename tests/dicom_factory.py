@@ -153,3 +153,18 @@ def deflate(data: bytes) -> bytes:
     """``data`` as a raw deflate stream, as Deflated Explicit VR Little Endian sends it (PS3.5 A.5)."""
     z = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
     return z.compress(data) + z.flush()
+
+
+def deflate_bomb(prefix: bytes, zeros: int) -> bytes:
+    """``prefix`` followed by ``zeros`` zero bytes as one raw deflate stream (PS3.5 A.5), built
+    from a single compressed MiB repeated: about 1 KB on the wire for each MiB it inflates to.
+
+    After a full flush the compressor starts afresh, so each flushed MiB of zeros compresses to
+    the same bytes and the stream need not be compressed whole.
+    """
+    mib = 1 << 20
+    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    stream = z.compress(prefix) + z.flush(zlib.Z_FULL_FLUSH)
+    if zeros >= mib:
+        stream += (z.compress(bytes(mib)) + z.flush(zlib.Z_FULL_FLUSH)) * (zeros // mib)
+    return stream + z.compress(bytes(zeros % mib)) + z.flush()

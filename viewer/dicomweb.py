@@ -564,6 +564,7 @@ def _stow_one(store: Store, data: bytes, study: str | None) -> tuple[Dataset, in
         name = out.name
     try:
         try:
+            store.check_file(Path(name))  # before pydicom inflates or recurses into it
             head = dcmread(name, stop_before_pixels=True)
             sop_class = str(head.get("SOPClassUID", ""))
             sop_uid = str(head.get("SOPInstanceUID", ""))

@@ -7,10 +7,10 @@ A model trained without a lab is scored on that lab's test cells four ways:
 ``colour``
     the lab's colours mapped onto the training labs' before classification (Reinhard's
     transfer in CIELAB: each channel's mean and spread over the site's unlabelled cells
-    moved to those of the training cells; :class:`analysis.adapt.ColourTransfer`);
+    moved to those of the training cells; :class:`analysis.training.adapt.ColourTransfer`);
 ``bn``
     (the reference only) its batch-normalisation statistics re-estimated on the site's
-    unlabelled cells (AdaBN; :func:`analysis.adapt.adapt_batchnorm`);
+    unlabelled cells (AdaBN; :func:`analysis.training.adapt.adapt_batchnorm`);
 ``colour+bn``
     both.
 
@@ -30,11 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from analysis.adapt import ColourTransfer, adapt_batchnorm
 from analysis.framing import FIELD_OF_VIEW_UM
+from analysis.training.adapt import ColourTransfer, adapt_batchnorm
 from analysis.training.evaluate_labs import metrics
 from analysis.training.labs import LABS, concat, load_lab
 

@@ -4,12 +4,14 @@ For each lab (:mod:`analysis.training.labs`) the cells of one split are framed t
 diffusion classifier (adaptive, with its calibration) and the fine-tuned reference classify them,
 and the metrics a user would look at are reported per lab: balanced accuracy over the classes
 the lab has, accuracy, recall per class, the share flagged for review and the error among the
-cells not flagged. With ``--aml`` also aml_dev (another lab, never trained on): neutrophil
+cells not flagged (each model's own thresholds). With both models also ``combined``: the class
+the node reports, from the combined posterior (:func:`analysis.review.combine`, with the
+calibration's ``diffusion_weight`` or ``--diffusion-weight``). With ``--aml`` also aml_dev (another lab, never trained on): neutrophil
 accuracy and the blast AUROC of each model's anomaly signal against same-lab neutrophils.
 Prints one JSON object; ``--out`` also writes it.
 
     python -m analysis.training.evaluate_labs --split test --threads 2
-    python -m analysis.training.evaluate_labs --split test --labs bccd --weights W --reference R
+    python -m analysis.training.evaluate_labs --split test --labs chula --weights DIR
 """
 
 from __future__ import annotations
@@ -24,8 +26,15 @@ import numpy as np
 import torch
 
 from analysis.classes import CLASS_NAMES
-from analysis.classifier import WEIGHTS_DIR, DiffusionClassifier, Predictions, ReferenceClassifier
+from analysis.classifier import (
+    WEIGHTS_DIR,
+    DiffusionClassifier,
+    Predictions,
+    ReferenceClassifier,
+    read_calibration,
+)
 from analysis.framing import FIELD_OF_VIEW_UM
+from analysis.review import combine
 from analysis.training.labs import LABS, LabCells, load_lab
 from analysis.uncertainty import auroc, balanced_accuracy, per_class_recall
 
@@ -69,7 +78,7 @@ def _aml(aml_dir: Path, size: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
 def evaluate_labs(weights_dir: Path, data_root: Path, split: str, labs: tuple[str, ...], *,
                   pbc_per_class: int = 0, seed: int = 0, models: tuple[str, ...] = (
                       "diffusion", "reference"), aml_dir: Path | None = None,
-                  aml_limit: int = 0) -> dict[str, object]:
+                  aml_limit: int = 0, diffusion_weight: float | None = None) -> dict[str, object]:
     """Score ``split`` of every lab in ``labs`` with each of ``models``; see the module doc."""
     loaded: dict[str, DiffusionClassifier | ReferenceClassifier] = {}
     if "diffusion" in models:
@@ -78,6 +87,7 @@ def evaluate_labs(weights_dir: Path, data_root: Path, split: str, labs: tuple[st
         loaded["reference"] = ReferenceClassifier(weights_dir)
     out: dict[str, object] = {"split": split, "field_of_view_um": FIELD_OF_VIEW_UM,
                               "weights": str(weights_dir)}
+    kept: dict[tuple[str, str], tuple[Predictions, np.ndarray]] = {}
     for name, model in loaded.items():
         per_lab: dict[str, object] = {}
         for lab in labs:
@@ -86,6 +96,7 @@ def evaluate_labs(weights_dir: Path, data_root: Path, split: str, labs: tuple[st
             if lab == "pbc" and pbc_per_class > 0:
                 cells = cells.per_class(pbc_per_class, seed)
             pred = _predict(model, cells, seed)
+            kept[name, lab] = pred, cells.labels
             row = metrics(pred, cells.labels)
             row["seconds"] = round(time.monotonic() - t0, 1)
             per_lab[lab] = row
@@ -108,6 +119,26 @@ def evaluate_labs(weights_dir: Path, data_root: Path, split: str, labs: tuple[st
                                      for c, n in enumerate(CLASS_NAMES) if np.any(pb.label == c)},
             }
         out[name] = per_lab
+    if "diffusion" in loaded and "reference" in loaded:
+        w = diffusion_weight
+        if w is None:
+            rule = read_calibration(weights_dir).get("review_rule") or {}
+            w = float(rule.get("diffusion_weight", 1.0))  # type: ignore[union-attr]
+        combined: dict[str, object] = {"diffusion_weight": w}
+        for lab in labs:
+            (pd, y), (pr, y_ref) = kept["diffusion", lab], kept["reference", lab]
+            if not np.array_equal(y, y_ref):
+                raise RuntimeError(f"{lab}: the two models were given different cells")
+            label = combine(pd.probabilities, pr.probabilities, w).argmax(axis=1)
+            bacc = round(balanced_accuracy(y, label, len(CLASS_NAMES)), 4)
+            combined[lab] = {
+                "cells": len(y), "balanced_accuracy": bacc,
+                "accuracy": round(float(np.mean(label == y)), 4) if len(y) else None,
+                "recall": {n: round(float(r), 3) for n, r in zip(
+                    CLASS_NAMES, per_class_recall(y, label, len(CLASS_NAMES))) if not np.isnan(r)},
+            }
+            print(f"combined {lab} {split}: balanced accuracy {bacc}", file=sys.stderr, flush=True)
+        out["combined"] = combined
     return out
 
 
@@ -124,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aml", type=Path, default=None, help="the aml_dev folder (optional)")
     p.add_argument("--aml-limit", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--diffusion-weight", type=float, default=None,
+                   help="weight of the diffusion posterior in the combined one (default: the "
+                        "calibration's review rule)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -133,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     models = tuple(x.strip() for x in args.models.split(",") if x.strip())
     result = evaluate_labs(args.weights, args.data, args.split, labs,
                            pbc_per_class=args.pbc_per_class, seed=args.seed, models=models,
-                           aml_dir=args.aml, aml_limit=args.aml_limit)
+                           aml_dir=args.aml, aml_limit=args.aml_limit,
+                           diffusion_weight=args.diffusion_weight)
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from analysis.augment import augment
 from analysis.errors import CheckpointError
 from analysis.framing import FIELD_OF_VIEW_UM
 from analysis.model import ModelConfig, build_scheduler, build_unet, cell_weight, count_parameters
+from analysis.training.augment import augment
 
 log = logging.getLogger(__name__)
 

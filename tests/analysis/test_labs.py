@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis.augment import augment, stain_augment
 from analysis.classes import CLASS_NAMES
 from analysis.framing import FIELD_OF_VIEW_UM, frame_at, frame_cell_image
 from analysis.model import ModelConfig, cell_weight
@@ -21,6 +20,7 @@ from analysis.reference import (
     reference_logits,
     save_reference,
 )
+from analysis.training.augment import augment, stain_augment
 from analysis.training.labs import (
     BCCD_SPLITS,
     SAMPLE_SLIDE_FIELDS,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import sqlite3
 import threading
 import time
@@ -121,6 +122,77 @@ def test_full_disk_answers_out_of_resources_and_indexes_nothing(tmp_path: Path, 
         assoc.release()
         assert len(_index_rows(settings.data_dir)) == 1
     finally:
+        server.shutdown()
+        store.close()
+
+
+def test_disk_filling_during_receive_drops_the_data_set_at_the_reserve(tmp_path: Path, monkeypatch,
+                                                                        caplog) -> None:
+    """Free space falls below the reserve while a 55 MB data set arrives: its partial file is
+    deleted then, not once the whole data set is in ``tmp/``; the node answers 0xA700, logs one
+    line and keeps running."""
+    settings = Settings(data_dir=tmp_path / "data", dicom_port=free_port(), bind_address="127.0.0.1",
+                        workers=0)
+    configure_pynetdicom(settings)
+    store = Store(settings)
+    ae, handlers = make_ae(settings, store)
+    server = ae.start_server(("127.0.0.1", settings.dicom_port), block=False, evt_handlers=handlers)
+    headroom = 12 << 20  # free space above the reserve before the data set arrives
+
+    def tmp_bytes() -> int:
+        total = 0
+        for entry in settings.tmp_dir.iterdir():
+            try:
+                total += entry.stat().st_size
+            except FileNotFoundError:  # deleted between the listing and the stat
+                pass
+        return total
+
+    real_disk_usage = shutil.disk_usage
+
+    def filling_disk_usage(path: str | os.PathLike[str]) -> object:
+        # The OS reports the space the data set being written takes from the file system.
+        usage = real_disk_usage(path)
+        return usage._replace(free=settings.min_free_bytes + headroom - tmp_bytes())
+
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], tmp_bytes())
+
+    try:
+        ds = dcmread(multiframe_sc(tmp_path / "sc.dcm", 60))
+        assert len(ds.PixelData) > 4 * headroom
+        monkeypatch.setattr(shutil, "disk_usage", filling_disk_usage)
+        scu = AE(ae_title="TESTSCU")
+        scu.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        scu.dimse_timeout = scu.network_timeout = 60
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        assoc = scu.associate("127.0.0.1", settings.dicom_port, ae_title="CYTONODE")
+        with caplog.at_level("INFO", logger="dicom_node"):
+            rsp = assoc.send_c_store(ds)
+        done.set()
+        sampler.join()
+        assert rsp.Status == StatusValues.OUT_OF_RESOURCES
+        assert assoc.is_established, "the association should survive a refused data set"
+        assoc.release()
+        # Checked every 4 MiB (FREE_SPACE_CHECK_BYTES), written in fragments of up to 4 MiB.
+        assert peak[0] < headroom + (10 << 20), f"tmp/ held {peak[0] / 2**20:.0f} MiB"
+        assert tmp_bytes() == 0 and not list(settings.tmp_dir.iterdir())
+        assert _index_rows(settings.data_dir) == []
+        lines = [r.getMessage() for r in caplog.records if str(ds.SOPInstanceUID) in r.getMessage()]
+        assert len(lines) == 1 and "out of resources" in lines[0], lines
+        assert echo(settings.dicom_port)
+        # Space is back: the same instance is accepted.
+        monkeypatch.setattr(shutil, "disk_usage", real_disk_usage)
+        assoc = scu.associate("127.0.0.1", settings.dicom_port, ae_title="CYTONODE")
+        assert assoc.send_c_store(ds).Status == StatusValues.SUCCESS
+        assoc.release()
+        assert len(_index_rows(settings.data_dir)) == 1
+    finally:
+        done.set()
         server.shutdown()
         store.close()
 

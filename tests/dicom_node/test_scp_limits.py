@@ -7,7 +7,10 @@ import os
 import random
 import socket
 import struct
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from io import BytesIO
 
 from pydicom import Dataset
@@ -17,7 +20,7 @@ from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
-from tests.dicom_factory import deflate, nested_sequences
+from tests.dicom_factory import deflate, deflate_bomb, nested_sequences
 from tests.peers import NodeProcess, echo
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -199,6 +202,50 @@ def test_damaged_deflated_and_sequence_data_are_not_acknowledged(start_node) -> 
     assert echo(node.port)
 
 
+@contextmanager
+def _peak_rss_growth(node: NodeProcess) -> Iterator[list[int]]:
+    """Sample the node's RSS every 20 ms while the block runs; yields a list that then holds the
+    peak's growth over the RSS before it (a large buffer freed at once leaves no trace after)."""
+    before = node.rss()
+    peak, done = [before], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], node.rss())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    growth = [0]
+    try:
+        yield growth
+    finally:
+        done.set()
+        sampler.join()
+        growth[0] = max(peak[0], node.rss()) - before
+
+
+def test_deflate_bomb_is_refused_before_it_is_inflated(start_node) -> None:
+    """A sound-looking deflated image whose 3 GiB of Pixel Data travel as 3 MB of deflate stream:
+    refused from its inflated size, never inflated whole (pydicom inflates a deflated data set
+    in memory to read it)."""
+    node = start_node()
+    frames, side = 12, 16384  # 12 frames of 16384 x 16384 at 8 bits: 3 GiB
+    ds = _identified(SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2", Rows=side,
+                     Columns=side, NumberOfFrames=frames, BitsAllocated=8, BitsStored=8, HighBit=7,
+                     PixelRepresentation=0)
+    length = frames * side * side
+    header = _explicit_le(ds) + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, length)
+    bomb = deflate_bomb(header, length)
+    assert len(bomb) < 8 << 20
+    time.sleep(0.5)
+    with _peak_rss_growth(node) as growth:
+        _assert_refused(node, ds, bomb, DEFLATED, "deflate bomb")
+    assert growth[0] < 50 << 20, f"RSS grew by {growth[0] / 2**20:.0f} MiB"
+    assert "CYTONODE_MAX_INFLATED_BYTES" in node.log()
+    assert echo(node.port)
+    assert os.listdir(node.data_dir / "tmp") == []
+
+
 def test_sequence_items_of_undefined_length_are_accepted(start_node) -> None:
     """Many senders (DCMTK among them) write sequences and items of undefined length."""
     node = start_node()
@@ -265,3 +312,78 @@ def test_undecodable_dimse_command_aborts_without_traceback(start_node) -> None:
         lines = [line for line in lines if "established" not in line and " viewer." not in line]
         assert len(lines) <= 1, lines
     assert echo(node.port)
+
+
+def test_command_set_split_over_endless_fragments_aborts(start_node) -> None:
+    """Command fragments that never end (no last-fragment bit, PS3.8 E.2) are not buffered
+    without bound: past 64 KiB the association is aborted, in one log line."""
+    node = start_node()
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="CYTONODE")
+    assert assoc.is_established
+    context_id = assoc.accepted_contexts[0].context_id
+    before = len(node.log().splitlines())
+    fragment = bytes(16 * 1024)
+    # One PDV per P-DATA-TF, message control header 0x01: a command fragment, not the last.
+    pdu = struct.pack(">BBI", 0x04, 0, len(fragment) + 6) + struct.pack(
+        ">IBB", len(fragment) + 2, context_id, 0x01) + fragment
+    raw = assoc.dul.socket.socket
+    raw.settimeout(10)
+    sent = 0
+    try:
+        while sent < 64 << 20 and assoc.is_alive():  # 64 MiB of command set, if the node reads it
+            raw.sendall(pdu)
+            sent += len(fragment)
+    except OSError:  # the node aborted and closed the connection
+        pass
+    deadline = time.monotonic() + 10
+    while assoc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted, f"not aborted after {sent} bytes of command set"
+    assert sent < 8 << 20, f"the node read {sent} bytes of command set"
+    time.sleep(0.5)
+    lines = [line for line in node.log().splitlines()[before:] if " viewer." not in line]
+    assert len(lines) == 1 and "command set of more than 65536 bytes" in lines[0], lines
+    assert "Traceback" not in node.log()
+    assert echo(node.port)
+
+
+def test_deflate_bomb_by_stow_rs_is_refused_before_it_is_inflated(start_node) -> None:
+    """The same bomb as a Part 10 file posted to STOW-RS: 0xC000 for that part, memory flat."""
+    import io
+
+    import requests
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    node = start_node(api_token="stow-token")
+    frames, side = 12, 16384
+    ds = _identified(SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2", Rows=side,
+                     Columns=side, NumberOfFrames=frames, BitsAllocated=8, BitsStored=8, HighBit=7,
+                     PixelRepresentation=0)
+    length = frames * side * side
+    header = _explicit_le(ds) + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, length)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    meta.TransferSyntaxUID = DEFLATED
+    part10 = io.BytesIO()
+    part10.write(bytes(128) + b"DICM")
+    write_file_meta_info(part10, meta, enforce_standard=True)
+    part10.write(deflate_bomb(header, length))
+    boundary = "bombBOUNDARY"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part10.getvalue()
+            + f"\r\n--{boundary}--\r\n".encode())
+    time.sleep(0.5)
+    with _peak_rss_growth(node) as growth:
+        rsp = requests.post(
+            f"http://127.0.0.1:{node.http_port}/dicomweb/studies", data=body, timeout=120,
+            headers={"Authorization": "Bearer stow-token", "Accept": "application/dicom+json",
+                     "Content-Type": f'multipart/related; type="application/dicom"; '
+                                     f'boundary={boundary}'})
+    assert rsp.status_code == 409, rsp.text
+    assert rsp.json()["00081198"]["Value"][0]["00081197"]["Value"] == [CANNOT_UNDERSTAND]
+    assert growth[0] < 50 << 20, f"RSS grew by {growth[0] / 2**20:.0f} MiB"
+    assert echo(node.port)
+    assert os.listdir(node.data_dir / "tmp") == []

@@ -37,6 +37,7 @@ def test_environment_and_toml_file(tmp_path: Path) -> None:
     ({"CYTONODE_DESTINATIONS": "PACS@host"}, "AE@host:port"),
     ({"CYTONODE_RELEASE_POLICY": "sometimes"}, "release_policy must be one of"),
     ({"CYTONODE_STABLE_AGE_S": "soon"}, "stable_age_s"),
+    ({"CYTONODE_MAX_INFLATED_BYTES": "65536"}, "max_inflated_bytes must be at least 1 MiB"),
     ({"CYTONODE_NO_SUCH_THING": "1"}, "unknown setting"),
 ])
 def test_invalid_settings_name_the_rule(env: dict[str, str], message: str) -> None:

@@ -1,7 +1,8 @@
 """Adapting the classifiers to a site's colours and statistics, from its unlabelled cells.
 
-Two cheap, label-free adaptations, each measured leave-one-lab-out before it is used
-(:mod:`analysis.training.adaptation`, model card):
+Two cheap, label-free adaptations, measured leave-one-lab-out by
+:mod:`analysis.training.adaptation` (model card). Neither helped on both held-out labs,
+so the node does not use them; they stay here with the measurement:
 
 :class:`ColourTransfer`
     Reinhard et al.'s colour transfer (2001) in CIELAB: the mean and standard deviation
