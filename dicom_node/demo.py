@@ -31,6 +31,7 @@ from dicom_node.encode.differential import Differential, cell_reason_labels, cla
 from dicom_node.node import Node
 from dicom_node.overview import node_status
 from dicom_node.settings import Destination, Settings
+from dicom_node.states import JobStateValues
 from dicom_node.status import StatusValues
 
 SAMPLE_SLIDE = Path(__file__).parent / "data" / "sample_slide"
@@ -322,7 +323,7 @@ def run_demo(args: argparse.Namespace) -> int:
         while time.monotonic() < deadline:
             jobs = node_status(node.store)["jobs"]
             job = jobs[0] if jobs else None
-            if job and job["state"] in ("done", "failed"):
+            if job and job["state"] in (JobStateValues.DONE, JobStateValues.FAILED):
                 break
             line = (f"{job['state']}: {job['progress']}" if job and job.get("progress")
                     else str(job["state"]) if job else "waiting for the series")
@@ -330,7 +331,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 _say(f"  job {line}")
                 shown = line
             time.sleep(1.0)
-        if not job or job["state"] != "done":
+        if not job or job["state"] != JobStateValues.DONE:
             raise RuntimeError(f"the analysis job did not finish: {job}")
         result = job["result"]
         assert isinstance(result, dict)

@@ -25,6 +25,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from dicom_node.states import JobStateValues, OutboxStateValues
+
 
 class Base(DeclarativeBase):
     pass
@@ -57,8 +59,8 @@ class Series(Base):
     series_number: Mapped[str] = mapped_column(String(12), default="")
     #: Time of the last instance received (seconds since the epoch).
     last_received_at: Mapped[float] = mapped_column(Float, default=time.time, index=True)
-    #: None while receiving; "job" once a job was made; "ignored" when no rule matched;
-    #: "local" for series the node created itself.
+    #: None while receiving, then a :class:`~dicom_node.states.SeriesRoutingValues`: "job" once a
+    #: job was made; "ignored" when no rule matched; "local" for series the node created itself.
     routing: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
 
 
@@ -87,8 +89,8 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     series_instance_uid: Mapped[str] = mapped_column(
         String(64), ForeignKey("series.series_instance_uid"))
-    #: pending -> queued -> running -> done | failed
-    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    #: A :class:`~dicom_node.states.JobStateValues`: pending -> queued -> running -> done | failed
+    state: Mapped[str] = mapped_column(String(16), default=JobStateValues.PENDING, index=True)
     progress: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -109,8 +111,9 @@ class OutboxItem(Base):
     sop_instance_uid: Mapped[str] = mapped_column(
         String(64), ForeignKey("instances.sop_instance_uid"), index=True)
     destination: Mapped[str] = mapped_column(String(300))
-    #: pending -> sent (or back to pending with a later next_attempt_at)
-    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    #: An :class:`~dicom_node.states.OutboxStateValues`: pending -> sent (or pending again with a
+    #: later next_attempt_at)
+    state: Mapped[str] = mapped_column(String(16), default=OutboxStateValues.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[float] = mapped_column(Float, default=0.0, index=True)
     last_error: Mapped[str] = mapped_column(Text, default="")

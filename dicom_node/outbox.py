@@ -13,6 +13,7 @@ from dicom_node.errors import SendRefusedError
 from dicom_node.index import Instance, OutboxItem
 from dicom_node.send import send_instances
 from dicom_node.settings import Destination, Settings
+from dicom_node.states import OutboxStateValues
 from dicom_node.store import Store
 from dicom_node.tls import client_tls_args
 
@@ -27,7 +28,7 @@ def deliver_due(store: Store, settings: Settings, now: float | None = None) -> i
             select(OutboxItem.id, OutboxItem.destination, Instance.sop_instance_uid,
                    Instance.sop_class_uid, Instance.transfer_syntax_uid, Instance.path)
             .join(Instance, Instance.sop_instance_uid == OutboxItem.sop_instance_uid)
-            .where(OutboxItem.state == "pending", OutboxItem.next_attempt_at <= now)
+            .where(OutboxItem.state == OutboxStateValues.PENDING, OutboxItem.next_attempt_at <= now)
             .order_by(OutboxItem.id)).all()
     by_dest: dict[str, list[tuple[int, str, str, str, Path]]] = defaultdict(list)
     for row_id, dest, sop, sop_class, syntax, rel in rows:
@@ -56,7 +57,7 @@ def _mark_sent(store: Store, row_id: int, sent: list[str]) -> None:
     with store.session() as session:
         item = session.get(OutboxItem, row_id)
         assert item is not None
-        item.state, item.sent_at = "sent", time.time()
+        item.state, item.sent_at = OutboxStateValues.SENT, time.time()
         item.attempts += 1
         item.last_error = ""
         session.commit()
@@ -67,7 +68,7 @@ def _backoff(store: Store, settings: Settings, row_ids: list[int], error: str) -
     with store.session() as session:
         for row_id in row_ids:
             item = session.get(OutboxItem, row_id)
-            if item is None or item.state != "pending":
+            if item is None or item.state != OutboxStateValues.PENDING:
                 continue
             item.attempts += 1
             delay = min(settings.outbox_retry_max_s,

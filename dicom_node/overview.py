@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from dicom_node.index import Instance, Job, OutboxItem, Series, Study
+from dicom_node.states import OutboxStateValues
 from dicom_node.store import Store
 
 
@@ -57,8 +58,8 @@ def node_status(store: Store) -> dict[str, Any]:
         } for j in session.scalars(select(Job).order_by(Job.id)).all()]
         items = session.scalars(select(OutboxItem).order_by(OutboxItem.id)).all()
         outbox = {
-            "pending": sum(1 for i in items if i.state == "pending"),
-            "sent": sum(1 for i in items if i.state == "sent"),
+            "pending": sum(1 for i in items if i.state == OutboxStateValues.PENDING),
+            "sent": sum(1 for i in items if i.state == OutboxStateValues.SENT),
             "items": [{
                 "id": i.id, "sop_instance_uid": i.sop_instance_uid, "destination": i.destination,
                 "state": i.state, "attempts": i.attempts, "next_attempt_at": i.next_attempt_at,

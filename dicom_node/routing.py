@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from dicom_node.index import Instance, Job, Series
 from dicom_node.settings import RoutingRule
+from dicom_node.states import JobStateValues, SeriesRoutingValues
 from dicom_node.store import Store
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,10 @@ def route_stable_series(store: Store, rules: tuple[RoutingRule, ...], stable_age
             instances = list(session.scalars(select(Instance).where(
                 Instance.series_instance_uid == series.series_instance_uid)).all())
             if any(rule_matches(rule, series, instances) for rule in rules):
-                job = Job(series_instance_uid=series.series_instance_uid, state="pending")
+                job = Job(series_instance_uid=series.series_instance_uid,
+                          state=JobStateValues.PENDING)
                 session.add(job)
-                series.routing = "job"
+                series.routing = SeriesRoutingValues.JOB
                 try:
                     session.commit()
                 except IntegrityError:  # another router made it first
@@ -53,7 +55,7 @@ def route_stable_series(store: Store, rules: tuple[RoutingRule, ...], stable_age
                 log.info("series %s is stable (%d instances): job %d", series.series_instance_uid,
                          len(instances), job.id)
             else:
-                series.routing = "ignored"
+                series.routing = SeriesRoutingValues.IGNORED
                 session.commit()
                 log.info("series %s is stable; no routing rule matches", series.series_instance_uid)
     return new_jobs
@@ -62,7 +64,8 @@ def route_stable_series(store: Store, rules: tuple[RoutingRule, ...], stable_age
 def pending_jobs(store: Store) -> list[int]:
     """Jobs made but not yet handed to the broker (e.g. after a crash)."""
     with store.session() as session:
-        return list(session.scalars(select(Job.id).where(Job.state == "pending")).all())
+        return list(session.scalars(select(Job.id).where(
+            Job.state == JobStateValues.PENDING)).all())
 
 
 def requeue_lost_jobs(store: Store, lease_s: float, max_attempts: int,
@@ -78,22 +81,26 @@ def requeue_lost_jobs(store: Store, lease_s: float, max_attempts: int,
     requeued: list[int] = []
     with store.session() as session:
         lost = session.execute(select(Job.id, Job.attempts, Job.worker).where(
-            Job.state == "running", last_seen < now - lease_s)).all()
+            Job.state == JobStateValues.RUNNING, last_seen < now - lease_s)).all()
         for job_id, attempts, worker in lost:
             if attempts >= max_attempts:
-                values = {"state": "failed", "finished_at": now, "progress": "failed",
+                new_state = JobStateValues.FAILED
+                values = {"state": new_state, "finished_at": now, "progress": new_state,
                           "error": f"the worker was lost {attempts} times (last {worker or 'unknown'}, "
                                    f"no lease renewal for {lease_s:g} s); not retried"}
             else:
-                values = {"state": "pending", "progress": f"requeued: worker {worker or 'unknown'} lost"}
+                new_state = JobStateValues.PENDING
+                values = {"state": new_state,
+                          "progress": f"requeued: worker {worker or 'unknown'} lost"}
             result = session.execute(update(Job).where(
-                Job.id == job_id, Job.state == "running", Job.attempts == attempts,
+                Job.id == job_id, Job.state == JobStateValues.RUNNING, Job.attempts == attempts,
                 last_seen < now - lease_s).values(**values))
             session.commit()
             if getattr(result, "rowcount", 0):
                 log.warning("job %d: worker %s lost (attempt %d of %d); %s", job_id, worker, attempts,
-                            max_attempts, "failed" if values["state"] == "failed" else "requeued")
-                if values["state"] == "pending":
+                            max_attempts,
+                            "failed" if new_state is JobStateValues.FAILED else "requeued")
+                if new_state is JobStateValues.PENDING:
                     requeued.append(job_id)
     return requeued
 
@@ -101,6 +108,6 @@ def requeue_lost_jobs(store: Store, lease_s: float, max_attempts: int,
 def mark_queued(store: Store, job_id: int) -> None:
     with store.session() as session:
         job = session.get(Job, job_id)
-        if job is not None and job.state == "pending":
-            job.state = "queued"
+        if job is not None and job.state == JobStateValues.PENDING:
+            job.state = JobStateValues.QUEUED
             session.commit()

@@ -131,10 +131,11 @@ class Store:
         return self.root / instance.path
 
     # Ingest ------------------------------------------------------------------
-    def check_file(self, path: Path) -> tuple[int, int, int | None]:
+    def check_file(self, path: Path) -> tuple[str, int, int, int | None]:
         """The structural check of a Part 10 file, before pydicom reads it (pydicom reads damaged
         data tolerantly, recurses without bound and inflates deflated data whole): returns the
-        dataset's offset, the file size and the Pixel Data length found (``None``: none).
+        transfer syntax, the dataset's offset, the file size and the Pixel Data length found
+        (``None``: none).
 
         Raises
         ------
@@ -153,7 +154,7 @@ class Store:
             file_size = os.fstat(fp.fileno()).st_size
             pixel_data_length = check_structure(
                 fp, offset, file_size, tsyntax, max_inflated=self.settings.max_inflated_bytes)
-        return offset, file_size, pixel_data_length
+        return tsyntax, offset, file_size, pixel_data_length
 
     def ingest_file(self, path: Path, *, calling_ae: str = "", expected_sop_class: str | None = None,
                     expected_sop_instance: str | None = None, move: bool = False,
@@ -181,7 +182,7 @@ class Store:
         StoreFullError
             The file system is full.
         """
-        offset, file_size, pixel_data_length = self.check_file(path)
+        tsyntax, offset, file_size, pixel_data_length = self.check_file(path)
         try:
             ds = dcmread(path, stop_before_pixels=True, defer_size="256 KB")
             _ = ds.get("Modality"), ds.get("ImageType")  # forces decoding of the header

@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 
 from dicom_node.index import Instance, Job
 from dicom_node.settings import VL_WSM, ReleasePolicyValues
+from dicom_node.states import JobStateValues
 from dicom_node.store import Store
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,10 @@ def claim(store: Store, job_id: int) -> int:
     now = time.time()
     with store.session() as session:
         result = session.execute(
-            update(Job).where(Job.id == job_id, Job.state.in_(("pending", "queued")))
-            .values(state="running", started_at=now, heartbeat_at=now, attempts=Job.attempts + 1,
-                    worker=WORKER_NAME, progress="opening slide"))
+            update(Job).where(Job.id == job_id,
+                              Job.state.in_((JobStateValues.PENDING, JobStateValues.QUEUED)))
+            .values(state=JobStateValues.RUNNING, started_at=now, heartbeat_at=now,
+                    attempts=Job.attempts + 1, worker=WORKER_NAME, progress="opening slide"))
         if not getattr(result, "rowcount", 0):
             session.rollback()
             return 0
@@ -58,7 +60,8 @@ def renew(store: Store, job_id: int, attempt: int, progress: str | None = None) 
         values["progress"] = progress[:200]
     with store.session() as session:
         result = session.execute(update(Job).where(
-            Job.id == job_id, Job.attempts == attempt, Job.state == "running").values(**values))
+            Job.id == job_id, Job.attempts == attempt,
+            Job.state == JobStateValues.RUNNING).values(**values))
         session.commit()
         return bool(getattr(result, "rowcount", 0))
 
@@ -152,11 +155,11 @@ def _run_attempt(store: Store, job_id: int, attempt: int, lease: Lease) -> None:
         return
     except Exception as exc:  # job edge: record any failure on the job row, send nothing
         log.exception("job %d failed", job_id)
-        finish(store, job_id, attempt, "failed", error=f"{type(exc).__name__}: {exc}")
+        finish(store, job_id, attempt, JobStateValues.FAILED, error=f"{type(exc).__name__}: {exc}")
         return
     send = (list(meta["objects"].values())
             if store.settings.release_policy is ReleasePolicyValues.IMMEDIATE else [])
-    if lease.lost or not finish(store, job_id, attempt, "done", result=meta, send=send):
+    if lease.lost or not finish(store, job_id, attempt, JobStateValues.DONE, result=meta, send=send):
         log.warning("job %d: attempt %d was superseded; its results are not sent", job_id, attempt)
         return
     log.info("job %d done: %d cells", job_id, meta.get("cell_count", 0))
@@ -220,17 +223,27 @@ def analyse(store: Store, job_id: int, paths: list[str], *, attempt: int) -> dic
     }
 
 
-def finish(store: Store, job_id: int, attempt: int, state: str, *,
+def finish(store: Store, job_id: int, attempt: int, state: JobStateValues | str, *,
             result: dict[str, Any] | None = None, error: str = "", send: list[str] | None = None) -> bool:
     """Record the outcome of attempt ``attempt`` and queue ``send`` for every destination, in one
-    transaction; False (nothing recorded or queued) if the attempt no longer holds the job."""
+    transaction; False (nothing recorded or queued) if the attempt no longer holds the job.
+
+    Raises
+    ------
+    ValueError
+        If ``state`` is not a final job state (done or failed).
+    """
+    state = JobStateValues(state)
+    if state not in (JobStateValues.DONE, JobStateValues.FAILED):
+        raise ValueError(f"state must be done or failed, not {state.value!r}")
     values: dict[str, Any] = {"state": state, "finished_at": time.time(), "progress": state,
                               "error": error}
     if result is not None:
         values["result_json"] = json.dumps(result)
     with store.session() as session:
         updated = session.execute(update(Job).where(
-            Job.id == job_id, Job.attempts == attempt, Job.state == "running").values(**values))
+            Job.id == job_id, Job.attempts == attempt,
+            Job.state == JobStateValues.RUNNING).values(**values))
         if not getattr(updated, "rowcount", 0):
             session.rollback()
             return False

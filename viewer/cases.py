@@ -27,6 +27,7 @@ from sqlalchemy import select
 from dicom_node.encode.differential import Differential, cell_reason_labels, class_label
 from dicom_node.index import Instance, Job, Series, Study
 from dicom_node.settings import VL_WSM, Settings
+from dicom_node.states import JobStateValues, SeriesRoutingValues
 from dicom_node.store import Store, valid_uid
 from viewer.models import CaseVersion, CellEdit, CellView
 
@@ -237,7 +238,7 @@ def worklist(store: Store) -> list[dict[str, Any]]:
             select(Series, Study, Job)
             .join(Study, Study.study_instance_uid == Series.study_instance_uid)
             .outerjoin(Job, Job.series_instance_uid == Series.series_instance_uid)
-            .where((Series.routing.is_(None)) | (Series.routing != "local"))
+            .where((Series.routing.is_(None)) | (Series.routing != SeriesRoutingValues.LOCAL))
             .order_by(Series.last_received_at.desc())).all()
         wsm = set(db.scalars(select(Instance.series_instance_uid).where(
             Instance.sop_class_uid == VL_WSM).distinct()).all())
@@ -257,9 +258,9 @@ def worklist(store: Store) -> list[dict[str, Any]]:
                 result = {}
         if job is None:
             status = RECEIVED
-        elif job.state == "failed":
+        elif job.state == JobStateValues.FAILED:
             status = FAILED
-        elif job.state != "done":
+        elif job.state != JobStateValues.DONE:
             status = ANALYSING
         else:
             status = READY

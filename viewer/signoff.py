@@ -13,10 +13,10 @@ from typing import Any
 
 import pydicom
 from flask import Blueprint, abort, jsonify, redirect, render_template, request, session, url_for
-from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from dicom_node.encode.common import cell_tracking_uid
 from dicom_node.encode.final_sr import ReviewedCell, encode_final_report
 from dicom_node.index import Instance
 from dicom_node.settings import VL_WSM
@@ -43,11 +43,11 @@ def _stored_dataset(store: Store, sop_instance_uid: str, *, pixels: bool = True)
 
 
 def _tracking_uid(summary: dict[str, Any], cell_id: int) -> str:
-    """The cell's Tracking UID as the preliminary objects have it (encode.common.cell_tracking_uid)."""
+    """The cell's Tracking UID as the preliminary objects have it, from the stored summary."""
     slide = summary["slide"]
-    return str(generate_uid(entropy_srcs=[
-        slide["series_instance_uid"], *slide["sop_instance_uids"],
-        summary["provenance"]["weights_sha256"], f"cell {cell_id}"]))
+    return cell_tracking_uid(int(cell_id), series_instance_uid=slide["series_instance_uid"],
+                             sop_instance_uids=slide["sop_instance_uids"],
+                             weights_sha256=summary["provenance"]["weights_sha256"])
 
 
 def _slide_sources(store: Store, series_instance_uid: str) -> list[pydicom.Dataset]:

@@ -177,7 +177,29 @@ def new_uid(value: str | None) -> str:
     return value
 
 
-def cell_tracking_uid(result: SlideResult, cell_id: int) -> str:
-    """A UID for one cell that is the same in every object made from one result."""
-    return str(generate_uid(entropy_srcs=[result.series_instance_uid, *result.sop_instance_uids,
-                                          result.provenance.weights_sha256, f"cell {cell_id}"]))
+def cell_tracking_uid(cell_id: int, *, series_instance_uid: str, sop_instance_uids: Sequence[str],
+                      weights_sha256: str) -> str:
+    """The Tracking UID of one cell (TID 1410, PS3.16): the same in every object made from one
+    result, so the viewer's final SR names a cell by the UID the preliminary SR gave it.
+
+    The one rule for it: the preliminary encoders call it with a :class:`SlideResult`'s values,
+    the viewer with the same values read back from the stored summary.
+
+    Parameters
+    ----------
+    cell_id:
+        The cell's id in the result.
+    series_instance_uid:
+        Series Instance UID of the analysed slide.
+    sop_instance_uids:
+        SOP Instance UIDs of the slide's base level, in the result's order.
+    weights_sha256:
+        SHA-256 of the model weights (``ModelProvenance.weights_sha256``).
+
+    Returns
+    -------
+    str
+        A UID derived from those values (pydicom's ``generate_uid`` with ``entropy_srcs``).
+    """
+    return str(generate_uid(entropy_srcs=[series_instance_uid, *sop_instance_uids,
+                                          weights_sha256, f"cell {cell_id}"]))

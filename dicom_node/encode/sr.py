@@ -272,7 +272,10 @@ def _cell_group(result: SlideResult, source: Dataset, cell: CellResult,
             name=codes.ABNORMAL_REASON, value=_REASON_CODES[cell.abnormal_reason]))
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=cell_tracking_uid(result, cell.cell_id), identifier=f"Cell {cell.cell_id}"),
+            uid=cell_tracking_uid(cell.cell_id, series_instance_uid=result.series_instance_uid,
+                                  sop_instance_uids=result.sop_instance_uids,
+                                  weights_sha256=result.provenance.weights_sha256),
+            identifier=f"Cell {cell.cell_id}"),
         referenced_region=hd.sr.ImageRegion3D(
             graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
             graphic_data=image_to_slide(source, outline),

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the demo: a node, a stand-in PACS and a whole analysis
+
 CYTONODE = str(Path(sys.executable).with_name("cytonode"))
 
 

@@ -83,6 +83,7 @@ def test_unreadable_slide_fails_its_job_and_sends_nothing(start_node, pacs: Stan
     assert not list((node.data_dir / "results").glob("*/summary.json"))
 
 
+@pytest.mark.slow  # a node analyses a whole slide
 def test_slide_without_white_cells_sends_a_report_that_says_so(start_node, pacs: StandInPACS,
                                                               blank_slide: list[Path]) -> None:
     node = start_node(workers=1, destinations=f"DEMOPACS@127.0.0.1:{pacs.port}",
@@ -102,6 +103,7 @@ def test_slide_without_white_cells_sends_a_report_that_says_so(start_node, pacs:
     assert total[0].value == 0
 
 
+@pytest.mark.slow  # a node analyses a whole slide
 def test_final_only_policy_holds_results_until_sign_off(start_node, pacs: StandInPACS,
                                                         blank_slide: list[Path]) -> None:
     node = start_node(workers=1, destinations=f"DEMOPACS@127.0.0.1:{pacs.port}",
@@ -121,6 +123,7 @@ AML_NEUTROPHILS = Path(__file__).resolve().parents[3] / "shared" / "data" / "aml
 
 
 @pytest.mark.skipif(not AML_NEUTROPHILS.is_dir(), reason="aml_dev not present")
+@pytest.mark.slow  # a node analyses a whole slide
 def test_jobs_use_and_name_the_sites_calibration(start_node, pacs: StandInPACS, tmp_path: Path,
                                                  blank_slide: list[Path]) -> None:
     """`cytonode calibrate-site` writes into the node's data folder; the next job uses the

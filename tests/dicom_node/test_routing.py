@@ -6,6 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
@@ -21,6 +22,7 @@ def storescu(port: int, *files: Path) -> None:
                    check=True, capture_output=True, timeout=120)
 
 
+@pytest.mark.slow  # a node analyses a whole slide
 def test_series_over_two_associations_makes_exactly_one_job(start_node, tmp_path: Path) -> None:
     node = start_node(workers=1, stable_age_s=20)
     series, study = generate_uid(), generate_uid()
@@ -65,6 +67,7 @@ def test_routing_rules_from_settings(start_node, tmp_path: Path) -> None:
     assert status["jobs"] == []
 
 
+@pytest.mark.slow  # a node analyses a whole slide
 def test_redis_broker_runs_the_same_job(start_node, tmp_path: Path) -> None:
     redis = RedisProcess(tmp_path / "redis").start()
     try:
@@ -77,6 +80,7 @@ def test_redis_broker_runs_the_same_job(start_node, tmp_path: Path) -> None:
         redis.stop()
 
 
+@pytest.mark.slow  # a node analyses a whole slide
 def test_postgresql_index_works_the_same(start_node, tmp_path: Path) -> None:
     from tests.peers import PostgresProcess
 
@@ -96,6 +100,7 @@ def test_postgresql_index_works_the_same(start_node, tmp_path: Path) -> None:
         shutil.rmtree(pg_dir, ignore_errors=True)
 
 
+@pytest.mark.slow  # a node analyses a whole slide
 def test_sample_slide_is_analysed_and_results_reach_orthanc(start_node, tmp_path: Path) -> None:
     """Orthanc, the PACS, routes the slide to the node by C-STORE; the job finds and classifies the
     cells; the SR, the bulk annotations and the heatmap SEG go by the outbox back into Orthanc,

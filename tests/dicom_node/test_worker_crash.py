@@ -55,6 +55,7 @@ def peers(tmp_path: Path):
         shutil.rmtree(pg_dir, ignore_errors=True)
 
 
+@pytest.mark.slow  # two workers analyse four slides, one is killed mid-job
 def test_killed_worker_job_is_rerun_once_by_the_other(start_node, peers, tmp_path: Path) -> None:
     redis, pg, pacs = peers
     node = start_node(workers=0, broker_url=f"redis://127.0.0.1:{redis.port}/0",

@@ -29,6 +29,8 @@ from tests.viewer.conftest import PASSWORD, chromium_path, wait_for_pacs
 from viewer import cases
 from viewer.models import AuditEvent
 
+pytestmark = pytest.mark.slow  # drives chromium through a whole review
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("browser.js")
 SCREENSHOTS = ROOT / "docs" / "screenshots"

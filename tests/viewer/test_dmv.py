@@ -131,6 +131,7 @@ def _keep(shots: Path, name: str) -> None:
         shutil.copyfile(shots / f"{name}.png", SCREENSHOTS / f"{name}.png")
 
 
+@pytest.mark.slow  # chromium
 def test_dmv_draws_our_objects_from_orthanc(node_case, tmp_path: Path) -> None:
     node, chromium = _require_browser()
     from viewer.dmv import export_static
@@ -162,6 +163,7 @@ def test_dmv_draws_our_objects_from_orthanc(node_case, tmp_path: Path) -> None:
     _keep(shots, "dmv-orthanc")
 
 
+@pytest.mark.slow  # chromium
 def test_dmv_draws_our_objects_from_our_dicomweb(node_case, tmp_path: Path) -> None:
     node, chromium = _require_browser()
     outlines = _cells(node_case)

@@ -111,3 +111,33 @@ def test_signing_with_unreviewed_flagged_cells_needs_and_records_the_confirmatio
         q.name.meaning for q in first.get_qualitative_evaluations()}
     assert {m.name.meaning: m.value for m in first.get_measurements()}[
         "Number of flagged cells not reviewed"] == 0
+
+
+def test_final_sr_names_a_changed_cell_by_its_preliminary_tracking_uid(node_case, app) -> None:
+    """The viewer's final SR follows a cell from the preliminary SR: a flagged cell the reviewer
+    changed carries the Tracking UID the node's preliminary SR gave it (one rule for both)."""
+    import dataclasses
+
+    from viewer.models import User
+    from viewer.signoff import _slide_sources, build_final_report
+
+    store = app.extensions["cytonode.store"]
+    state = cases.case_state(store, node_case.series_instance_uid)
+    with store.session() as db:
+        prelim_path = store.path_of(db.get(Instance, state.summary["files"]["sr"]["sop_instance_uid"]))
+    prelim_uids = {g.tracking_identifier: g.tracking_uid for g in
+                   hd.sr.srread(prelim_path).content.get_planar_roi_measurement_groups()}
+    cell = next(c for c in state.cells if f"Cell {c['cell_id']}" in prelim_uids)  # a flagged cell
+    label = "monocyte" if cell["original_label"] != "monocyte" else "lymphocyte"
+    reviewed = dataclasses.replace(state, cells=[
+        {**c, "label": label, "abnormal": False, "unclassifiable": False, "changed": True}
+        if c is cell else c for c in state.cells])
+    user = User(username="path", person_name="Doe^Jane", organization="Lab")
+    final = build_final_report(store, reviewed, user, 1, [], _slide_sources(
+        store, node_case.series_instance_uid), confirmed_unreviewed=True)
+    out = io.BytesIO()
+    final.save_as(out, enforce_file_format=True)
+    final_uids = {g.tracking_identifier: g.tracking_uid for g in hd.sr.srread(
+        io.BytesIO(out.getvalue())).content.get_planar_roi_measurement_groups()}
+    name = f"Cell {cell['cell_id']}"
+    assert final_uids[name] == prelim_uids[name]
