@@ -282,6 +282,7 @@ MAX_ASSOCIATION_PDU = 1024 * 1024
 #: PDU types of PS3.8 9.3 (A-ASSOCIATE-RQ 0x01 ... A-ABORT 0x07) and P-DATA-TF.
 PDU_TYPES = range(0x01, 0x08)
 P_DATA_TF = 0x04
+A_ASSOCIATE_RQ = 0x01
 
 #: States of pynetdicom's state machine (PS3.8 Table 9-10) in which P-DATA-TF may arrive:
 #: association established (Sta6) and the release states.
@@ -292,6 +293,21 @@ _DATA_TRANSFER_STATES = frozenset(f"Sta{n}" for n in range(6, 13))
 ABORT_SOURCE_PROVIDER = 0x02
 ABORT_UNRECOGNIZED_PDU = 0x01
 ABORT_INVALID_PDU_PARAMETER = 0x06
+
+
+def _bad_context_id(body: bytes) -> int | None:
+    """The first even presentation context ID proposed in an A-ASSOCIATE-RQ ``body`` (PS3.8
+    9.3.2: 68 fixed bytes, then items; a presentation context item, type 0x20, carries its ID in
+    its fifth byte), or ``None``. pynetdicom raises on one while decoding the PDU on the DUL
+    thread, which then dies with a traceback instead of refusing the association."""
+    offset = 68
+    while offset + 4 <= len(body):
+        item_type = body[offset]
+        length = int.from_bytes(body[offset + 2:offset + 4], "big")
+        if item_type == 0x20 and offset + 4 < len(body) and body[offset + 4] % 2 == 0:
+            return int(body[offset + 4])
+        offset += 4 + length
+    return None
 
 
 class PDURefusedError(OSError):
@@ -315,6 +331,7 @@ class PDULimitSocket(AssociationSocket):
     """
 
     _body_due = False  # the next recv() reads the body of a PDU whose header was returned
+    _pdu_type = 0  # the type of that PDU
     #: Why the node closed the connection, for the one line :func:`handle_conn_close` logs.
     refusal: str | None = None
 
@@ -324,7 +341,13 @@ class PDULimitSocket(AssociationSocket):
             return bytearray()
         if self._body_due:
             self._body_due = False
-            return self._recv_body(nr_bytes)
+            body = self._recv_body(nr_bytes)
+            if self._pdu_type == A_ASSOCIATE_RQ:
+                bad = _bad_context_id(body)
+                if bad is not None:
+                    self._refuse(ABORT_INVALID_PDU_PARAMETER,
+                                 f"proposed presentation context ID {bad} (must be odd, 1-255)")
+            return body
         data = super().recv(nr_bytes)
         if nr_bytes == 6 and len(data) == 6:
             pdu_type, _, length = struct.unpack(">BBL", data)
@@ -338,7 +361,7 @@ class PDULimitSocket(AssociationSocket):
                 setting = "CYTONODE_MAX_PDU" if pdu_type == P_DATA_TF else "the limit"
                 self._refuse(ABORT_INVALID_PDU_PARAMETER,
                              f"announced {what} of {length} bytes, more than {setting} ({limit})")
-            self._body_due = True
+            self._body_due, self._pdu_type = True, pdu_type
         return data
 
     def _recv_body(self, nr_bytes: int) -> bytearray:
