@@ -295,17 +295,35 @@ ABORT_UNRECOGNIZED_PDU = 0x01
 ABORT_INVALID_PDU_PARAMETER = 0x06
 
 
-def _bad_context_id(body: bytes) -> int | None:
-    """The first even presentation context ID proposed in an A-ASSOCIATE-RQ ``body`` (PS3.8
-    9.3.2: 68 fixed bytes, then items; a presentation context item, type 0x20, carries its ID in
-    its fifth byte), or ``None``. pynetdicom raises on one while decoding the PDU on the DUL
-    thread, which then dies with a traceback instead of refusing the association."""
+def _bad_association_request(body: bytes) -> str | None:
+    """What makes an A-ASSOCIATE-RQ ``body`` unacceptable before pynetdicom decodes it, or ``None``.
+
+    PS3.8 9.3.2: 68 fixed bytes, then items; a presentation context item (type 0x20) carries
+    its ID (odd, 1-255) in its fifth byte, then one abstract syntax sub-item (0x30) and one or
+    more transfer syntax sub-items (0x40). pynetdicom raises on an even ID, or on a context
+    without an abstract syntax, on its DUL or association thread, which then dies with a
+    traceback instead of refusing the association.
+    """
     offset = 68
     while offset + 4 <= len(body):
         item_type = body[offset]
         length = int.from_bytes(body[offset + 2:offset + 4], "big")
-        if item_type == 0x20 and offset + 4 < len(body) and body[offset + 4] % 2 == 0:
-            return int(body[offset + 4])
+        end = min(len(body), offset + 4 + length)
+        if item_type == 0x20:
+            if length < 4 or body[offset + 4] % 2 == 0:
+                ident = body[offset + 4] if length >= 1 else "none"
+                return f"proposed presentation context ID {ident} (must be odd, 1-255)"
+            kinds: list[int] = []
+            sub = offset + 8
+            while sub + 4 <= end:
+                sub_length = int.from_bytes(body[sub + 2:sub + 4], "big")
+                if sub_length == 0 and body[sub] in (0x30, 0x40):
+                    return "proposed a presentation context with an empty syntax"
+                kinds.append(body[sub])
+                sub += 4 + sub_length
+            if kinds.count(0x30) != 1 or 0x40 not in kinds:
+                return (f"proposed presentation context {body[offset + 4]} without one abstract "
+                        f"syntax and at least one transfer syntax")
         offset += 4 + length
     return None
 
@@ -343,10 +361,9 @@ class PDULimitSocket(AssociationSocket):
             self._body_due = False
             body = self._recv_body(nr_bytes)
             if self._pdu_type == A_ASSOCIATE_RQ:
-                bad = _bad_context_id(body)
+                bad = _bad_association_request(body)
                 if bad is not None:
-                    self._refuse(ABORT_INVALID_PDU_PARAMETER,
-                                 f"proposed presentation context ID {bad} (must be odd, 1-255)")
+                    self._refuse(ABORT_INVALID_PDU_PARAMETER, bad)
             return body
         data = super().recv(nr_bytes)
         if nr_bytes == 6 and len(data) == 6:

@@ -393,19 +393,23 @@ def _item(item_type: int, content: bytes) -> bytes:
     return struct.pack(">BBH", item_type, 0, len(content)) + content
 
 
-def test_even_presentation_context_id_is_refused_without_traceback(start_node) -> None:
-    """pynetdicom raises while decoding an A-ASSOCIATE-RQ whose presentation context ID is even
-    (PS3.8 9.3.2.2: odd, 1-255) and its DUL thread died with a traceback (found by the fuzzer)."""
+def test_malformed_presentation_contexts_are_refused_without_traceback(start_node) -> None:
+    """pynetdicom raises while negotiating an A-ASSOCIATE-RQ whose presentation context ID is even
+    (PS3.8 9.3.2.2: odd, 1-255) or that has no abstract syntax, and its DUL or association thread
+    died with a traceback (both found by the fuzzer, seed 23)."""
     node = start_node()
-    context = _item(0x20, bytes([2, 0, 0, 0]) + _item(0x30, b"1.2.840.10008.1.1")
-                    + _item(0x40, b"1.2.840.10008.1.2"))
-    body = (struct.pack(">HH", 1, 0) + b"CYTONODE".ljust(16) + b"FUZZ".ljust(16) + bytes(32)
-            + _item(0x10, b"1.2.840.10008.3.1.1.1") + context
-            + _item(0x50, _item(0x51, struct.pack(">L", 16384))))
-    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
-        sock.sendall(struct.pack(">BBL", 0x01, 0, len(body)) + body)
-        assert _recv_all(sock, 10) == ABORT_INVALID_PARAMETER
-    time.sleep(0.5)
-    assert echo(node.port)
-    log = node.log()
-    assert "Traceback" not in log and "presentation context ID 2" in log
+    verification = _item(0x30, b"1.2.840.10008.1.1")
+    implicit = _item(0x40, b"1.2.840.10008.1.2")
+    cases = {"presentation context ID 2": bytes([2, 0, 0, 0]) + verification + implicit,
+             "without one abstract syntax": bytes([1, 0, 0, 0]) + implicit}
+    for expected, context in cases.items():
+        body = (struct.pack(">HH", 1, 0) + b"CYTONODE".ljust(16) + b"FUZZ".ljust(16) + bytes(32)
+                + _item(0x10, b"1.2.840.10008.3.1.1.1") + _item(0x20, context)
+                + _item(0x50, _item(0x51, struct.pack(">L", 16384))))
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+            sock.sendall(struct.pack(">BBL", 0x01, 0, len(body)) + body)
+            assert _recv_all(sock, 10) == ABORT_INVALID_PARAMETER, expected
+        time.sleep(0.5)
+        assert echo(node.port)
+        log = node.log()
+        assert "Traceback" not in log and expected in log, expected
