@@ -68,8 +68,7 @@ def combine(p_diffusion: np.ndarray, p_reference: np.ndarray, diffusion_weight: 
     if a.shape != b.shape:
         raise ValueError(f"posteriors of different shapes: {a.shape} and {b.shape}")
     log = w * np.log(np.clip(a, 1e-12, 1.0)) + (1.0 - w) * np.log(np.clip(b, 1e-12, 1.0))
-    log -= log.max(axis=1, keepdims=True) if len(log) else 0.0
-    p = np.exp(log)
+    p = np.exp(log - log.max(axis=1, keepdims=True))
     return np.asarray(p / p.sum(axis=1, keepdims=True))
 
 
@@ -353,9 +352,8 @@ class ReviewModel:
         if combined:
             p = combine(own, p_ref, self.rule.diffusion_weight)
             if self.rule.uncertainty_of == "combined":
-                u = entropy(p) if len(p) else np.zeros(0)
-        label = p.argmax(axis=1) if len(p) else np.zeros(0, np.int64)
+                u = entropy(p)
+        label = p.argmax(axis=1)
         decision = decide(self.rule_for(site), label, reference_label, u, distance,
-                          outside_domain=outside_domain,
-                          diffusion_label=own.argmax(axis=1) if len(own) else label)
+                          outside_domain=outside_domain, diffusion_label=own.argmax(axis=1))
         return Assessment(decision, distance, reference_label, p_ref, p, label, u)

@@ -35,6 +35,7 @@ from dicom_node.errors import (
 from dicom_node.index import Instance, OutboxItem, Series, Study, make_engine, make_sessionmaker
 from dicom_node.integrity import check_pixel_data, check_structure
 from dicom_node.settings import DuplicatePolicyValues, Settings
+from dicom_node.states import SeriesRoutingValues
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,16 @@ UNDECODABLE = (InvalidDicomError, OSError, ValueError, KeyError, AttributeError,
 def valid_uid(value: Any) -> bool:
     """True if ``value`` is a UID that may name a file: PS3.5 9.1 syntax, <= 64 chars."""
     return isinstance(value, str) and UID(value).is_valid
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedFile:
+    """What :meth:`Store.check_file` found in a Part 10 file that passed the structural check."""
+
+    transfer_syntax: str
+    offset: int  # of the dataset, after the file meta information
+    size: int
+    pixel_data_length: int | None  # of native Pixel Data, if any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,11 +142,9 @@ class Store:
         return self.root / instance.path
 
     # Ingest ------------------------------------------------------------------
-    def check_file(self, path: Path) -> tuple[str, int, int, int | None]:
+    def check_file(self, path: Path) -> CheckedFile:
         """The structural check of a Part 10 file, before pydicom reads it (pydicom reads damaged
-        data tolerantly, recurses without bound and inflates deflated data whole): returns the
-        transfer syntax, the dataset's offset, the file size and the Pixel Data length found
-        (``None``: none).
+        data tolerantly, recurses without bound and inflates deflated data whole).
 
         Raises
         ------
@@ -154,11 +163,11 @@ class Store:
             file_size = os.fstat(fp.fileno()).st_size
             pixel_data_length = check_structure(
                 fp, offset, file_size, tsyntax, max_inflated=self.settings.max_inflated_bytes)
-        return tsyntax, offset, file_size, pixel_data_length
+        return CheckedFile(tsyntax, offset, file_size, pixel_data_length)
 
     def ingest_file(self, path: Path, *, calling_ae: str = "", expected_sop_class: str | None = None,
                     expected_sop_instance: str | None = None, move: bool = False,
-                    routing: str | None = None) -> IngestResult:
+                    routing: str | None = None, checked: CheckedFile | None = None) -> IngestResult:
         """Store a DICOM file (with file meta) durably and index it.
 
         Parameters
@@ -171,7 +180,10 @@ class Store:
         expected_sop_class, expected_sop_instance:
             The UIDs of the C-STORE request; the dataset must carry the same.
         routing:
-            Initial routing state of a new series (``"local"`` for series the node made).
+            Initial routing state of a new series (:attr:`SeriesRoutingValues.LOCAL` for series
+            the node made).
+        checked:
+            What :meth:`check_file` returned for ``path``, if the caller already checked it.
 
         Raises
         ------
@@ -182,13 +194,14 @@ class Store:
         StoreFullError
             The file system is full.
         """
-        tsyntax, offset, file_size, pixel_data_length = self.check_file(path)
+        checked = checked or self.check_file(path)
+        tsyntax, offset, file_size = checked.transfer_syntax, checked.offset, checked.size
         try:
             ds = dcmread(path, stop_before_pixels=True, defer_size="256 KB")
             _ = ds.get("Modality"), ds.get("ImageType")  # forces decoding of the header
         except UNDECODABLE as exc:
             raise InvalidInstanceError(f"cannot decode dataset: {exc}") from exc
-        check_pixel_data(ds, pixel_data_length)
+        check_pixel_data(ds, checked.pixel_data_length)
         sop_uid, sop_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
         study_uid, series_uid = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
         for name, value in (("SOPInstanceUID", sop_uid), ("SOPClassUID", sop_class),
@@ -254,7 +267,7 @@ class Store:
                     routing=routing))
                 session.flush()
             else:
-                if series.routing not in (None, "local"):
+                if series.routing not in (None, SeriesRoutingValues.LOCAL):
                     log.warning("%s arrived after series %s was routed (%s); it is stored but "
                                 "does not start another job", sop_uid, series_uid, series.routing)
                 series.last_received_at = now
@@ -313,7 +326,7 @@ class Store:
             name = out.name
         try:
             ds.save_as(name, enforce_file_format=True)
-            return self.ingest_file(Path(name), move=True, routing="local")
+            return self.ingest_file(Path(name), move=True, routing=SeriesRoutingValues.LOCAL)
         finally:
             Path(name).unlink(missing_ok=True)
 

@@ -564,7 +564,7 @@ def _stow_one(store: Store, data: bytes, study: str | None) -> tuple[Dataset, in
         name = out.name
     try:
         try:
-            store.check_file(Path(name))  # before pydicom inflates or recurses into it
+            checked = store.check_file(Path(name))  # before pydicom inflates or recurses into it
             head = dcmread(name, stop_before_pixels=True)
             sop_class = str(head.get("SOPClassUID", ""))
             sop_uid = str(head.get("SOPInstanceUID", ""))
@@ -580,7 +580,7 @@ def _stow_one(store: Store, data: bytes, study: str | None) -> tuple[Dataset, in
             return ref, STOW_FAILURE["study_uid_mismatch"]
         try:
             store.check_space()
-            result = store.ingest_file(Path(name), calling_ae="STOW-RS", move=True)
+            result = store.ingest_file(Path(name), calling_ae="STOW-RS", move=True, checked=checked)
         except StoreFullError:
             return ref, STOW_FAILURE["out_of_resources"]
         except SOPClassMismatchError:

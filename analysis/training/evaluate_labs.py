@@ -31,10 +31,9 @@ from analysis.classifier import (
     DiffusionClassifier,
     Predictions,
     ReferenceClassifier,
-    read_calibration,
 )
 from analysis.framing import FIELD_OF_VIEW_UM
-from analysis.review import combine
+from analysis.review import ReviewRule, combine
 from analysis.training.labs import LABS, LabCells, load_lab
 from analysis.uncertainty import auroc, balanced_accuracy, per_class_recall
 
@@ -42,17 +41,24 @@ AML_BLASTS = "myeloblast_MYO"
 AML_NEUTROPHILS = "neutrophil_segmented_NGS"
 
 
-def metrics(pred: Predictions, labels: np.ndarray) -> dict[str, object]:
-    """Balanced accuracy over the classes present, accuracy, recalls, review share and error."""
-    correct = pred.label == labels
-    kept = ~pred.review
-    recall = per_class_recall(labels, pred.label, len(CLASS_NAMES))
+def class_metrics(label: np.ndarray, labels: np.ndarray) -> dict[str, object]:
+    """Cells, balanced accuracy over the classes present, accuracy and recalls of calls ``label``."""
+    recall = per_class_recall(labels, label, len(CLASS_NAMES))
     return {
         "cells": len(labels),
-        "balanced_accuracy": round(balanced_accuracy(labels, pred.label, len(CLASS_NAMES)), 4),
-        "accuracy": round(float(correct.mean()), 4) if len(labels) else None,
+        "balanced_accuracy": round(balanced_accuracy(labels, label, len(CLASS_NAMES)), 4),
+        "accuracy": round(float(np.mean(label == labels)), 4) if len(labels) else None,
         "recall": {name: round(float(r), 3) for name, r in zip(CLASS_NAMES, recall)
                    if not np.isnan(r)},
+    }
+
+
+def metrics(pred: Predictions, labels: np.ndarray) -> dict[str, object]:
+    """:func:`class_metrics`, the share flagged for review and the error among the rest."""
+    correct = pred.label == labels
+    kept = ~pred.review
+    return {
+        **class_metrics(pred.label, labels),
         "flagged_for_review": round(float(pred.review.mean()), 4) if len(labels) else None,
         "error_among_not_flagged": (round(float(1 - correct[kept].mean()), 4)
                                     if kept.any() else None),
@@ -121,23 +127,20 @@ def evaluate_labs(weights_dir: Path, data_root: Path, split: str, labs: tuple[st
         out[name] = per_lab
     if "diffusion" in loaded and "reference" in loaded:
         w = diffusion_weight
-        if w is None:
-            rule = read_calibration(weights_dir).get("review_rule") or {}
-            w = float(rule.get("diffusion_weight", 1.0))  # type: ignore[union-attr]
+        if w is None:  # the calibration's review rule (the weight the node reports with)
+            model = loaded["diffusion"]
+            assert isinstance(model, DiffusionClassifier)
+            raw = model.calibration.get("review_rule")
+            w = ReviewRule.from_dict(raw).diffusion_weight if isinstance(raw, dict) else 1.0
         combined: dict[str, object] = {"diffusion_weight": w}
         for lab in labs:
             (pd, y), (pr, y_ref) = kept["diffusion", lab], kept["reference", lab]
             if not np.array_equal(y, y_ref):
                 raise RuntimeError(f"{lab}: the two models were given different cells")
-            label = combine(pd.probabilities, pr.probabilities, w).argmax(axis=1)
-            bacc = round(balanced_accuracy(y, label, len(CLASS_NAMES)), 4)
-            combined[lab] = {
-                "cells": len(y), "balanced_accuracy": bacc,
-                "accuracy": round(float(np.mean(label == y)), 4) if len(y) else None,
-                "recall": {n: round(float(r), 3) for n, r in zip(
-                    CLASS_NAMES, per_class_recall(y, label, len(CLASS_NAMES))) if not np.isnan(r)},
-            }
-            print(f"combined {lab} {split}: balanced accuracy {bacc}", file=sys.stderr, flush=True)
+            row = class_metrics(combine(pd.probabilities, pr.probabilities, w).argmax(axis=1), y)
+            combined[lab] = row
+            print(f"combined {lab} {split}: balanced accuracy {row['balanced_accuracy']}",
+                  file=sys.stderr, flush=True)
         out["combined"] = combined
     return out
 

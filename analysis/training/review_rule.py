@@ -104,10 +104,7 @@ class Signals:
         self.diff_p = pred.probabilities
         self.diff_label = pred.label
         self.diff_uncertainty = pred.uncertainty
-        self.combined_p = combine(self.diff_p, self.ref_p, diffusion_weight)
-        self.label = self.combined_p.argmax(axis=1)  # the reported class
-        self.combined_uncertainty = entropy(self.combined_p)
-        self.uncertainty = self.combined_uncertainty  # what the rule judges (see using())
+        self.weigh(diffusion_weight)
         self.anomaly = pred.anomaly_score
         self.old_review = pred.review | pred.abnormal
         self.zeta = -relative_score(scores.errors)  # higher: less sure
@@ -117,6 +114,13 @@ class Signals:
             d = self.error_stats - mu
             self.error_density = np.sqrt(np.einsum("nk,kl,nl->n", d, precision, d))
         self.disagree = (self.diff_label != self.ref_label).astype(np.float64)
+
+    def weigh(self, diffusion_weight: float) -> None:
+        """Report the combined posterior with this weight of the diffusion posterior."""
+        self.combined_p = combine(self.diff_p, self.ref_p, diffusion_weight)
+        self.label = self.combined_p.argmax(axis=1)  # the reported class
+        self.combined_uncertainty = entropy(self.combined_p)
+        self.uncertainty = self.combined_uncertainty  # what the rule judges (see using())
 
 
 def relative_score(errors: np.ndarray) -> np.ndarray:
@@ -373,10 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     density = FeatureDensity.fit(train["ref_features"], train["labels"], args.components)
     small = Signals(_load(args.signals / "train_small.npz"), calibration, density, None)
     error_density = fit_error_density(small.error_stats[small.labels >= 0])
-    val_raw = _load(args.signals / "val.npz")
-    weights = weight_table(Signals(val_raw, calibration, density, error_density))
+    val = Signals(_load(args.signals / "val.npz"), calibration, density, error_density)
+    weights = weight_table(val)
     weight = choose_weight(weights)
-    val = Signals(val_raw, calibration, density, error_density, weight)
+    val.weigh(weight)
     aml = Signals(_load(args.signals / "aml.npz"), calibration, density, error_density, weight)
     first = aml_half(aml.paths)
     aml_val, aml_test = _subset(aml, first), _subset(aml, ~first)
