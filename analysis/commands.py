@@ -1,7 +1,7 @@
 """Command-line entry points of the analysis package (train, evaluate, classify).
 
 Each ``add_*`` function registers a sub-command on an :mod:`argparse` parser;
-:mod:`dicom_node.cli` assembles them into the ``cytonode`` command. The train and evaluate
+:mod:`dicom_node.app.cli` assembles them into the ``cytonode`` command. The train and evaluate
 handlers import :mod:`analysis.training` only when they run, so the node loads no training code.
 """
 

@@ -48,7 +48,7 @@ def main() -> int:
         make_slide(images, slide, columns=columns, rows=rows, jpeg_quality=80)
         build_s = time.perf_counter() - t0
     size_mb = sum(p.stat().st_size for p in slide.iterdir()) / 1e6
-    cmd = [sys.executable, "-c", "import sys; from dicom_node.cli import main; sys.exit(main())",
+    cmd = [sys.executable, "-c", "import sys; from dicom_node.app.cli import main; sys.exit(main())",
            "detect", str(slide), "--json"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from analysis.classes import CLASS_NAMES  # noqa: E402
 from analysis.detect import DEFAULT_FIELD_PIXEL_SPACING_UM as SPACING_UM  # noqa: E402
 from analysis.training.labs import SAMPLE_SLIDE_FIELDS, bccd_fields, bccd_split  # noqa: E402
-from dicom_node.demo import SAMPLE_SLIDE  # noqa: E402
+from dicom_node.app.demo import SAMPLE_SLIDE  # noqa: E402
 from dicom_node.make_slide import SlideDescription, make_slide  # noqa: E402
 from tests.peers import NodeProcess  # noqa: E402
 

@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 import requests
 
-from dicom_node.demo import SAMPLE_SLIDE
+from dicom_node.app.demo import SAMPLE_SLIDE
 from dicom_node.settings import Settings
-from dicom_node.store import Store
+from dicom_node.store.files import Store
 from tests.peers import NodeProcess
 
 PASSWORD = "benchmark password"

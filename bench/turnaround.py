@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dicom_node.demo import SAMPLE_SLIDE  # noqa: E402
+from dicom_node.app.demo import SAMPLE_SLIDE  # noqa: E402
 from tests.peers import NodeProcess, OrthancProcess  # noqa: E402
 
 STAGES = ("receive", "stable wait", "read", "detect", "crop", "classify", "heatmap", "encode",

@@ -26,7 +26,7 @@ BLUEPRINTS: tuple[str, ...] = (
     "viewer.review",
     "viewer.signoff",
     "viewer.audit",
-    "viewer.dicomweb",
+    "dicom_node.net.dicomweb",
     "viewer.dmv",
 )
 
@@ -50,10 +50,10 @@ def secret_key(settings: Settings) -> str:
 def create_app(settings: Settings | None = None, store=None) -> Flask:
     """Build the application for ``settings`` (default: from the environment).
 
-    ``store`` is the node's :class:`dicom_node.store.Store` when the app runs inside ``cytonode serve``;
+    ``store`` is the node's :class:`dicom_node.store.files.Store` when the app runs inside ``cytonode serve``;
     otherwise the app opens its own on the same data directory and index.
     """
-    from dicom_node.store import Store
+    from dicom_node.store.files import Store
 
     settings = settings or Settings.from_env()
     app = Flask(__name__)

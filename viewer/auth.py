@@ -30,7 +30,7 @@ from sqlalchemy import delete, func, select
 from werkzeug.exceptions import HTTPException
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from dicom_node.store import Store
+from dicom_node.store.files import Store
 from viewer import common
 from viewer.models import LoginFailure, RevokedSession, RoleValues, User
 

@@ -25,10 +25,10 @@ from flask import abort
 from sqlalchemy import select
 
 from dicom_node.encode.differential import Differential, cell_reason_labels, class_label
-from dicom_node.index import Instance, Job, Series, Study
+from dicom_node.store.index import Instance, Job, Series, Study
 from dicom_node.settings import VL_WSM, Settings
-from dicom_node.states import JobStateValues, SeriesRoutingValues
-from dicom_node.store import Store, valid_uid
+from dicom_node.store.states import JobStateValues, SeriesRoutingValues
+from dicom_node.store.files import Store, valid_uid
 from viewer.models import CaseVersion, CellEdit, CellView
 
 #: Worklist states.

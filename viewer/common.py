@@ -12,7 +12,7 @@ from werkzeug.exceptions import HTTPException
 
 from dicom_node.encode.differential import class_label
 from dicom_node.settings import Settings
-from dicom_node.store import Store
+from dicom_node.store.files import Store
 from viewer.models import AuditEvent
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

@@ -22,7 +22,7 @@ import jinja2
 from flask import Blueprint, Response, abort, render_template, request, send_from_directory, url_for
 from sqlalchemy import select
 
-from dicom_node.index import Series
+from dicom_node.store.index import Series
 from viewer import cases, common
 from viewer.auth import login_required
 

@@ -20,7 +20,7 @@ from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, Unique
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, mapped_column
 
-from dicom_node.index import Base
+from dicom_node.store.index import Base, create_all
 
 
 class RoleValues(str, enum.Enum):
@@ -119,7 +119,7 @@ class RevokedSession(Base):
 
 
 def create_tables(engine: Engine) -> None:
-    """Create the viewer's tables (the node's own are created by :func:`dicom_node.index.make_engine`)."""
+    """Create the viewer's tables (the node's own are created by :func:`dicom_node.store.index.make_engine`)."""
     names = (User.__tablename__, LoginFailure.__tablename__, CellEdit.__tablename__,
              CellView.__tablename__, CaseVersion.__tablename__, AuditEvent.__tablename__, RevokedSession.__tablename__)
-    Base.metadata.create_all(engine, tables=[Base.metadata.tables[name] for name in names])
+    create_all(engine, [Base.metadata.tables[name] for name in names])

@@ -19,7 +19,7 @@ from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
 from dicom_node.settings import Settings
-from dicom_node.tls import http_server_context
+from dicom_node.net.tls import http_server_context
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ HTTP_THREADS = 16
 
 
 class _DeferredHandshakeAdapter(BuiltinSSLAdapter):
-    """cheroot's TLS adapter with the node's own context (:func:`dicom_node.tls.http_server_context`),
+    """cheroot's TLS adapter with the node's own context (:func:`dicom_node.net.tls.http_server_context`),
     whose handshake runs on the request's worker thread at the first read, not in the thread that
     accepts every connection (the context's ``wrap_socket`` defers it): a client that connects
     and sends nothing holds one worker thread until the server's timeout, and nobody else waits

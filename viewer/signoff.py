@@ -18,9 +18,9 @@ from sqlalchemy.exc import IntegrityError
 
 from dicom_node.encode.common import cell_tracking_uid
 from dicom_node.encode.final_sr import ReviewedCell, encode_final_report
-from dicom_node.index import Instance
+from dicom_node.store.index import Instance
 from dicom_node.settings import VL_WSM
-from dicom_node.store import Store
+from dicom_node.store.files import Store
 from viewer import cases, common
 from viewer.auth import login_required, role_required, verify_password
 from viewer.models import CaseVersion, RoleValues, User

@@ -22,9 +22,9 @@ from PIL import Image
 from sqlalchemy import select
 
 from dicom_node.encode.ann import CLASS_DISPLAY_COLOURS
-from dicom_node.index import Instance
+from dicom_node.store.index import Instance
 from dicom_node.settings import VL_WSM
-from dicom_node.store import Store
+from dicom_node.store.files import Store
 from viewer import cases, common
 from viewer.auth import login_required
 

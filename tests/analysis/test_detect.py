@@ -27,7 +27,7 @@ from analysis.detect import (
 )
 from analysis.framing import FIELD_OF_VIEW_UM, red_cell_diameter_px
 from analysis.tiles import Slide
-from dicom_node.cli import main
+from dicom_node.app.cli import main
 from dicom_node.make_slide import make_slide
 from tests.analysis.conftest import SAMPLE_GAP_PX, sample_field_origin
 from tests.analysis.conftest import bccd_image as _bccd_field

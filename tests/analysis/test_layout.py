@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ANALYSIS = ROOT / "analysis"
 
 #: The node's entry points besides every module at the top of analysis/.
-NODE_ENTRY_POINTS = ("dicom_node.cli", "dicom_node.worker", "dicom_node.analyze", "dicom_node.demo")
+NODE_ENTRY_POINTS = ("dicom_node.app.cli", "dicom_node.jobs.worker", "dicom_node.app.analyze", "dicom_node.app.demo")
 
 #: The only run-time functions that may import analysis.training (lazily, when called):
 #: the handlers of ``cytonode train`` and ``cytonode evaluate``.
@@ -33,7 +33,7 @@ def test_importing_the_node_loads_no_training_module() -> None:
         "import importlib, json, sys\n"
         f"for name in {modules!r}:\n"
         "    importlib.import_module(name)\n"
-        "from dicom_node.cli import build_parser\n"
+        "from dicom_node.app.cli import build_parser\n"
         "build_parser()\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('analysis.training'))))\n"
     )

@@ -120,7 +120,7 @@ def test_a_site_calibration_makes_blasts_of_an_unseen_lab_stand_out(tmp_path: Pa
     for p in neutrophils[:40]:
         (site_cells / p.name).symlink_to(p)
     data_dir = tmp_path / "var"
-    run = subprocess.run([sys.executable, "-m", "dicom_node.cli", "calibrate-site", str(site_cells),
+    run = subprocess.run([sys.executable, "-m", "dicom_node.app.cli", "calibrate-site", str(site_cells),
                           "--id", "aml-lab", "--data-dir", str(data_dir), "--json"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
@@ -149,7 +149,7 @@ def test_calibrate_site_refuses_bad_input(tmp_path: Path) -> None:
     cases = [(["--id", "../etc", str(tmp_path)], "site id"),
              (["--id", "ok", str(tmp_path / "missing")], "does not exist")]
     for extra, message in cases:
-        run = subprocess.run([sys.executable, "-m", "dicom_node.cli", "calibrate-site", *extra,
+        run = subprocess.run([sys.executable, "-m", "dicom_node.app.cli", "calibrate-site", *extra,
                               "--data-dir", str(tmp_path / "var")],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2, run.stderr

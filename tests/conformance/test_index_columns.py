@@ -7,9 +7,9 @@ from pathlib import Path
 
 from sqlalchemy import inspect
 
-from dicom_node.index import make_engine
+from dicom_node.store.index import make_engine
 from dicom_node.settings import Settings
-from dicom_node.store import Store
+from dicom_node.store.files import Store
 from tests.dicom_factory import multiframe_sc
 
 OLD_SCHEMA = """
@@ -42,7 +42,7 @@ def test_ingest_fills_the_query_columns(tmp_path: Path) -> None:
     store = Store(Settings(data_dir=tmp_path / "data"))
     try:
         result = store.ingest_file(multiframe_sc(tmp_path / "sc.dcm", 1))
-        from dicom_node.index import Instance, Series, Study
+        from dicom_node.store.index import Instance, Series, Study
 
         with store.session() as s:
             series = s.get(Series, result.series_instance_uid)

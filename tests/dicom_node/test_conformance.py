@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dicom_node.ae import make_ae
-from dicom_node.qr import MATCH_KEYS, QueryRetrieveStatusValues
+from dicom_node.net.ae import make_ae
+from dicom_node.net.qr import MATCH_KEYS, QueryRetrieveStatusValues
 from dicom_node.settings import Settings
 from dicom_node.status import StatusValues
-from dicom_node.store import Store
+from dicom_node.store.files import Store
 
 CONFORMANCE = Path(__file__).parents[2] / "conformance"
 TABLE = json.loads((CONFORMANCE / "contexts.json").read_text())

@@ -10,7 +10,7 @@ import pytest
 
 from analysis.classes import CLASS_NAMES
 from analysis.results import CellResult, ModelProvenance, SlideResult, wilson_interval
-from dicom_node.analyze import _print_differential
+from dicom_node.app.analyze import _print_differential
 from dicom_node.encode.differential import MIN_WHITE_CELLS, Differential, class_label
 
 UID = "1.2.826.0.1.3680043.8.498.1"

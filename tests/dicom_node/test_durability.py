@@ -15,10 +15,10 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 
-from dicom_node.ae import configure_pynetdicom, make_ae
+from dicom_node.net.ae import configure_pynetdicom, make_ae
 from dicom_node.settings import Settings
 from dicom_node.status import StatusValues
-from dicom_node.store import Store
+from dicom_node.store.files import Store
 from tests.dicom_factory import dataset_digest, multiframe_sc
 from tests.peers import echo, free_port
 

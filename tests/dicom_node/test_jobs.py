@@ -15,7 +15,7 @@ from pydicom import dcmread
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import generate_uid
 
-from dicom_node.demo import SAMPLE_SLIDE, StandInPACS
+from dicom_node.app.demo import SAMPLE_SLIDE, StandInPACS
 from tests.peers import CYTONODE, echo, require_tool
 
 

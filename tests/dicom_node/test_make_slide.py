@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from analysis.tiles import Slide
-from dicom_node.cli import main
+from dicom_node.app.cli import main
 from dicom_node.make_slide import SlideDescription, convert_slide, make_slide
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

@@ -9,7 +9,7 @@ import requests
 from pydicom import dcmread
 
 from dicom_node.settings import Settings
-from dicom_node.store import Store
+from dicom_node.store.files import Store
 from tests.dicom_factory import comprehensive_3d_sr, dataset_digest, with_new_uids
 from tests.peers import HIGHDICOM_FILES, NodeProcess, OrthancProcess, free_port
 

@@ -3,7 +3,7 @@ Capture gallery of the flagged cells, made next to the SR.
 
 A result on the real sample slide (the seven white cells ``cytonode detect`` finds on it, with
 chosen classes and flags) goes through the node's own encoding step
-(:func:`dicom_node.analyze.encode_results`, as the worker and ``cytonode analyze`` call it). The
+(:func:`dicom_node.app.analyze.encode_results`, as the worker and ``cytonode analyze`` call it). The
 objects are checked with real peers: dciodvfy (dicom3tools), DCMTK's dsr2html, pypdf's text
 extraction, Orthanc receiving them from the node's outbox, and the viewer's sign-off issuing the
 final PDF.
@@ -28,7 +28,7 @@ from sqlalchemy import select
 
 from analysis.classes import CLASS_NAMES
 from analysis.results import CellResult, ModelProvenance, SlideResult
-from dicom_node.analyze import encode_results, write_summary
+from dicom_node.app.analyze import encode_results, write_summary
 from dicom_node.encode.differential import Differential
 from dicom_node.encode.pdf import (
     ENCAPSULATED_PDF_STORAGE,
@@ -42,9 +42,9 @@ from dicom_node.encode.sc import (
     read_flagged_crops,
     tile_origin,
 )
-from dicom_node.index import Instance, OutboxItem
+from dicom_node.store.index import Instance, OutboxItem
 from dicom_node.settings import Destination, Settings
-from dicom_node.store import Store
+from dicom_node.store.files import Store
 from tests.dicom_factory import dciodvfy_errors, ellipse_outline, slide_result
 from tests.peers import NodeProcess, OrthancProcess
 

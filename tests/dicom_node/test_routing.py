@@ -107,7 +107,7 @@ def test_sample_slide_is_analysed_and_results_reach_orthanc(start_node, tmp_path
     which serves them on DICOMweb."""
     import requests
 
-    from dicom_node.demo import SAMPLE_SLIDE
+    from dicom_node.app.demo import SAMPLE_SLIDE
     from tests.peers import OrthancProcess
 
     files = sorted(SAMPLE_SLIDE.glob("*.dcm"))

@@ -1,4 +1,4 @@
-"""Job, outbox and routing states are enums (``dicom_node.states``) whose values are the strings
+"""Job, outbox and routing states are enums (``dicom_node.store.states``) whose values are the strings
 the index has always stored and ``cytonode status --json`` has always printed, so an index
 written before the enums reads the same and scripts reading the JSON see no change."""
 
@@ -14,14 +14,14 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select, text
 
-from dicom_node.demo import StandInPACS
-from dicom_node.index import Job, OutboxItem, Series
-from dicom_node.outbox import deliver_due
-from dicom_node.routing import mark_queued, requeue_lost_jobs, route_stable_series
+from dicom_node.app.demo import StandInPACS
+from dicom_node.store.index import Job, OutboxItem, Series
+from dicom_node.store.outbox import deliver_due
+from dicom_node.jobs.routing import mark_queued, requeue_lost_jobs, route_stable_series
 from dicom_node.settings import Destination, RoutingRule, Settings
-from dicom_node.states import JobStateValues, OutboxStateValues, SeriesRoutingValues
-from dicom_node.store import Store
-from dicom_node.worker import claim, finish
+from dicom_node.store.states import JobStateValues, OutboxStateValues, SeriesRoutingValues
+from dicom_node.store.files import Store
+from dicom_node.jobs.worker import claim, finish
 from tests.dicom_factory import MF_TRUE_COLOR_SC, multiframe_sc
 from tests.peers import CYTONODE
 

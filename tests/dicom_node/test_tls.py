@@ -14,9 +14,9 @@ import pytest
 import requests
 from pydicom import Dataset, dcmread
 
-from dicom_node.outbox import deliver_due
+from dicom_node.store.outbox import deliver_due
 from dicom_node.settings import Settings
-from dicom_node.store import Store
+from dicom_node.store.files import Store
 from tests.peers import NodeProcess, echo, free_port, require_tool
 
 SLIDE = sorted((Path(__file__).resolve().parents[2] / "dicom_node" / "data" / "sample_slide").glob("*.dcm"))

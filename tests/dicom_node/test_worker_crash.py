@@ -18,7 +18,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dicom_node.demo import SAMPLE_SLIDE, StandInPACS
+from dicom_node.app.demo import SAMPLE_SLIDE, StandInPACS
 from tests.dicom_factory import with_new_uids
 from tests.peers import CYTONODE, PostgresProcess, RedisProcess, require_tool
 
@@ -125,11 +125,11 @@ def test_a_stale_attempt_can_neither_record_nor_send(tmp_path: Path) -> None:
     """A worker whose lease ran out (slow, not dead) finds its job given to a new attempt: it can
     renew nothing and record nothing, and only the current attempt queues results for sending.
     A job lost ``job_max_attempts`` times is failed, not queued again."""
-    from dicom_node.index import Job, OutboxItem
-    from dicom_node.routing import requeue_lost_jobs
+    from dicom_node.store.index import Job, OutboxItem
+    from dicom_node.jobs.routing import requeue_lost_jobs
     from dicom_node.settings import Destination, Settings
-    from dicom_node.store import Store
-    from dicom_node.worker import claim, finish, renew
+    from dicom_node.store.files import Store
+    from dicom_node.jobs.worker import claim, finish, renew
     from tests.dicom_factory import multiframe_sc
 
     settings = Settings(data_dir=tmp_path / "data", job_lease_s=5, job_max_attempts=2,

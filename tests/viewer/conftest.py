@@ -18,7 +18,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from dicom_node.demo import SAMPLE_SLIDE, StandInPACS, send_files
+from dicom_node.app.demo import SAMPLE_SLIDE, StandInPACS, send_files
 from dicom_node.settings import Destination, Settings
 from tests.peers import CYTONODE, NodeProcess
 

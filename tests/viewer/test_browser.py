@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import select
 
 from analysis.results import FLAG_REASON_LABELS, FlagReasonValues
-from dicom_node.demo import SAMPLE_SLIDE
+from dicom_node.app.demo import SAMPLE_SLIDE
 from dicom_node.encode.differential import class_label
 from tests.viewer.conftest import PASSWORD, chromium_path, wait_for_pacs
 from viewer import cases

@@ -7,7 +7,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_node.demo import SAMPLE_SLIDE
+from dicom_node.app.demo import SAMPLE_SLIDE
 from viewer.slides import (
     CLASS_COLOURS,
     FLAG_COLOUR,

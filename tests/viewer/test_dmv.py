@@ -24,7 +24,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dicom_node.demo import SAMPLE_SLIDE
+from dicom_node.app.demo import SAMPLE_SLIDE
 from tests.peers import OrthancProcess
 from tests.viewer.conftest import PASSWORD, wait_for_pacs
 from tests.viewer.test_browser import ROOT, SCREENSHOTS, _require_browser

@@ -8,9 +8,9 @@ import shutil
 
 from sqlalchemy import select
 
-from dicom_node.index import Instance, OutboxItem
+from dicom_node.store.index import Instance, OutboxItem
 from dicom_node.settings import ReleasePolicyValues, Settings
-from dicom_node.store import Store
+from dicom_node.store.files import Store
 from tests.viewer.conftest import PASSWORD, login
 from viewer import cases, create_app
 from viewer.auth import add_user

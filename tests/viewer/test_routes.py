@@ -16,7 +16,7 @@ from PIL import Image
 from pydicom.encaps import generate_frames
 from sqlalchemy import select
 
-from dicom_node.index import Instance, OutboxItem
+from dicom_node.store.index import Instance, OutboxItem
 from tests.viewer.conftest import PASSWORD, login, wait_for_pacs
 from viewer import cases
 from viewer.auth import add_user

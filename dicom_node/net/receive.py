@@ -3,7 +3,7 @@ has the whole message: the size of its command set, and free space while its dat
 
 pynetdicom's ``DIMSEMessage.decode_msg`` appends each command fragment to a buffer in memory and,
 with chunked receive, each data set fragment to a file in ``DATA_DIR/tmp``; it checks neither. The
-node's DUL wrapper (``dicom_node.ae``) calls :func:`command_set_overflow` before each P-DATA and
+node's DUL wrapper (``dicom_node.net.ae``) calls :func:`command_set_overflow` before each P-DATA and
 :func:`watch_data_set_file` after it.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.errors import StoreFullError
-from dicom_node.store import Store
+from dicom_node.store.files import Store
 
 #: The largest command set the node reads (PS3.7 9.3, 10.3: a dozen elements; a C-FIND or C-MOVE
 #: request's is a few hundred bytes). A peer that sends more fragments is aborted.
@@ -57,7 +57,7 @@ class ReceivedDataSetFile:
     ``write``, ``file.flush``, ``close`` and ``name``). Every :data:`FREE_SPACE_CHECK_BYTES` the
     store checks that writing leaves ``CYTONODE_MIN_FREE_BYTES`` free; once it does not, the
     partial file is deleted at once and the rest of the data set is read and dropped, and
-    :attr:`refusal` says why: :func:`dicom_node.handlers.handle_store` answers Out of Resources
+    :attr:`refusal` says why: :func:`dicom_node.net.handlers.handle_store` answers Out of Resources
     (0xA700) instead of storing it.
 
     Parameters

@@ -28,13 +28,13 @@ from pydicom.uid import UID
 from pynetdicom import AE
 
 from dicom_node.encode.differential import Differential, cell_reason_labels, class_label
-from dicom_node.node import Node
-from dicom_node.overview import node_status
+from dicom_node.app.node import Node
+from dicom_node.store.overview import node_status
 from dicom_node.settings import Destination, Settings
-from dicom_node.states import JobStateValues
+from dicom_node.store.states import JobStateValues
 from dicom_node.status import StatusValues
 
-SAMPLE_SLIDE = Path(__file__).parent / "data" / "sample_slide"
+SAMPLE_SLIDE = Path(__file__).resolve().parents[1] / "data" / "sample_slide"
 
 
 def _free_port() -> int:
@@ -74,7 +74,7 @@ class StandInPACS:
     def __init__(self, folder: Path) -> None:
         from pynetdicom import evt
 
-        from dicom_node.ae import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+        from dicom_node.net.ae import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 
         self.folder = folder
         self.received: list[tuple[str, str]] = []  # (modality, SOP Instance UID)

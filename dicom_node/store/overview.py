@@ -7,9 +7,9 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from dicom_node.index import Instance, Job, OutboxItem, Series, Study
-from dicom_node.states import OutboxStateValues
-from dicom_node.store import Store
+from dicom_node.store.index import Instance, Job, OutboxItem, Series, Study
+from dicom_node.store.states import OutboxStateValues
+from dicom_node.store.files import Store
 
 
 def node_status(store: Store) -> dict[str, Any]:

@@ -10,12 +10,12 @@ from pathlib import Path
 from sqlalchemy import select
 
 from dicom_node.errors import SendRefusedError
-from dicom_node.index import Instance, OutboxItem
-from dicom_node.send import send_instances
+from dicom_node.store.index import Instance, OutboxItem
+from dicom_node.net.send import send_instances
 from dicom_node.settings import Destination, Settings
-from dicom_node.states import OutboxStateValues
-from dicom_node.store import Store
-from dicom_node.tls import client_tls_args
+from dicom_node.store.states import OutboxStateValues
+from dicom_node.store.files import Store
+from dicom_node.net.tls import client_tls_args
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ class JobStateValues(StrEnum):
     """State of an analysis job (``jobs.state``): pending -> queued -> running -> done | failed.
 
     A running job whose worker lost its lease goes back to pending (see
-    :func:`dicom_node.routing.requeue_lost_jobs`).
+    :func:`dicom_node.jobs.routing.requeue_lost_jobs`).
     """
 
     PENDING = "pending"

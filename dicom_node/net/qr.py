@@ -2,7 +2,7 @@
 
 Matching runs as SQLAlchemy expressions over the index (never SQL built from strings); the
 instances to send are read from the store's files, exactly as stored. QIDO-RS
-(:mod:`viewer.dicomweb`) uses the same matching through :func:`find`.
+(:mod:`dicom_node.net.dicomweb`) uses the same matching through :func:`find`.
 
 Supported (PS3.4 C.2.2.2): single value, universal (empty or ``*``), wildcard (``*`` and ``?``),
 range (DA, TM, DT: ``A-B``, ``A-``, ``-B``) and list of UID matching on the keys in
@@ -26,10 +26,10 @@ from pynetdicom import evt
 from pynetdicom.presentation import build_context
 from sqlalchemy import ColumnElement, and_, distinct, exists, func, or_, select
 
-from dicom_node.index import Instance, Series, Study
+from dicom_node.store.index import Instance, Series, Study
 from dicom_node.settings import Destination, Settings
-from dicom_node.store import Store
-from dicom_node.tls import client_tls_args
+from dicom_node.store.files import Store
+from dicom_node.net.tls import client_tls_args
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ def send_instances(files: Sequence[tuple[str, str, str, Path]], destination: Des
         Called with the SOP Instance UID after each success, before the next send.
     tls_args:
         ``(ssl_context, server_hostname)`` for a DICOM TLS association
-        (:func:`dicom_node.tls.client_tls_args`); ``None`` for plain TCP.
+        (:func:`dicom_node.net.tls.client_tls_args`); ``None`` for plain TCP.
 
     Raises
     ------

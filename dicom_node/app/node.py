@@ -14,13 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from dicom_node.ae import configure_pynetdicom, make_ae
-from dicom_node.jobs import configure_celery, dispatch
-from dicom_node.outbox import deliver_due
-from dicom_node.routing import mark_queued, pending_jobs, requeue_lost_jobs, route_stable_series
+from dicom_node.net.ae import configure_pynetdicom, make_ae
+from dicom_node.jobs.tasks import configure_celery, dispatch
+from dicom_node.store.outbox import deliver_due
+from dicom_node.jobs.routing import mark_queued, pending_jobs, requeue_lost_jobs, route_stable_series
 from dicom_node.settings import Settings
-from dicom_node.store import Store
-from dicom_node.tls import dicom_server_context
+from dicom_node.store.files import Store
+from dicom_node.net.tls import dicom_server_context
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Node:
             log.info("job %d queued", job_id)
 
     def _start_worker(self) -> None:
-        cmd = [sys.executable, "-m", "dicom_node.cli", "worker"]
+        cmd = [sys.executable, "-m", "dicom_node.app.cli", "worker"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("CYTONODE_")}
         env.update(self.settings.to_env())  # the worker runs on exactly these settings
         if self.worker_log is not None:
@@ -162,7 +162,7 @@ def serve(settings: Settings) -> int:
 def run_worker(settings: Settings) -> int:
     """``cytonode worker``: a Celery worker consuming analysis jobs."""
     app = configure_celery(settings)
-    import dicom_node.jobs  # noqa: F401  (registers the task)
+    import dicom_node.jobs.tasks  # noqa: F401  (registers the task)
 
     argv = ["worker", "--loglevel=INFO", f"--concurrency={max(settings.workers, 1)}",
             "--pool=solo" if settings.workers <= 1 else "--pool=prefork",

@@ -23,9 +23,10 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from dicom_node.states import JobStateValues, OutboxStateValues
+from dicom_node.store.states import JobStateValues, OutboxStateValues
 
 
 class Base(DeclarativeBase):
@@ -59,7 +60,7 @@ class Series(Base):
     series_number: Mapped[str] = mapped_column(String(12), default="")
     #: Time of the last instance received (seconds since the epoch).
     last_received_at: Mapped[float] = mapped_column(Float, default=time.time, index=True)
-    #: None while receiving, then a :class:`~dicom_node.states.SeriesRoutingValues`: "job" once a
+    #: None while receiving, then a :class:`~dicom_node.store.states.SeriesRoutingValues`: "job" once a
     #: job was made; "ignored" when no rule matched; "local" for series the node created itself.
     routing: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
 
@@ -89,7 +90,7 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     series_instance_uid: Mapped[str] = mapped_column(
         String(64), ForeignKey("series.series_instance_uid"))
-    #: A :class:`~dicom_node.states.JobStateValues`: pending -> queued -> running -> done | failed
+    #: A :class:`~dicom_node.store.states.JobStateValues`: pending -> queued -> running -> done | failed
     state: Mapped[str] = mapped_column(String(16), default=JobStateValues.PENDING, index=True)
     progress: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
@@ -111,7 +112,7 @@ class OutboxItem(Base):
     sop_instance_uid: Mapped[str] = mapped_column(
         String(64), ForeignKey("instances.sop_instance_uid"), index=True)
     destination: Mapped[str] = mapped_column(String(300))
-    #: An :class:`~dicom_node.states.OutboxStateValues`: pending -> sent (or pending again with a
+    #: An :class:`~dicom_node.store.states.OutboxStateValues`: pending -> sent (or pending again with a
     #: later next_attempt_at)
     state: Mapped[str] = mapped_column(String(16), default=OutboxStateValues.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -137,9 +138,20 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA busy_timeout=60000")
             cur.close()
-    Base.metadata.create_all(engine)
+    create_all(engine)
     _add_missing_columns(engine)
     return engine
+
+
+def create_all(engine: Engine, tables: list[Any] | None = None) -> None:
+    """``Base.metadata.create_all``, safe when another process (the node, its worker, the web
+    application) creates the same tables at the same moment: SQLAlchemy checks, then creates,
+    so the loser of that race sees "already exists"; it checks again and finds them."""
+    try:
+        Base.metadata.create_all(engine, tables=tables)
+    except (OperationalError, ProgrammingError, IntegrityError):
+        time.sleep(0.2)
+        Base.metadata.create_all(engine, tables=tables)
 
 
 def _add_missing_columns(engine: Engine) -> None:

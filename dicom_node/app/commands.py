@@ -16,7 +16,7 @@ def add_node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.set_defaults(func=lambda a: _serve())
     p = sub.add_parser("worker", help="run only an analysis worker (scale-out)")
     p.set_defaults(func=lambda a: _worker())
-    from dicom_node.demo import add_demo
+    from dicom_node.app.demo import add_demo
 
     add_demo(sub)
     p = sub.add_parser("status", help="studies, series, jobs and outbox of a node")
@@ -25,20 +25,20 @@ def add_node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _serve() -> int:
-    from dicom_node.node import serve
+    from dicom_node.app.node import serve
 
     return serve(Settings.from_env())
 
 
 def _worker() -> int:
-    from dicom_node.node import run_worker
+    from dicom_node.app.node import run_worker
 
     return run_worker(Settings.from_env())
 
 
 def _status(args: argparse.Namespace) -> int:
-    from dicom_node.overview import node_status
-    from dicom_node.store import Store
+    from dicom_node.store.overview import node_status
+    from dicom_node.store.files import Store
 
     settings = Settings.from_env()
     if not (settings.data_dir / "index.sqlite").exists() and not settings.database_url:

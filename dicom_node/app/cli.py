@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from dicom_node.node_commands import NODE_COMMANDS, add_node_commands
+from dicom_node.app.commands import NODE_COMMANDS, add_node_commands
 
 
 class UsageError(Exception):
@@ -41,7 +41,7 @@ def build_parser(*, node_only: bool = False) -> argparse.ArgumentParser:
 
     add_detect(sub)
     add_make_slide(sub)
-    from dicom_node.analyze import add_analyze
+    from dicom_node.app.analyze import add_analyze
 
     add_analyze(sub)
     from viewer.auth import add_user_command

@@ -4,7 +4,7 @@ and STOW-RS, under ``/dicomweb``.
 Access: ``Authorization: Bearer <api_token>`` for machines, or a logged-in viewer session
 (``session["user_id"]``) for people. STOW-RS (POST) needs the token, or a session plus the
 ``X-CSRF-Token`` header equal to ``session["csrf_token"]``. Matching is shared with the C-FIND
-SCP (:mod:`dicom_node.qr`); instances are served from the store's files, as stored unless the
+SCP (:mod:`dicom_node.net.qr`); instances are served from the store's files, as stored unless the
 client asks for another transfer syntax.
 """
 
@@ -31,10 +31,10 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from werkzeug.exceptions import HTTPException
 
-from dicom_node.ae import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from dicom_node.net.ae import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicom_node.errors import InvalidInstanceError, SOPClassMismatchError, StoreFullError
-from dicom_node.index import Instance, Series
-from dicom_node.qr import (
+from dicom_node.store.index import Instance, Series
+from dicom_node.net.qr import (
     QueryError,
     QueryLevelValues,
     find,
@@ -43,7 +43,7 @@ from dicom_node.qr import (
     response_identifier,
 )
 from dicom_node.settings import Settings
-from dicom_node.store import Store
+from dicom_node.store.files import Store
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from dicom_node.receive import command_set_overflow, watch_data_set_file
+from dicom_node.net.receive import command_set_overflow, watch_data_set_file
 from dicom_node.settings import Settings
-from dicom_node.store import Store
-from dicom_node.tls import TLSAssociationServer
+from dicom_node.store.files import Store
+from dicom_node.net.tls import TLSAssociationServer
 
 log = logging.getLogger(__name__)
 
@@ -440,9 +440,9 @@ def _guard_dimse_decoding(assoc: Any, store: Store) -> None:
     command set without Command Data Set Type: ``AttributeError``), which kills the DUL thread
     with a traceback and leaves the connection open. Here that is handled as an invalid PDU
     (Evt19: AA-8 sends an A-ABORT and ends the association, PS3.8 9.2) and the connection closed.
-    So is a command set that would pass :data:`dicom_node.receive.MAX_COMMAND_SET_BYTES`
+    So is a command set that would pass :data:`dicom_node.net.receive.MAX_COMMAND_SET_BYTES`
     (pynetdicom buffers any number of command fragments). A data set is written through a
-    :class:`dicom_node.receive.ReceivedDataSetFile`, which drops it once free space runs short.
+    :class:`dicom_node.net.receive.ReceivedDataSetFile`, which drops it once free space runs short.
     """
     receive = assoc.dimse.receive_primitive
 
@@ -501,7 +501,7 @@ class NodeAE(AE):
 
     def make_server(self, address: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("request_handler", NodeRequestHandler)
-        # TLS (dicom_node/tls.py): the handshake runs on the connection's thread, not accept()'s.
+        # TLS (dicom_node/net/tls.py): the handshake runs on the connection's thread, not accept()'s.
         if kwargs.get("server_class") is ThreadedAssociationServer:
             kwargs["server_class"] = TLSAssociationServer
         return super().make_server(address, *args, **kwargs)
@@ -515,8 +515,8 @@ def make_ae(settings: Settings, store: Store) -> tuple[AE, list[Any]]:
     tuple
         The AE and the ``evt_handlers`` list for ``start_server``.
     """
-    from dicom_node.handlers import handle_echo, handle_store
-    from dicom_node.qr import QR_SOP_CLASSES, qr_handlers
+    from dicom_node.net.handlers import handle_echo, handle_store
+    from dicom_node.net.qr import QR_SOP_CLASSES, qr_handlers
 
     ae = NodeAE(settings.ae_title, store)
     limit = AssociationLimit(settings.max_associations)

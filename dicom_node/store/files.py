@@ -32,10 +32,10 @@ from dicom_node.errors import (
     SOPClassMismatchError,
     StoreFullError,
 )
-from dicom_node.index import Instance, OutboxItem, Series, Study, make_engine, make_sessionmaker
-from dicom_node.integrity import check_pixel_data, check_structure
+from dicom_node.store.index import Instance, OutboxItem, Series, Study, make_engine, make_sessionmaker
+from dicom_node.store.integrity import check_pixel_data, check_structure
 from dicom_node.settings import DuplicatePolicyValues, Settings
-from dicom_node.states import SeriesRoutingValues
+from dicom_node.store.states import SeriesRoutingValues
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ import time
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from dicom_node.index import Instance, Job, Series
+from dicom_node.store.index import Instance, Job, Series
 from dicom_node.settings import RoutingRule
-from dicom_node.states import JobStateValues, SeriesRoutingValues
-from dicom_node.store import Store
+from dicom_node.store.states import JobStateValues, SeriesRoutingValues
+from dicom_node.store.files import Store
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def requeue_lost_jobs(store: Store, lease_s: float, max_attempts: int,
     ``lease_s`` (it died, or hangs); fail it instead once it has run ``max_attempts`` times.
 
     Returns the ids put back to ``pending``, which the router dispatches again. The worker that
-    lost the lease can no longer record the outcome (see :mod:`dicom_node.worker`).
+    lost the lease can no longer record the outcome (see :mod:`dicom_node.jobs.worker`).
     """
     now = time.time() if now is None else now
     last_seen = func.coalesce(Job.heartbeat_at, Job.started_at, 0.0)

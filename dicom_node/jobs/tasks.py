@@ -58,9 +58,9 @@ def current_settings() -> Settings:
 
 @app.task(name="cytonode.analyse_series")  # type: ignore[untyped-decorator]
 def analyse_series(job_id: int) -> None:
-    """Celery task: run job ``job_id`` (see :func:`dicom_node.worker.run_job`)."""
-    from dicom_node.store import Store
-    from dicom_node.worker import run_job
+    """Celery task: run job ``job_id`` (see :func:`dicom_node.jobs.worker.run_job`)."""
+    from dicom_node.store.files import Store
+    from dicom_node.jobs.worker import run_job
 
     store = Store(current_settings())
     try:

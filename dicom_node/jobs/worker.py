@@ -2,7 +2,7 @@
 
 A worker holds a running job under a lease: it renews ``heartbeat_at`` every quarter of
 ``job_lease_s``. If the worker dies, the node's router finds the lease expired and queues the
-job again (:func:`dicom_node.routing.requeue_lost_jobs`). Each run has an attempt number; only
+job again (:func:`dicom_node.jobs.routing.requeue_lost_jobs`). Each run has an attempt number; only
 the current attempt may record the outcome, and it queues its results for sending in the same
 transaction that marks the job done, so the results of a job go out once however often it ran.
 """
@@ -20,10 +20,10 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from dicom_node.index import Instance, Job
+from dicom_node.store.index import Instance, Job
 from dicom_node.settings import VL_WSM, ReleasePolicyValues
-from dicom_node.states import JobStateValues
-from dicom_node.store import Store
+from dicom_node.store.states import JobStateValues
+from dicom_node.store.files import Store
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def analyse(store: Store, job_id: int, paths: list[str], *, attempt: int) -> dic
     import torch
 
     from analysis.pipeline import PipelineConfig, ProgressEvent, classify_slide
-    from dicom_node.analyze import differential, encode_results, stage_recorder, write_summary
+    from dicom_node.app.analyze import differential, encode_results, stage_recorder, write_summary
     from dicom_node.encode.differential import Differential
     from dicom_node.settings import DeviceValues
 

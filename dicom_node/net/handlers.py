@@ -17,9 +17,9 @@ from dicom_node.errors import (
     SOPClassMismatchError,
     StoreFullError,
 )
-from dicom_node.receive import data_set_refusal
+from dicom_node.net.receive import data_set_refusal
 from dicom_node.status import StatusValues
-from dicom_node.store import Store
+from dicom_node.store.files import Store
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def handle_store(event: evt.Event, store: Store) -> int:
     sop_uid = str(req.AffectedSOPInstanceUID)
     calling = event.assoc.requestor.ae_title.strip()
     refusal = data_set_refusal(req)
-    if refusal is not None:  # dropped as it arrived (dicom_node.receive.ReceivedDataSetFile)
+    if refusal is not None:  # dropped as it arrived (dicom_node.net.receive.ReceivedDataSetFile)
         log.error("out of resources storing %s from %s: %s", sop_uid, calling, refusal)
         return int(StatusValues.OUT_OF_RESOURCES)
     try:
