@@ -1,8 +1,9 @@
-"""Command-line entry points of the analysis package (train, evaluate, classify).
+"""The analysis package's commands: train, classify, evaluate, calibrate-site and detect.
 
-Each ``add_*`` function registers a sub-command on an :mod:`argparse` parser;
-:mod:`dicom_node.app.cli` assembles them into the ``cytonode`` command. The train and evaluate
-handlers import :mod:`analysis.training` only when they run, so the node loads no training code.
+Each ``run_*`` function runs one ``cytonode`` sub-command on its parsed arguments and returns the
+exit status; the arguments are registered in :mod:`dicom_node.app.commands`. The train and
+evaluate handlers import :mod:`analysis.training` only when they run, so the node loads no
+training code.
 """
 
 from __future__ import annotations
@@ -16,48 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.classes import CLASS_NAMES, kept_classes
+from analysis.classes import kept_classes
 
-DEFAULT_PBC = Path("../shared/data/pbc")
-DEFAULT_DATA = Path("../shared/data")
-# ModelConfig's defaults, written out so that building the parser does not import
-# torch and diffusers (seconds); tests/analysis/test_evaluate.py checks they agree.
-DEFAULT_IMAGE_SIZE = 48
-DEFAULT_CHANNELS = (16, 32, 64, 128)
-
-
-def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("train", help="train (or resume training) the diffusion classifier")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                   help="shared data folder with pbc/, bccd/ and chula_wbc/")
-    p.add_argument("--labs", default="pbc,bccd,chula",
-                   help="labs whose train cells are used, comma separated (leave one out: "
-                        "pbc,chula or pbc,bccd)")
-    p.add_argument("--lab-share", type=float, default=0.5, help="share of each batch from PBC")
-    p.add_argument("--init", type=Path, default=None,
-                   help="start a new run from these exported weights (fine-tuning)")
-    p.add_argument("--t-min", type=int, default=0, help="train on timesteps >= T_MIN")
-    p.add_argument("--min-snr-gamma", type=float, default=5.0,
-                   help="min-SNR loss weighting (0: off)")
-    p.add_argument("--cell-disc", type=float, default=0.4,
-                   help="radius of the cell disc the error is measured in, a fraction of the frame")
-    p.add_argument("--out", type=Path, required=True, help="checkpoint folder (resumes if present)")
-    p.add_argument("--steps", type=int, default=60000, help="total optimiser steps")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
-    p.add_argument("--channels", default=",".join(map(str, DEFAULT_CHANNELS)),
-                   help="UNet channels per level, comma separated")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (slower on CPUs without native bf16)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--export", type=Path, help="after training write the EMA weights here")
-    p.add_argument("--t-max", type=int, default=None,
-                   help="train on timesteps [0, T_MAX) only (default: the whole schedule)")
-    p.add_argument("--exclude-class", action="append", default=[], choices=CLASS_NAMES,
-                   metavar="CLASS", help="train without this class (leave-one-class-out; repeatable)")
-    p.set_defaults(func=run_train)
+logger = logging.getLogger(__name__)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -94,32 +56,10 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_AML = Path("../shared/data/aml_dev")
-
-
 def _weights_dir_default() -> Path:
     from analysis.classifier import WEIGHTS_DIR
 
     return WEIGHTS_DIR
-
-
-def add_classify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("classify", help="classify single-cell images (PNG/JPEG/BMP files or folders)")
-    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
-    p.add_argument("--json", action="store_true", help="one JSON object a line (the contract)")
-    p.add_argument("--model", choices=("diffusion", "reference", "cnn"), default="diffusion",
-                   help="the diffusion classifier (default), the fine-tuned EfficientNet-Lite0 "
-                        "reference, or the small CNN of earlier versions")
-    p.add_argument("--pixel-spacing", type=float, default=None, metavar="UM",
-                   help="micrometres per pixel of the images (default: estimated from the red "
-                        "cells around each cell)")
-    p.add_argument("--weights", type=Path, default=None,
-                   help="folder with the weights and calibration.json (default: the shipped ones)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
-    p.add_argument("--batch", type=int, default=64, help="images read and classified together")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.set_defaults(func=run_classify)
 
 
 def run_classify(args: argparse.Namespace) -> int:
@@ -249,42 +189,6 @@ def run_classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("evaluate", help="metrics of both models on PBC test and aml_dev "
-                                        "(or, with --calibrate, fit the calibration on PBC val)")
-    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    p.add_argument("--calibrate", action="store_true",
-                   help="fit the calibration on the val split and write calibration.json")
-    p.add_argument("--weights", type=Path, default=None, help="weights folder (default: shipped)")
-    p.add_argument("--data", type=Path, default=DEFAULT_PBC, help="PBC folder with splits.csv")
-    p.add_argument("--aml", type=Path, default=DEFAULT_AML, help="aml_dev folder")
-    p.add_argument("--per-class", type=int, default=0,
-                   help="cells per class for the diffusion model (0: the whole split)")
-    p.add_argument("--exhaustive-per-class", type=int, default=8,
-                   help="test cells per class also scored exhaustively (0: skip)")
-    p.add_argument("--aml-limit", type=int, default=0, help="aml_dev images per folder (0: all)")
-    p.add_argument("--target-error", type=float, default=0.01,
-                   help="with --calibrate: error allowed among cells not flagged for review")
-    p.add_argument("--n-timesteps", type=int, default=None, help="timestep grid (budget per class)")
-    p.add_argument("--round-size", type=int, default=None)
-    p.add_argument("--min-samples", type=int, default=None)
-    p.add_argument("--alpha", type=float, default=None, help="significance of the pruning test")
-    p.add_argument("--t-min", type=int, default=None)
-    p.add_argument("--t-max", type=int, default=None)
-    p.add_argument("--views", type=int, default=None,
-                   help="test-time dihedral views of each cell, 1-8 (paired across classes)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arrays-out", type=Path, default=None, help="write per-cell outputs (.npz)")
-    p.add_argument("--heldout-class", choices=CLASS_NAMES, default=None, metavar="CLASS",
-                   help="leave-one-class-out: --weights were trained without CLASS (--exclude-class); "
-                        "measure how well the anomaly scores separate its test cells")
-    p.add_argument("--heldout-limit", type=int, default=0,
-                   help="with --heldout-class: held-out test cells for the diffusion model (0: all)")
-    p.set_defaults(func=run_evaluate)
-
-
 def run_evaluate(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -333,3 +237,130 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(json.dumps(result, indent=1) + "\n")
     return 0
+
+
+#: Suffixes read as plain field images rather than DICOM.
+FIELD_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
+#: Sides, in pixels, of a field image ``detect`` reads whole: smaller holds no white cell (one is
+#: about 150 px across at the default 0.0823 um/px); larger is a slide (``cytonode make-slide``).
+FIELD_IMAGE_MIN_SIDE = 32
+FIELD_IMAGE_MAX_SIDE = 8192
+
+
+def run_detect(args: argparse.Namespace) -> int:
+    """Run ``cytonode detect``; return the exit status."""
+    from PIL import Image, UnidentifiedImageError
+
+    from analysis.detect import DEFAULT_FIELD_PIXEL_SPACING_UM, find_cells, find_cells_in_image
+    from analysis.errors import DatasetError, SlideUnreadableError
+    from analysis.framing import check_image_size
+    from analysis.tiles import Slide
+
+    path: Path = args.path
+    if args.pixel_spacing_um is not None and not args.pixel_spacing_um > 0:
+        raise ValueError(f"--pixel-spacing-um must be > 0, got {args.pixel_spacing_um}")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    try:
+        if path.is_file() and path.suffix.lower() in FIELD_IMAGE_SUFFIXES:
+            try:  # from the header, before anything is decoded
+                check_image_size(path, FIELD_IMAGE_MIN_SIDE, FIELD_IMAGE_MAX_SIDE,
+                                 "a field image (convert larger ones with cytonode make-slide)")
+            except DatasetError as exc:
+                raise SlideUnreadableError(str(exc)) from None
+            spacing = args.pixel_spacing_um
+            if spacing is None:
+                spacing = DEFAULT_FIELD_PIXEL_SPACING_UM
+                logger.info("no --pixel-spacing-um; assuming %.3f um/px", spacing)
+            try:
+                with Image.open(path) as im:
+                    rgb = np.asarray(im.convert("RGB"))
+            except (UnidentifiedImageError, OSError) as exc:
+                raise SlideUnreadableError(f"{path}: cannot decode image ({exc})") from exc
+            detections = find_cells_in_image(rgb, spacing)
+        else:
+            with Slide.open(path, default_pixel_spacing_um=args.pixel_spacing_um) as slide:
+                detections = find_cells(slide)
+    except SlideUnreadableError as exc:
+        sys.stderr.write(f"cytonode detect: {str(exc).splitlines()[0] if str(exc) else exc}\n")
+        return 2
+    if args.json:
+        json.dump(detections.to_json(), sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(f"{len(detections.cells)} white cells, {len(detections.platelets)} "
+                         f"platelets in {detections.image_size[0]} x {detections.image_size[1]} px "
+                         f"at {detections.pixel_spacing_um:.4f} um/px\n")
+    return 0
+
+
+def run_calibrate_site(args: argparse.Namespace) -> int:
+    from analysis.errors import CheckpointError, DatasetError
+    from analysis.framing import collect_image_paths
+    from analysis.site import check_site_id, list_sites
+
+    data_dir: Path = args.data_dir  # the command line fills in the node's data folder
+    if args.list:
+        for site in list_sites(data_dir):
+            sys.stdout.write(f"{site.label}\tsource {site.source}\tflagged {site.flag_rate_before:.1%}"
+                             f" -> {site.flag_rate_after:.1%}\n")
+        return 0
+    if not args.paths or not args.site_id:
+        sys.stderr.write("cytonode calibrate-site: give image folders and --id NAME (or --list)\n")
+        return 2
+    try:
+        check_site_id(args.site_id)
+        paths = collect_image_paths(list(args.paths))
+    except (ValueError, DatasetError) as exc:
+        sys.stderr.write(f"cytonode calibrate-site: {exc}\n")
+        return 2
+    if args.pixel_spacing is not None and not 0.01 <= args.pixel_spacing <= 10.0:
+        sys.stderr.write("cytonode calibrate-site: --pixel-spacing must lie in [0.01, 10] um\n")
+        return 2
+    try:
+        summary = calibrate_site(paths, args.site_id, data_dir, weights_dir=args.weights,
+                                 pixel_spacing_um=args.pixel_spacing,
+                                 source=", ".join(p.name for p in args.paths)[:200])
+    except (DatasetError, ValueError) as exc:
+        sys.stderr.write(f"cytonode calibrate-site: {exc}\n")
+        return 2
+    except CheckpointError as exc:
+        sys.stderr.write(f"cytonode calibrate-site: {exc}\n")
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        sys.stdout.write(f"site calibration {summary['label']} written to {summary['path']}\n"
+                         f"  'unlike any training class' on these cells: "
+                         f"{summary['flag_rate_before']:.1%} with the shipped threshold, "
+                         f"{summary['flag_rate_after']:.1%} with the site's\n")
+    return 0
+
+
+def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_dir: Path | None,
+                   pixel_spacing_um: float | None, source: str) -> dict[str, object]:
+    """Frame the images, fit the calibration, store it; a summary for the command line."""
+    import numpy as np
+
+    from analysis.classifier import WEIGHTS_DIR, read_calibration
+    from analysis.framing import folder_spacing_um, read_framed
+    from analysis.reference import reference_logits
+    from analysis.review import ReviewModel
+    from analysis.site import fit_site, save_site
+
+    weights = weights_dir or WEIGHTS_DIR
+    model = ReviewModel.load(weights, read_calibration(weights))
+    if model is None:
+        raise ValueError(f"{weights} has no review rule to calibrate (calibration.json)")
+    spacing = pixel_spacing_um or folder_spacing_um(paths)
+    images = np.stack([read_framed(p, model.image_size, spacing) for p in paths])
+    _, features = reference_logits(model.reference.model, images, features=True)
+    assert features is not None  # asked for
+    val_rate = float(model.rule.val_normal_flag_rate)
+    site = fit_site(site_id, features, density=model.density,
+                    shipped_threshold=model.rule.feature_threshold,
+                    val_normal_flag_rate=val_rate, source=source)
+    path = save_site(data_dir, site)
+    return {"id": site.site_id, "label": site.label, "path": str(path), "cells": site.cells,
+            "pixel_spacing_um": round(spacing, 5), "feature_threshold": site.feature_threshold,
+            "flag_rate_before": site.flag_rate_before, "flag_rate_after": site.flag_rate_after}

@@ -3,7 +3,8 @@
 Stages, each reported through :mod:`logging` and an optional progress callback:
 
 1. **read**: open the VL Whole Slide Microscopy series with :class:`analysis.tiles.Slide`
-   and read the base level's header (UIDs, size, pixel spacing).
+   (or take the one the caller opened) and check the base level's header (UIDs, size, pixel
+   spacing) that the slide read when it was opened.
 2. **detect**: :func:`analysis.detect.find_cells`. Platelets found by the detector are
    counted only; they are not classified and do not enter the differential. A white cell
    that the classifier labels ``platelet`` does (see :class:`analysis.results.ClassCount`).
@@ -28,7 +29,6 @@ import hashlib
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -51,7 +51,7 @@ from analysis.results import (
     SlideResult,
 )
 from analysis.review import diffusion_reasons
-from analysis.tiles import VL_WSM_SOP_CLASS_UID, Slide, has_dicm_preamble
+from analysis.tiles import Slide, has_dicm_preamble
 
 logger = logging.getLogger(__name__)
 
@@ -218,28 +218,6 @@ def series_files(slide_paths: Path | str | Sequence[Path | str]) -> list[Path]:
     return files
 
 
-def _base_level_headers(files: Sequence[Path]) -> list[Any]:
-    """Headers of the base-level VOLUME instances (largest total pixel matrix) of one series."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    volumes = []
-    for f in files:
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except (InvalidDicomError, OSError):  # not DICOM: the slide reader ignores it too
-            logger.debug("%s: not a DICOM file, ignored", f)
-            continue
-        if ds.get("SOPClassUID") == VL_WSM_SOP_CLASS_UID and "VOLUME" in ds.get("ImageType", []):
-            volumes.append(ds)
-    if not volumes:
-        raise SlideUnreadableError("no VOLUME image of a VL Whole Slide Microscopy series")
-    if len({ds.SeriesInstanceUID for ds in volumes}) > 1:
-        raise SlideUnreadableError("the files hold more than one series; give one slide")
-    columns = max(int(ds.TotalPixelMatrixColumns) for ds in volumes)
-    return [ds for ds in volumes if int(ds.TotalPixelMatrixColumns) == columns]
-
-
 def _pixel_spacing_mm(ds: Any, default_um: float | None) -> tuple[float, float]:
     """Pixel Spacing (row, column) of a tiled image in mm (PS3.3 C.7.6.16.2.1)."""
     try:
@@ -249,15 +227,6 @@ def _pixel_spacing_mm(ds: Any, default_um: float | None) -> tuple[float, float]:
         if default_um is None:
             raise SlideUnreadableError("no pixel spacing (Pixel Measures) and no default") from None
         return default_um / 1000.0, default_um / 1000.0
-
-
-def _open_slide(files: Sequence[Path], scratch: Path, default_um: float | None) -> Slide:
-    """Open the slide; several files are linked into ``scratch`` (the reader takes one path)."""
-    if len(files) == 1:
-        return Slide.open(files[0], default_pixel_spacing_um=default_um)
-    for i, f in enumerate(files):
-        os.symlink(f.resolve(), scratch / f"{i:05d}.dcm")
-    return Slide.open(scratch, default_pixel_spacing_um=default_um)
 
 
 # --- Geometry ------------------------------------------------------------------------------
@@ -340,16 +309,18 @@ def weights_sha256(path: Path) -> str:
 
 
 # --- The pipeline --------------------------------------------------------------------------
-def classify_slide(slide_paths: Path | str | Sequence[Path | str],
+def classify_slide(slide: Slide | Path | str | Sequence[Path | str],
                    config: PipelineConfig | None = None, *,
                    progress: ProgressCallback | None = None) -> SlideResult:
     """Find and classify every white cell of one slide.
 
     Parameters
     ----------
-    slide_paths:
-        One VL Whole Slide Microscopy series: a DICOM file, a folder holding the
-        series, or the list of its files.
+    slide:
+        One VL Whole Slide Microscopy series: a :class:`analysis.tiles.Slide` already open
+        (a job opens its slide once and hands it on; it stays open), or a DICOM file, a
+        folder holding the series or the list of its files (opened and closed here, at
+        ``config.default_pixel_spacing_um``).
     config:
         Budgets, device, seed and the detector and crop parameters (defaults if ``None``).
     progress:
@@ -374,52 +345,60 @@ def classify_slide(slide_paths: Path | str | Sequence[Path | str],
         If the weights or the calibration cannot be read.
     """
     config = config or PipelineConfig()
-    files = series_files(slide_paths)
-    with tempfile.TemporaryDirectory(prefix="cytonode-slide-") as scratch:
-        stage = _Stage("read", 1, progress)
-        slide = _open_slide(files, Path(scratch), config.default_pixel_spacing_um)
-        with slide:
-            base = _base_level_headers(files)
-            ds = base[0]
-            spacing_mm = _pixel_spacing_mm(ds, config.default_pixel_spacing_um)
-            width, height = int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows)
-            if (width, height) != slide.size:
-                raise SlideUnreadableError(f"base level is {slide.size} px, its header says "
-                                           f"{(width, height)}")
-            stage.report(1)
+    if isinstance(slide, Slide):
+        return _classify_open_slide(slide, config, progress, _Stage("read", 1, progress))
+    files = series_files(slide)
+    stage = _Stage("read", 1, progress)
+    with Slide.open(files, default_pixel_spacing_um=config.default_pixel_spacing_um) as opened:
+        return _classify_open_slide(opened, config, progress, stage)
 
-            stage = _Stage("detect", 1, progress)
-            detections = find_cells(slide, config.detector)
-            cells = detections.cells
-            stage.report(1, {"white_cells": len(cells), "platelets": len(detections.platelets)})
-            logger.info("%d white cells (classified), %d platelets (counted only)", len(cells),
-                        len(detections.platelets))
 
-            stage = _Stage("crop", max(1, len(cells)), progress)
-            classifier, classifier_config = _load_classifier(config)
-            review_model = _load_review_model(config, classifier)
-            crop_config = dataclasses.replace(config.crops, output_size=classifier.image_size)
-            framed = _framed([crop_cell(slide, cell, crop_config) for cell in cells],
-                             classifier.image_size)
-            reference_framed = None
-            if review_model is not None:  # the same field of view, at the reference's size
-                reference_crops = dataclasses.replace(config.crops, output_size=review_model.image_size)
-                reference_framed = _framed([crop_cell(slide, cell, reference_crops) for cell in cells],
-                                           review_model.image_size)
-            scale = slide_scale_check(slide, cells)
-            if scale.ok is False:
-                logger.warning("scale check failed: red cells measure %.2f um at the slide's "
-                               "pixel spacing (expected about 7.5 um)", scale.red_cell_diameter_um)
-            stage.report(max(1, len(cells)))
+def _classify_open_slide(slide: Slide, config: PipelineConfig, progress: ProgressCallback | None,
+                         stage: _Stage) -> SlideResult:
+    """:func:`classify_slide` on an open slide; ``stage`` is the running ``read`` stage."""
+    base = slide.base_headers
+    ds = base[0]
+    default_um = (config.default_pixel_spacing_um if config.default_pixel_spacing_um is not None
+                  else slide.default_pixel_spacing_um)
+    spacing_mm = _pixel_spacing_mm(ds, default_um)
+    width, height = int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows)
+    if (width, height) != slide.size:
+        raise SlideUnreadableError(f"base level is {slide.size} px, its header says "
+                                   f"{(width, height)}")
+    stage.report(1)
 
-            stage = _Stage("classify", max(1, len(cells)), progress)
-            predictions = _classify(classifier, classifier_config, framed, config, stage)
-            flags, predictions = _review(review_model, predictions, reference_framed, scale=scale,
-                                         site=config.site)
-            heatmaps: tuple[HeatmapGrid, ...] = ()
-            if config.heatmaps and cells:
-                heatmaps = _heatmaps(classifier, classifier_config, framed, predictions, slide,
-                                     cells, config, progress)
+    stage = _Stage("detect", 1, progress)
+    detections = find_cells(slide, config.detector)
+    cells = detections.cells
+    stage.report(1, {"white_cells": len(cells), "platelets": len(detections.platelets)})
+    logger.info("%d white cells (classified), %d platelets (counted only)", len(cells),
+                len(detections.platelets))
+
+    stage = _Stage("crop", max(1, len(cells)), progress)
+    classifier, classifier_config = _load_classifier(config)
+    review_model = _load_review_model(config, classifier)
+    crop_config = dataclasses.replace(config.crops, output_size=classifier.image_size)
+    framed = _framed([crop_cell(slide, cell, crop_config) for cell in cells],
+                     classifier.image_size)
+    reference_framed = None
+    if review_model is not None:  # the same field of view, at the reference's size
+        reference_crops = dataclasses.replace(config.crops, output_size=review_model.image_size)
+        reference_framed = _framed([crop_cell(slide, cell, reference_crops) for cell in cells],
+                                   review_model.image_size)
+    scale = slide_scale_check(slide, cells)
+    if scale.ok is False:
+        logger.warning("scale check failed: red cells measure %.2f um at the slide's "
+                       "pixel spacing (expected about 7.5 um)", scale.red_cell_diameter_um)
+    stage.report(max(1, len(cells)))
+
+    stage = _Stage("classify", max(1, len(cells)), progress)
+    predictions = _classify(classifier, classifier_config, framed, config, stage)
+    flags, predictions = _review(review_model, predictions, reference_framed, scale=scale,
+                                 site=config.site)
+    heatmaps: tuple[HeatmapGrid, ...] = ()
+    if config.heatmaps and cells:
+        heatmaps = _heatmaps(classifier, classifier_config, framed, predictions, slide,
+                             cells, config, progress)
 
     cell_results = []
     for i, cell in enumerate(cells):

@@ -7,6 +7,12 @@ Regions come back as ``(H, W, 3)`` uint8 RGB arrays; grayscale slides are
 expanded to three channels. Only the requested region is decoded, so a large
 slide is never held in memory whole.
 
+A slide is read once: :meth:`Slide.open` parses each file's header (pydicom, without
+pixel data) and keeps it (:attr:`Slide.headers`, :attr:`Slide.base_headers`, and
+:meth:`Slide.metadata` for the job's record), and wsidicom opens the files once for the
+pixels. The node's job opens its slide this way and hands the open slide to the
+classifier, the encoders and the gallery.
+
 Tolerant reading (STYLE.md: strict when writing, tolerant when reading):
 
 - Pixel spacing comes from the Pixel Measures functional group
@@ -108,15 +114,26 @@ class Slide:
         self.pixel_spacing_um = pixel_spacing_um
         self.source = source
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        #: The files the slide was opened from (as given, before any header patch).
+        self.files: tuple[Path, ...] = ()
+        #: The header of every DICOM file (pydicom, without pixel data), read once by :meth:`open`.
+        self.headers: tuple[Any, ...] = ()
+        #: The spacing :meth:`open` was told to assume when Pixel Measures are absent.
+        self.default_pixel_spacing_um: float | None = None
 
     @classmethod
-    def open(cls, path: Path | str, default_pixel_spacing_um: float | None = None) -> Slide:
-        """Open a WSI DICOM file or a folder holding one series.
+    def open(cls, path: Path | str | Sequence[Path | str],
+             default_pixel_spacing_um: float | None = None) -> Slide:
+        """Open a WSI DICOM file, a folder holding one series, or the list of a series' files.
+
+        Each file's header is read once (pydicom, ``stop_before_pixels``) and kept
+        (:attr:`headers`, :attr:`base_headers`); the pixels are read by wsidicom, which
+        opens the files once. A job opens its slide with this and hands the open slide on.
 
         Parameters
         ----------
         path:
-            A DICOM file, or a folder with the instances of one series.
+            A DICOM file, a folder with the instances of one series, or the files of one series.
         default_pixel_spacing_um:
             Spacing to use when the Pixel Measures are absent (a warning is
             logged). ``None`` makes a missing spacing an error.
@@ -129,43 +146,56 @@ class Slide:
         Raises
         ------
         FileNotFoundError
-            If ``path`` does not exist.
+            If ``path`` (or one of the files) does not exist.
         SlideUnreadableError
             If no VL Whole Slide Microscopy pyramid can be read from ``path``.
         """
         from wsidicom import WsiDicom
 
-        path = Path(path)
-        files = _dicom_files(path)
+        if isinstance(path, (str, Path)):
+            path = Path(path)
+            files = _dicom_files(path)
+            source = path
+        else:
+            files = [Path(p) for p in path]
+            if not files:
+                raise SlideUnreadableError("no slide files given")
+            for f in files:
+                if not f.is_file():
+                    raise FileNotFoundError(f"{f}: no such file")
+            parents = {f.parent for f in files}
+            source = files[0].parent if len(parents) == 1 else files[0]
+        headers = _read_headers(files)
+        opened = [f for f, _, _ in headers]
         scratch: tempfile.TemporaryDirectory[str] | None = None
-        if _lacks_pixel_measures(files):
+        if _lacks_pixel_measures(headers):
             if default_pixel_spacing_um is None:
-                raise SlideUnreadableError(f"{path}: no pixel spacing (Pixel Measures) and no default")
-            logger.warning("%s: no Pixel Measures; assuming %.4f um/px", path,
+                raise SlideUnreadableError(f"{source}: no pixel spacing (Pixel Measures) and no default")
+            logger.warning("%s: no Pixel Measures; assuming %.4f um/px", source,
                            default_pixel_spacing_um)
             scratch = tempfile.TemporaryDirectory(prefix="cytonode-spacing-")
-            files = _with_pixel_spacing(files, default_pixel_spacing_um, Path(scratch.name))
+            opened = _with_pixel_spacing(headers, default_pixel_spacing_um, Path(scratch.name))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                wsi = WsiDicom.open(files)
+                wsi = WsiDicom.open(opened or files)
         except Exception as exc:  # wsidicom raises many types; translate at our edge
             if scratch is not None:
                 scratch.cleanup()
-            raise SlideUnreadableError(f"{path}: not a readable WSI DICOM series ({exc})") from exc
+            raise SlideUnreadableError(f"{source}: not a readable WSI DICOM series ({exc})") from exc
         try:
             wsi_levels = list(wsi.levels)
         except Exception as exc:
             wsi.close()
-            raise SlideUnreadableError(f"{path}: no image pyramid ({exc})") from exc
+            raise SlideUnreadableError(f"{source}: no image pyramid ({exc})") from exc
         if not wsi_levels:
             wsi.close()
-            raise SlideUnreadableError(f"{path}: no image pyramid")
+            raise SlideUnreadableError(f"{source}: no image pyramid")
         base = wsi_levels[0]
         base_spacing = _spacing_um(base) or default_pixel_spacing_um
         if base_spacing is None:
             wsi.close()
-            raise SlideUnreadableError(f"{path}: no pixel spacing (Pixel Measures) and no default")
+            raise SlideUnreadableError(f"{source}: no pixel spacing (Pixel Measures) and no default")
         levels = []
         for i, lvl in enumerate(wsi_levels):
             size = (int(lvl.size.width), int(lvl.size.height))
@@ -174,9 +204,55 @@ class Slide:
             levels.append(Level(index=i, size=size,
                                 tile_size=(int(lvl.tile_size.width), int(lvl.tile_size.height)),
                                 pixel_spacing_um=spacing, downsample=downsample))
-        slide = cls(wsi, levels, base_spacing, wsi_levels, path)
+        slide = cls(wsi, levels, base_spacing, wsi_levels, source)
         slide._scratch = scratch
+        slide.files = tuple(files)
+        slide.headers = tuple(ds for _, ds, _ in headers)
+        slide.default_pixel_spacing_um = default_pixel_spacing_um
         return slide
+
+    @property
+    def base_headers(self) -> list[Any]:
+        """Headers of the base-level VOLUME instances (largest total pixel matrix), as read.
+
+        Raises
+        ------
+        SlideUnreadableError
+            If the files hold no VOLUME image, or VOLUME images of more than one series.
+        """
+        volumes = [ds for ds in self.headers if _is_volume(ds)]
+        if not volumes:
+            raise SlideUnreadableError("no VOLUME image of a VL Whole Slide Microscopy series")
+        if len({ds.SeriesInstanceUID for ds in volumes}) > 1:
+            raise SlideUnreadableError("the files hold more than one series; give one slide")
+        columns = max(int(ds.TotalPixelMatrixColumns) for ds in volumes)
+        return [ds for ds in volumes if int(ds.TotalPixelMatrixColumns) == columns]
+
+    def metadata(self) -> dict[str, Any]:
+        """Levels, sizes, tile sizes and pixel spacing as JSON-ready values (the job's record).
+
+        ``pixel_spacing_mm`` of a level (column, row spacing) and ``pixel_spacing_um`` of the
+        slide are ``None`` when the slide has no Pixel Measures.
+        """
+        levels = []
+        for wsi_level in self._wsi_levels:
+            spacing = _wsi_spacing(wsi_level)
+            levels.append({
+                "level": wsi_level.level,  # type: ignore[attr-defined]
+                "width": wsi_level.size.width,  # type: ignore[attr-defined]
+                "height": wsi_level.size.height,  # type: ignore[attr-defined]
+                "tile_width": wsi_level.tile_size.width,  # type: ignore[attr-defined]
+                "tile_height": wsi_level.tile_size.height,  # type: ignore[attr-defined]
+                "pixel_spacing_mm": [spacing.width, spacing.height] if spacing else None,
+            })
+        base = levels[0]
+        base_mm = base["pixel_spacing_mm"]
+        return {
+            "levels": levels,
+            "width": base["width"],
+            "height": base["height"],
+            "pixel_spacing_um": [base_mm[0] * 1000.0, base_mm[1] * 1000.0] if base_mm else None,
+        }
 
     @property
     def size(self) -> tuple[int, int]:
@@ -264,19 +340,26 @@ class Slide:
         self.close()
 
 
-def _volume_headers(files: Sequence[Path]) -> list[tuple[Path, Any]]:
-    """``(path, header)`` of the VOLUME images among ``files``."""
+def _read_headers(files: Sequence[Path]) -> list[tuple[Path, Any, int]]:
+    """``(path, header, offset of the pixel data)`` of every DICOM file among ``files``, each
+    read once without its pixel data; a file that is not DICOM is left out (wsidicom ignores
+    it too)."""
     import pydicom
 
-    headers: list[tuple[Path, Any]] = []
+    headers: list[tuple[Path, Any, int]] = []
     for f in files:
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            with f.open("rb") as src:
+                ds = pydicom.dcmread(src, stop_before_pixels=True)
+                headers.append((f, ds, src.tell()))
         except Exception:  # not DICOM: wsidicom ignores it too
+            logger.debug("%s: not a DICOM file, ignored", f)
             continue
-        if ds.get("SOPClassUID") == VL_WSM_SOP_CLASS_UID and "VOLUME" in ds.get("ImageType", []):
-            headers.append((f, ds))
     return headers
+
+
+def _is_volume(ds: Any) -> bool:
+    return bool(ds.get("SOPClassUID") == VL_WSM_SOP_CLASS_UID and "VOLUME" in ds.get("ImageType", []))
 
 
 def _shared_pixel_spacing(ds: Any) -> Any:
@@ -286,50 +369,59 @@ def _shared_pixel_spacing(ds: Any) -> Any:
         return None
 
 
-def _lacks_pixel_measures(files: Sequence[Path]) -> bool:
+def _lacks_pixel_measures(headers: Sequence[tuple[Path, Any, int]]) -> bool:
     """True when a VOLUME image has no Pixel Spacing in its shared functional groups."""
-    headers = _volume_headers(files)
-    return bool(headers) and any(_shared_pixel_spacing(ds) is None for _, ds in headers)
+    volumes = [ds for _, ds, _ in headers if _is_volume(ds)]
+    return bool(volumes) and any(_shared_pixel_spacing(ds) is None for ds in volumes)
 
 
-def _with_pixel_spacing(files: Sequence[Path], spacing_um: float, scratch: Path) -> list[Path]:
+def _with_pixel_spacing(headers: Sequence[tuple[Path, Any, int]], spacing_um: float,
+                        scratch: Path) -> list[Path]:
     """Copy the series into ``scratch`` with Pixel Measures added to the VOLUME images.
 
-    Only the header is rewritten; the pixel data is streamed across unchanged,
-    so no frame is decoded or held in memory. Each level gets ``spacing_um``
-    scaled by its size relative to the largest level.
+    wsidicom needs the Pixel Measures to place a level; a slide without them (a scanner's
+    omission) is read at the caller's default spacing this way. Only the header is rewritten
+    (a copy of the one already read; the kept header stays as the file has it); the pixel data
+    is streamed across unchanged, so no frame is decoded or held in memory. Each level gets
+    ``spacing_um`` scaled by its size relative to the largest level.
     """
-    import pydicom
+    import copy
+
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DicomSequence
 
-    headers = _volume_headers(files)
-    base_columns = max(int(ds.TotalPixelMatrixColumns) for _, ds in headers)
-    patched = {f for f, ds in headers if _shared_pixel_spacing(ds) is None}
+    volumes = [ds for _, ds, _ in headers if _is_volume(ds)]
+    base_columns = max(int(ds.TotalPixelMatrixColumns) for ds in volumes)
     out = []
-    for i, f in enumerate(files):
-        if f not in patched:
+    for i, (f, header, pixel_data_at) in enumerate(headers):
+        if not _is_volume(header) or _shared_pixel_spacing(header) is not None:
             out.append(f)
             continue
-        with f.open("rb") as src:
-            ds = pydicom.dcmread(src, stop_before_pixels=True)
-            pixel_data_at = src.tell()
-            scale = base_columns / int(ds.TotalPixelMatrixColumns)
-            spacing = f"{spacing_um * scale / 1000.0:.10g}"
-            shared = ds.setdefault("SharedFunctionalGroupsSequence", DicomSequence([Dataset()])).value
-            if not shared:
-                shared.append(Dataset())
-            measures = shared[0].setdefault("PixelMeasuresSequence", DicomSequence([Dataset()])).value
-            if not measures:
-                measures.append(Dataset())
-            measures[0].PixelSpacing = [spacing, spacing]
-            target = scratch / f"{i:05d}.dcm"
-            ds.save_as(target, enforce_file_format=True)
-            with target.open("ab") as dst:
-                src.seek(pixel_data_at)
-                shutil.copyfileobj(src, dst, 1 << 20)
+        ds = copy.deepcopy(header)
+        scale = base_columns / int(ds.TotalPixelMatrixColumns)
+        spacing = f"{spacing_um * scale / 1000.0:.10g}"
+        shared = ds.setdefault("SharedFunctionalGroupsSequence", DicomSequence([Dataset()])).value
+        if not shared:
+            shared.append(Dataset())
+        measures = shared[0].setdefault("PixelMeasuresSequence", DicomSequence([Dataset()])).value
+        if not measures:
+            measures.append(Dataset())
+        measures[0].PixelSpacing = [spacing, spacing]
+        target = scratch / f"{i:05d}.dcm"
+        ds.save_as(target, enforce_file_format=True)
+        with f.open("rb") as src, target.open("ab") as dst:
+            src.seek(pixel_data_at)
+            shutil.copyfileobj(src, dst, 1 << 20)
         out.append(target)
     return out
+
+
+def _wsi_spacing(wsi_level: object) -> Any:
+    """wsidicom's pixel spacing of a level (mm), or ``None`` when absent."""
+    try:
+        return wsi_level.pixel_spacing  # type: ignore[attr-defined]
+    except Exception:  # wsidicom raises when Pixel Measures are missing
+        return None
 
 
 def _spacing_um(wsi_level: object) -> float | None:

@@ -1,7 +1,7 @@
 """Tile endpoint latency: p50/p95 under 8 concurrent clients on the sample slide.
 
 Stores ``dicom_node/data/sample_slide`` in a fresh data directory, starts ``cytonode serve`` on it
-(the viewer on cheroot, :class:`viewer.server.HttpServer`, own process), logs
+(the viewer on cheroot, :class:`dicom_node.app.web.HttpServer`, own process), logs
 8 clients in (each its own session cookie) and has them fetch tiles of every stored level in a
 shuffled order. Baselines in the same run, under the same 8 clients: ``/healthz`` (the web stack
 with no work: no session, no database, no file) and a raw ``pread`` of the same frames from the

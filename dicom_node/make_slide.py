@@ -16,15 +16,20 @@ Every instance gets the same patient, study and series, a specimen description
 (a blood smear on a microscope slide, Wright stain), a slide label with a
 barcode, pixel spacing, an optical path (brightfield, full spectrum) and a
 TILED_FULL dimension organisation (PS3.3 C.8.12.4, C.7.6.17).
+
+:func:`run_make_slide` is ``cytonode make-slide`` (registered in :mod:`dicom_node.app.commands`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
+import json
 import logging
 import math
 import shutil
+import sys
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -462,3 +467,27 @@ def _total_pixels(path: Path) -> int:
 
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     return int(ds.TotalPixelMatrixColumns) * int(ds.TotalPixelMatrixRows)
+
+
+def run_make_slide(args: argparse.Namespace) -> int:
+    """Run ``cytonode make-slide``; print the written files as JSON; return the exit status."""
+    description = SlideDescription(patient_id=args.patient_id, patient_name=args.patient_name,
+                                   slide_identifier=args.slide_id)
+    images: list[Path] = args.images
+    fields = [p for p in images if p.suffix.lower() in FIELD_IMAGE_SUFFIXES]
+    if fields and len(fields) != len(images):
+        raise ValueError("give either field images or one vendor slide file, not both")
+    if not fields:
+        if len(images) != 1:
+            raise ValueError("a vendor slide is converted one file at a time")
+        files = convert_slide(images[0], args.out, description=description,
+                              pixel_spacing_um=args.pixel_spacing_um)
+    else:
+        files = make_slide(fields, args.out, columns=args.columns, rows=args.rows,
+                           repeat=args.repeat,
+                           pixel_spacing_um=args.pixel_spacing_um or BCCD_PIXEL_SPACING_UM,
+                           tile_size=args.tile_size, jpeg_quality=args.jpeg_quality,
+                           description=description, gap_um=args.gap_um)
+    json.dump({"files": [str(f) for f in files]}, sys.stdout)
+    sys.stdout.write("\n")
+    return 0

@@ -154,6 +154,17 @@ class Settings:
     tls_key: str = ""
     tls_ca: str = ""
     tls_require_client_certificate: bool = False
+    #: Folder with the classifier's weights and calibration; empty: the shipped ones.
+    weights_dir: str = ""
+    #: The classifier's timestep budget per class; 0: the calibrated one.
+    classifier_timesteps: int = 0
+    #: Whether jobs compute the counterfactual heatmaps (and write the SEG).
+    heatmaps: bool = True
+    institution_name: str = ""
+    device_serial_number: str = "0"
+    sr_series_number: int = 900
+    ann_series_number: int = 901
+    seg_series_number: int = 902
 
     def __post_init__(self) -> None:
         check_ae_title(self.ae_title, "ae_title")
@@ -193,7 +204,42 @@ class Settings:
                 check_site_id(self.site_calibration)
             except ValueError as exc:
                 raise SettingsError(f"site_calibration: {exc}") from None
+        if self.classifier_timesteps != 0 and self.classifier_timesteps < 2:
+            raise SettingsError("classifier_timesteps must be 0 (the calibrated budget) or at least 2")
+        if self.weights_dir and not Path(self.weights_dir).is_dir():
+            raise SettingsError(f"weights_dir: {self.weights_dir!r} is not a folder")
+        try:
+            self.encoder.params()
+        except ValueError as exc:
+            raise SettingsError(f"encoder settings: {exc}") from None
         self._check_tls()
+
+    # Typed sections ----------------------------------------------------
+    # The flat fields above are the contract with the environment and the TOML file; each part of
+    # the node takes the section it needs, typed, and nothing else.
+    @property
+    def network(self) -> NetworkSection:
+        return _section(NetworkSection, self)
+
+    @property
+    def storage(self) -> StorageSection:
+        return _section(StorageSection, self)
+
+    @property
+    def jobs(self) -> JobsSection:
+        return _section(JobsSection, self)
+
+    @property
+    def analysis(self) -> AnalysisSection:
+        return _section(AnalysisSection, self)
+
+    @property
+    def encoder(self) -> EncoderSection:
+        return _section(EncoderSection, self)
+
+    @property
+    def web(self) -> WebSection:
+        return _section(WebSection, self)
 
     def _check_tls(self) -> None:
         """TLS needs the certificate and its key together; required client certificates need
@@ -284,25 +330,6 @@ class Settings:
                                              self.effective_broker_url)
         return out
 
-    def to_env(self) -> dict[str, str]:
-        """The settings as ``CYTONODE_*`` variables (for child processes, e.g. the worker).
-
-        ``Settings.from_env(settings.to_env()) == settings``.
-        """
-        env: dict[str, str] = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name == "routing_rules":
-                text = json.dumps([dataclasses.asdict(r) for r in value])
-            elif isinstance(value, tuple):
-                text = ",".join(str(v) for v in value)
-            elif isinstance(value, enum.Enum):
-                text = str(value.value)
-            else:
-                text = str(value)
-            env[PREFIX + field.name.upper()] = text
-        return env
-
     # Construction --------------------------------------------------------
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -337,6 +364,115 @@ class Settings:
         for name, value in raw.items():
             kwargs[name] = _convert(name, value, fields[name].type)
         return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkSection:
+    """The DICOM side: who the node is, who may talk to it, where results go."""
+
+    ae_title: str
+    bind_address: str
+    dicom_port: int
+    allowed_aes: tuple[str, ...]
+    require_called_ae: bool
+    max_associations: int
+    max_pdu: int
+    network_timeout_s: float
+    destinations: tuple[Destination, ...]
+    move_destinations: tuple[Destination, ...]
+    tls_certificate: str
+    tls_key: str
+    tls_ca: str
+    tls_require_client_certificate: bool
+    #: How long in-flight associations (and the worker's running task) may finish at shutdown.
+    shutdown_grace_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageSection:
+    """The store: where files and the index live and what it accepts."""
+
+    data_dir: Path
+    database_url: str
+    duplicate_policy: DuplicatePolicyValues
+    min_free_bytes: int
+    max_inflated_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class JobsSection:
+    """Routing, the queue, the workers and when results leave the node."""
+
+    stable_age_s: float
+    routing_rules: tuple[RoutingRule, ...]
+    broker_url: str
+    workers: int
+    job_lease_s: float
+    job_max_attempts: int
+    release_policy: ReleasePolicyValues
+    outbox_retry_initial_s: float
+    outbox_retry_max_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisSection:
+    """What a job runs: the weights, the device, the classifier's budget, the heatmaps and the
+    site calibration (:meth:`Settings.active_site`)."""
+
+    weights_dir: str
+    device: DeviceValues
+    classifier_timesteps: int
+    heatmaps: bool
+    site_calibration: str
+
+    def resolved_device(self) -> str:
+        """``cpu`` or ``cuda``: ``auto`` picks CUDA when torch sees a GPU."""
+        if self.device is not DeviceValues.AUTO:
+            return self.device.value
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSection:
+    """Who writes the node's DICOM objects and how their series are numbered."""
+
+    institution_name: str
+    device_serial_number: str
+    sr_series_number: int
+    ann_series_number: int
+    seg_series_number: int
+
+    def params(self) -> Any:
+        """The encoders' :class:`dicom_node.encode.common.EncoderParams`.
+
+        Raises
+        ------
+        ValueError
+            If a value is not valid in DICOM (e.g. two series numbers equal).
+        """
+        from dicom_node.encode.common import EncoderParams
+
+        return EncoderParams(device_serial_number=self.device_serial_number,
+                             institution_name=self.institution_name or None,
+                             sr_series_number=self.sr_series_number,
+                             ann_series_number=self.ann_series_number,
+                             seg_series_number=self.seg_series_number)
+
+
+@dataclasses.dataclass(frozen=True)
+class WebSection:
+    """The HTTP side: the viewer and DICOMweb."""
+
+    http_enabled: bool
+    http_port: int
+    api_token: str
+    secret_key: str
+
+
+def _section(cls: Any, settings: Settings) -> Any:
+    return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
 
 def _split(value: Any) -> list[Any]:

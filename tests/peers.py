@@ -149,6 +149,75 @@ class NodeProcess:
             self.kill()
 
 
+class InProcessSCP:
+    """The node's SCP (associations, C-ECHO, C-STORE, Q/R) served from this test process on a
+    free loopback port: what ``cytonode serve`` answers on its DICOM port, with the same
+    settings, store and handlers, but without a process to start (no router, worker, outbox or
+    web application). For tests of the DICOM side that need nothing else; a test of the whole
+    node uses :class:`NodeProcess`.
+
+    pynetdicom's process-wide flags and the temporary folder that the node sets are put back
+    by :meth:`stop`.
+    """
+
+    def __init__(self, data_dir: Path, **settings: Any) -> None:
+        from dicom_node.settings import Settings
+
+        self.data_dir = data_dir
+        self.port = free_port()
+        env = {"CYTONODE_DATA_DIR": str(data_dir), "CYTONODE_DICOM_PORT": str(self.port),
+               "CYTONODE_BIND_ADDRESS": "127.0.0.1", "CYTONODE_HTTP_ENABLED": "0",
+               "CYTONODE_WORKERS": "0", "CYTONODE_SHUTDOWN_GRACE_S": "10"}
+        env.update({f"CYTONODE_{k.upper()}": str(v) for k, v in settings.items()})
+        self.settings = Settings.from_env(env)
+        self.records: list[str] = []
+
+    def start(self) -> InProcessSCP:
+        import logging
+        import tempfile
+
+        from pynetdicom import _config
+
+        from dicom_node.net.ae import configure_pynetdicom, make_ae
+        from dicom_node.store.files import Store
+
+        self._saved = (tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET,
+                       _config.STORE_SEND_CHUNKED_DATASET, _config.LOG_HANDLER_LEVEL)
+        configure_pynetdicom(self.settings)
+        handler = logging.Handler()
+        handler.emit = lambda record: self.records.append(  # type: ignore[method-assign]
+            f"{record.levelname} {record.name}: {record.getMessage()}")
+        self._handler = handler
+        logging.getLogger("dicom_node").addHandler(handler)
+        logging.getLogger("dicom_node").setLevel(logging.INFO)
+        self.store = Store(self.settings)
+        self.ae, handlers = make_ae(self.settings, self.store)
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+        return self
+
+    def log(self) -> str:
+        return "\n".join(self.records)
+
+    def status(self) -> dict[str, Any]:
+        """What ``cytonode status --json`` would print."""
+        from dicom_node.store.overview import node_status
+
+        return json.loads(json.dumps(node_status(self.store)))
+
+    def stop(self) -> None:
+        import logging
+        import tempfile
+
+        from pynetdicom import _config
+
+        self.server.shutdown()
+        self.ae.shutdown()
+        self.store.close()
+        logging.getLogger("dicom_node").removeHandler(self._handler)
+        (tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET,
+         _config.LOG_HANDLER_LEVEL) = self._saved
+
+
 class OrthancProcess:
     """Orthanc as the PACS, with its DICOMweb plugin, on free loopback ports."""
 

@@ -1,7 +1,8 @@
-"""The CytoNode web application: worklist, slide viewer, review, sign-off, DICOMweb.
+"""The CytoNode web application: worklist, slide viewer, review, sign-off.
 
-``create_app(settings)`` is the Flask application factory; ``cytonode serve`` runs it on
-``CYTONODE_HTTP_PORT`` next to the DICOM SCP (see :mod:`viewer.server`).
+``create_app(settings, store, blueprints=...)`` is the Flask application factory. The node
+mounts its own DICOMweb blueprint through ``blueprints`` and serves the whole application on
+``CYTONODE_HTTP_PORT`` next to the DICOM SCP (see :mod:`dicom_node.app.web`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import importlib
 import logging
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
-from flask import Flask, jsonify
+from flask import Blueprint, Flask, jsonify
 
 from dicom_node.settings import Settings
 
@@ -26,7 +28,6 @@ BLUEPRINTS: tuple[str, ...] = (
     "viewer.review",
     "viewer.signoff",
     "viewer.audit",
-    "dicom_node.net.dicomweb",
     "viewer.dmv",
 )
 
@@ -47,11 +48,14 @@ def secret_key(settings: Settings) -> str:
         return key
 
 
-def create_app(settings: Settings | None = None, store=None) -> Flask:
+def create_app(settings: Settings | None = None, store=None, *,
+               blueprints: Sequence[Blueprint] = ()) -> Flask:
     """Build the application for ``settings`` (default: from the environment).
 
     ``store`` is the node's :class:`dicom_node.store.files.Store` when the app runs inside ``cytonode serve``;
-    otherwise the app opens its own on the same data directory and index.
+    otherwise the app opens its own on the same data directory and index. ``blueprints`` are
+    registered after the viewer's own: the node's DICOMweb (:func:`dicom_node.app.web.make_web_app`),
+    which the slide viewer's pages (``viewer.dmv``) read.
     """
     from dicom_node.store.files import Store
 
@@ -82,6 +86,8 @@ def create_app(settings: Settings | None = None, store=None) -> Flask:
                 raise  # a real missing dependency inside the module
             continue
         app.register_blueprint(module.bp)
+    for blueprint in blueprints:
+        app.register_blueprint(blueprint)
     from viewer.models import create_tables
 
     create_tables(app.extensions["cytonode.store"].engine)

@@ -237,23 +237,8 @@ def users() -> Any:
                            message=message), status
 
 
-def add_user_command(sub: Any) -> None:
-    """Register ``cytonode user add NAME --role ROLE --password-stdin``."""
-    p = sub.add_parser("user", help="viewer accounts")
-    user_sub = p.add_subparsers(dest="user_command", required=True, metavar="ACTION")
-    add = user_sub.add_parser("add", help="create a viewer account")
-    add.add_argument("name")
-    add.add_argument("--role", required=True, choices=[r.value for r in RoleValues])
-    add.add_argument("--password-stdin", action="store_true", required=True,
-                     help="read the password from the first line of standard input")
-    add.add_argument("--organization", default="", help="Verifying Organization in signed reports")
-    add.add_argument("--person-name", default="",
-                     help="Verifying Observer Name in signed reports, as Family^Given "
-                          "(default: the user name)")
-    add.set_defaults(func=_run_user_add)
-
-
-def _run_user_add(args: Any) -> int:
+def run_user_add(args: Any) -> int:
+    """Run ``cytonode user add`` (registered in :mod:`dicom_node.app.commands`)."""
     import sys
 
     from dicom_node.settings import Settings

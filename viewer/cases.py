@@ -13,7 +13,6 @@ among them). A cell was *looked at* when a reviewer opened or selected it in the
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import threading
 from dataclasses import dataclass
@@ -25,10 +24,11 @@ from flask import abort
 from sqlalchemy import select
 
 from dicom_node.encode.differential import Differential, cell_reason_labels, class_label
-from dicom_node.store.index import Instance, Job, Series, Study
-from dicom_node.settings import VL_WSM, Settings
-from dicom_node.store.states import JobStateValues, SeriesRoutingValues
+from dicom_node.jobs.result import JobResult, SlideSummary
+from dicom_node.settings import Settings
+from dicom_node.store import queries
 from dicom_node.store.files import Store, valid_uid
+from dicom_node.store.states import JobStateValues
 from viewer.models import CaseVersion, CellEdit, CellView
 
 #: Worklist states.
@@ -67,7 +67,7 @@ def load_summary(settings: Settings, series_instance_uid: str) -> dict[str, Any]
         hit = _summary_cache.get(path)
         if hit and hit[0] == mtime:
             return hit[1]
-    summary = json.loads(path.read_text())
+    summary = SlideSummary.from_json(path.read_text()).as_dict()  # refuses an unknown schema
     with _cache_lock:
         _summary_cache[path] = (mtime, summary)
     return summary  # type: ignore[no-any-return]
@@ -146,9 +146,7 @@ class CaseState:
 def case_identity(store: Store, series_instance_uid: str) -> dict[str, str]:
     """Who and what the case is: patient name (``^`` as spaces), patient ID, accession number,
     the slide's container identifier and specimen identifier (read once from a stored image)."""
-    with store.session() as db:
-        study = db.scalars(select(Study).join(Series, Series.study_instance_uid == Study.study_instance_uid)
-                           .where(Series.series_instance_uid == series_instance_uid)).first()
+    study = queries.study_of_series(store, series_instance_uid)
     identity = {
         "patient_name": " ".join(p for p in (study.patient_name if study else "").split("^") if p),
         "patient_id": study.patient_id if study else "",
@@ -164,11 +162,8 @@ def _slide_ids(store: Store, series_instance_uid: str) -> dict[str, str]:
         cached = _slide_ids_cache.get(series_instance_uid)
     if cached is not None:
         return cached
-    with store.session() as db:
-        instance = db.scalars(select(Instance).where(
-            Instance.series_instance_uid == series_instance_uid,
-            Instance.sop_class_uid == VL_WSM).limit(1)).first()
-        path = store.path_of(instance) if instance is not None else None
+    paths = queries.slide_files(store, series_instance_uid).paths
+    path = paths[0] if paths else None
     slide_ids = {"container_identifier": "", "specimen_identifier": ""}
     if path is None:  # not stored (yet): nothing to cache
         return slide_ids
@@ -233,28 +228,20 @@ def case_state(store: Store, series_instance_uid: str) -> CaseState:
 
 def worklist(store: Store) -> list[dict[str, Any]]:
     """One row per received slide series (not the node's own result series)."""
+    rows = queries.worklist_cases(store)  # received slide series only
     with store.session() as db:
-        rows = db.execute(
-            select(Series, Study, Job)
-            .join(Study, Study.study_instance_uid == Series.study_instance_uid)
-            .outerjoin(Job, Job.series_instance_uid == Series.series_instance_uid)
-            .where((Series.routing.is_(None)) | (Series.routing != SeriesRoutingValues.LOCAL))
-            .order_by(Series.last_received_at.desc())).all()
-        wsm = set(db.scalars(select(Instance.series_instance_uid).where(
-            Instance.sop_class_uid == VL_WSM).distinct()).all())
         versions = db.scalars(select(CaseVersion).order_by(CaseVersion.version)).all()
     latest: dict[str, CaseVersion] = {}
     for version in versions:
         latest[version.series_instance_uid] = version
     items = []
-    for series, study, job in rows:
-        if series.series_instance_uid not in wsm:
-            continue
+    for row in rows:
+        series, study, job = row.series, row.study, row.job
         result: dict[str, Any] = {}
         if job is not None and job.result_json:
             try:
-                result = json.loads(job.result_json)
-            except ValueError:
+                result = JobResult.from_json(job.result_json).as_dict()
+            except ValueError:  # ResultSchemaError included: not a result this viewer knows
                 result = {}
         if job is None:
             status = RECEIVED

@@ -20,9 +20,8 @@ from typing import Any
 
 import jinja2
 from flask import Blueprint, Response, abort, render_template, request, send_from_directory, url_for
-from sqlalchemy import select
 
-from dicom_node.store.index import Series
+from dicom_node.store import queries
 from viewer import cases, common
 from viewer.auth import login_required
 
@@ -94,12 +93,10 @@ def standalone() -> Response:
 def view(series_instance_uid: str) -> Response:
     """A stored slide over our own /dicomweb (the logged-in session authorises its requests)."""
     cases.checked_uid(series_instance_uid)
-    with common.store().session() as db:
-        series = db.scalars(select(Series).where(
-            Series.series_instance_uid == series_instance_uid)).first()
-        if series is None:
-            abort(404)
-        study = series.study_instance_uid
+    of_series = queries.study_of_series(common.store(), series_instance_uid)
+    if of_series is None:
+        abort(404)
+    study = of_series.study_instance_uid
     common.record("view", series_instance_uid, "dmv")
     base = url_for("dicomweb.search_studies").rsplit("/studies", 1)[0]
     return _page({"dicomweb": base, "study": study, "series": series_instance_uid})

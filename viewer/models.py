@@ -1,4 +1,4 @@
-"""The viewer's tables, on the index's declarative base (same database as the node).
+"""The viewer's tables, on the store's declarative base (same database as the node).
 
 - ``users``: accounts with a hashed password and one role;
 - ``login_failures``: failed logins, for throttling;
@@ -20,7 +20,7 @@ from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, Unique
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, mapped_column
 
-from dicom_node.store.index import Base, create_all
+from dicom_node.store.files import Base, create_all
 
 
 class RoleValues(str, enum.Enum):
@@ -119,7 +119,7 @@ class RevokedSession(Base):
 
 
 def create_tables(engine: Engine) -> None:
-    """Create the viewer's tables (the node's own are created by :func:`dicom_node.store.index.make_engine`)."""
+    """Create the viewer's tables (the node's own are created with the :class:`~dicom_node.store.files.Store`)."""
     names = (User.__tablename__, LoginFailure.__tablename__, CellEdit.__tablename__,
              CellView.__tablename__, CaseVersion.__tablename__, AuditEvent.__tablename__, RevokedSession.__tablename__)
     create_all(engine, [Base.metadata.tables[name] for name in names])

@@ -18,9 +18,9 @@ from sqlalchemy.exc import IntegrityError
 
 from dicom_node.encode.common import cell_tracking_uid
 from dicom_node.encode.final_sr import ReviewedCell, encode_final_report
-from dicom_node.store.index import Instance
-from dicom_node.settings import VL_WSM
+from dicom_node.store import queries
 from dicom_node.store.files import Store
+from dicom_node.store.outbox import release_when_signed
 from viewer import cases, common
 from viewer.auth import login_required, role_required, verify_password
 from viewer.models import CaseVersion, RoleValues, User
@@ -34,11 +34,9 @@ DEFAULT_ORGANIZATION = "CytoNode"
 
 
 def _stored_dataset(store: Store, sop_instance_uid: str, *, pixels: bool = True) -> pydicom.Dataset:
-    with store.session() as db:
-        instance = db.get(Instance, sop_instance_uid)
-        if instance is None:
-            abort(409, description=f"object {sop_instance_uid} of the analysis is not in the store")
-        path = store.path_of(instance)
+    path = queries.instance_path(store, sop_instance_uid)
+    if path is None:
+        abort(409, description=f"object {sop_instance_uid} of the analysis is not in the store")
     return pydicom.dcmread(path, stop_before_pixels=not pixels)
 
 
@@ -53,10 +51,7 @@ def _tracking_uid(summary: dict[str, Any], cell_id: int) -> str:
 def _slide_sources(store: Store, series_instance_uid: str) -> list[pydicom.Dataset]:
     """The slide's stored VL Whole Slide Microscopy instances, headers only: read once per
     signature, for the final SR and the final PDF."""
-    with store.session() as db:
-        paths = [store.path_of(i) for i in db.scalars(select(Instance).where(
-            Instance.series_instance_uid == series_instance_uid,
-            Instance.sop_class_uid == VL_WSM)).all()]
+    paths = queries.slide_files(store, series_instance_uid).paths
     return [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
 
 
@@ -80,7 +75,8 @@ def build_final_report(store: Store, state: cases.CaseState, user: User, version
         # a one-component name gets its trailing caret (PS3.5 6.2.1.2): "path" -> "path^"
         verifying_observer_name=user.person_name or f"{user.username}^",
         verifying_organization=organization, version=version, previous_finals=previous_finals,
-        platelets_detected=summary.get("platelets_detected"), confirmed_unreviewed=confirmed_unreviewed)
+        platelets_detected=summary.get("platelets_detected"), confirmed_unreviewed=confirmed_unreviewed,
+        params=store.settings.encoder.params())
 
 
 # --- issue 20 (3): the final PDF report next to the final SR ---
@@ -100,7 +96,7 @@ def build_final_pdf(state: cases.CaseState, report: Any, sources: Sequence[pydic
         verified_at=DT(str(observer.VerificationDateTime)), version=int(report.InstanceNumber),
         changed_cells=len(state.changes()), unreviewed_flagged=tuple(unreviewed))
     return encode_final_pdf_report(state.summary, state.cells, sources, verification,
-                                   final_report=report)
+                                   common.settings().encoder.params(), final_report=report)
 # --- end issue 20 (3) ---
 
 
@@ -176,7 +172,7 @@ def sign(series_instance_uid: str) -> Any:
             .values(sr_sop_instance_uid=stored.sop_instance_uid))
         db.commit()
     queued = [entry["sop_instance_uid"] for entry in state.summary.get("files", {}).values()]
-    for uid in [*queued, stored.sop_instance_uid, stored_pdf.sop_instance_uid]:
+    for uid in release_when_signed(queued, [stored.sop_instance_uid, stored_pdf.sop_instance_uid]):
         store.enqueue(uid)  # adds nothing for objects already queued (immediate release policy)
     if unreviewed:
         common.record("sign_unreviewed", series_instance_uid,

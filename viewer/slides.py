@@ -19,11 +19,9 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Response, abort, jsonify, render_template, send_from_directory
 from PIL import Image
-from sqlalchemy import select
 
 from dicom_node.encode.ann import CLASS_DISPLAY_COLOURS
-from dicom_node.store.index import Instance
-from dicom_node.settings import VL_WSM
+from dicom_node.store import queries
 from dicom_node.store.files import Store
 from viewer import cases, common
 from viewer.auth import login_required
@@ -235,11 +233,7 @@ def open_slide(store: Store, series_instance_uid: str) -> SlideHandle:
         cached = _slides.get(series_instance_uid)
     if cached is not None and now - cached[1] < RECHECK_S:
         return cached[0]
-    with store.session() as db:
-        instances = db.scalars(select(Instance).where(
-            Instance.series_instance_uid == series_instance_uid,
-            Instance.sop_class_uid == VL_WSM)).all()
-        paths = tuple(sorted(str(store.path_of(i)) for i in instances))
+    paths = tuple(str(p) for p in queries.slide_files(store, series_instance_uid).paths)
     if not paths:
         abort(404)
     with _slides_lock:

@@ -1,8 +1,7 @@
 """The ``cytonode`` command.
 
-Sub-commands are registered by ``add_*`` functions of the modules that own
-them; this module only assembles the parser and maps errors to exit codes
-(0 success, 2 bad usage or input, 1 anything else).
+Every sub-command is registered in :mod:`dicom_node.app.commands`; this module only assembles
+the parser and maps errors to exit codes (0 success, 2 bad usage or input, 1 anything else).
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from dicom_node.app.commands import NODE_COMMANDS, add_node_commands
+from dicom_node.app.commands import NODE_COMMANDS, add_commands, add_node_commands
 
 
 class UsageError(Exception):
@@ -19,34 +18,14 @@ class UsageError(Exception):
 
 
 def build_parser(*, node_only: bool = False) -> argparse.ArgumentParser:
-    """The full parser; with ``node_only`` just serve/worker/status, which start
+    """The full parser; with ``node_only`` just serve/worker/demo/status, which start
     without importing torch (the node process never loads a model itself)."""
     parser = argparse.ArgumentParser(prog="cytonode", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_node_commands(sub)
-    if node_only:
-        return parser
-    # Sub-commands of other modules: register each with one import and one call here.
-    from analysis.commands import add_classify, add_evaluate, add_train
-
-    add_train(sub)
-    add_classify(sub)
-    add_evaluate(sub)
-    from analysis.site_commands import add_calibrate_site
-
-    add_calibrate_site(sub)
-    from analysis.slide_commands import add_detect
-    from dicom_node.slide_commands import add_make_slide
-
-    add_detect(sub)
-    add_make_slide(sub)
-    from dicom_node.app.analyze import add_analyze
-
-    add_analyze(sub)
-    from viewer.auth import add_user_command
-
-    add_user_command(sub)
+    if not node_only:
+        add_commands(sub)
     return parser
 
 

@@ -27,12 +27,12 @@ from pydicom import dcmread
 from pydicom.uid import UID
 from pynetdicom import AE
 
-from dicom_node.encode.differential import Differential, cell_reason_labels, class_label
 from dicom_node.app.node import Node
-from dicom_node.store.overview import node_status
+from dicom_node.encode.differential import Differential, cell_reason_labels, class_label
 from dicom_node.settings import Destination, Settings
-from dicom_node.store.states import JobStateValues
 from dicom_node.status import StatusValues
+from dicom_node.store.overview import node_status
+from dicom_node.store.states import JobStateValues
 
 SAMPLE_SLIDE = Path(__file__).resolve().parents[1] / "data" / "sample_slide"
 
@@ -204,11 +204,13 @@ def _start_pacs(folder: Path, node_ae: str, node_port: int, kind: str) -> StandI
 
 
 def _load_summary(results_dir: Path) -> dict[str, Any] | None:
+    """The job's ``summary.json``, read through the typed hand-over; ``None`` if unreadable."""
+    from dicom_node.jobs.result import read_summary
+
     try:
-        summary = json.loads((results_dir / "summary.json").read_text())
-    except (OSError, ValueError):
+        return read_summary(results_dir).as_dict()
+    except (OSError, ValueError):  # ResultSchemaError is a ValueError
         return None
-    return summary if isinstance(summary, dict) else None
 
 
 def _show_domain(summary: dict[str, Any]) -> None:
@@ -372,11 +374,3 @@ def run_demo(args: argparse.Namespace) -> int:
         pacs.stop()
     return 0
 
-
-def add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("demo", help="run a node and send it the bundled sample slide")
-    p.add_argument("--exit", action="store_true", help="stop once the results are in")
-    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the analysis")
-    p.add_argument("--pacs", choices=("auto", "orthanc", "pynetdicom"), default="auto",
-                   help="the stand-in PACS: Orthanc when installed (auto), or a pynetdicom storage SCP")
-    p.set_defaults(func=run_demo)

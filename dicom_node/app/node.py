@@ -1,26 +1,38 @@
-"""``cytonode serve``: the SCP, the router, the outbox and the embedded worker in one process."""
+"""``cytonode serve``: the SCP, the router, the outbox and the embedded worker in one process.
+
+The embedded worker is a child process (``multiprocessing``'s *spawn* start method: a fresh
+interpreter, no copy of the node's threads or sockets) whose entry point receives the node's
+:class:`~dicom_node.settings.Settings` object itself; a worker started by hand
+(``cytonode worker``) reads its settings from the environment.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
-from dicom_node.net.ae import configure_pynetdicom, make_ae
+from dicom_node.jobs.routing import (
+    mark_queued,
+    pending_jobs,
+    requeue_lost_jobs,
+    route_stable_series,
+)
 from dicom_node.jobs.tasks import configure_celery, dispatch
-from dicom_node.store.outbox import deliver_due
-from dicom_node.jobs.routing import mark_queued, pending_jobs, requeue_lost_jobs, route_stable_series
+from dicom_node.net.ae import configure_pynetdicom, make_ae
+from dicom_node.net.tls import dicom_server_context
 from dicom_node.settings import Settings
 from dicom_node.store.files import Store
-from dicom_node.net.tls import dicom_server_context
+from dicom_node.store.outbox import deliver_due
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +64,7 @@ class Node:
         configure_pynetdicom(settings)
         configure_celery(settings)
         self.store = Store(settings)
-        self.worker: subprocess.Popen[bytes] | None = None
+        self.worker: BaseProcess | None = None
         self.loops: list[_Loop] = []
 
     def start(self) -> None:
@@ -72,7 +84,7 @@ class Node:
                   else " (TLS)") if s.tls_enabled else "")
         self.http = None
         if s.http_enabled:
-            from viewer.server import HttpServer  # the web app; imported only when serving it
+            from dicom_node.app.web import HttpServer  # the web app; imported only when serving it
 
             self.http = HttpServer(s, self.store)
             self.http.start()
@@ -97,20 +109,17 @@ class Node:
             log.info("job %d queued", job_id)
 
     def _start_worker(self) -> None:
-        cmd = [sys.executable, "-m", "dicom_node.app.cli", "worker"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CYTONODE_")}
-        env.update(self.settings.to_env())  # the worker runs on exactly these settings
-        if self.worker_log is not None:
-            with open(self.worker_log, "ab") as log_file:  # the child keeps its own descriptor
-                self.worker = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=log_file)
-        else:
-            # Celery prints its banner on stdout; keep our stdout for our own output.
-            self.worker = subprocess.Popen(cmd, env=env, stdout=sys.stderr.fileno())
+        # The worker runs on exactly these settings, handed over as the object (pickled).
+        self.worker = multiprocessing.get_context("spawn").Process(
+            target=_embedded_worker, args=(self.settings, self.worker_log),
+            name="cytonode-worker")
+        self.worker.start()
         log.info("started embedded worker (pid %d)", self.worker.pid)
 
     def _watch_worker(self) -> None:
-        if self.worker is not None and self.worker.poll() is not None and not self.stop_event.is_set():
-            log.error("embedded worker exited with %s; restarting it", self.worker.returncode)
+        if (self.worker is not None and self.worker.exitcode is not None
+                and not self.stop_event.is_set()):
+            log.error("embedded worker exited with %s; restarting it", self.worker.exitcode)
             self._start_worker()
 
     def wait(self) -> None:
@@ -133,13 +142,12 @@ class Node:
             self.http.stop()
         for loop in self.loops:
             loop.join(timeout=self.settings.network_timeout_s)
-        if self.worker is not None and self.worker.poll() is None:
-            self.worker.terminate()  # Celery's warm shutdown: finishes the running task
-            try:
-                self.worker.wait(timeout=self.settings.shutdown_grace_s)
-            except subprocess.TimeoutExpired:
+        if self.worker is not None and self.worker.exitcode is None:
+            self.worker.terminate()  # SIGTERM, Celery's warm shutdown: finishes the running task
+            self.worker.join(timeout=self.settings.shutdown_grace_s)
+            if self.worker.exitcode is None:
                 self.worker.kill()
-                self.worker.wait()
+                self.worker.join()
         self.store.close()
         log.info("stopped")
 
@@ -157,6 +165,21 @@ def serve(settings: Settings) -> int:
     node.wait()
     node.stop()
     return 0
+
+
+def _embedded_worker(settings: Settings, worker_log: Path | None) -> None:
+    """The embedded worker's process (spawned by :meth:`Node._start_worker`): a Celery worker on
+    ``settings``, writing to ``worker_log`` when given, else to the node's standard error."""
+    if worker_log is not None:
+        fd = os.open(worker_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    else:
+        os.dup2(2, 1)  # Celery prints its banner on stdout; keep the node's stdout for its own output
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    sys.exit(run_worker(settings))
 
 
 def run_worker(settings: Settings) -> int:

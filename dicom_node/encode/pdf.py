@@ -134,7 +134,7 @@ def content_from_result(result: SlideResult, *, platelets_detected: int | None =
 def content_from_review(summary: Mapping[str, Any], cells: Sequence[Mapping[str, Any]],
                         verification: Verification) -> ReportContent:
     """The final report's content from the analysis summary (``summary.json``, written by
-    :mod:`dicom_node.app.analyze`) and the reviewed cells (the summary's cells with ``label``,
+    :mod:`dicom_node.jobs.result`) and the reviewed cells (the summary's cells with ``label``,
     ``original_label``, ``abnormal``, ``original_abnormal``, ``unclassifiable`` and ``changed``
     after review, as the viewer keeps them). Lists the cells the algorithm flagged and the
     cells the reviewer changed."""

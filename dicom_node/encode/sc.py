@@ -8,15 +8,15 @@ same square the viewer's gallery shows). At most :data:`MAX_GALLERY_CELLS` cells
 abnormal cells first, then the others by cell number; the title says when cells were left out.
 
 :func:`encode_flagged_gallery` is pure (crops in, object out); :func:`read_flagged_crops`
-reads the crops from the slide's files.
+reads the crops from the slide the job opened.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
@@ -28,6 +28,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 from analysis.results import CellResult, SlideResult
 from dicom_node.encode.common import EncoderParams, base_level, contributing_equipment, new_uid
 from dicom_node.encode.pdf import class_name
+
+if TYPE_CHECKING:
+    from analysis.tiles import Slide
 
 #: Series Number of the gallery (SR 900, ANN 901, SEG 902, final SR 903, PDF 904, final PDF 906).
 SC_SERIES_NUMBER = 905
@@ -49,38 +52,41 @@ def gallery_cells(result: SlideResult) -> list[CellResult]:
     return sorted(flagged, key=lambda c: (not c.abnormal, c.cell_id))[:MAX_GALLERY_CELLS]
 
 
-def read_flagged_crops(result: SlideResult, files: Sequence[Path], *,
+def read_flagged_crops(result: SlideResult, slide: Slide | Sequence[Path], *,
                        size: int = TILE) -> dict[int, NDArray[np.uint8]]:
     """Crop the gallery's cells from the slide, ``{cell_id: (size, size, 3) uint8}``.
 
-    The field of view is the one the result was classified with (its provenance parameter
-    ``field_of_view_um``, else :data:`analysis.framing.FIELD_OF_VIEW_UM`).
+    ``slide`` is the slide the job opened (read, left open), or its files (opened here at the
+    result's pixel spacing, then closed). The field of view is the one the result was classified
+    with (its provenance parameter ``field_of_view_um``, else
+    :data:`analysis.framing.FIELD_OF_VIEW_UM`).
     """
-    from analysis.crops import CropConfig, crop_cell
-    from analysis.detect import DetectedCell
-    from analysis.framing import FIELD_OF_VIEW_UM
     from analysis.tiles import Slide
 
     cells = gallery_cells(result)
     if not cells:
         return {}
+    if isinstance(slide, Slide):
+        return _crops(result, slide, cells, size)
+    default_um = 1000.0 * result.pixel_spacing_mm[1]
+    with Slide.open(list(slide), default_pixel_spacing_um=default_um) as opened:
+        return _crops(result, opened, cells, size)
+
+
+def _crops(result: SlideResult, slide: Slide, cells: Sequence[CellResult],
+           size: int) -> dict[int, NDArray[np.uint8]]:
+    from analysis.crops import CropConfig, crop_cell
+    from analysis.detect import DetectedCell
+    from analysis.framing import FIELD_OF_VIEW_UM
+
     field_um = float(result.provenance.parameters.get("field_of_view_um", FIELD_OF_VIEW_UM))
     config = CropConfig(output_size=size, field_of_view_um=field_um)
-    default_um = 1000.0 * result.pixel_spacing_mm[1]
-    with tempfile.TemporaryDirectory(prefix="cytonode-gallery-") as scratch:
-        if len(files) == 1:
-            path = Path(files[0])
-        else:  # the reader takes one path: link the series' files into one folder
-            path = Path(scratch)
-            for i, f in enumerate(files):
-                (path / f"{i:05d}.dcm").symlink_to(Path(f).resolve())
-        with Slide.open(path, default_pixel_spacing_um=default_um) as slide:
-            crops = {}
-            for cell in cells:
-                detected = DetectedCell(x=cell.x, y=cell.y, bbox=cell.bbox, outline=cell.outline,
-                                        area_um2=cell.area_um2, nucleus_area_um2=0.0,
-                                        diameter_um=2.0 * math.sqrt(cell.area_um2 / math.pi))
-                crops[cell.cell_id] = crop_cell(slide, detected, config)
+    crops = {}
+    for cell in cells:
+        detected = DetectedCell(x=cell.x, y=cell.y, bbox=cell.bbox, outline=cell.outline,
+                                area_um2=cell.area_um2, nucleus_area_um2=0.0,
+                                diameter_um=2.0 * math.sqrt(cell.area_um2 / math.pi))
+        crops[cell.cell_id] = crop_cell(slide, detected, config)
     return crops
 
 

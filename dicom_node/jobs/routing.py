@@ -9,10 +9,10 @@ import time
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from dicom_node.store.index import Instance, Job, Series
 from dicom_node.settings import RoutingRule
-from dicom_node.store.states import JobStateValues, SeriesRoutingValues
 from dicom_node.store.files import Store
+from dicom_node.store.index import Instance, Job, Series
+from dicom_node.store.states import JobStateValues, SeriesRoutingValues
 
 log = logging.getLogger(__name__)
 

@@ -3,19 +3,37 @@
 Embedded default: a broker on the local file system under the data directory
 (kombu's ``filesystem://`` transport) and a worker child process started by
 ``cytonode serve``. ``CYTONODE_BROKER_URL=redis://...`` takes the same path.
+
+The node's :class:`~dicom_node.settings.Settings` travel on the Celery app
+(:attr:`NodeCelery.settings`, set by :func:`configure_celery`); a task reads them from its own
+app (``self.app``).
 """
 
 from __future__ import annotations
 
 import logging
 
-from celery import Celery
+from celery import Celery, Task
 
 from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
 
-app = Celery("cytonode")
+
+class NodeCelery(Celery):  # type: ignore[misc]
+    """The node's Celery app; it carries the settings its tasks run on."""
+
+    #: Set by :func:`configure_celery`; ``None`` until then.
+    settings: Settings | None = None
+
+    def node_settings(self) -> Settings:
+        """The settings :func:`configure_celery` gave this app."""
+        if self.settings is None:
+            raise RuntimeError("configure_celery() was not called in this process")
+        return self.settings
+
+
+app = NodeCelery("cytonode")
 app.conf.update(
     task_ignore_result=True,
     task_acks_late=True,
@@ -26,13 +44,9 @@ app.conf.update(
     task_default_queue="cytonode",
 )
 
-_settings: Settings | None = None
-
-
-def configure_celery(settings: Settings) -> Celery:
-    """Point the Celery app at the node's broker; call once per process."""
-    global _settings
-    _settings = settings
+def configure_celery(settings: Settings) -> NodeCelery:
+    """Point the Celery app at the node's broker and hand it ``settings``; call once per process."""
+    app.settings = settings
     url = settings.effective_broker_url
     conf: dict[str, object] = {"broker_url": url}
     if url.startswith("filesystem"):
@@ -50,19 +64,13 @@ def configure_celery(settings: Settings) -> Celery:
     return app
 
 
-def current_settings() -> Settings:
-    if _settings is None:
-        raise RuntimeError("configure_celery() was not called in this process")
-    return _settings
-
-
-@app.task(name="cytonode.analyse_series")  # type: ignore[untyped-decorator]
-def analyse_series(job_id: int) -> None:
+@app.task(name="cytonode.analyse_series", bind=True)  # type: ignore[untyped-decorator]
+def analyse_series(self: Task, job_id: int) -> None:
     """Celery task: run job ``job_id`` (see :func:`dicom_node.jobs.worker.run_job`)."""
-    from dicom_node.store.files import Store
     from dicom_node.jobs.worker import run_job
+    from dicom_node.store.files import Store
 
-    store = Store(current_settings())
+    store = Store(self.app.node_settings())
     try:
         run_job(store, job_id)
     finally:

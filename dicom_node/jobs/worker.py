@@ -9,21 +9,27 @@ transaction that marks the job done, so the results of a job go out once however
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
-from dicom_node.store.index import Instance, Job
-from dicom_node.settings import VL_WSM, ReleasePolicyValues
-from dicom_node.store.states import JobStateValues
+from dicom_node.jobs.result import JobResult
+from dicom_node.settings import Settings
 from dicom_node.store.files import Store
+from dicom_node.store.index import Job
+from dicom_node.store.outbox import release_when_analysed
+from dicom_node.store.queries import slide_files
+from dicom_node.store.states import JobStateValues
+
+if TYPE_CHECKING:
+    from analysis.pipeline import PipelineConfig
+    from analysis.tiles import Slide
 
 log = logging.getLogger(__name__)
 
@@ -92,33 +98,6 @@ class Lease(threading.Thread):
         self.join()
 
 
-def slide_metadata(paths: list[str]) -> dict[str, Any]:
-    """Levels, sizes, pixel spacing and frame counts of one WSI series, read with wsidicom."""
-    from wsidicom import WsiDicom
-
-    with WsiDicom.open(paths) as slide:
-        levels = []
-        for level in slide.levels:
-            spacing = level.pixel_spacing
-            levels.append({
-                "level": level.level,
-                "width": level.size.width,
-                "height": level.size.height,
-                "tile_width": level.tile_size.width,
-                "tile_height": level.tile_size.height,
-                "pixel_spacing_mm": [spacing.width, spacing.height] if spacing else None,
-            })
-        base = levels[0]
-        return {
-            "levels": levels,
-            "width": base["width"],
-            "height": base["height"],
-            "pixel_spacing_um": ([base["pixel_spacing_mm"][0] * 1000.0,
-                                  base["pixel_spacing_mm"][1] * 1000.0]
-                                 if base["pixel_spacing_mm"] else None),
-        }
-
-
 def run_job(store: Store, job_id: int) -> None:
     """Run one analysis job; its outcome and any error are recorded in the index."""
     attempt = claim(store, job_id)
@@ -134,22 +113,23 @@ def run_job(store: Store, job_id: int) -> None:
 
 
 def _run_attempt(store: Store, job_id: int, attempt: int, lease: Lease) -> None:
+    from analysis.tiles import Slide
+
     with store.session() as session:
         job = session.get(Job, job_id)
         assert job is not None
-        instances = session.scalars(select(Instance).where(
-            Instance.series_instance_uid == job.series_instance_uid,
-            Instance.sop_class_uid == VL_WSM)).all()
-        paths = [str(store.path_of(i)) for i in instances]
-        frames = sum(i.number_of_frames for i in instances)
+        series_instance_uid = job.series_instance_uid
+    files = slide_files(store, series_instance_uid)
     log.info("job %d (attempt %d): series %s, %d instances", job_id, attempt,
-             job.series_instance_uid, len(paths))
+             series_instance_uid, len(files.paths))
     try:
-        if not paths:
+        if not files:
             raise ValueError("the series holds no VL Whole Slide Microscopy instance")
-        meta = slide_metadata(paths)
-        meta.update({"instances": len(paths), "frames": frames})
-        meta.update(analyse(store, job_id, paths, attempt=attempt))
+        started = time.perf_counter()
+        with Slide.open(files.paths) as slide:  # the job's one read of the slide, handed on
+            opened_s = time.perf_counter() - started
+            result = analyse(store, job_id, slide, attempt=attempt, opened_s=opened_s,
+                             instances=len(files.paths), frames=files.frames)
     except LeaseLostError:
         log.warning("job %d: attempt %d was superseded; it records and sends nothing", job_id, attempt)
         return
@@ -157,33 +137,48 @@ def _run_attempt(store: Store, job_id: int, attempt: int, lease: Lease) -> None:
         log.exception("job %d failed", job_id)
         finish(store, job_id, attempt, JobStateValues.FAILED, error=f"{type(exc).__name__}: {exc}")
         return
-    send = (list(meta["objects"].values())
-            if store.settings.release_policy is ReleasePolicyValues.IMMEDIATE else [])
-    if lease.lost or not finish(store, job_id, attempt, JobStateValues.DONE, result=meta, send=send):
+    send = release_when_analysed(store.settings, list(result.objects.values()))
+    if lease.lost or not finish(store, job_id, attempt, JobStateValues.DONE, result=result, send=send):
         log.warning("job %d: attempt %d was superseded; its results are not sent", job_id, attempt)
         return
-    log.info("job %d done: %d cells", job_id, meta.get("cell_count", 0))
+    log.info("job %d done: %d cells", job_id, result.cell_count)
 
 
-def analyse(store: Store, job_id: int, paths: list[str], *, attempt: int) -> dict[str, Any]:
-    """Find and classify every white cell and store the DICOM results (``objects`` in the return).
+def pipeline_config(settings: Settings) -> PipelineConfig:
+    """The analysis a job runs, from the settings' ``analysis`` section and the active site
+    calibration."""
+    from analysis.pipeline import PipelineConfig
 
-    :func:`run_job` queues them for sending when it records the job done: under the
-    ``immediate`` release policy at once (they are marked PRELIMINARY and UNVERIFIED);
-    under ``final-only`` they wait for sign-off. Raises :class:`LeaseLostError` once
-    another attempt has the job.
+    section = settings.analysis
+    return PipelineConfig(weights_dir=Path(section.weights_dir) if section.weights_dir else None,
+                          device=section.resolved_device(),
+                          n_timesteps=section.classifier_timesteps or None,
+                          heatmaps=section.heatmaps, site=settings.active_site())
+
+
+def analyse(store: Store, job_id: int, slide: Slide, *, attempt: int, opened_s: float = 0.0,
+            instances: int, frames: int) -> JobResult:
+    """Find and classify every white cell of the open ``slide`` and store the DICOM results.
+
+    The slide is read once: the classifier, the encoders (its headers) and the gallery (its
+    crops) all use the one the job opened. :func:`run_job` queues the results (the returned
+    :class:`JobResult`'s ``objects``) for sending when it records the job done: under the
+    ``immediate`` release policy at once (they are marked PRELIMINARY and UNVERIFIED); under
+    ``final-only`` they wait for sign-off. ``opened_s``, the seconds opening the slide took,
+    counts into the ``read`` stage; ``instances`` and ``frames`` describe the stored series.
+
+    Raises
+    ------
+    LeaseLostError
+        Once another attempt has the job.
     """
-    import torch
-
-    from analysis.pipeline import PipelineConfig, ProgressEvent, classify_slide
-    from dicom_node.app.analyze import differential, encode_results, stage_recorder, write_summary
+    from analysis.pipeline import ProgressEvent, classify_slide
     from dicom_node.encode.differential import Differential
-    from dicom_node.settings import DeviceValues
+    from dicom_node.jobs.encoding import encode_results
+    from dicom_node.jobs.result import differential, stage_recorder, write_summary
 
     settings = store.settings
-    device = settings.device.value
-    if settings.device is DeviceValues.AUTO:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = pipeline_config(settings)
     last = [0.0]
 
     def progress(event: ProgressEvent) -> None:
@@ -194,52 +189,60 @@ def analyse(store: Store, job_id: int, paths: list[str], *, attempt: int) -> dic
         if not renew(store, job_id, attempt, f"{event.stage} {event.done}/{event.total}"):
             raise LeaseLostError(f"job {job_id}: attempt {attempt} no longer holds the job")
 
-    files = [Path(p) for p in paths]
     timings: dict[str, float] = {}
     counts: dict[str, int] = {}
     record = stage_recorder(timings, counts, then=progress)
-    result = classify_slide(files, PipelineConfig(device=device, site=settings.active_site()),
-                            progress=record)
+    result = classify_slide(slide, config, progress=record)
+    timings["read"] = round(timings.get("read", 0.0) + opened_s, 3)  # opening is reading
     started = time.perf_counter()
-    objects = encode_results(result, files, platelets_detected=counts.get("platelets"))
+    objects = encode_results(result, slide, platelets_detected=counts.get("platelets"),
+                             params=settings.encoder.params())
     timings["encode"] = round(time.perf_counter() - started, 3)
     outputs = {}
     for kind, ds in objects.items():
         stored = store.add_dataset(ds)
         outputs[kind] = stored.sop_instance_uid
     results_dir = settings.results_dir / result.series_instance_uid  # a validated UID, never a path
-    write_summary(results_dir, result, files[0].parent, objects, timings, counts)
-    return {
-        "results_dir": str(results_dir),
-        "timings_s": timings,
-        "cell_count": len(result.cells),
-        "differential": differential(result),
-        "report": Differential.from_result(result, platelets_detected=counts.get("platelets")).as_json(),
-        "review": len(result.review_cells),
-        "abnormal": sum(1 for c in result.cells if c.abnormal),
-        "validated_domain": str(result.provenance.parameters.get("validated_domain", "not checked")),
-        "site_calibration": str(result.provenance.parameters.get("site_calibration", "none")),
-        "objects": outputs,
-    }
+    write_summary(results_dir, result, slide.files[0].parent, objects, timings, counts)
+    meta = slide.metadata()
+    return JobResult(
+        levels=meta["levels"], width=meta["width"], height=meta["height"],
+        pixel_spacing_um=meta["pixel_spacing_um"], instances=instances, frames=frames,
+        results_dir=str(results_dir),
+        timings_s=timings,
+        cell_count=len(result.cells),
+        differential=differential(result),
+        report=Differential.from_result(result, platelets_detected=counts.get("platelets")).as_json(),
+        review=len(result.review_cells),
+        abnormal=sum(1 for c in result.cells if c.abnormal),
+        validated_domain=str(result.provenance.parameters.get("validated_domain", "not checked")),
+        site_calibration=str(result.provenance.parameters.get("site_calibration", "none")),
+        objects=outputs,
+    )
 
 
 def finish(store: Store, job_id: int, attempt: int, state: JobStateValues | str, *,
-            result: dict[str, Any] | None = None, error: str = "", send: list[str] | None = None) -> bool:
-    """Record the outcome of attempt ``attempt`` and queue ``send`` for every destination, in one
-    transaction; False (nothing recorded or queued) if the attempt no longer holds the job.
+           result: JobResult | None = None, error: str = "", send: list[str] | None = None) -> bool:
+    """Record the outcome of attempt ``attempt`` (``result``, written as its versioned JSON) and
+    queue ``send`` for every destination, in one transaction; False (nothing recorded or queued)
+    if the attempt no longer holds the job.
 
     Raises
     ------
     ValueError
         If ``state`` is not a final job state (done or failed).
+    TypeError
+        If ``result`` is not a :class:`JobResult`.
     """
     state = JobStateValues(state)
     if state not in (JobStateValues.DONE, JobStateValues.FAILED):
         raise ValueError(f"state must be done or failed, not {state.value!r}")
+    if result is not None and not isinstance(result, JobResult):
+        raise TypeError(f"result must be a JobResult, not {type(result).__name__}")
     values: dict[str, Any] = {"state": state, "finished_at": time.time(), "progress": state,
                               "error": error}
     if result is not None:
-        values["result_json"] = json.dumps(result)
+        values["result_json"] = result.to_json()
     with store.session() as session:
         updated = session.execute(update(Job).where(
             Job.id == job_id, Job.attempts == attempt,

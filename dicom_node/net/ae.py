@@ -19,9 +19,9 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.net.receive import command_set_overflow, watch_data_set_file
+from dicom_node.net.tls import TLSAssociationServer
 from dicom_node.settings import Settings
 from dicom_node.store.files import Store
-from dicom_node.net.tls import TLSAssociationServer
 
 log = logging.getLogger(__name__)
 

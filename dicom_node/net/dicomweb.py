@@ -31,9 +31,8 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from werkzeug.exceptions import HTTPException
 
-from dicom_node.net.ae import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicom_node.errors import InvalidInstanceError, SOPClassMismatchError, StoreFullError
-from dicom_node.store.index import Instance, Series
+from dicom_node.net.ae import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicom_node.net.qr import (
     QueryError,
     QueryLevelValues,
@@ -43,7 +42,9 @@ from dicom_node.net.qr import (
     response_identifier,
 )
 from dicom_node.settings import Settings
+from dicom_node.status import StowFailureReasonValues, StowWarningReasonValues
 from dicom_node.store.files import Store
+from dicom_node.store.index import Instance, Series
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,6 @@ QIDO_DEFAULTS: dict[QueryLevelValues, tuple[str, ...]] = {
 }
 _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 _QIDO_CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
-STOW_FAILURE = {  # Failure Reason (0008,1197) values of the STOW-RS response (PS3.18)
-    "processing_failure": 0x0110, "sop_class_not_supported": 0x0122,
-    "out_of_resources": 0xA700, "sop_class_mismatch": 0xA900, "cannot_understand": 0xC000,
-    "transfer_syntax_not_supported": 0xC122, "study_uid_mismatch": 0xC409,
-}
 
 
 def _store() -> Store:
@@ -570,31 +566,32 @@ def _stow_one(store: Store, data: bytes, study: str | None) -> tuple[Dataset, in
             sop_uid = str(head.get("SOPInstanceUID", ""))
             syntax = str(head.file_meta.get("TransferSyntaxUID", ""))
         except Exception:  # the HTTP edge: any undecodable part
-            return _reference("", ""), STOW_FAILURE["cannot_understand"]
+            return _reference("", ""), int(StowFailureReasonValues.CANNOT_UNDERSTAND)
         ref = _reference(sop_class, sop_uid)
         if sop_class not in STORAGE_SOP_CLASSES.values():
-            return ref, STOW_FAILURE["sop_class_not_supported"]
+            return ref, int(StowFailureReasonValues.SOP_CLASS_NOT_SUPPORTED)
         if syntax not in TRANSFER_SYNTAXES.values():
-            return ref, STOW_FAILURE["transfer_syntax_not_supported"]
+            return ref, int(StowFailureReasonValues.TRANSFER_SYNTAX_NOT_SUPPORTED)
         if study is not None and str(head.get("StudyInstanceUID", "")) != study:
-            return ref, STOW_FAILURE["study_uid_mismatch"]
+            return ref, int(StowFailureReasonValues.STUDY_UID_MISMATCH)
         try:
             store.check_space()
             result = store.ingest_file(Path(name), calling_ae="STOW-RS", move=True, checked=checked)
         except StoreFullError:
-            return ref, STOW_FAILURE["out_of_resources"]
+            return ref, int(StowFailureReasonValues.OUT_OF_RESOURCES)
         except SOPClassMismatchError:
-            return ref, STOW_FAILURE["sop_class_mismatch"]
+            return ref, int(StowFailureReasonValues.SOP_CLASS_MISMATCH)
         except InvalidInstanceError as exc:
             log.warning("STOW-RS refused %s: %s", sop_uid, exc)
-            return ref, STOW_FAILURE["cannot_understand"]
+            return ref, int(StowFailureReasonValues.CANNOT_UNDERSTAND)
         except Exception:  # the HTTP edge
             log.exception("STOW-RS failed to store %s", sop_uid)
-            return ref, STOW_FAILURE["processing_failure"]
+            return ref, int(StowFailureReasonValues.PROCESSING_FAILURE)
         ref.RetrieveURL = _retrieve_url(str(head.StudyInstanceUID), result.series_instance_uid,
                                         sop_uid)
         if result.outcome == "kept":
-            ref.WarningReason = 0xB007  # a different instance with this UID was kept
+            # a different instance with this UID was kept
+            ref.WarningReason = int(StowWarningReasonValues.DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
         return ref, None
     finally:
         Path(name).unlink(missing_ok=True)
@@ -613,7 +610,7 @@ def _stow(study: str | None) -> Response:
         part_type = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
         if part_type != "application/dicom":
             failed.append(_reference("", ""))
-            failed[-1].FailureReason = STOW_FAILURE["sop_class_not_supported"]
+            failed[-1].FailureReason = int(StowFailureReasonValues.SOP_CLASS_NOT_SUPPORTED)
             continue
         ref, reason = _stow_one(store, data, study)
         if reason is None:

@@ -26,29 +26,13 @@ from pynetdicom import evt
 from pynetdicom.presentation import build_context
 from sqlalchemy import ColumnElement, and_, distinct, exists, func, or_, select
 
-from dicom_node.store.index import Instance, Series, Study
-from dicom_node.settings import Destination, Settings
-from dicom_node.store.files import Store
 from dicom_node.net.tls import client_tls_args
+from dicom_node.settings import Destination, Settings
+from dicom_node.status import QueryRetrieveStatusValues
+from dicom_node.store.files import Store
+from dicom_node.store.index import Instance, Series, Study
 
 log = logging.getLogger(__name__)
-
-
-class QueryRetrieveStatusValues(enum.IntEnum):
-    """Statuses of C-FIND, C-MOVE and C-GET responses (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4)."""
-
-    SUCCESS = 0x0000
-    PENDING = 0xFF00
-    CANCEL = 0xFE00
-    # C.4.2.1.5: sub-operations complete, one or more failures or warnings.
-    SUBOPERATIONS_WARNING = 0xB000
-    OUT_OF_RESOURCES = 0xA700
-    # C.4.2.1.5: refused, move destination unknown.
-    MOVE_DESTINATION_UNKNOWN = 0xA801
-    # C.4.1.1.4: identifier does not match SOP class (bad or missing Query/Retrieve Level).
-    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-    # C.4.1.1.4: unable to process (identifier cannot be decoded, malformed matching value).
-    UNABLE_TO_PROCESS = 0xC000
 
 
 class QueryLevelValues(str, enum.Enum):

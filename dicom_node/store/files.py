@@ -32,10 +32,25 @@ from dicom_node.errors import (
     SOPClassMismatchError,
     StoreFullError,
 )
-from dicom_node.store.index import Instance, OutboxItem, Series, Study, make_engine, make_sessionmaker
-from dicom_node.store.integrity import check_pixel_data, check_structure
 from dicom_node.settings import DuplicatePolicyValues, Settings
+from dicom_node.store.index import (
+    Base,
+    Instance,
+    OutboxItem,
+    Series,
+    Study,
+    create_all,
+    make_engine,
+    make_sessionmaker,
+)
+from dicom_node.store.integrity import check_pixel_data, check_structure
 from dicom_node.store.states import SeriesRoutingValues
+
+# ``Base`` (the declarative base of the node's database) and its race-safe ``create_all`` are
+# exported for the tables other components keep in the same database (the viewer's accounts,
+# edits and audit: viewer/models.py). Those components read the node's own tables only through
+# :mod:`dicom_node.store.queries`, never through the index module.
+__all__ = ["Base", "CheckedFile", "IngestResult", "Store", "create_all", "valid_uid"]
 
 log = logging.getLogger(__name__)
 

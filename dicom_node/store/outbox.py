@@ -1,23 +1,61 @@
-"""The outbox: persistent rows, one per (instance, destination), retried with backoff."""
+"""The outbox: persistent rows, one per (instance, destination), retried with backoff.
+
+The release rule lives here too: which results go out when a job is done
+(:func:`release_when_analysed`) and which when a case is signed (:func:`release_when_signed`).
+The worker and sign-off queue what these return; ``Store.enqueue`` adds the rows.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy import select
 
 from dicom_node.errors import SendRefusedError
-from dicom_node.store.index import Instance, OutboxItem
 from dicom_node.net.send import send_instances
-from dicom_node.settings import Destination, Settings
-from dicom_node.store.states import OutboxStateValues
-from dicom_node.store.files import Store
 from dicom_node.net.tls import client_tls_args
+from dicom_node.settings import Destination, ReleasePolicyValues, Settings
+from dicom_node.store.files import Store
+from dicom_node.store.index import Instance, OutboxItem
+from dicom_node.store.states import OutboxStateValues
 
 log = logging.getLogger(__name__)
+
+
+def release_when_analysed(settings: Settings, object_uids: Sequence[str]) -> list[str]:
+    """The results of a finished job to queue for sending now.
+
+    Parameters
+    ----------
+    settings:
+        The node's settings; their ``release_policy`` decides.
+    object_uids:
+        SOP Instance UIDs of the job's stored results (marked PRELIMINARY and UNVERIFIED).
+
+    Returns
+    -------
+    list[str]
+        All of them under the ``immediate`` policy; none under ``final-only``, where they wait
+        for sign-off (:func:`release_when_signed`).
+    """
+    if settings.release_policy is ReleasePolicyValues.IMMEDIATE:
+        return list(object_uids)
+    return []
+
+
+def release_when_signed(preliminary_uids: Sequence[str], final_uids: Sequence[str]) -> list[str]:
+    """The objects to queue for sending when a case is signed: the preliminary results and the
+    final ones, under either policy.
+
+    Under ``immediate`` the preliminary results were queued when the job was done, and queuing
+    them again adds no row for a destination that has one; under ``final-only`` this is when
+    they go out, with the final SR and the final PDF report.
+    """
+    return [*preliminary_uids, *final_uids]
 
 
 def deliver_due(store: Store, settings: Settings, now: float | None = None) -> int:

@@ -1,15 +1,19 @@
-"""``cytonode status``: studies, series, jobs and outbox of a node, read from its index."""
+"""``cytonode status``: studies, series, jobs and outbox of a node, read from its index.
+
+A job's result is read through :class:`dicom_node.jobs.result.JobResult` (the versioned
+hand-over), so an unknown or damaged result document is refused with a clear error.
+"""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from sqlalchemy import func, select
 
+from dicom_node.jobs.result import JobResult
+from dicom_node.store.files import Store
 from dicom_node.store.index import Instance, Job, OutboxItem, Series, Study
 from dicom_node.store.states import OutboxStateValues
-from dicom_node.store.files import Store
 
 
 def node_status(store: Store) -> dict[str, Any]:
@@ -53,7 +57,7 @@ def node_status(store: Store) -> dict[str, Any]:
             "created_at": j.created_at,
             "started_at": j.started_at,
             "finished_at": j.finished_at,
-            "result": json.loads(j.result_json) if j.result_json else None,
+            "result": JobResult.from_json(j.result_json).as_dict() if j.result_json else None,
             "error": j.error or None,
         } for j in session.scalars(select(Job).order_by(Job.id)).all()]
         items = session.scalars(select(OutboxItem).order_by(OutboxItem.id)).all()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis import commands
 from analysis.model import ModelConfig
 from analysis.training.evaluate import stratified_rows
 from analysis.uncertainty import (
@@ -19,6 +18,7 @@ from analysis.uncertainty import (
     per_class_recall,
     review_threshold,
 )
+from dicom_node.app import commands
 
 
 def test_entropy_and_margin() -> None:

@@ -104,6 +104,31 @@ def test_missing_pixel_measures_uses_default_with_warning(
             assert slide.pixel_spacing_um == pytest.approx(0.1)
             assert slide.levels[1].pixel_spacing_um == pytest.approx(0.2)
     assert "no Pixel Measures" in caplog.text
+    with Slide.open(sorted(folder.glob("*.dcm")), default_pixel_spacing_um=0.1) as slide:
+        # the kept headers are the files' own (the encoders' sources); only wsidicom saw the patch
+        assert all("PixelSpacing" not in ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+                   for ds in slide.base_headers)
+        assert slide.metadata()["pixel_spacing_um"] == pytest.approx([0.1, 0.1])
+
+
+def test_a_list_of_files_opens_with_its_headers_and_metadata(sample_slide: Path) -> None:
+    from wsidicom import WsiDicom
+
+    files = sorted(sample_slide.glob("*.dcm"))
+    with Slide.open(files) as slide, WsiDicom.open(files) as wsi:
+        assert slide.files == tuple(files) and slide.source == sample_slide
+        assert [ds.SOPInstanceUID for ds in slide.headers] == [
+            pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+        assert "PixelData" not in slide.headers[0]
+        base = slide.base_headers
+        assert len(base) == 1 and int(base[0].TotalPixelMatrixColumns) == slide.size[0]
+        metadata = slide.metadata()
+        assert (metadata["width"], metadata["height"]) == slide.size
+        assert metadata["pixel_spacing_um"] == pytest.approx([0.0823, 0.0823])
+        assert [(lv["level"], lv["width"], lv["height"], lv["tile_width"]) for lv in metadata["levels"]] == [
+            (lv.level, lv.size.width, lv.size.height, lv.tile_size.width) for lv in wsi.levels]
+    with pytest.raises(FileNotFoundError):
+        Slide.open([*files, sample_slide / "missing.dcm"])
 
 
 def test_not_a_slide_is_a_clear_error(tmp_path: Path) -> None:

@@ -230,10 +230,10 @@ def test_stow_stores_through_the_store_and_reports(filled_node: FilledNode, tmp_
 
 
 def test_session_access_and_csrf_for_stow(tmp_path: Path) -> None:
+    from dicom_node.app.web import make_web_app
     from dicom_node.settings import Settings
-    from viewer import create_app
 
-    app = create_app(Settings(data_dir=tmp_path, api_token=""))
+    app = make_web_app(Settings(data_dir=tmp_path, api_token=""))
     client = app.test_client()
     assert client.get("/dicomweb/studies").status_code == 401
     assert client.get("/dicomweb/studies", headers={"Authorization": "Bearer "}).status_code == 401

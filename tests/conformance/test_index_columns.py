@@ -7,9 +7,9 @@ from pathlib import Path
 
 from sqlalchemy import inspect
 
-from dicom_node.store.index import make_engine
 from dicom_node.settings import Settings
 from dicom_node.store.files import Store
+from dicom_node.store.index import make_engine
 from tests.dicom_factory import multiframe_sc
 
 OLD_SCHEMA = """

@@ -75,6 +75,40 @@ def test_writes_the_three_objects_and_the_summary(analyzed: tuple[Path, dict[str
     assert provenance["parameters"]["n_timesteps"] == 8 and provenance["parameters"]["seed"] == 0
 
 
+def test_summary_is_a_versioned_slide_summary(analyzed: tuple[Path, dict[str, Any]]) -> None:
+    from dicom_node.jobs.result import SlideSummary, read_summary
+
+    out, summary = analyzed
+    assert summary["schema"] == "cytonode.slide-summary/1"
+    assert read_summary(out).as_dict() == summary == SlideSummary.from_dict(summary).as_dict()
+
+
+def test_classify_and_encode_read_the_open_slide_once(analyzed: tuple[Path, dict[str, Any]],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process, as the worker runs it: one open of the slide serves the classifier, the
+    encoders and the gallery, and gives what ``cytonode analyze`` gave from the paths."""
+    from wsidicom import WsiDicom
+
+    from analysis.pipeline import PipelineConfig, classify_slide
+    from analysis.tiles import Slide
+    from dicom_node.jobs.encoding import encode_results
+    from tests.dicom_node.test_job_result import Reads
+
+    files = sorted(SLIDE.glob("*.dcm"))
+    reads = Reads(files)
+    monkeypatch.setattr(pydicom, "dcmread", reads.count_dcmread(pydicom.dcmread))
+    monkeypatch.setattr(WsiDicom, "open", staticmethod(reads.count_open(WsiDicom.open)))
+    config = PipelineConfig(n_timesteps=8, heatmap_timesteps=4, cell_batch=4)
+    with Slide.open(files) as slide:
+        result = classify_slide(slide, config)
+        objects = encode_results(result, slide)
+    assert reads.wsidicom_opens == 1
+    assert reads.dcmreads == {name: 1 for name in reads.names}
+    _, summary = analyzed
+    assert [c.label.value for c in result.cells] == [c["label"] for c in summary["cells"]]
+    assert set(objects) == set(summary["files"])
+
+
 def test_summary_differential_adds_up(analyzed: tuple[Path, dict[str, Any]]) -> None:
     _, summary = analyzed
     n = summary["cell_count"]

@@ -16,6 +16,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import generate_uid
 
 from dicom_node.app.demo import SAMPLE_SLIDE, StandInPACS
+from dicom_node.jobs.result import JobResult, read_summary
 from tests.peers import CYTONODE, echo, require_tool
 
 
@@ -86,19 +87,34 @@ def test_unreadable_slide_fails_its_job_and_sends_nothing(start_node, pacs: Stan
 @pytest.mark.slow  # a node analyses a whole slide
 def test_slide_without_white_cells_sends_a_report_that_says_so(start_node, pacs: StandInPACS,
                                                               blank_slide: list[Path]) -> None:
+    # the settings' encoder section reaches the objects the worker writes
     node = start_node(workers=1, destinations=f"DEMOPACS@127.0.0.1:{pacs.port}",
-                      outbox_retry_initial_s=0.5)
+                      outbox_retry_initial_s=0.5, institution_name="Haematology Lab 2",
+                      sr_series_number=950)
     storescu(node.port, *blank_slide)
     job = _wait_job(node)
     assert job["state"] == "done", job["error"]
     assert job["result"]["cell_count"] == 0
     # no annotations, heatmaps or gallery of nothing: the SR and the PDF report that say so
     assert set(job["result"]["objects"]) == {"sr", "pdf"}
+    # the hand-over: the job row (read by `status` through JobResult) and summary.json are both
+    # versioned documents that parse, and they agree
+    assert job["result"]["schema"] == "cytonode.job-result/1"
+    result = JobResult.from_dict(job["result"])
+    summary = read_summary(Path(result.results_dir))
+    assert summary.as_dict()["schema"] == "cytonode.slide-summary/1"
+    assert summary.cell_count == result.cell_count == 0
+    assert {f["sop_instance_uid"] for f in summary.files.values()} == set(result.objects.values())
+    assert summary.slide["series_instance_uid"] == job["series_instance_uid"]
+    assert (result.width, result.height) == tuple(summary.slide["total_pixel_matrix"])
+    assert result.instances == len(blank_slide) and result.frames > 0
+    assert {"read", "detect", "encode"} <= set(result.timings_s) and result.timings_s["read"] > 0
     node.wait_for(lambda s: s["outbox"]["sent"] == 2, timeout=60, what="the reports' delivery")
     assert sorted(m for m, _ in pacs.received) == ["DOC", "SR"]
     sr_uid = next(uid for m, uid in pacs.received if m == "SR")
     sr = hd.sr.srread(pacs.folder / f"{sr_uid}.dcm")
     assert sr.PreliminaryFlag == "PRELIMINARY" and sr.VerificationFlag == "UNVERIFIED"
+    assert (sr.InstitutionName, sr.SeriesNumber) == ("Haematology Lab 2", 950)
     total = sr.content.get_image_measurement_groups()[0].get_measurements()
     assert total[0].value == 0
 
@@ -139,8 +155,10 @@ def test_jobs_use_and_name_the_sites_calibration(start_node, pacs: StandInPACS, 
                           capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr[-2000:]
     label = f"lab-2 ({json.loads(made.stdout)['label'].split('(')[1]}"
+    # the settings' encoder section reaches the objects the worker writes
     node = start_node(workers=1, destinations=f"DEMOPACS@127.0.0.1:{pacs.port}",
-                      outbox_retry_initial_s=0.5)
+                      outbox_retry_initial_s=0.5, institution_name="Haematology Lab 2",
+                      sr_series_number=950)
     storescu(node.port, *blank_slide)
     job = _wait_job(node)
     assert job["state"] == "done", job["error"]

@@ -3,7 +3,7 @@ Capture gallery of the flagged cells, made next to the SR.
 
 A result on the real sample slide (the seven white cells ``cytonode detect`` finds on it, with
 chosen classes and flags) goes through the node's own encoding step
-(:func:`dicom_node.app.analyze.encode_results`, as the worker and ``cytonode analyze`` call it). The
+(:func:`dicom_node.jobs.encoding.encode_results`, as the worker and ``cytonode analyze`` call it). The
 objects are checked with real peers: dciodvfy (dicom3tools), DCMTK's dsr2html, pypdf's text
 extraction, Orthanc receiving them from the node's outbox, and the viewer's sign-off issuing the
 final PDF.
@@ -28,7 +28,6 @@ from sqlalchemy import select
 
 from analysis.classes import CLASS_NAMES
 from analysis.results import CellResult, ModelProvenance, SlideResult
-from dicom_node.app.analyze import encode_results, write_summary
 from dicom_node.encode.differential import Differential
 from dicom_node.encode.pdf import (
     ENCAPSULATED_PDF_STORAGE,
@@ -42,9 +41,11 @@ from dicom_node.encode.sc import (
     read_flagged_crops,
     tile_origin,
 )
-from dicom_node.store.index import Instance, OutboxItem
+from dicom_node.jobs.encoding import encode_results
+from dicom_node.jobs.result import write_summary
 from dicom_node.settings import Destination, Settings
 from dicom_node.store.files import Store
+from dicom_node.store.index import Instance, OutboxItem
 from tests.dicom_factory import dciodvfy_errors, ellipse_outline, slide_result
 from tests.peers import NodeProcess, OrthancProcess
 
@@ -226,8 +227,8 @@ def _signer_on_case(settings: Settings, result: SlideResult, objects: dict[str, 
                     ) -> Iterator[tuple[Store, FlaskClient, str]]:
     """The slide and its analysis objects stored as the worker stores them, the summary written,
     a pathologist logged in: the store, the client and its CSRF token (the store closes after)."""
+    from dicom_node.app.web import make_web_app
     from tests.viewer.conftest import PASSWORD, login
-    from viewer import create_app
     from viewer.auth import add_user
 
     store = Store(settings)
@@ -240,7 +241,7 @@ def _signer_on_case(settings: Settings, result: SlideResult, objects: dict[str, 
                       {"platelets": PLATELETS_DETECTED})
         add_user(store, "signer", "pathologist", PASSWORD, person_name="Curie^Marie",
                  organization="Haematology Lab")
-        client = create_app(settings, store).test_client()
+        client = make_web_app(settings, store).test_client()
         yield store, client, login(client, "signer")
     finally:
         store.close()

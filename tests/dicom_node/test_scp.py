@@ -22,9 +22,9 @@ def stored_files(node) -> dict[str, Path]:
     return {p.stem: p for p in (node.data_dir / "store").rglob("*.dcm")}
 
 
-def test_dcmtk_echo_and_store_wsi_and_results(start_node, tmp_path: Path) -> None:
+def test_dcmtk_echo_and_store_wsi_and_results(start_scp, tmp_path: Path) -> None:
     echoscu, storescu = require_tool("echoscu"), require_tool("storescu")
-    node = start_node(allowed_aes="STORESCU,ECHOSCU,TESTSCU")
+    node = start_scp(allowed_aes="STORESCU,ECHOSCU,TESTSCU")
     subprocess.run([echoscu, "-aet", "ECHOSCU", "-aec", "CYTONODE", "127.0.0.1", str(node.port)],
                    check=True, timeout=60)
     files = [WSI, *OBJECTS, comprehensive_3d_sr(WSI, tmp_path / "sr.dcm")]
@@ -56,9 +56,9 @@ def test_dcmtk_echo_and_store_wsi_and_results(start_node, tmp_path: Path) -> Non
     assert {s["modality"] for s in status["series"]} == {"SM", "ANN", "SEG", "SR"}
 
 
-def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(start_node) -> None:
+def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(start_scp) -> None:
     echoscu = require_tool("echoscu")
-    node = start_node(allowed_aes="TESTSCU")
+    node = start_scp(allowed_aes="TESTSCU")
     bad = subprocess.run([echoscu, "-aet", "INTRUDER", "-aec", "CYTONODE", "127.0.0.1", str(node.port)],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0
@@ -80,8 +80,8 @@ def _store(port: int, path: Path, calling: str = "TESTSCU") -> int:
         assoc.release()
 
 
-def test_bad_input_gets_named_failures_and_node_keeps_answering(start_node, tmp_path: Path) -> None:
-    node = start_node()
+def test_bad_input_gets_named_failures_and_node_keeps_answering(start_scp, tmp_path: Path) -> None:
+    node = start_scp()
     # Invalid UIDs.
     bad_uid = with_new_uids(OBJECTS[0], tmp_path / "bad_uid.dcm")
     ds = dcmread(bad_uid)
@@ -129,8 +129,8 @@ def _send_raw(port: int, path: Path) -> int:
     return int(rsp.Status)
 
 
-def test_resend_is_idempotent_and_changed_content_follows_policy(start_node, tmp_path: Path) -> None:
-    node = start_node()
+def test_resend_is_idempotent_and_changed_content_follows_policy(start_scp, tmp_path: Path) -> None:
+    node = start_scp()
     path = multiframe_sc(tmp_path / "sc.dcm", 2)
     assert _store(node.port, path) == StatusValues.SUCCESS
     assert _store(node.port, path) == StatusValues.SUCCESS
@@ -148,8 +148,8 @@ def test_resend_is_idempotent_and_changed_content_follows_policy(start_node, tmp
     assert "different content" in node.log()
 
 
-def test_overwrite_policy_replaces_changed_content(start_node, tmp_path: Path) -> None:
-    node = start_node(duplicate_policy="overwrite")
+def test_overwrite_policy_replaces_changed_content(start_scp, tmp_path: Path) -> None:
+    node = start_scp(duplicate_policy="overwrite")
     path = multiframe_sc(tmp_path / "sc.dcm", 1)
     assert _store(node.port, path) == StatusValues.SUCCESS
     changed = tmp_path / "changed.dcm"

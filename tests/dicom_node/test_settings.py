@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -45,11 +46,13 @@ def test_invalid_settings_name_the_rule(env: dict[str, str], message: str) -> No
         Settings.from_env(env)
 
 
-def test_to_env_round_trips() -> None:
+def test_settings_reach_a_spawned_worker_unchanged() -> None:
+    # the embedded worker is a spawned process that receives the object itself (pickled)
     s = Settings.from_env({"CYTONODE_DESTINATIONS": "A@h:1,B@[::1]:2", "CYTONODE_ALLOWED_AES": "X,Y",
                            "CYTONODE_ROUTING_RULES": '[{"modality": "SM"}]',
-                           "CYTONODE_REQUIRE_CALLED_AE": "false", "CYTONODE_DATA_DIR": "/d"})
-    assert Settings.from_env(s.to_env()) == s
+                           "CYTONODE_REQUIRE_CALLED_AE": "false", "CYTONODE_DATA_DIR": "/d",
+                           "CYTONODE_DEVICE": "cpu", "CYTONODE_RELEASE_POLICY": "final-only"})
+    assert pickle.loads(pickle.dumps(s)) == s
 
 
 def test_redacted_hides_passwords() -> None:
@@ -84,7 +87,7 @@ def test_tls_settings_round_trip_and_destination_marker(tmp_path: Path) -> None:
     assert s.destinations == (Destination("PACS", "pacs.example", 2762, tls=True),
                               Destination("OLD", "::1", 104))
     assert [str(d) for d in s.destinations] == ["PACS@pacs.example:2762+tls", "OLD@[::1]:104"]
-    assert Settings.from_env(s.to_env()) == s
+    assert pickle.loads(pickle.dumps(s)) == s
     assert not Settings().tls_enabled
 
 

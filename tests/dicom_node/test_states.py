@@ -15,13 +15,13 @@ from pydicom import dcmread
 from sqlalchemy import select, text
 
 from dicom_node.app.demo import StandInPACS
+from dicom_node.jobs.routing import mark_queued, requeue_lost_jobs, route_stable_series
+from dicom_node.jobs.worker import claim, finish
+from dicom_node.settings import Destination, RoutingRule, Settings
+from dicom_node.store.files import Store
 from dicom_node.store.index import Job, OutboxItem, Series
 from dicom_node.store.outbox import deliver_due
-from dicom_node.jobs.routing import mark_queued, requeue_lost_jobs, route_stable_series
-from dicom_node.settings import Destination, RoutingRule, Settings
 from dicom_node.store.states import JobStateValues, OutboxStateValues, SeriesRoutingValues
-from dicom_node.store.files import Store
-from dicom_node.jobs.worker import claim, finish
 from tests.dicom_factory import MF_TRUE_COLOR_SC, multiframe_sc
 from tests.peers import CYTONODE
 
@@ -64,7 +64,7 @@ def test_status_json_and_index_hold_the_same_state_strings(tmp_path: Path) -> No
         assert _job_state(store, done_id) == "running"
         with pytest.raises(ValueError, match="state must be done or failed"):
             finish(store, done_id, 1, JobStateValues.QUEUED)
-        assert finish(store, done_id, 1, JobStateValues.DONE, result={},
+        assert finish(store, done_id, 1, JobStateValues.DONE, result=None,
                       send=[result.sop_instance_uid])
         assert requeue_lost_jobs(store, 5, 1, now=later) == []  # its only attempt: failed
 

@@ -3,6 +3,7 @@ viewer: certificates made at run time with the ``openssl`` command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import socket
 import ssl
@@ -14,9 +15,9 @@ import pytest
 import requests
 from pydicom import Dataset, dcmread
 
-from dicom_node.store.outbox import deliver_due
-from dicom_node.settings import Settings
+from dicom_node.settings import Destination, Settings
 from dicom_node.store.files import Store
+from dicom_node.store.outbox import deliver_due
 from tests.peers import NodeProcess, echo, free_port, require_tool
 
 SLIDE = sorted((Path(__file__).resolve().parents[2] / "dicom_node" / "data" / "sample_slide").glob("*.dcm"))
@@ -139,8 +140,7 @@ def test_outbox_delivers_over_tls_to_storescp(tmp_path: Path, pki: Path) -> None
     settings = Settings(data_dir=tmp_path / "node", tls_certificate=str(pki / "node.pem"),
                         tls_key=str(pki / "node.key"), tls_ca=str(pki / "ca.pem"),
                         destinations=(), outbox_retry_initial_s=0.2, outbox_retry_max_s=1)
-    settings = Settings.from_env({**settings.to_env(),
-                                  "CYTONODE_DESTINATIONS": f"STORESCP@127.0.0.1:{port}+tls"})
+    settings = dataclasses.replace(settings, destinations=(Destination.parse(f"STORESCP@127.0.0.1:{port}+tls"),))
     assert settings.destinations[0].tls
     store = Store(settings)
     try:

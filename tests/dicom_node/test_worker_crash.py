@@ -125,11 +125,11 @@ def test_a_stale_attempt_can_neither_record_nor_send(tmp_path: Path) -> None:
     """A worker whose lease ran out (slow, not dead) finds its job given to a new attempt: it can
     renew nothing and record nothing, and only the current attempt queues results for sending.
     A job lost ``job_max_attempts`` times is failed, not queued again."""
-    from dicom_node.store.index import Job, OutboxItem
     from dicom_node.jobs.routing import requeue_lost_jobs
+    from dicom_node.jobs.worker import claim, finish, renew
     from dicom_node.settings import Destination, Settings
     from dicom_node.store.files import Store
-    from dicom_node.jobs.worker import claim, finish, renew
+    from dicom_node.store.index import Job, OutboxItem
     from tests.dicom_factory import multiframe_sc
 
     settings = Settings(data_dir=tmp_path / "data", job_lease_s=5, job_max_attempts=2,
@@ -149,10 +149,10 @@ def test_a_stale_attempt_can_neither_record_nor_send(tmp_path: Path) -> None:
         assert claim(store, ids[0]) == 2
         assert not renew(store, ids[0], 1, "segment 3/9")
         result = stored[0].sop_instance_uid
-        assert not finish(store, ids[0], 1, "done", result={}, send=[result])
+        assert not finish(store, ids[0], 1, "done", send=[result])
         assert renew(store, ids[0], 2, "segment 3/9")
-        assert finish(store, ids[0], 2, "done", result={}, send=[result])
-        assert not finish(store, ids[0], 2, "done", result={}, send=[result])
+        assert finish(store, ids[0], 2, "done", send=[result])
+        assert not finish(store, ids[0], 2, "done", send=[result])
 
         assert claim(store, ids[1]) == 1
         assert requeue_lost_jobs(store, 5, 2, now=later) == [ids[1]]
@@ -164,6 +164,6 @@ def test_a_stale_attempt_can_neither_record_nor_send(tmp_path: Path) -> None:
             assert (done.state, done.attempts) == ("done", 2)
             assert (failed.state, failed.attempts) == ("failed", 2)
             assert "lost 2 times" in failed.error
-        assert not finish(store, ids[1], 2, "done", result={})
+        assert not finish(store, ids[1], 2, "done")
     finally:
         store.close()

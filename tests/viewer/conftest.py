@@ -68,9 +68,9 @@ def node_case(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeCase]:
 
 @pytest.fixture(scope="session")
 def app(node_case: NodeCase) -> Flask:
-    from viewer import create_app
+    from dicom_node.app.web import make_web_app
 
-    return create_app(node_case.settings)
+    return make_web_app(node_case.settings)
 
 
 def login(client: FlaskClient, username: str, password: str = PASSWORD) -> str:

@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node.encode.final_sr import ReviewedCell, encode_final_report, final_series_uid
-from dicom_node.store.index import Instance
 from dicom_node.settings import VL_WSM
+from dicom_node.store.index import Instance
 from tests.dicom_factory import dciodvfy_errors
 from viewer import cases
 

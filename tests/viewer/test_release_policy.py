@@ -8,11 +8,12 @@ import shutil
 
 from sqlalchemy import select
 
-from dicom_node.store.index import Instance, OutboxItem
+from dicom_node.app.web import make_web_app
 from dicom_node.settings import ReleasePolicyValues, Settings
 from dicom_node.store.files import Store
+from dicom_node.store.index import Instance, OutboxItem
 from tests.viewer.conftest import PASSWORD, login
-from viewer import cases, create_app
+from viewer import cases
 from viewer.auth import add_user
 
 
@@ -34,7 +35,7 @@ def test_final_only_sends_the_preliminary_objects_with_the_final_sr(node_case, a
         store.ingest_file(path, routing="local")
     shutil.copytree(node_case.settings.results_dir / uid, settings.results_dir / uid)
     add_user(store, "signer", "pathologist", PASSWORD)
-    client = create_app(settings, store).test_client()
+    client = make_web_app(settings, store).test_client()
     token = login(client, "signer")
     with store.session() as db:
         assert db.scalars(select(OutboxItem)).all() == []  # held

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
+from dicom_node.app.web import make_web_app
 from dicom_node.settings import Settings
 from tests.viewer.conftest import PASSWORD, login
-from viewer import create_app
 from viewer.auth import add_user
 from viewer.slides import OPENSEADRAGON_DIR
 
@@ -40,7 +40,7 @@ def _has_security_headers(headers) -> bool:
 
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[Flask]:
-    app = create_app(Settings(data_dir=tmp_path / "node"))
+    app = make_web_app(Settings(data_dir=tmp_path / "node"))
     store = app.extensions["cytonode.store"]
     add_user(store, "tech", "technologist", PASSWORD)
     add_user(store, "admin", "admin", PASSWORD)

@@ -1,5 +1,9 @@
-"""Runs the web application in threads of ``cytonode serve`` on a production WSGI server
-(cheroot, the server of CherryPy), over HTTPS when the node has a TLS certificate
+"""The node's web application and the server it runs on inside ``cytonode serve``.
+
+:func:`make_web_app` is the viewer's application (:func:`viewer.create_app`) with the node's
+DICOMweb services (:mod:`dicom_node.net.dicomweb`, under ``/dicomweb``) mounted on it.
+:class:`HttpServer` runs that application in threads of the node's process on a production WSGI
+server (cheroot, the server of CherryPy), over HTTPS when the node has a TLS certificate
 (``CYTONODE_TLS_CERTIFICATE``).
 
 Why cheroot: it runs inside the node's process (the viewer shares the node's store and
@@ -17,14 +21,31 @@ from typing import Any
 
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
+from flask import Flask
 
-from dicom_node.settings import Settings
 from dicom_node.net.tls import http_server_context
+from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
 
 #: Worker threads of the web server: concurrent requests in progress (tile viewers fetch ~8 at once).
 HTTP_THREADS = 16
+
+
+def make_web_app(settings: Settings | None = None, store: Any = None) -> Flask:
+    """The viewer with the node's DICOMweb under ``/dicomweb``: what ``cytonode serve`` serves.
+
+    Parameters
+    ----------
+    settings
+        The node's settings (default: from the environment, as :func:`viewer.create_app`).
+    store
+        The node's :class:`dicom_node.store.files.Store`; ``None`` opens one on the same index.
+    """
+    from dicom_node.net.dicomweb import bp as dicomweb
+    from viewer import create_app
+
+    return create_app(settings, store, blueprints=(dicomweb,))
 
 
 class _DeferredHandshakeAdapter(BuiltinSSLAdapter):
@@ -38,9 +59,9 @@ class _DeferredHandshakeAdapter(BuiltinSSLAdapter):
         self.context = context
         self.certificate = self.private_key = self.certificate_chain = self.ciphers = None
         self.private_key_password = None
-        self._server_env = {}
+        self._server_env: dict[str, str] = {}
 
-    def get_environ(self, sock: Any) -> dict[str, str]:
+    def get_environ(self, sock: Any) -> dict[str, str]:  # type: ignore[override]  # cheroot passes the socket
         return {"wsgi.url_scheme": "https", "HTTPS": "on"}
 
 
@@ -48,9 +69,7 @@ class HttpServer:
     """The viewer and DICOMweb on ``settings.http_port``; ``start()`` returns once it listens."""
 
     def __init__(self, settings: Settings, store: Any = None) -> None:
-        from viewer import create_app
-
-        self.app = create_app(settings, store)
+        self.app = make_web_app(settings, store)
         self.server = wsgi.Server((settings.bind_address, settings.http_port), self.app,
                                   numthreads=HTTP_THREADS, server_name="cytonode",
                                   timeout=max(1, int(settings.network_timeout_s)))
