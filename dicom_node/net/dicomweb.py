@@ -33,7 +33,11 @@ from werkzeug.exceptions import HTTPException
 
 from dicom_node.errors import InvalidInstanceError, SOPClassMismatchError, StoreFullError
 from dicom_node.net.ae import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
-from dicom_node.net.qr import (
+from dicom_node.settings import Settings
+from dicom_node.status import StowFailureReasonValues, StowWarningReasonValues
+from dicom_node.store.files import Store
+from dicom_node.store.index import Instance, Series
+from dicom_node.store.matching import (
     QueryError,
     QueryLevelValues,
     find,
@@ -41,10 +45,6 @@ from dicom_node.net.qr import (
     keyword_vr,
     response_identifier,
 )
-from dicom_node.settings import Settings
-from dicom_node.status import StowFailureReasonValues, StowWarningReasonValues
-from dicom_node.store.files import Store
-from dicom_node.store.index import Instance, Series
 
 log = logging.getLogger(__name__)
 

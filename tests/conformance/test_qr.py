@@ -16,7 +16,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from dicom_node.net.qr import QueryRetrieveStatusValues as Q
+from dicom_node.status import QueryRetrieveStatusValues as Q
 from tests.conformance.conftest import SAMPLE_SLIDE, FilledNode
 from tests.dicom_factory import dataset_digest
 from tests.peers import HIGHDICOM_FILES, require_tool

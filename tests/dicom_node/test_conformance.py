@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 from dicom_node.net.ae import make_ae
-from dicom_node.net.qr import MATCH_KEYS, QueryRetrieveStatusValues
 from dicom_node.settings import Settings
-from dicom_node.status import StatusValues
+from dicom_node.status import QueryRetrieveStatusValues, StatusValues
 from dicom_node.store.files import Store
+from dicom_node.store.matching import MATCH_KEYS
 
 CONFORMANCE = Path(__file__).parents[2] / "conformance"
 TABLE = json.loads((CONFORMANCE / "contexts.json").read_text())
