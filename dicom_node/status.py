@@ -76,3 +76,10 @@ class StowWarningReasonValues(enum.IntEnum):
     # PS3.4 B.2.3 (B007), PS3.18 10.5.3: data set does not match SOP Class; the node sends it when
     # a different instance with the same SOP Instance UID was already stored and kept.
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
+
+
+def stored(status: int) -> bool:
+    """Whether a peer's C-STORE response status means it kept the instance: success, or a
+    warning (PS3.4 B.2.3: coercion B000, elements discarded B006, data set does not match SOP
+    class B007; every Bxxx status is a warning)."""
+    return status == StatusValues.SUCCESS or (status >> 12) == 0xB

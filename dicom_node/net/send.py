@@ -11,7 +11,7 @@ from pynetdicom import AE
 
 from dicom_node.errors import SendRefusedError
 from dicom_node.settings import Destination
-from dicom_node.status import StatusValues
+from dicom_node.status import stored
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,7 @@ def send_instances(files: Sequence[tuple[str, str, str, Path]], destination: Des
             status = getattr(rsp, "Status", None)
             if status is None:
                 raise SendRefusedError(str(destination), sop_uid, "no response (timeout or abort)")
-            # PS3.4 B.2.3: warnings (B000, B007, B006) mean the peer stored the instance.
-            if status != StatusValues.SUCCESS and (status >> 12) != 0xB:
+            if not stored(status):
                 raise SendRefusedError(str(destination), sop_uid, f"status 0x{status:04X}", status)
             if on_success is not None:
                 on_success(sop_uid)
