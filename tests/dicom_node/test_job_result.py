@@ -17,8 +17,6 @@ import pydicom
 import pytest
 from wsidicom import WsiDicom
 
-from analysis.classes import CLASS_NAMES
-from analysis.results import CellResult, ModelProvenance, SlideResult
 from analysis.tiles import Slide
 from dicom_node.jobs.encoding import encode_results
 from dicom_node.jobs.result import (
@@ -29,13 +27,7 @@ from dicom_node.jobs.result import (
     read_summary,
     write_summary,
 )
-from tests.dicom_factory import ellipse_outline, slide_result
-
-SLIDE = Path(__file__).resolve().parents[2] / "dicom_node" / "data" / "sample_slide"
-
-
-def slide_files() -> list[Path]:
-    return sorted(SLIDE.glob("*.dcm"))
+from tests.dicom_node.test_pdf_sc import SLIDE, make_result, slide_files
 
 
 def job_result(**changes: Any) -> JobResult:
@@ -98,29 +90,8 @@ def test_missing_fields_wrong_types_and_non_json_are_refused() -> None:
 
 
 # --- A real slide: opened once, encoded, summarised ------------------------------------------
-# `cytonode detect` on the sample slide: three of its white cells, two of them flagged.
-CELLS = [
-    (381.7, 263.8, (269, 179, 489, 358), 159.04, "neutrophil", ()),
-    (994.5, 274.9, (891, 179, 1108, 384), 201.24, "basophil", ("high-uncertainty",)),
-    (387.3, 1007.3, (281, 930, 503, 1079), 113.12, "monocyte", ("high-anomaly-score",)),
-]
-
-
-def make_result() -> SlideResult:
-    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in slide_files()]
-    base = max(headers, key=lambda ds: int(ds.TotalPixelMatrixColumns))
-    cells = []
-    for i, (x, y, bbox, area, label, reasons) in enumerate(CELLS):
-        probabilities = {c: 0.02 for c in CLASS_NAMES}
-        probabilities[label] = 1.0 - 0.02 * 7
-        abnormal = i == 2
-        cells.append(CellResult(
-            cell_id=i, x=x, y=y, outline=ellipse_outline(bbox), bbox=bbox, area_um2=area, label=label,
-            probabilities=probabilities, uncertainty=0.6 if reasons else 0.1,
-            anomaly_score=3.0 if abnormal else 0.0, review=bool(reasons), review_reasons=reasons,
-            abnormal=abnormal, abnormal_reason="high-anomaly-score" if abnormal else None))
-    return slide_result(base, cells, ModelProvenance("cytodiffusion", "0.3.1", "0123456789abcdef" * 4,
-                                                     {"field_of_view_um": 26.0}))
+# The sample slide's seven white cells with chosen classes and flags (cells 1, 4, 5 and 6 flagged),
+# as the PDF and gallery tests build them.
 
 
 class Reads:
@@ -145,6 +116,7 @@ class Reads:
             self.wsidicom_opens += 1
             return real(*args, **kwargs)
         return open_
+
 
 
 @pytest.fixture
@@ -174,7 +146,7 @@ def test_a_job_reads_its_slide_once_to_open_and_encode(reads: Reads, tmp_path: P
     write_summary(out, result, SLIDE, objects, {"read": 0.1}, {"platelets": 2})
     summary = read_summary(out)
     assert json.loads((out / "summary.json").read_text())["schema"] == "cytonode.slide-summary/1"
-    assert summary.cell_count == 3 and [c["cell_id"] for c in summary.flagged] == [1, 2]
+    assert summary.cell_count == 7 and [c["cell_id"] for c in summary.flagged] == [1, 4, 5, 6]
     assert summary.files["sc"]["sop_instance_uid"] == str(objects["sc"].SOPInstanceUID)
     assert SlideSummary.from_json(summary.to_json()) == summary
 
