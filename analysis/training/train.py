@@ -78,6 +78,9 @@ class TrainConfig:
     labs: tuple[str, ...] = ("pbc",)
     lab_share: float = 0.5
     init_weights: Path | None = None
+    #: The wider colour, contrast and blur ranges of :data:`analysis.training.augment.STRONG`
+    #: (as ``reference_train --strong-augment``), for labs whose stain the standard ranges miss.
+    strong_augment: bool = False
     min_snr_gamma: float = 0.0
     field_of_view_um: float = FIELD_OF_VIEW_UM
 
@@ -274,7 +277,8 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
     while step < train.steps:
         idx = torch.multinomial(weights, train.batch_size, replacement=True, generator=generator)
         x = images[idx].float().div_(255.0)
-        x = augment(x, generator, model_config.image_size).mul_(2.0).sub_(1.0).to(device)
+        x = augment(x, generator, model_config.image_size,
+                    strong=train.strong_augment).mul_(2.0).sub_(1.0).to(device)
         y = labels[idx].to(device)
         value = optimisation_step(model, ema, optimiser, alphas, x, y, generator, step=step,
                                   train=train, t_high=t_high, pixel_weight=pixel_weight)

@@ -88,6 +88,8 @@ def _add_train(sub: SubParsers, class_names: tuple[str, ...]) -> None:
     p.add_argument("--t-min", type=int, default=0, help="train on timesteps >= T_MIN")
     p.add_argument("--min-snr-gamma", type=float, default=5.0,
                    help="min-SNR loss weighting (0: off)")
+    p.add_argument("--strong-augment", action="store_true",
+                   help="wider colour, contrast and blur augmentation (for unseen stains)")
     p.add_argument("--cell-disc", type=float, default=0.4,
                    help="radius of the cell disc the error is measured in, a fraction of the frame")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder (resumes if present)")

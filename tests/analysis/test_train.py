@@ -80,7 +80,11 @@ def test_training_without_a_class(mini_pbc: Path, tmp_path: Path) -> None:
     known = tuple(c for c in CLASS_NAMES if c != "erythroblast")
     config = ModelConfig(image_size=16, block_out_channels=(16, 32), attention_levels=(),
                          class_names=known)
-    train_diffusion(TrainConfig(mini_pbc, tmp_path / "loco", steps=2, batch_size=4), config)
+    # (with the strong augmentation, which the run records)
+    train_diffusion(TrainConfig(mini_pbc, tmp_path / "loco", steps=2, batch_size=4,
+                                strong_augment=True), config)
+    state = json.loads((tmp_path / "loco" / "train_state.json").read_text())
+    assert state["train_config"]["strong_augment"] == "True"
     export_weights(tmp_path / "loco", tmp_path / "w.safetensors")
     with safe_open(str(tmp_path / "w.safetensors"), "pt") as fh:
         assert ModelConfig.from_json(fh.metadata()["model_config"]).class_names == known
