@@ -20,7 +20,7 @@ from dicom_node.encode.common import cell_tracking_uid
 from dicom_node.encode.final_sr import ReviewedCell, encode_final_report
 from dicom_node.store import queries
 from dicom_node.store.files import Store
-from dicom_node.store.outbox import release_when_signed
+from dicom_node.store.outbox import enqueue, release_when_signed
 from viewer import cases, common
 from viewer.auth import login_required, role_required, verify_password
 from viewer.models import CaseVersion, RoleValues, User
@@ -173,7 +173,7 @@ def sign(series_instance_uid: str) -> Any:
         db.commit()
     queued = [entry["sop_instance_uid"] for entry in state.summary.get("files", {}).values()]
     for uid in release_when_signed(queued, [stored.sop_instance_uid, stored_pdf.sop_instance_uid]):
-        store.enqueue(uid)  # adds nothing for objects already queued (immediate release policy)
+        enqueue(store, uid)  # adds nothing for objects already queued (immediate release policy)
     if unreviewed:
         common.record("sign_unreviewed", series_instance_uid,
                       f"version {version}: signed with {len(unreviewed)} flagged cells not reviewed "

@@ -23,7 +23,7 @@ from dicom_node.jobs.result import JobResult
 from dicom_node.settings import Settings
 from dicom_node.store.files import Store
 from dicom_node.store.index import Job
-from dicom_node.store.outbox import release_when_analysed
+from dicom_node.store.outbox import enqueue_in, release_when_analysed
 from dicom_node.store.queries import slide_files
 from dicom_node.store.states import JobStateValues
 
@@ -251,6 +251,6 @@ def finish(store: Store, job_id: int, attempt: int, state: JobStateValues | str,
             session.rollback()
             return False
         for uid in send or ():
-            store.enqueue_in(session, uid)
+            enqueue_in(store, session, uid)
         session.commit()
         return True

@@ -24,7 +24,6 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
-from sqlalchemy import select
 
 from dicom_node.errors import (
     InvalidInstanceError,
@@ -36,7 +35,6 @@ from dicom_node.settings import DuplicatePolicyValues, Settings
 from dicom_node.store.index import (
     Base,
     Instance,
-    OutboxItem,
     Series,
     Study,
     create_all,
@@ -346,25 +344,3 @@ class Store:
             Path(name).unlink(missing_ok=True)
 
     # Outbox -------------------------------------------------------------------
-    def enqueue(self, sop_instance_uid: str) -> int:
-        """Queue a stored instance for every configured destination; return rows added."""
-        with self.session() as session:
-            if session.get(Instance, sop_instance_uid) is None:
-                raise KeyError(f"{sop_instance_uid} is not in the store")
-            added = self.enqueue_in(session, sop_instance_uid)
-            session.commit()
-        return added
-
-    def enqueue_in(self, session: Any, sop_instance_uid: str) -> int:
-        """Add the outbox rows of :meth:`enqueue` to ``session`` (the caller commits), for one
-        transaction with other changes; return rows added."""
-        added = 0
-        for dest in self.settings.destinations:
-            exists = session.scalar(select(OutboxItem.id).where(
-                OutboxItem.sop_instance_uid == sop_instance_uid,
-                OutboxItem.destination == str(dest)))
-            if exists is None:
-                session.add(OutboxItem(sop_instance_uid=sop_instance_uid, destination=str(dest),
-                                       next_attempt_at=0.0))
-                added += 1
-        return added

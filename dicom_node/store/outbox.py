@@ -2,7 +2,8 @@
 
 The release rule lives here too: which results go out when a job is done
 (:func:`release_when_analysed`) and which when a case is signed (:func:`release_when_signed`).
-The worker and sign-off queue what these return; ``Store.enqueue`` adds the rows.
+The worker and sign-off queue what these return with :func:`enqueue` (or :func:`enqueue_in`,
+inside the transaction that records the job done); :func:`deliver_due` sends the rows.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
@@ -24,6 +26,38 @@ from dicom_node.store.index import Instance, OutboxItem
 from dicom_node.store.states import OutboxStateValues
 
 log = logging.getLogger(__name__)
+
+
+def enqueue(store: Store, sop_instance_uid: str) -> int:
+    """Queue a stored instance for every configured destination; return rows added (none for a
+    destination that has it queued already).
+
+    Raises
+    ------
+    KeyError
+        If the instance is not in the store.
+    """
+    with store.session() as session:
+        if session.get(Instance, sop_instance_uid) is None:
+            raise KeyError(f"{sop_instance_uid} is not in the store")
+        added = enqueue_in(store, session, sop_instance_uid)
+        session.commit()
+    return added
+
+
+def enqueue_in(store: Store, session: Any, sop_instance_uid: str) -> int:
+    """Add the outbox rows of :func:`enqueue` to ``session`` (the caller commits), for one
+    transaction with other changes; return rows added."""
+    added = 0
+    for dest in store.settings.destinations:
+        exists = session.scalar(select(OutboxItem.id).where(
+            OutboxItem.sop_instance_uid == sop_instance_uid,
+            OutboxItem.destination == str(dest)))
+        if exists is None:
+            session.add(OutboxItem(sop_instance_uid=sop_instance_uid, destination=str(dest),
+                                   next_attempt_at=0.0))
+            added += 1
+    return added
 
 
 def release_when_analysed(settings: Settings, object_uids: Sequence[str]) -> list[str]:

@@ -10,6 +10,7 @@ from pydicom import dcmread
 
 from dicom_node.settings import Settings
 from dicom_node.store.files import Store
+from dicom_node.store.outbox import enqueue
 from tests.dicom_factory import comprehensive_3d_sr, dataset_digest, with_new_uids
 from tests.peers import HIGHDICOM_FILES, NodeProcess, OrthancProcess, free_port
 
@@ -24,7 +25,7 @@ def _enqueue_created_instance(node: NodeProcess, source: Path, tmp_path: Path) -
     try:
         sr = dcmread(comprehensive_3d_sr(source, tmp_path / "result.dcm"))
         result = store.add_dataset(sr)
-        assert store.enqueue(result.sop_instance_uid) == 1
+        assert enqueue(store, result.sop_instance_uid) == 1
         return result.sop_instance_uid
     finally:
         store.close()

@@ -46,6 +46,7 @@ from dicom_node.jobs.result import write_summary
 from dicom_node.settings import Destination, Settings
 from dicom_node.store.files import Store
 from dicom_node.store.index import Instance, OutboxItem
+from dicom_node.store.outbox import enqueue
 from tests.dicom_factory import dciodvfy_errors, ellipse_outline, slide_result
 from tests.peers import NodeProcess, OrthancProcess
 
@@ -327,7 +328,7 @@ def test_pdf_and_gallery_arrive_in_orthanc_with_the_sr(made: dict[str, Path], re
             sent = {}
             for kind in ("sr", "pdf", "sc"):  # stored and queued as the worker does
                 stored = store.add_dataset(pydicom.dcmread(made[kind]))
-                assert store.enqueue(stored.sop_instance_uid) == 1
+                assert enqueue(store, stored.sop_instance_uid) == 1
                 sent[kind] = stored.sop_instance_uid
         finally:
             store.close()

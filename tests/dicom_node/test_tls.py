@@ -17,7 +17,7 @@ from pydicom import Dataset, dcmread
 
 from dicom_node.settings import Destination, Settings
 from dicom_node.store.files import Store
-from dicom_node.store.outbox import deliver_due
+from dicom_node.store.outbox import deliver_due, enqueue
 from tests.peers import NodeProcess, echo, free_port, require_tool
 
 SLIDE = sorted((Path(__file__).resolve().parents[2] / "dicom_node" / "data" / "sample_slide").glob("*.dcm"))
@@ -145,7 +145,7 @@ def test_outbox_delivers_over_tls_to_storescp(tmp_path: Path, pki: Path) -> None
     store = Store(settings)
     try:
         stored = store.ingest_file(SLIDE[0], routing="local")
-        assert store.enqueue(stored.sop_instance_uid) == 1
+        assert enqueue(store, stored.sop_instance_uid) == 1
         deadline = time.monotonic() + 30
         delivered = 0
         while not delivered and time.monotonic() < deadline:
