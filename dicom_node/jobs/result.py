@@ -278,10 +278,10 @@ def read_summary(folder: Path) -> SlideSummary:
 
 
 def write_summary(out: Path, result: Any, slide: Path | str, objects: Mapping[str, Any],
-                  timings: Mapping[str, float], counts: Mapping[str, int]) -> Path:
+                  timings: Mapping[str, float], counts: Mapping[str, int]) -> SlideSummary:
     """Write ``summary.json`` (a :class:`SlideSummary`) and, when there are heatmaps,
     ``heatmaps.npz`` (one float32 array per kind on the grid ``summary["heatmaps"]`` describes)
-    into ``out``; return the summary's path. Each file is replaced whole, never half written."""
+    into ``out``; return the summary written. Each file is replaced whole, never half written."""
     import numpy as np
 
     summary = SlideSummary.from_result(result, slide, objects, timings, counts)
@@ -294,7 +294,7 @@ def write_summary(out: Path, result: Any, slide: Path | str, objects: Mapping[st
     tmp_json = out / (SUMMARY + ".tmp")
     tmp_json.write_text(summary.to_json(indent=1) + "\n")
     os.replace(tmp_json, path)
-    return path
+    return summary
 
 
 def differential(result: Any) -> list[dict[str, Any]]:

@@ -173,9 +173,8 @@ def analyse(store: Store, job_id: int, slide: Slide, *, attempt: int, opened_s: 
         Once another attempt has the job.
     """
     from analysis.pipeline import ProgressEvent, classify_slide
-    from dicom_node.encode.differential import Differential
     from dicom_node.jobs.encoding import encode_results
-    from dicom_node.jobs.result import differential, stage_recorder, write_summary
+    from dicom_node.jobs.result import stage_recorder, write_summary
 
     settings = store.settings
     config = pipeline_config(settings)
@@ -203,7 +202,7 @@ def analyse(store: Store, job_id: int, slide: Slide, *, attempt: int, opened_s: 
         stored = store.add_dataset(ds)
         outputs[kind] = stored.sop_instance_uid
     results_dir = settings.results_dir / result.series_instance_uid  # a validated UID, never a path
-    write_summary(results_dir, result, slide.files[0].parent, objects, timings, counts)
+    summary = write_summary(results_dir, result, slide.files[0].parent, objects, timings, counts)
     meta = slide.metadata()
     return JobResult(
         levels=meta["levels"], width=meta["width"], height=meta["height"],
@@ -211,8 +210,8 @@ def analyse(store: Store, job_id: int, slide: Slide, *, attempt: int, opened_s: 
         results_dir=str(results_dir),
         timings_s=timings,
         cell_count=len(result.cells),
-        differential=differential(result),
-        report=Differential.from_result(result, platelets_detected=counts.get("platelets")).as_json(),
+        differential=summary.differential,
+        report=summary.report,
         review=len(result.review_cells),
         abnormal=sum(1 for c in result.cells if c.abnormal),
         validated_domain=str(result.provenance.parameters.get("validated_domain", "not checked")),
