@@ -93,7 +93,8 @@ async function main() {
       return n && n.dataset.label === label;
     }, [cellId, target]);
     out.reclassified = { from: before, to: target,
-      changes: await page.evaluate(() => window.cytonodeReview.changes) };
+      changes: await page.evaluate(() => window.cytonodeReview.changes),
+      changes_text: await page.locator("#changes-text").textContent() };
     const diff = await page.locator(`#differential tr[data-label="${target}"] td.count`).textContent();
     out.differential_count = Number(diff);
     await page.screenshot({ path: path.join(shots, "review.png"), fullPage: true });

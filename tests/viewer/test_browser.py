@@ -100,6 +100,8 @@ def test_pathologist_reviews_and_signs_in_the_browser(node_case, app, tmp_path: 
     # the clicked cell opened selected, and the key reclassified it
     assert result["selected"] is True
     assert result["reclassified"]["changes"] >= 1 and result["differential_count"] >= 1
+    n = result["reclassified"]["changes"]
+    assert result["reclassified"]["changes_text"] == f"{n} cell{'' if n == 1 else 's'} changed."
     # the flagged cells nobody looked at: no signature without the confirmation
     assert len(result["unreviewed"]) == len(flagged)
     assert result["unreviewed"][0].startswith(f"Cell {flagged[0]['cell_id']}: ")

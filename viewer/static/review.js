@@ -66,7 +66,8 @@
     document.getElementById("flag-count").textContent = report.text.flags;
     document.getElementById("unreviewed-count").textContent = kase.unreviewed_flagged.length;
     chart();
-    document.getElementById("changes").textContent = kase.changes;
+    document.getElementById("changes-text").textContent =
+      kase.changes + (kase.changes === 1 ? " cell changed." : " cells changed.");
     document.getElementById("undo").disabled = kase.signed || !kase.can_undo;
     state.changes = kase.changes;
     state.rendered += 1;
