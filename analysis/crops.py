@@ -6,8 +6,9 @@ model's input: the same physical framing :mod:`analysis.training.labs` gives eve
 val and test cell of every lab (:func:`analysis.framing.frame_at`), and ``cytonode classify``
 gives a single-cell image. Parts of the square outside the slide are mirrored in.
 
-:func:`slide_scale_check` measures the red cells around the crops (median 7.5 um across), so
-that a slide whose pixel spacing is wrong is noticed before its cells are trusted.
+:func:`slide_scale_check` measures the red cells around the crops (median 7.5 um across) in the
+slide's native pixels, and only then converts them with the claimed pixel spacing, so that a
+slide whose pixel spacing is wrong is noticed before its cells are trusted.
 
 ``docs/contact_sheet.png`` (made by :func:`analysis.training.plots.make_contact_sheet`) shows
 slide crops next to framed PBC images so a person can see that the framing matches.
@@ -15,6 +16,7 @@ slide crops next to framed PBC images so a person can see that the framing match
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +31,7 @@ from analysis.framing import (
     RED_CELL_DIAMETER_UM,
     SCALE_TOLERANCE,
     frame_at,
-    red_cell_diameter_px,
+    red_cell_radii,
 )
 from analysis.tiles import Slide
 
@@ -80,27 +82,139 @@ class ScaleCheck:
                 "crops_measured": self.crops_measured, "ratio": self.ratio, "ok": self.ok}
 
 
-def slide_scale_check(slide: Slide, cells: Sequence[DetectedCell], *, max_cells: int = 24,
-                      side_um: float = 40.0, side_px: int = 192) -> ScaleCheck:
-    """Measure the red cells in squares of ``side_um`` around up to ``max_cells`` cells.
+#: Where the ruler looks: Hough circles with radii 4-20 % of a square's side, i.e. diameters 8-40 %
+#: (:func:`analysis.framing.red_cell_diameter_px`'s range), and the square whose red cells span
+#: the range's geometric middle, sqrt(0.08 x 0.40) ~ 18 % of its side, is the one measured.
+#: (At that framing a BCCD field's red cells measure the 91 px their spacing was set from.)
+RULER_TARGET_FRACTION = 0.18
+#: Square sides tried, in NATIVE base-level pixels: 128 to 2048 by factors of sqrt(2), so red
+#: cells from about 16 to 500 native pixels across can be framed at the target fraction.
+RULER_SIDES_PX = tuple(round(128 * 2 ** (k / 2)) for k in range(9))
+#: The measurement pools, around each cell, squares of 3 sides (the chosen one and 2^(+-1/4) of
+#: it) at 5 places (centred, and moved a quarter side along each diagonal): Hough's circles on
+#: one square are few and scattered, and pooling 15 squares a cell keeps the median steady
+#: (the same pixels told six spacings measured within about 3 %, against 17-22 % from one square
+#: a cell: bench/scale_check.py, BCCD slides of 6 cells).
+RULER_SIDE_FACTORS = (2 ** -0.25, 1.0, 2 ** 0.25)
+RULER_OFFSETS = ((0.0, 0.0), (0.25, 0.25), (0.25, -0.25), (-0.25, 0.25), (-0.25, -0.25))
+#: About how many squares the measurement reads in all (time: ~2 ms a square): all 5 offsets
+#: up to 8 cells, the first ``RULER_SQUARES // (3 x cells)`` of them (at least 1) beyond.
+RULER_SQUARES = 120
 
-    Each square is read at ``side_um / side_px`` um/px (by the slide's own spacing) and its
-    red cells measured with :func:`analysis.framing.red_cell_diameter_px`; the median over the
-    squares is compared with 7.5 um.
+
+def slide_scale_check(slide: Slide, cells: Sequence[DetectedCell], *, max_cells: int = 24,
+                      probe_cells: int = 8, side_px: int = 192) -> ScaleCheck:
+    """Measure the red cells around up to ``max_cells`` cells in native pixels, then in um.
+
+    The measurement never uses the slide's claimed pixel spacing, only its native (base-level)
+    pixels, so a wrong spacing cannot rescale it; the spacing only converts the result to um.
+
+    1. Squares of each side in :data:`RULER_SIDES_PX` native pixels are read around up to
+       ``probe_cells`` of the cells (:func:`_native_square`: from the coarsest level that keeps
+       at least ``side_px`` pixels across, resized to ``side_px``) and Hough circles with radii
+       4-20 % of the side found on their green channel (:func:`analysis.framing.red_cell_radii`, as
+       :func:`analysis.framing.red_cell_diameter_px` does).
+    2. Hough finds circles at whatever scale its range allows, so the side is chosen by
+       self-consistency (:func:`_self_consistent_side`): the side at which the median circle
+       spans :data:`RULER_TARGET_FRACTION` of the square.
+    3. Around each of up to ``max_cells`` cells, squares of that side times
+       :data:`RULER_SIDE_FACTORS`, at :data:`RULER_OFFSETS` (fractions of the side; all five
+       up to 8 cells, fewer beyond, about :data:`RULER_SQUARES` squares in all), are
+       measured; the median of all circles from squares with 3 or more is the red cells'
+       diameter in native pixels, times ``slide.pixel_spacing_um`` (the claimed spacing) the
+       diameter in um, compared with 7.5 um (:data:`analysis.framing.SCALE_TOLERANCE`).
+
+    Returns
+    -------
+    ScaleCheck
+        ``crops_measured`` counts the cells with at least one square of 3 or more circles;
+        fewer than 3 such cells (or no side at which circles were found): ``None`` values and
+        ``ok`` ``None``.
     """
-    diameters = []
-    step = max(1, len(cells) // max_cells)
-    config = CropConfig(output_size=side_px, field_of_view_um=side_um)
-    for cell in list(cells)[::step][:max_cells]:
-        found = red_cell_diameter_px(crop_cell(slide, cell, config))
-        if found is not None:
-            diameters.append(found[0] * side_um / side_px)
-    if len(diameters) < 3:
-        return ScaleCheck(None, len(diameters), None, None)
-    median = float(np.median(diameters))
+    chosen = list(cells)[::max(1, len(cells) // max_cells)][:max_cells]
+    if len(chosen) < 3:
+        return ScaleCheck(None, 0, None, None)
+    probes = chosen[::max(1, len(chosen) // probe_cells)][:probe_cells]
+    short = min(slide.size)
+    sides = [s for s in RULER_SIDES_PX if s <= short] or [short]
+    fractions = []
+    for side in sides:  # a side counts only where 3 or more probe squares hold 3+ circles
+        probed = [d for d in (_red_cell_diameters(slide, cell, side, side_px) for cell in probes)
+                  if d is not None]
+        fractions.append(float(np.median(np.concatenate(probed))) / side
+                         if len(probed) >= min(3, len(probes)) else np.nan)
+    side_native = _self_consistent_side(sides, fractions)
+    if side_native is None:
+        return ScaleCheck(None, 0, None, None)
+    # at most about RULER_SQUARES squares in all: every offset for a few cells, fewer for many
+    offsets = RULER_OFFSETS[:max(1, min(len(RULER_OFFSETS),
+                                        RULER_SQUARES // (len(RULER_SIDE_FACTORS) * len(chosen))))]
+    pooled: list[NDArray[np.float64]] = []
+    measured = 0
+    for cell in chosen:
+        found: list[NDArray[np.float64]] = []
+        for factor in RULER_SIDE_FACTORS:
+            side = max(8, min(short, round(side_native * factor)))
+            for dx, dy in offsets:
+                d = _red_cell_diameters(slide, cell, side, side_px, (dx * side, dy * side))
+                if d is not None:
+                    found.append(d)
+        if found:
+            pooled.extend(found)
+            measured += 1
+    if measured < 3:
+        return ScaleCheck(None, measured, None, None)
+    median = float(np.median(np.concatenate(pooled))) * slide.pixel_spacing_um
     ratio = median / RED_CELL_DIAMETER_UM
-    return ScaleCheck(round(median, 3), len(diameters), round(ratio, 3),
+    return ScaleCheck(round(median, 3), measured, round(ratio, 3),
                       abs(ratio - 1.0) <= SCALE_TOLERANCE)
+
+
+def _self_consistent_side(sides: Sequence[int], fractions: Sequence[float]) -> int | None:
+    """The side (native px) at which the median circle spans :data:`RULER_TARGET_FRACTION`.
+
+    ``fractions[k]`` is the median circle's diameter over ``sides[k]`` (NaN where too few
+    squares held circles); it falls as the side grows, since the red cells keep their size.
+    Squares smaller than a red cell hold only chance circles whose fraction may cross the
+    target too, so the crossing taken is the one at the LARGEST sides: between the last pair of
+    measured neighbours with the fraction at or above the target then below it, interpolated in
+    log side. No crossing: the measured side nearest the target. ``None`` if none was measured.
+    """
+    logs = np.log(np.asarray(sides, dtype=float))
+    q = np.log(np.asarray(fractions, dtype=float) / RULER_TARGET_FRACTION)
+    finite = np.flatnonzero(np.isfinite(q))
+    if finite.size == 0:
+        return None
+    for a, b in reversed(list(itertools.pairwise(finite))):
+        if b == a + 1 and q[a] >= 0 > q[b]:
+            t = q[a] / (q[a] - q[b])
+            return round(float(np.exp(logs[a] + t * (logs[b] - logs[a]))))
+    return int(sides[int(finite[np.argmin(np.abs(q[finite]))])])
+
+
+def _red_cell_diameters(slide: Slide, cell: DetectedCell, side: int, side_px: int,
+                        offset: tuple[float, float] = (0.0, 0.0)) -> NDArray[np.float64] | None:
+    """Diameters (native px) of the Hough circles in the square of ``side`` native px centred
+    ``offset`` native px from ``cell``; ``None`` when the square holds fewer than 3 circles."""
+    square = _native_square(slide, cell.x + offset[0], cell.y + offset[1], side, side_px)
+    radii = red_cell_radii(square[..., 1])
+    return 2.0 * radii * side / side_px if radii.size >= 3 else None
+
+
+def _native_square(slide: Slide, x: float, y: float, side: int, side_px: int) -> NDArray[np.uint8]:
+    """The square of ``side`` base-level pixels centred on ``(x, y)``, resized to ``side_px``.
+
+    Read from the coarsest pyramid level that still has ``side_px`` pixels or more across the
+    square (chosen by pixel counts and downsample factors, never by the claimed spacing).
+    """
+    level = slide.levels[0]
+    for candidate in slide.levels:
+        if level.downsample < candidate.downsample <= side / side_px * 1.01:
+            level = candidate
+    n = max(1, round(side / level.downsample))
+    x0 = round(x / level.downsample - n / 2)
+    y0 = round(y / level.downsample - n / 2)
+    return _resize(_read_padded(slide, level.index, x0, y0, n), side_px)
 
 
 def _read_padded(slide: Slide, level_index: int, x0: int, y0: int, side: int) -> NDArray[np.uint8]:

@@ -86,15 +86,21 @@ def red_cell_diameter_px(rgb: np.ndarray) -> tuple[float, int] | None:
     green = np.ascontiguousarray(rgb[..., 1])
     if scale != 1.0:
         green = cv2.resize(green, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
-    green = cv2.GaussianBlur(green, (0, 0), 1.5)
+    radii = red_cell_radii(green)
+    if radii.size < 3:
+        return None
+    return float(2 * np.median(radii) / scale), len(radii)
+
+
+def red_cell_radii(green: np.ndarray) -> np.ndarray:
+    """Radii (px) of the red cells OpenCV's Hough gradient method finds on a green channel
+    (blurred first, sigma 1.5 px): radii 4-20 % of the shorter side; empty if none."""
+    green = cv2.GaussianBlur(np.ascontiguousarray(green), (0, 0), 1.5)
     s = min(green.shape[:2])
     circles = cv2.HoughCircles(green, cv2.HOUGH_GRADIENT, dp=1, minDist=max(4, s // 12),
                                param1=60, param2=18, minRadius=max(3, s // 25),
                                maxRadius=max(5, s // 5))
-    if circles is None or circles.shape[1] < 3:
-        return None
-    radii = circles[0, :, 2]
-    return float(2 * np.median(radii) / scale), len(radii)
+    return np.zeros(0) if circles is None else circles[0, :, 2].astype(np.float64)
 
 
 def estimate_pixel_spacing_um(rgb: np.ndarray) -> tuple[float, int] | None:
