@@ -125,7 +125,9 @@ def test_a_site_calibration_makes_blasts_of_an_unseen_lab_stand_out(tmp_path: Pa
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
-    assert summary["cells"] == 40 and summary["flag_rate_after"] <= 0.05
+    # the site's own cells are flagged "unlike any training class" at the rule's chosen share
+    share = read_calibration(WEIGHTS_DIR)["review_rule"]["val_normal_flag_rate"]
+    assert summary["cells"] == 40 and summary["flag_rate_after"] <= share + 0.03
     site = load_site(data_dir, "aml-lab")
     assert site.label.startswith("aml-lab (") and site.label.endswith("40 cells)")
 
