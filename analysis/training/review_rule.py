@@ -20,6 +20,8 @@ Reads the per-cell outputs written by :mod:`analysis.training.review_signals`
    Among the rules that flag >= 95 % of the aml-val blasts keep the one that flags the
    fewest val normal cells (mean over the val groups); if none does, the one that flags
    the most blasts.
+   Then the threshold for a lab without a site calibration, on val without sites
+   (:func:`choose_unsited_threshold`).
 4. Write the rule (``calibration.json`` ``review_rule``) and the density, then score
    test (PBC test, BCCD test, Chula test, the second half of aml_dev) once.
 
@@ -363,6 +365,32 @@ def choose_rule(val: Signals, aml_val: Signals, sites: dict[str, Site], density:
     return chosen, tried
 
 
+def choose_unsited_threshold(rule: ReviewRule, val: Signals, density: FeatureDensity
+                             ) -> tuple[float, list[dict[str, object]]]:
+    """The "unlike any training class" threshold for a lab WITHOUT a site calibration.
+
+    :func:`choose_rule` sets the share a site's own cells may be flagged with the site's
+    calibration. A lab without one sees the shipped threshold; it is chosen on val without
+    sites, the rule's other thresholds fixed: the val-normal quantile (of :data:`SHARES`) that
+    keeps every val lab's error among unflagged cells in target and flags the fewest val normal
+    cells. (An uncalibrated lab's normal cells sit farther from the training classes, so a
+    threshold as low as a site's own would call many of them unlike any class.)
+    """
+    normal = _normal(val)
+    tried = []
+    for share in SHARES:
+        threshold = float(np.quantile(val.feature[normal], 1.0 - share))
+        per = evaluate(dataclasses.replace(rule, feature_threshold=threshold), _by_lab(val), None, density)
+        ok = all(v["error_among_not_flagged"] is None or v["error_among_not_flagged"] <= TARGET_ERROR[
+            "pbc" if lab == "pbc" else "other"] for lab, v in per.items())
+        tried.append({"share": share, "threshold": round(threshold, 4), "within_error_targets": ok,
+                      "mean_normal_flagged": round(float(np.mean([v["normal_flagged"] for v in per.values()])), 4),
+                      "per_lab": per})
+    good = [t for t in tried if t["within_error_targets"]] or tried
+    best = min(good, key=lambda t: t["mean_normal_flagged"])
+    return float(best["threshold"]), tried
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--signals", type=Path, default=Path(".train/signals"))
@@ -401,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     rule, tried = choose_rule(val, aml_val, sites, density)
     val, aml, aml_val, aml_test = (using(x, rule.uncertainty_of) for x in (val, aml, aml_val, aml_test))
+    unsited, report["unsited_threshold_on_val"] = choose_unsited_threshold(rule, val, density)
+    rule = dataclasses.replace(rule, feature_threshold=unsited)
     medians = {str(lab): float(np.median(val.feature[val.lab == lab])) for lab in np.unique(val.lab)}
     rule = dataclasses.replace(rule, slide_feature_threshold=round(
         SLIDE_MARGIN * max(medians.values()), 4), diffusion_weight=weight)

@@ -95,7 +95,8 @@ def test_pathologist_reviews_and_signs_in_the_browser(node_case, app, tmp_path: 
     first = next(c for c in flagged if c["cell_id"] == result["card"]["flagged_id"])
     assert result["card"]["flagged_number"] == f"Cell {first['cell_id']}"
     assert result["card"]["flagged_reasons"] == [
-        "review: " + FLAG_REASON_LABELS[FlagReasonValues(r)] for r in first["review_reasons"]]
+        "review: " + FLAG_REASON_LABELS[FlagReasonValues(r)] for r in first["review_reasons"]] + (
+        ["marked abnormal"] if first["abnormal"] else [])
     assert result["card"]["flagged_unseen"] is True
     # the clicked cell opened selected, and the key reclassified it
     assert result["selected"] is True
