@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cv2
@@ -106,12 +106,13 @@ def slide_scale_check(slide: Slide, cells: Sequence[DetectedCell], *, max_cells:
                       probe_cells: int = 8, side_px: int = 192) -> ScaleCheck:
     """Measure the red cells around up to ``max_cells`` cells in native pixels, then in um.
 
-    The measurement never uses the slide's claimed pixel spacing, only its native (base-level)
-    pixels, so a wrong spacing cannot rescale it; the spacing only converts the result to um.
+    The measurement is in the slide's native (base-level) pixels, so a wrong claimed spacing
+    cannot rescale it; the spacing only converts the result to um.
 
     1. Squares of each side in :data:`RULER_SIDES_PX` native pixels are read around up to
-       ``probe_cells`` of the cells (:func:`_native_square`: from the coarsest level that keeps
-       at least ``side_px`` pixels across, resized to ``side_px``) and Hough circles with radii
+       ``probe_cells`` of the cells (:func:`crop_cell` with a field of view of the side times the
+       spacing, so the spacing cancels: from the coarsest level that keeps at least ``side_px``
+       pixels across, resized to ``side_px``) and Hough circles with radii
        4-20 % of the side found on their green channel (:func:`analysis.framing.red_cell_radii`, as
        :func:`analysis.framing.red_cell_diameter_px` does).
     2. Hough finds circles at whatever scale its range allows, so the side is chosen by
@@ -196,25 +197,11 @@ def _red_cell_diameters(slide: Slide, cell: DetectedCell, side: int, side_px: in
                         offset: tuple[float, float] = (0.0, 0.0)) -> NDArray[np.float64] | None:
     """Diameters (native px) of the Hough circles in the square of ``side`` native px centred
     ``offset`` native px from ``cell``; ``None`` when the square holds fewer than 3 circles."""
-    square = _native_square(slide, cell.x + offset[0], cell.y + offset[1], side, side_px)
+    # crop_cell's square of side x spacing um is ``side`` native px: the claimed spacing cancels
+    square = crop_cell(slide, replace(cell, x=cell.x + offset[0], y=cell.y + offset[1]),
+                       CropConfig(output_size=side_px, field_of_view_um=side * slide.pixel_spacing_um))
     radii = red_cell_radii(square[..., 1])
     return 2.0 * radii * side / side_px if radii.size >= 3 else None
-
-
-def _native_square(slide: Slide, x: float, y: float, side: int, side_px: int) -> NDArray[np.uint8]:
-    """The square of ``side`` base-level pixels centred on ``(x, y)``, resized to ``side_px``.
-
-    Read from the coarsest pyramid level that still has ``side_px`` pixels or more across the
-    square (chosen by pixel counts and downsample factors, never by the claimed spacing).
-    """
-    level = slide.levels[0]
-    for candidate in slide.levels:
-        if level.downsample < candidate.downsample <= side / side_px * 1.01:
-            level = candidate
-    n = max(1, round(side / level.downsample))
-    x0 = round(x / level.downsample - n / 2)
-    y0 = round(y / level.downsample - n / 2)
-    return _resize(_read_padded(slide, level.index, x0, y0, n), side_px)
 
 
 def _read_padded(slide: Slide, level_index: int, x0: int, y0: int, side: int) -> NDArray[np.uint8]:

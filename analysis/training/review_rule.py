@@ -314,6 +314,16 @@ def _flags_with_sites(rule: ReviewRule, s: Signals, sites: dict[str, Site],
     return flagged
 
 
+def _in_target(lab: str, error: float) -> bool:
+    """Whether the error among a lab's unflagged val cells is within :data:`TARGET_ERROR`."""
+    return error <= TARGET_ERROR["pbc" if lab == "pbc" else "other"]
+
+
+def _normal_quantile(s: Signals, q: float) -> float:
+    """The ``q`` quantile of the feature distance of the normal cells of ``s``."""
+    return float(np.quantile(s.feature[_normal(s)], q))
+
+
 def _uncertainty_threshold(val: Signals, flagged: np.ndarray) -> float:
     """Largest entropy threshold keeping every val lab's error among unflagged cells in target."""
     best = -math.inf
@@ -322,8 +332,7 @@ def _uncertainty_threshold(val: Signals, flagged: np.ndarray) -> float:
         ok = True
         for lab in np.unique(val.lab):
             m = kept & (val.lab == lab)
-            if m.any() and np.mean(val.label[m] != val.labels[m]) > TARGET_ERROR[
-                    "pbc" if lab == "pbc" else "other"]:
+            if m.any() and not _in_target(str(lab), float(np.mean(val.label[m] != val.labels[m]))):
                 ok = False
                 break
         if ok:
@@ -334,13 +343,12 @@ def _uncertainty_threshold(val: Signals, flagged: np.ndarray) -> float:
 def choose_rule(val: Signals, aml_val: Signals, sites: dict[str, Site], density: FeatureDensity
                 ) -> tuple[ReviewRule, list[dict[str, object]]]:
     """See the module docstring, step 3."""
-    normal = _normal(val)
     tried = []
     for uncertainty_of, disagreement, share in itertools.product(
             UNCERTAINTY_OF, DISAGREEMENT, SHARES):
         v, a = using(val, uncertainty_of), using(aml_val, uncertainty_of)
         groups = {**_by_lab(v), "aml_val": a}
-        shipped = float(np.quantile(v.feature[normal], 1.0 - share))
+        shipped = _normal_quantile(v, 1.0 - share)
         base = ReviewRule(uncertainty_threshold=math.inf, feature_threshold=shipped,
                           disagreement=disagreement, val_normal_flag_rate=share,
                           uncertainty_of=uncertainty_of)
@@ -376,19 +384,19 @@ def choose_unsited_threshold(rule: ReviewRule, val: Signals, density: FeatureDen
     cells. (An uncalibrated lab's normal cells sit farther from the training classes, so a
     threshold as low as a site's own would call many of them unlike any class.)
     """
-    normal = _normal(val)
-    tried = []
+    tried, thresholds = [], []
     for share in SHARES:
-        threshold = float(np.quantile(val.feature[normal], 1.0 - share))
+        threshold = _normal_quantile(val, 1.0 - share)
+        thresholds.append(round(threshold, 4))
         per = evaluate(dataclasses.replace(rule, feature_threshold=threshold), _by_lab(val), None, density)
-        ok = all(v["error_among_not_flagged"] is None or v["error_among_not_flagged"] <= TARGET_ERROR[
-            "pbc" if lab == "pbc" else "other"] for lab, v in per.items())
+        ok = all(v["error_among_not_flagged"] is None or _in_target(lab, v["error_among_not_flagged"])
+                 for lab, v in per.items())
         tried.append({"share": share, "threshold": round(threshold, 4), "within_error_targets": ok,
                       "mean_normal_flagged": round(float(np.mean([v["normal_flagged"] for v in per.values()])), 4),
                       "per_lab": per})
     good = [t for t in tried if t["within_error_targets"]] or tried
     best = min(good, key=lambda t: t["mean_normal_flagged"])
-    return float(best["threshold"]), tried
+    return thresholds[tried.index(best)], tried
 
 
 def main(argv: list[str] | None = None) -> int:

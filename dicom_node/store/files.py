@@ -343,4 +343,3 @@ class Store:
         finally:
             Path(name).unlink(missing_ok=True)
 
-    # Outbox -------------------------------------------------------------------
