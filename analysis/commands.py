@@ -13,7 +13,9 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -302,9 +304,12 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
 
     data_dir: Path = args.data_dir  # the command line fills in the node's data folder
     if args.list:
+        check = _site_check(args.weights)
         for site in list_sites(data_dir):
             sys.stdout.write(f"{site.label}\tsource {site.source}\tflagged {site.flag_rate_before:.1%}"
                              f" -> {site.flag_rate_after:.1%}\n")
+            for note in check(site):
+                sys.stdout.write(f"  warning: {note}\n")
         return 0
     if not args.paths or not args.site_id:
         sys.stderr.write("cytonode calibrate-site: give image folders and --id NAME (or --list)\n")
@@ -338,6 +343,21 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_check(weights_dir: Path | None) -> Callable[[Any], list[str]]:
+    """What the shipped review rule and reference make of a stored site calibration
+    (:meth:`analysis.site.SiteCalibration.problems`), without loading the networks."""
+    from analysis.classifier import REFERENCE_WEIGHTS, WEIGHTS_DIR, read_calibration
+    from analysis.results import weights_sha256
+
+    weights = weights_dir or WEIGHTS_DIR
+    rule: Any = read_calibration(weights).get("review_rule")
+    if rule is None or not (weights / REFERENCE_WEIGHTS).is_file():
+        return lambda site: []
+    share = float(rule.get("val_normal_flag_rate", 0.05))
+    digest = weights_sha256(weights / REFERENCE_WEIGHTS)
+    return lambda site: site.problems(share, digest)[1]
+
+
 def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_dir: Path | None,
                    pixel_spacing_um: float | None, source: str) -> dict[str, object]:
     """Frame the images, fit the calibration, store it; a summary for the command line."""
@@ -360,7 +380,8 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     val_rate = float(model.rule.val_normal_flag_rate)
     site = fit_site(site_id, features, density=model.density,
                     shipped_threshold=model.rule.feature_threshold,
-                    val_normal_flag_rate=val_rate, source=source)
+                    val_normal_flag_rate=val_rate, source=source,
+                    reference_sha256=model.reference_sha256)
     path = save_site(data_dir, site)
     return {"id": site.site_id, "label": site.label, "path": str(path), "cells": site.cells,
             "pixel_spacing_um": round(spacing, 5), "feature_threshold": site.feature_threshold,

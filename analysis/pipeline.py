@@ -25,7 +25,6 @@ Stages, each reported through :mod:`logging` and an optional progress callback:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import os
@@ -49,6 +48,7 @@ from analysis.results import (
     HeatmapKindValues,
     ModelProvenance,
     SlideResult,
+    weights_sha256,
 )
 from analysis.review import diffusion_reasons
 from analysis.tiles import Slide, has_dicm_preamble
@@ -299,15 +299,6 @@ def _paint_anomaly(grid: NDArray[np.float32], outline: Sequence[tuple[float, flo
     grid[rr, cc] = np.maximum(grid[rr, cc], np.float32(value))
 
 
-def weights_sha256(path: Path) -> str:
-    """SHA-256 of a file, lower-case hex."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # --- The pipeline --------------------------------------------------------------------------
 def classify_slide(slide: Slide | Path | str | Sequence[Path | str],
                    config: PipelineConfig | None = None, *,
@@ -377,6 +368,9 @@ def _classify_open_slide(slide: Slide, config: PipelineConfig, progress: Progres
     stage = _Stage("crop", max(1, len(cells)), progress)
     classifier, classifier_config = _load_classifier(config)
     review_model = _load_review_model(config, classifier)
+    site, site_notes = (None, ()) if review_model is None else review_model.usable_site(config.site)
+    for note in site_notes:
+        logger.warning("%s", note)
     crop_config = dataclasses.replace(config.crops, output_size=classifier.image_size)
     framed = _framed([crop_cell(slide, cell, crop_config) for cell in cells],
                      classifier.image_size)
@@ -394,7 +388,7 @@ def _classify_open_slide(slide: Slide, config: PipelineConfig, progress: Progres
     stage = _Stage("classify", max(1, len(cells)), progress)
     predictions = _classify(classifier, classifier_config, framed, config, stage)
     flags, predictions = _review(review_model, predictions, reference_framed, scale=scale,
-                                 site=config.site)
+                                 site=site)
     heatmaps: tuple[HeatmapGrid, ...] = ()
     if config.heatmaps and cells:
         heatmaps = _heatmaps(classifier, classifier_config, framed, predictions, slide,
@@ -430,7 +424,7 @@ def _classify_open_slide(slide: Slide, config: PipelineConfig, progress: Progres
         cells=tuple(cell_results),
         provenance=_provenance(classifier, classifier_config, config,
                                heatmaps[0].cell_size_px if heatmaps else 0, scale, review_model,
-                               flags.domain),
+                               flags.domain, site, site_notes),
         heatmaps=heatmaps,
     )
 
@@ -580,7 +574,8 @@ def _heatmaps(classifier: Any, budget: Any, images: NDArray[np.uint8],
 
 def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
                 heatmap_cell_size_px: int, scale: ScaleCheck | None = None,
-                review_model: Any = None, domain: DomainCheck | None = None) -> ModelProvenance:
+                review_model: Any = None, domain: DomainCheck | None = None, site: Any = None,
+                site_notes: Sequence[str] = ()) -> ModelProvenance:
     from analysis.classifier import DIFFUSION_WEIGHTS, REFERENCE_WEIGHTS, WEIGHTS_DIR
 
     weights = (config.weights_dir or WEIGHTS_DIR) / DIFFUSION_WEIGHTS
@@ -597,7 +592,7 @@ def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
         "image_size": int(classifier.image_size),
     }
     if review_model is not None:
-        rule = review_model.rule_for(config.site)
+        rule = review_model.rule_for(site)
         parameters["review_rule"] = "significant class, unlike any training class, models disagree, uncertain"
         for key, value in (("review_uncertainty_threshold", rule.uncertainty_threshold),
                            ("review_feature_threshold", rule.feature_threshold)):
@@ -610,7 +605,9 @@ def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
             f"diffusion^{w:g} x reference^{1 - w:g}, normalised (weight chosen on val)")
         parameters["review_significant_classes"] = ", ".join(rule.significant_classes)
         parameters["anomaly_score"] = "reference feature distance (Mahalanobis, nearest class)"
-        parameters["site_calibration"] = config.site.label if config.site is not None else "none"
+        parameters["site_calibration"] = site.label if site is not None else "none"
+        if site_notes:
+            parameters["site_calibration_warning"] = "; ".join(site_notes)
         parameters["reference_weights_sha256"] = weights_sha256(
             (config.weights_dir or WEIGHTS_DIR) / REFERENCE_WEIGHTS)
     if domain is not None:

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import math
 import re
 import types
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -356,6 +358,15 @@ class CellResult:
     def probability(self) -> float:
         """Posterior probability of the assigned class."""
         return self.probabilities[self.label.value]
+
+
+def weights_sha256(path: Path) -> str:
+    """SHA-256 of a weights file, lower-case hex (:attr:`ModelProvenance.weights_sha256`)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from analysis.classes import CLASS_NAMES
-from analysis.results import FlagReasonValues
+from analysis.results import FlagReasonValues, weights_sha256
 
 #: The feature density of the reference network (next to its weights).
 DENSITY_WEIGHTS = "reference_density.safetensors"
@@ -282,11 +282,13 @@ class ReviewModel:
     """
 
     def __init__(self, weights_dir: Path, rule: ReviewRule) -> None:
-        from analysis.classifier import ReferenceClassifier
+        from analysis.classifier import REFERENCE_WEIGHTS, ReferenceClassifier
 
         self.rule = rule
         self.reference = ReferenceClassifier(weights_dir)
         self.density = FeatureDensity.load(weights_dir / DENSITY_WEIGHTS)
+        #: What a site calibration must have been fitted with (:meth:`usable_site`).
+        self.reference_sha256 = weights_sha256(weights_dir / REFERENCE_WEIGHTS)
 
     @classmethod
     def load(cls, weights_dir: Path, calibration: Mapping[str, Any]) -> ReviewModel | None:
@@ -305,11 +307,21 @@ class ReviewModel:
         """The reference network's input size (cells are framed for it apart)."""
         return self.reference.image_size
 
+    def usable_site(self, site: Any) -> tuple[Any, tuple[str, ...]]:
+        """The :class:`analysis.site.SiteCalibration` to use (``None`` when there is none or
+        it was fitted with another reference network) and what a result must say about it."""
+        if site is None:
+            return None, ()
+        usable, notes = site.problems(self.rule.val_normal_flag_rate, self.reference_sha256)
+        return (site if usable else None), tuple(notes)
+
     def rule_for(self, site: Any = None) -> ReviewRule:
-        """The rule with a :class:`analysis.site.SiteCalibration`'s feature threshold, if any."""
+        """The rule with a :class:`analysis.site.SiteCalibration`'s feature threshold, if any:
+        the distance above which the rule's share of the site's own cells lie."""
         if site is None:
             return self.rule
-        return dataclasses.replace(self.rule, feature_threshold=site.feature_threshold)
+        threshold = site.threshold_for(self.rule.val_normal_flag_rate)
+        return dataclasses.replace(self.rule, feature_threshold=threshold)
 
     def measure(self, reference_images: np.ndarray, site: Any = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

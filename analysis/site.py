@@ -18,9 +18,19 @@ frames them) and fits:
 ``median_distance``
     The median of the site's distances after the shift: the slide check's reference
     (:func:`analysis.domain.slide_threshold`).
+``distance_quantiles``
+    The site's distances after the shift at every half percentile, so that a later
+    review rule with another share (``val_normal_flag_rate``) takes its threshold from
+    the same cells (:meth:`SiteCalibration.threshold_for`) without a new calibration.
+``reference_sha256``
+    The reference network whose features were measured. The shift lives in that
+    network's feature space: with another network it means nothing, and the node does
+    not use the calibration (:meth:`SiteCalibration.problems`).
 
 It is stored as ``DATA_DIR/sites/<id>.json`` with its id, date, cell count and
-source, and every result analysed with it names it in its provenance.
+source, and every result analysed with it names it in its provenance. A file written
+before the quantiles were stored keeps its one threshold: results name the share it
+was fitted for, and ask for ``cytonode calibrate-site`` again when that differs.
 """
 
 from __future__ import annotations
@@ -39,6 +49,8 @@ SITES_DIR = "sites"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: Fewer cells than this give too noisy a mean and quantile to be worth storing.
 MIN_CELLS = 30
+#: The probabilities at which the site's distances are stored (every half percentile).
+QUANTILE_GRID = np.linspace(0.0, 1.0, 201)
 
 
 def check_site_id(value: str) -> str:
@@ -61,6 +73,12 @@ class SiteCalibration:
     flag_rate_after: float
     #: Median distance of the site's cells after the shift (the slide check's reference).
     median_distance: float = 0.0
+    #: The share of the site's cells ``feature_threshold`` flags (``None``: not recorded).
+    flag_share: float | None = None
+    #: The site's distances after the shift at :data:`QUANTILE_GRID` (empty: not recorded).
+    distance_quantiles: tuple[float, ...] = ()
+    #: SHA-256 of the reference network the features came from ("": not recorded).
+    reference_sha256: str = ""
 
     def __post_init__(self) -> None:
         check_site_id(self.site_id)
@@ -68,6 +86,13 @@ class SiteCalibration:
             raise ValueError(f"a site calibration needs at least {MIN_CELLS} cells, not {self.cells}")
         if not np.isfinite(self.feature_threshold):
             raise ValueError("feature_threshold must be finite")
+        if self.flag_share is not None and not 0.0 < self.flag_share < 1.0:
+            raise ValueError(f"flag_share must lie in (0, 1), not {self.flag_share}")
+        q = np.asarray(self.distance_quantiles, dtype=np.float64)
+        if len(q) and (len(q) != len(QUANTILE_GRID) or not np.all(np.isfinite(q))
+                       or np.any(np.diff(q) < 0)):
+            raise ValueError(f"distance_quantiles must be {len(QUANTILE_GRID)} finite, "
+                             f"non-decreasing numbers")
 
     @property
     def label(self) -> str:
@@ -77,6 +102,31 @@ class SiteCalibration:
     def shift(self) -> np.ndarray:
         return np.asarray(self.feature_shift, dtype=np.float64)
 
+    def threshold_for(self, share: float) -> float:
+        """The distance above which ``share`` of the site's own cells lie: from the stored
+        quantiles, else the one stored threshold (whatever share it was fitted for)."""
+        if not len(self.distance_quantiles):
+            return float(self.feature_threshold)
+        return float(np.interp(1.0 - share, QUANTILE_GRID, self.distance_quantiles))
+
+    def problems(self, share: float, reference_sha256: str) -> tuple[bool, list[str]]:
+        """Whether the calibration can be used with a review rule flagging ``share`` of a
+        site's normal cells and the reference network of that digest, and what a result
+        must say about it."""
+        again = f"run `cytonode calibrate-site` again for {self.site_id}"
+        if self.reference_sha256 and self.reference_sha256 != reference_sha256:
+            return False, [(f"site calibration {self.label} was fitted with another reference "
+                            f"network ({self.reference_sha256[:12]}, shipped "
+                            f"{reference_sha256[:12]}): not used; {again}")]
+        if len(self.distance_quantiles):
+            return True, []
+        fitted = self.flag_share
+        if fitted is not None and abs(fitted - share) < 1e-9:
+            return True, []
+        was = "an unrecorded share" if fitted is None else f"{fitted:.0%}"
+        return True, [(f"site calibration {self.label} flags {was} of the site's cells as unlike "
+                       f"any training class, the review rule {share:.0%}: {again}")]
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
@@ -84,6 +134,7 @@ class SiteCalibration:
     def from_json(cls, text: str) -> SiteCalibration:
         raw: dict[str, Any] = json.loads(text)
         raw["feature_shift"] = tuple(float(v) for v in raw["feature_shift"])
+        raw["distance_quantiles"] = tuple(float(v) for v in raw.get("distance_quantiles", ()))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
@@ -122,9 +173,11 @@ def list_sites(data_dir: Path) -> list[SiteCalibration]:
 
 
 def fit_site(site_id: str, features: np.ndarray, *, density: Any,
-             shipped_threshold: float, val_normal_flag_rate: float, source: str) -> SiteCalibration:
+             shipped_threshold: float, val_normal_flag_rate: float, source: str,
+             reference_sha256: str = "") -> SiteCalibration:
     """Fit a site calibration from the reference ``features`` of the site's cells
-    (``density``: :class:`analysis.review.FeatureDensity`)."""
+    (``density``: :class:`analysis.review.FeatureDensity`; ``reference_sha256``: the
+    network that measured them)."""
     if len(features) < MIN_CELLS:
         raise ValueError(f"a site calibration needs at least {MIN_CELLS} cells, not {len(features)}")
     shift = density.site_shift(features)
@@ -138,4 +191,7 @@ def fit_site(site_id: str, features: np.ndarray, *, density: Any,
         feature_threshold=threshold,
         flag_rate_before=round(float(np.mean(before > shipped_threshold)), 4),
         flag_rate_after=round(float(np.mean(after > threshold)), 4),
-        median_distance=round(float(np.median(after)), 4))
+        median_distance=round(float(np.median(after)), 4),
+        flag_share=float(val_normal_flag_rate),
+        distance_quantiles=tuple(float(v) for v in np.quantile(after, QUANTILE_GRID)),
+        reference_sha256=reference_sha256)

@@ -133,6 +133,12 @@ class CaseState:
         params = self.summary.get("provenance", {}).get("parameters", {})
         return str(params.get("site_calibration", ""))
 
+    @property
+    def site_calibration_warning(self) -> str:
+        """Why the site calibration was not used, or does not match the review rule ("": none)."""
+        params = self.summary.get("provenance", {}).get("parameters", {})
+        return str(params.get("site_calibration_warning", ""))
+
     def report(self) -> Differential:
         """The differential of the current (reviewed) classes, with the analysis' flags."""
         return Differential.from_cells(self.cells,

@@ -106,6 +106,8 @@ def _print_differential(result: Any, timings: dict[str, float], out: Path, *,
     line = headline(params)
     if line is not None:
         lines.append(f"{line} (site calibration: {params.get('site_calibration', 'none')})")
+    if params.get("site_calibration_warning"):
+        lines.append(f"site calibration warning: {params['site_calibration_warning']}")
     lines += Differential.from_result(result, platelets_detected=platelets_detected).lines()
     for cell in result.review_cells:
         lines.append(f"    Cell {cell.cell_id}: {class_label(cell.label)}"

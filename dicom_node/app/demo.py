@@ -225,6 +225,8 @@ def _show_domain(summary: dict[str, Any]) -> None:
     _say(f"site calibration: {site}" + (" (the shipped thresholds; a lab calibrates its own with "
                                         "`cytonode calibrate-site`, see the README)"
                                         if site == "none" else ""))
+    if params.get("site_calibration_warning"):
+        _say(f"site calibration warning: {params['site_calibration_warning']}")
 
 
 def _show_differential(summary: dict[str, Any]) -> None:

@@ -142,6 +142,52 @@ def test_a_site_calibration_makes_blasts_of_an_unseen_lab_stand_out(tmp_path: Pa
     assert a.decision.abnormal[:30].mean() >= 0.8
     assert a.decision.abnormal[30:].mean() <= 0.2
     assert a.decision.review[:30].mean() >= 0.9
+    _site_calibrations_follow_the_rule_and_the_network(model, data_dir, share)
+
+
+def _site_calibrations_follow_the_rule_and_the_network(model: ReviewModel, data_dir: Path,
+                                                       share: float) -> None:
+    """A calibration keeps the site's distances, so a rule with another share takes its threshold
+    from the same cells; one written before that, or with another reference network, is named
+    in `calibrate-site --list` (and in every result), and the latter is not used."""
+    import subprocess
+    import sys
+
+    from analysis.site import load_site
+    from analysis.training.evaluate import AML_NEUTROPHILS, load_folder
+
+    site = load_site(data_dir, "aml-lab")
+    assert site.flag_share == share and site.reference_sha256 == model.reference_sha256
+    assert model.usable_site(site) == (site, ())
+    own = model.measure(load_folder(AML / AML_NEUTROPHILS, model.image_size, 40), site)[2]
+    for other in (0.05, share, 0.5):
+        assert abs(float(np.mean(own > site.threshold_for(other))) - other) <= 0.03
+    assert model.rule_for(site).feature_threshold == pytest.approx(site.threshold_for(share))
+
+    raw = json.loads((data_dir / "sites" / "aml-lab.json").read_text())
+    before = {k: v for k, v in raw.items()
+              if k not in ("flag_share", "distance_quantiles", "reference_sha256")}
+    (data_dir / "sites" / "old-lab.json").write_text(json.dumps({**before, "site_id": "old-lab"}))
+    (data_dir / "sites" / "moved-lab.json").write_text(json.dumps(
+        {**raw, "site_id": "moved-lab", "reference_sha256": "0" * 64}))
+    listing = subprocess.run([sys.executable, "-m", "dicom_node.app.cli", "calibrate-site", "--list",
+                              "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    text = listing.stdout
+    assert "aml-lab (" in text and "old-lab (" in text and "moved-lab (" in text
+    warnings = [line for line in text.splitlines() if line.startswith("  warning: ")]
+    assert len(warnings) == 2, text
+    assert any("old-lab" in w and "an unrecorded share" in w and "calibrate-site` again" in w
+               for w in warnings), text
+    assert any("moved-lab" in w and "another reference network" in w and "not used" in w
+               for w in warnings), text
+
+    old = load_site(data_dir, "old-lab")
+    used, notes = model.usable_site(old)
+    assert used is old and len(notes) == 1 and "an unrecorded share" in notes[0]
+    assert model.rule_for(old).feature_threshold == old.feature_threshold  # all it has
+    used, notes = model.usable_site(load_site(data_dir, "moved-lab"))
+    assert used is None and "not used" in notes[0]
 
 
 def test_calibrate_site_refuses_bad_input(tmp_path: Path) -> None:

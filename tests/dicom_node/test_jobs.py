@@ -169,3 +169,35 @@ def test_jobs_use_and_name_the_sites_calibration(start_node, pacs: StandInPACS, 
     sr = dcmread(pacs.folder / f"{sr_uid}.dcm")
     texts = [str(el.value) for el in sr.iterall() if el.keyword == "TextValue"]
     assert f"site_calibration={label}" in texts  # TID 4019 Algorithm Parameters
+
+
+@pytest.mark.slow  # a node analyses a whole slide
+def test_a_calibration_of_another_reference_network_is_not_used_and_the_report_says_so(
+        start_node, tmp_path: Path, blank_slide: list[Path]) -> None:
+    """After an upgrade that changes the reference network, a site's stored shift lives in the
+    old network's feature space: the job uses none, and its report and status say why."""
+    import json
+
+    from analysis.site import QUANTILE_GRID
+
+    sites = tmp_path / "node" / "sites"
+    sites.mkdir(parents=True)
+    (sites / "lab-3.json").write_text(json.dumps({
+        "site_id": "lab-3", "created": "2026-01-05T10:00:00+00:00", "cells": 120,
+        "source": "lab-3 normal smears", "feature_shift": [0.5] * 64, "feature_threshold": 9.0,
+        "flag_rate_before": 0.4, "flag_rate_after": 0.15, "median_distance": 6.0,
+        "flag_share": 0.15, "distance_quantiles": list(np.linspace(2.0, 20.0, len(QUANTILE_GRID))),
+        "reference_sha256": "0" * 64}))
+    node = start_node(workers=1)
+    storescu(node.port, *blank_slide)
+    job = _wait_job(node)
+    assert job["state"] == "done", job["error"]
+    assert job["result"]["site_calibration"] == "none"
+    sr_uid = job["result"]["objects"]["sr"]
+    sr = dcmread(next((node.data_dir / "store").rglob(f"{sr_uid}.dcm")))
+    texts = [str(el.value) for el in sr.iterall() if el.keyword == "TextValue"]
+    warning = next(t for t in texts if t.startswith("site_calibration_warning="))
+    assert ("site calibration lab-3 (2026-01-05, 120 cells) was fitted with another reference "
+            "network" in warning and "not used" in warning
+            and "run `cytonode calibrate-site` again for lab-3" in warning)
+    assert "site_calibration=none" in texts
