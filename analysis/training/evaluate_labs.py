@@ -12,6 +12,7 @@ Prints one JSON object; ``--out`` also writes it.
 
     python -m analysis.training.evaluate_labs --split test --threads 2
     python -m analysis.training.evaluate_labs --split test --labs chula --weights DIR
+    python -m analysis.training.evaluate_labs --split test --labs bccd,chula --seeds 0,1,2,3,4
 """
 
 from __future__ import annotations
@@ -145,6 +146,30 @@ def evaluate_labs(weights_dir: Path, data_root: Path, split: str, labs: tuple[st
     return out
 
 
+def spread(runs: dict[int, dict[str, object]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean, lowest and highest balanced accuracy and accuracy of each model on each lab over
+    runs with different noise draws (``{seed: evaluate_labs(...)}``): on a lab of 70 cells one
+    cell of a small class moves balanced accuracy by several points, so one draw is not a figure."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    first = next(iter(runs.values()))
+    for model in ("diffusion", "reference", "combined"):
+        if model not in first:
+            continue
+        per_lab: dict[str, dict[str, float]] = {}
+        for lab, row in first[model].items():  # type: ignore[attr-defined]
+            if not isinstance(row, dict) or "balanced_accuracy" not in row:
+                continue
+            stats: dict[str, float] = {}
+            for key in ("balanced_accuracy", "accuracy"):
+                values = np.array([float(r[model][lab][key]) for r in runs.values()])  # type: ignore[index]
+                stats |= {f"{key}_mean": round(float(values.mean()), 4),
+                          f"{key}_min": round(float(values.min()), 4),
+                          f"{key}_max": round(float(values.max()), 4)}
+            per_lab[lab] = stats
+        out[model] = per_lab
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=Path("../shared/data"))
@@ -158,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aml", type=Path, default=None, help="the aml_dev folder (optional)")
     p.add_argument("--aml-limit", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="",
+                   help="comma-separated seeds: score once per seed (noise draws and the PBC "
+                        "subset) and report each run and the spread (overrides --seed)")
     p.add_argument("--diffusion-weight", type=float, default=None,
                    help="weight of the diffusion posterior in the combined one (default: the "
                         "calibration's review rule)")
@@ -168,10 +196,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     labs = tuple(x.strip() for x in args.labs.split(",") if x.strip())
     models = tuple(x.strip() for x in args.models.split(",") if x.strip())
-    result = evaluate_labs(args.weights, args.data, args.split, labs,
-                           pbc_per_class=args.pbc_per_class, seed=args.seed, models=models,
-                           aml_dir=args.aml, aml_limit=args.aml_limit,
-                           diffusion_weight=args.diffusion_weight)
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()] or [args.seed]
+    runs = {seed: evaluate_labs(args.weights, args.data, args.split, labs,
+                                pbc_per_class=args.pbc_per_class, seed=seed, models=models,
+                                aml_dir=args.aml, aml_limit=args.aml_limit,
+                                diffusion_weight=args.diffusion_weight) for seed in seeds}
+    result: dict[str, object] = (runs[seeds[0]] if len(seeds) == 1 else
+                                 {"seeds": seeds, "spread": spread(runs),
+                                  "runs": {str(k): v for k, v in runs.items()}})
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Uncertainty metrics and calibration helpers (numpy only, no model)."""
+"""Uncertainty metrics, calibration helpers and the per-lab evaluation's seeds."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from analysis.uncertainty import (
     review_threshold,
 )
 from dicom_node.app import commands
+
+from .conftest import DATA
 
 
 def test_entropy_and_margin() -> None:
@@ -77,3 +79,33 @@ def test_stratified_rows() -> None:
 def test_cli_defaults_match_model_config() -> None:
     assert commands.DEFAULT_IMAGE_SIZE == ModelConfig.image_size
     assert commands.DEFAULT_CHANNELS == ModelConfig.block_out_channels
+
+
+@pytest.mark.skipif(not (DATA / "bccd").is_dir(), reason="BCCD not present")
+def test_evaluate_labs_reports_every_seed_and_the_spread(tmp_path) -> None:
+    """`evaluate_labs --seeds` scores once per seed and reports each run and the spread (the
+    diffusion classifier's noise draws move its calls on the same cells). The reference, run
+    here, draws no noise, so its spread is nil; the spread itself on runs that differ."""
+    import json
+    import subprocess
+    import sys
+
+    from analysis.training.evaluate_labs import spread
+
+    out = tmp_path / "seeds.json"
+    run = subprocess.run([sys.executable, "-m", "analysis.training.evaluate_labs", "--split", "test",
+                          "--labs", "bccd", "--models", "reference", "--seeds", "0,3",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["seeds"] == [0, 3] and set(result["runs"]) == {"0", "3"}
+    row = result["spread"]["reference"]["bccd"]
+    one = result["runs"]["0"]["reference"]["bccd"]["balanced_accuracy"]
+    assert row["balanced_accuracy_min"] == row["balanced_accuracy_max"] == one > 0.5
+    # the spread of runs that differ: mean, lowest and highest of each
+    runs = {s: {"diffusion": {"bccd": {"balanced_accuracy": b, "accuracy": a}}}
+            for s, (b, a) in enumerate([(0.6, 0.8), (0.9, 0.95), (0.75, 0.9)])}
+    got = spread(runs)["diffusion"]["bccd"]
+    assert got == {"balanced_accuracy_mean": 0.75, "balanced_accuracy_min": 0.6,
+                   "balanced_accuracy_max": 0.9, "accuracy_mean": 0.8833,
+                   "accuracy_min": 0.8, "accuracy_max": 0.95}
