@@ -46,7 +46,8 @@ def run_train(args: argparse.Namespace) -> int:
                                    seed=args.seed, t_max=args.t_max, t_min=args.t_min, labs=labs,
                                    lab_share=args.lab_share, init_weights=args.init,
                                    min_snr_gamma=args.min_snr_gamma,
-                                   strong_augment=args.strong_augment)
+                                   strong_augment=args.strong_augment,
+                                   max_shift_um=args.max_shift_um)
     except ValueError as exc:
         sys.stderr.write(f"cytonode train: {exc}\n")
         return 2

@@ -70,7 +70,7 @@ def stain_augment(x: torch.Tensor, generator: torch.Generator, *,
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, out_size: int,
-            *, stain: bool = True, strong: bool = False) -> torch.Tensor:
+            *, stain: bool = True, strong: bool = False, shift: float = 0.03) -> torch.Tensor:
     """Randomly rotate, flip, rescale and colour-jitter a batch (and, with ``stain``, the
     stain, white balance, focus and noise shifts of :func:`stain_augment`; ``strong`` widens
     contrast, hue, saturation and blur to :data:`STRONG`).
@@ -83,6 +83,10 @@ def augment(x: torch.Tensor, generator: torch.Generator, out_size: int,
         Source of randomness (CPU).
     out_size:
         Side of the returned images.
+    shift:
+        Largest move of the cell off the centre along each axis, a fraction of half the
+        frame (0.03: about 0.4 um at a 26 um field of view). A detector's centre is not an
+        annotator's: on BCCD val fields it lies 0.7 um off (median), 1.8 um (90th percentile).
 
     Returns
     -------
@@ -102,7 +106,7 @@ def augment(x: torch.Tensor, generator: torch.Generator, out_size: int,
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
-    theta[:, :, 2] = (torch.rand(b, 2, generator=g) - 0.5) * 0.06
+    theta[:, :, 2] = (torch.rand(b, 2, generator=g) - 0.5) * (2.0 * shift)
     grid = torch.nn.functional.affine_grid(theta, [b, 3, out_size, out_size], align_corners=False)
     x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     # Colour jitter: brightness, contrast, saturation, hue.

@@ -83,6 +83,10 @@ class TrainConfig:
     strong_augment: bool = False
     min_snr_gamma: float = 0.0
     field_of_view_um: float = FIELD_OF_VIEW_UM
+    #: Largest move of the cell off the frame's centre along each axis in training, in um
+    #: (``None``: 3 % of half the frame, about 0.4 um), so that a detector's centre, not an
+    #: annotator's, frames a cell the model knows.
+    max_shift_um: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -103,6 +107,9 @@ class TrainConfig:
             raise ValueError("lab_share must lie in (0, 1]")
         if self.min_snr_gamma < 0:
             raise ValueError("min_snr_gamma must be >= 0")
+        if self.max_shift_um is not None and not 0.0 <= self.max_shift_um <= self.field_of_view_um / 4:
+            raise ValueError(f"max_shift_um must lie in [0, {self.field_of_view_um / 4:g}] (a quarter "
+                             f"of the field of view), not {self.max_shift_um}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but CUDA is not available")
 
@@ -273,12 +280,13 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
                            "train_config": {k: str(v) for k, v in dataclasses.asdict(train).items()}})
         _atomic_save(lambda p: p.write_text(text), state_path)
 
+    shift = 0.03 if train.max_shift_um is None else train.max_shift_um / (train.field_of_view_um / 2)
     model.train()
     while step < train.steps:
         idx = torch.multinomial(weights, train.batch_size, replacement=True, generator=generator)
         x = images[idx].float().div_(255.0)
-        x = augment(x, generator, model_config.image_size,
-                    strong=train.strong_augment).mul_(2.0).sub_(1.0).to(device)
+        x = augment(x, generator, model_config.image_size, strong=train.strong_augment,
+                    shift=shift).mul_(2.0).sub_(1.0).to(device)
         y = labels[idx].to(device)
         value = optimisation_step(model, ema, optimiser, alphas, x, y, generator, step=step,
                                   train=train, t_high=t_high, pixel_weight=pixel_weight)

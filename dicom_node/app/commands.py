@@ -90,6 +90,9 @@ def _add_train(sub: SubParsers, class_names: tuple[str, ...]) -> None:
                    help="min-SNR loss weighting (0: off)")
     p.add_argument("--strong-augment", action="store_true",
                    help="wider colour, contrast and blur augmentation (for unseen stains)")
+    p.add_argument("--max-shift-um", type=float, default=None,
+                   help="largest move of the cell off the frame's centre in training, um "
+                        "(default: about 0.4; a detector's centre is off by up to ~2)")
     p.add_argument("--cell-disc", type=float, default=0.4,
                    help="radius of the cell disc the error is measured in, a fraction of the frame")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder (resumes if present)")

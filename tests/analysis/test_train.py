@@ -82,9 +82,10 @@ def test_training_without_a_class(mini_pbc: Path, tmp_path: Path) -> None:
                          class_names=known)
     # (with the strong augmentation, which the run records)
     train_diffusion(TrainConfig(mini_pbc, tmp_path / "loco", steps=2, batch_size=4,
-                                strong_augment=True), config)
+                                strong_augment=True, max_shift_um=2.0), config)
     state = json.loads((tmp_path / "loco" / "train_state.json").read_text())
     assert state["train_config"]["strong_augment"] == "True"
+    assert state["train_config"]["max_shift_um"] == "2.0"
     export_weights(tmp_path / "loco", tmp_path / "w.safetensors")
     with safe_open(str(tmp_path / "w.safetensors"), "pt") as fh:
         assert ModelConfig.from_json(fh.metadata()["model_config"]).class_names == known
@@ -96,11 +97,34 @@ def test_bad_train_config_is_refused(tmp_path: Path) -> None:
         TrainConfig(tmp_path, tmp_path, t_max=0)
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(tmp_path, tmp_path, steps=0)
+    with pytest.raises(ValueError, match="max_shift_um"):
+        TrainConfig(tmp_path, tmp_path, max_shift_um=10.0)  # the cell would leave the frame
     # cytonode train trains on pixels; a latent-space configuration is refused before any work.
     latent = ModelConfig(image_size=16, block_out_channels=(16, 32), attention_levels=(), in_channels=4)
     with pytest.raises(ValueError, match="pixel-space"):
         train_diffusion(TrainConfig(tmp_path, tmp_path / "run", steps=2), latent)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_shift_augmentation_moves_the_cell_off_the_centre() -> None:
+    """A dot at the centre stays within a pixel at the default shift and moves up to the
+    asked fraction of half the frame with a larger one (what `--max-shift-um` sets)."""
+    from analysis.training.augment import augment
+
+    x = torch.zeros(64, 3, 64, 64)
+    x[:, :, 30:34, 30:34] = 1.0
+    yy, xx = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
+
+    def offsets(shift: float) -> torch.Tensor:
+        out = augment(x.clone(), torch.Generator().manual_seed(0), 48, stain=False, shift=shift)
+        w = out.mean(dim=1)
+        w = w / w.sum(dim=(1, 2), keepdim=True)
+        cx, cy = (w * xx).sum(dim=(1, 2)) - 23.5, (w * yy).sum(dim=(1, 2)) - 23.5
+        return torch.maximum(cx.abs(), cy.abs())
+
+    assert offsets(0.03).max() < 1.5  # 3 % of 24 px, plus the free rotation's rounding
+    far = offsets(0.25)  # up to 6 px
+    assert far.max() > 4.0 and far.max() < 7.0
 
 
 def test_format_duration() -> None:
