@@ -576,7 +576,7 @@ def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
                 heatmap_cell_size_px: int, scale: ScaleCheck | None = None,
                 review_model: Any = None, domain: DomainCheck | None = None, site: Any = None,
                 site_notes: Sequence[str] = ()) -> ModelProvenance:
-    from analysis.classifier import DIFFUSION_WEIGHTS, REFERENCE_WEIGHTS, WEIGHTS_DIR
+    from analysis.classifier import DIFFUSION_WEIGHTS, WEIGHTS_DIR
 
     weights = (config.weights_dir or WEIGHTS_DIR) / DIFFUSION_WEIGHTS
     calibration = classifier.calibration
@@ -608,8 +608,7 @@ def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
         parameters["site_calibration"] = site.label if site is not None else "none"
         if site_notes:
             parameters["site_calibration_warning"] = "; ".join(site_notes)
-        parameters["reference_weights_sha256"] = weights_sha256(
-            (config.weights_dir or WEIGHTS_DIR) / REFERENCE_WEIGHTS)
+        parameters["reference_weights_sha256"] = review_model.reference_sha256
     if domain is not None:
         parameters["validated_domain"] = domain.summary
         if domain.median_feature_distance is not None:
