@@ -176,9 +176,12 @@ class BaselineClassifier:
 
 class ReferenceClassifier:
     """The fine-tuned EfficientNet-Lite0 reference (:mod:`analysis.reference`) with its calibrated
-    thresholds (``calibration.json``'s ``reference`` entry, when fitted)."""
+    thresholds (``calibration.json``'s ``reference`` entry, when fitted).
 
-    def __init__(self, weights_dir: Path = WEIGHTS_DIR) -> None:
+    ``views``: the dihedral views its probabilities are averaged over; by default the review
+    rule's (``reference_views``, chosen on val; 1 without a rule)."""
+
+    def __init__(self, weights_dir: Path = WEIGHTS_DIR, views: int | None = None) -> None:
         from analysis.reference import load_reference
 
         self.model, self.config, self.metadata = load_reference(weights_dir / REFERENCE_WEIGHTS)
@@ -186,6 +189,9 @@ class ReferenceClassifier:
         path = weights_dir / CALIBRATION
         calibration = read_calibration(weights_dir) if path.is_file() else {}
         self.calibration = {"cnn": calibration["reference"]} if "reference" in calibration else {}
+        rule = calibration.get("review_rule")
+        self.views = int(views if views is not None else
+                         rule.get("reference_views", 1) if isinstance(rule, dict) else 1)
 
     @property
     def image_size(self) -> int:
@@ -194,7 +200,7 @@ class ReferenceClassifier:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         from analysis.reference import reference_logits
 
-        logits, _ = reference_logits(self.model, images)
+        logits, _ = reference_logits(self.model, images, views=self.views)
         return np.asarray(torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy())
 
     def predict(self, images: np.ndarray) -> Predictions:

@@ -603,6 +603,7 @@ def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
         parameters["reported_posterior"] = (
             "diffusion classifier alone" if w == 1.0 else
             f"diffusion^{w:g} x reference^{1 - w:g}, normalised (weight chosen on val)")
+        parameters["reference_views"] = int(rule.reference_views)
         parameters["review_significant_classes"] = ", ".join(rule.significant_classes)
         parameters["anomaly_score"] = "reference feature distance (Mahalanobis, nearest class)"
         parameters["site_calibration"] = site.label if site is not None else "none"

@@ -77,14 +77,34 @@ def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int = 128,
-                     features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Logits (and, with ``features``, the pooled 1280-d features) of framed uint8 images."""
+                     features: bool = False, views: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits (and, with ``features``, the pooled 1280-d features) of framed uint8 images.
+
+    ``views`` > 1: the class scores are averaged over that many views of each cell from the
+    dihedral group (:func:`analysis.classify.dihedral_views`, the views the diffusion classifier
+    scores too): what is returned is the log of the mean softmax, which a softmax turns back
+    into the averaged probabilities. The features stay those of the cell as it is (view 0), so a
+    feature distance, and a site calibration fitted on distances, do not depend on ``views``.
+    """
+    if not 1 <= views <= 8:
+        raise ValueError(f"views must be 1 to 8, not {views}")
+    from analysis.classify import dihedral_views
+
     model.eval()
     logits, feats = [], []
-    for start in range(0, len(images), batch_size):
-        x = to_input(images[start:start + batch_size])
+    step = max(1, batch_size // views)
+    for start in range(0, len(images), step):
+        x = to_input(images[start:start + step])
+        b = len(x)
+        if views > 1:
+            x = dihedral_views(x, views).flatten(0, 1)  # (B * views, C, S, S), cell-major
         f = model.extract_features(x).mean(dim=(2, 3))
-        logits.append(model._fc(f).numpy())
+        z = model._fc(f)
+        if views > 1:
+            p = torch.softmax(z.double(), dim=1).view(b, views, -1).mean(dim=1)
+            z = p.clamp_min(1e-300).log().float()
+            f = f.view(b, views, -1)[:, 0]
+        logits.append(z.numpy())
         if features:
             feats.append(f.numpy())
     n = len(model._fc.weight)

@@ -179,8 +179,14 @@ class ReviewRule:
     #: Whose normalised entropy ``uncertainty_threshold`` applies to: ``"combined"`` (the
     #: reported posterior's) or ``"diffusion"`` (the diffusion classifier's own).
     uncertainty_of: str = "diffusion"
+    #: Dihedral views the reference's probabilities are averaged over
+    #: (:func:`analysis.reference.reference_logits`; 1: the cell as it is, as rules chosen
+    #: before it existed were).
+    reference_views: int = 1
 
     def __post_init__(self) -> None:
+        if not 1 <= int(self.reference_views) <= 8:
+            raise ValueError(f"reference_views must be 1 to 8, not {self.reference_views}")
         if not 0.0 <= float(self.diffusion_weight) <= 1.0:
             raise ValueError(f"diffusion_weight must be in [0, 1], not {self.diffusion_weight}")
         if self.uncertainty_of not in UNCERTAINTY_OF:
@@ -333,7 +339,8 @@ class ReviewModel:
 
         if len(reference_images) == 0:
             return np.zeros(0, np.int64), np.zeros((0, len(CLASS_NAMES))), np.zeros(0)
-        logits, features = reference_logits(self.reference.model, reference_images, features=True)
+        logits, features = reference_logits(self.reference.model, reference_images, features=True,
+                                            views=self.rule.reference_views)
         assert features is not None  # asked for
         p = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
         distance = self.density.distance(features, None if site is None else site.shift())

@@ -12,17 +12,18 @@ writes to one ``.npz`` per set:
     A few training cells per lab with the diffusion errors as well: what the
     density over the per-timestep error statistics is fitted on.
 ``val`` / ``test``
-    PBC (``--pbc-per-class``, seed 0, as in the calibration and the per-lab
-    evaluation) and the other labs' whole split.
+    PBC (``--pbc-per-class`` a class, seed 0, as the per-lab evaluation draws them) and the
+    other labs' whole split.
 ``aml``
     aml_dev (myeloblasts and neutrophils of another lab). The rule is chosen on
     its first half by :func:`aml_half` and scored on the second.
 
 Each file holds ``labels`` (class index, ``-1`` for a myeloblast), ``lab`` (per cell),
 ``errors`` ``(N, C, T)`` (NaN where the adaptive classifier never evaluated a class),
-``timesteps``, ``unet_evals``, ``ref_logits`` and ``ref_features``.
+``timesteps``, ``unet_evals``, ``ref_logits`` and ``ref_features`` (of the cell as it is) and,
+but for ``train``, ``ref_logits_views8`` (the reference averaged over the 8 dihedral views).
 
-Run (about 15 minutes on 2 cores)::
+Run (about 25 minutes on 2 cores)::
 
     .venv/bin/python -m analysis.training.review_signals --data ../shared/data --out .train/signals
 """
@@ -101,6 +102,9 @@ def collect(data_root: Path, name: str, out: Path, *, weights_dir: Path, diffusi
     arrays: dict[str, np.ndarray] = {
         "labels": cells.labels, "lab": labs, "paths": np.array(cells.paths),
         "ref_logits": logits.astype(np.float32), "ref_features": features.astype(np.float32)}
+    if name != "train":  # the reference averaged over every dihedral view (the rule may choose it)
+        averaged, _ = reference_logits(reference.model, cells.images, views=8)
+        arrays["ref_logits_views8"] = averaged.astype(np.float32)
     print(f"{name}: {len(cells)} cells, reference {time.monotonic() - t0:.0f} s",
           file=sys.stderr, flush=True)
     if diffusion:
@@ -134,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
     p.add_argument("--out", type=Path, default=Path(".train/signals"))
     p.add_argument("--sets", default="train,train_small,val,aml,test")
-    p.add_argument("--pbc-per-class", type=int, default=48,
-                   help="PBC val/test cells per class (48: the calibration's val cells)")
+    p.add_argument("--pbc-per-class", type=int, default=180,
+                   help="PBC val/test cells per class (180: nearly all of PBC's smallest classes; "
+                        "they include the 48 of --pbc-per-class 48, the default before "
+                        "2026-12-04's seventh session)")
     p.add_argument("--pbc-train-per-class", type=int, default=300)
     p.add_argument("--small-per-class", type=int, default=20)
     p.add_argument("--threads", type=int, default=0)

@@ -126,3 +126,29 @@ def test_reference_starts_from_imagenet_and_round_trips(tmp_path: Path) -> None:
     b, feats = reference_logits(again, images, features=True)
     assert feats is not None and feats.shape == (3, 1280)
     np.testing.assert_allclose(a, b, atol=0.05)  # fp16 on disk
+
+
+@needs_data
+def test_the_reference_averaged_over_views_calls_a_turned_cell_as_the_cell() -> None:
+    """With the review rule's ``reference_views`` the shipped reference's probabilities are the
+    mean over the 8 dihedral views: a cell turned or mirrored gets the same call and the same
+    probabilities, while the features (what feature distances and site calibrations measure)
+    stay those of the cell as it is."""
+    from analysis.classifier import ReferenceClassifier
+
+    reference = ReferenceClassifier(views=8)
+    cells = load_lab(DATA, "chula", "val", reference.image_size, FIELD_OF_VIEW_UM).per_class(2, 0)
+    turned = np.ascontiguousarray(np.rot90(cells.images, 1, axes=(1, 2))[:, :, ::-1])
+    p, q = reference.probabilities(cells.images), reference.probabilities(turned)
+    np.testing.assert_allclose(p, q, atol=1e-4)
+    assert np.allclose(p.sum(axis=1), 1.0)
+    one, features_one = reference_logits(reference.model, cells.images, features=True)
+    _, features_eight = reference_logits(reference.model, cells.images, features=True, views=8)
+    assert features_one is not None and features_eight is not None
+    np.testing.assert_allclose(features_one, features_eight, atol=1e-4)
+    # one view is the cell as it is, and a turned cell is then not always scored the same
+    single = torch.softmax(torch.from_numpy(one).double(), dim=1).numpy()
+    turned_single = ReferenceClassifier(views=1).probabilities(turned)
+    assert np.abs(single - turned_single).max() > 1e-3
+    with pytest.raises(ValueError, match="views must be 1 to 8"):
+        reference_logits(reference.model, cells.images, views=9)

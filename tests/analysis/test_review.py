@@ -63,6 +63,13 @@ def test_switched_off_signals_never_flag_and_survive_json() -> None:
     assert not d.review.any()
     with pytest.raises(ValueError, match="significant_classes"):
         _rule(significant_classes=("blast",))
+    # the reference's views travel with the rule; a rule written before them means one view
+    eight = _rule(reference_views=8)
+    assert ReviewRule.from_dict(json.loads(json.dumps(eight.to_dict()))).reference_views == 8
+    assert "reference_views" not in raw or ReviewRule.from_dict(
+        {k: v for k, v in raw.items() if k != "reference_views"}).reference_views == 1
+    with pytest.raises(ValueError, match="reference_views"):
+        _rule(reference_views=0)
 
 
 def test_the_combined_posterior_weighs_both_models_and_disagreement_stays_the_models() -> None:
@@ -203,3 +210,27 @@ def test_calibrate_site_refuses_bad_input(tmp_path: Path) -> None:
         assert run.returncode == 2, run.stderr
         assert message in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "var").exists()
+
+
+def test_the_threshold_for_an_uncalibrated_lab_weighs_every_val_lab_the_same() -> None:
+    """The "unlike any training class" threshold of a lab without a site calibration is a quantile
+    of val normal cells' distances; drawing ten times more cells of one lab (PBC's val draw)
+    must not make it that lab's threshold alone."""
+    from types import SimpleNamespace
+
+    from analysis.training.review_rule import normal_quantile
+
+    def val(pbc_cells: int) -> SimpleNamespace:
+        near = np.linspace(0.0, 10.0, pbc_cells)  # PBC: close to the training classes
+        far = np.linspace(10.0, 20.0, 100)  # another lab: farther
+        return SimpleNamespace(labels=np.zeros(pbc_cells + 100, np.int64),
+                               lab=np.array(["pbc"] * pbc_cells + ["bccd"] * 100),
+                               feature=np.r_[near, far])
+
+    small, large = normal_quantile(val(100), 0.95), normal_quantile(val(1000), 0.95)
+    assert abs(small - large) < 0.2
+    assert 18.5 < large < 19.5  # the 90th percentile of the far lab: half the weight is each lab's
+    # cells of the significant classes (ig) do not count as normal
+    mixed = val(100)
+    mixed.labels[100:] = CLASS_NAMES.index("ig")
+    assert normal_quantile(mixed, 0.95) <= 10.0
