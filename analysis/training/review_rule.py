@@ -444,10 +444,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--components", type=int, default=64)
     p.add_argument("--write", action="store_true",
                    help="write the rule into calibration.json and the density next to the weights")
+    p.add_argument("--score", type=Path, default=None, metavar="CALIBRATION_JSON",
+                   help="choose nothing: score the review rule of this calibration.json on the "
+                        "signals' val and test, with and without site calibrations, and print it")
     args = p.parse_args(argv)
     calibration = read_calibration(args.weights)
     train = _load(args.signals / "train.npz")
     density = FeatureDensity.fit(train["ref_features"], train["labels"], args.components)
+    if args.score is not None:
+        rule = ReviewRule.from_dict(json.loads(args.score.read_text())["review_rule"])
+        print(json.dumps(score_rule(rule, args.signals, calibration, train, density), indent=1))
+        return 0
     small = Signals(_load(args.signals / "train_small.npz"), calibration, density, None)
     error_density = fit_error_density(small.error_stats[small.labels >= 0])
     val = Signals(_load(args.signals / "val.npz"), calibration, density, error_density)
@@ -537,6 +544,31 @@ def main(argv: list[str] | None = None) -> int:
                                              "blast_auroc_feature_with_site") if k in report},
                      indent=1))
     return 0
+
+
+def score_rule(rule: ReviewRule, signals: Path, calibration: dict[str, object],
+               train: dict[str, np.ndarray], density: FeatureDensity) -> dict[str, object]:
+    """What a fixed ``rule`` does on the val and test cells of a signals folder (e.g. an earlier
+    rule on new signals, or one rule on several noise draws of the same cells), each group with
+    its site calibration and without."""
+    aml = Signals(_load(signals / "aml.npz"), calibration, density, None, rule.diffusion_weight,
+                  rule.reference_views)
+    first = aml_half(aml.paths)
+    sites = {lab: Site(density, train["ref_features"][train["lab"] == lab], f"{lab} train split")
+             for lab in np.unique(train["lab"])}
+    sites["aml"] = Site(density, aml.features[first & (aml.labels == 0)],
+                        "aml_dev first half, neutrophils")
+    out: dict[str, object] = {"rule": rule.to_dict(), "signals": str(signals)}
+    for split, half in (("val", first), ("test", ~first)):
+        if not (signals / f"{split}.npz").is_file():
+            continue
+        cells = Signals(_load(signals / f"{split}.npz"), calibration, density, None,
+                        rule.diffusion_weight, rule.reference_views)
+        groups = {name: using(g, rule.uncertainty_of) for name, g in
+                  {**_by_lab(cells), f"aml_{split}": _subset(aml, half)}.items()}
+        out[f"{split}_with_site"] = evaluate(rule, groups, sites, density)
+        out[f"{split}_without_site"] = evaluate(rule, groups, None, density)
+    return out
 
 
 def _blast_split(s: Signals, density: FeatureDensity, site: Site) -> tuple[np.ndarray, np.ndarray]:

@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pbc-train-per-class", type=int, default=300)
     p.add_argument("--small-per-class", type=int, default=20)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the diffusion classifier's noise draws (another seed: another draw "
+                        "of the same cells, to see how much a figure moves with it)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         path = collect(args.data, name, args.out, weights_dir=args.weights,
                        diffusion=name != "train", pbc_per_class=args.pbc_per_class,
                        pbc_train_per_class=args.pbc_train_per_class,
-                       small_per_class=args.small_per_class)
+                       small_per_class=args.small_per_class, seed=args.seed)
         print(f"wrote {path}", file=sys.stderr, flush=True)
     return 0
 
