@@ -209,6 +209,7 @@ def _load(path: Path) -> dict[str, np.ndarray]:
 
 def _subset(s: Signals, mask: np.ndarray) -> Signals:
     out = object.__new__(Signals)
+
     def cut(v: object) -> object:
         if isinstance(v, dict):
             return {k: cut(x) for k, x in v.items()}
@@ -306,6 +307,17 @@ class Site:
 
     def threshold(self, share: float) -> float:
         return float(np.quantile(self.distances, 1.0 - share))
+
+
+def site_calibrations(train: dict[str, np.ndarray], aml: Signals, first: np.ndarray,
+                      density: FeatureDensity) -> dict[str, Site]:
+    """Each lab's site calibration from unlabelled cells: its train split; for aml_dev (no train
+    split) the neutrophils of its first half (``first``), the "normal smear" of that lab."""
+    sites = {lab: Site(density, train["ref_features"][train["lab"] == lab], f"{lab} train split")
+             for lab in np.unique(train["lab"])}
+    sites["aml"] = Site(density, aml.features[first & (aml.labels == 0)],
+                        "aml_dev first half, neutrophils")
+    return sites
 
 
 def _by_lab(s: Signals) -> dict[str, Signals]:
@@ -461,13 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = {v: weight_table(val, v) for v in val.ref_p_views}
     aml = Signals(_load(args.signals / "aml.npz"), calibration, density, error_density)
     first = aml_half(aml.paths)
-    # Site calibrations from unlabelled cells: each lab's train split; for aml_dev (no train
-    # split) the neutrophils of its first half, the "normal smear" of that lab. (Features are
-    # the cell as it is whatever the views, so the sites do not depend on the pair.)
-    sites = {lab: Site(density, train["ref_features"][train["lab"] == lab], f"{lab} train split")
-             for lab in np.unique(train["lab"])}
-    sites["aml"] = Site(density, aml.features[first & (aml.labels == 0)],
-                        "aml_dev first half, neutrophils")
+    sites = site_calibrations(train, aml, first, density)  # features: whatever the views
 
     def use(views: int, weight: float) -> None:
         for x in (val, aml):
@@ -554,10 +560,7 @@ def score_rule(rule: ReviewRule, signals: Path, calibration: dict[str, object],
     aml = Signals(_load(signals / "aml.npz"), calibration, density, None, rule.diffusion_weight,
                   rule.reference_views)
     first = aml_half(aml.paths)
-    sites = {lab: Site(density, train["ref_features"][train["lab"] == lab], f"{lab} train split")
-             for lab in np.unique(train["lab"])}
-    sites["aml"] = Site(density, aml.features[first & (aml.labels == 0)],
-                        "aml_dev first half, neutrophils")
+    sites = site_calibrations(train, aml, first, density)
     out: dict[str, object] = {"rule": rule.to_dict(), "signals": str(signals)}
     for split, half in (("val", first), ("test", ~first)):
         if not (signals / f"{split}.npz").is_file():
