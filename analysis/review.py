@@ -291,7 +291,7 @@ class ReviewModel:
         from analysis.classifier import REFERENCE_WEIGHTS, ReferenceClassifier
 
         self.rule = rule
-        self.reference = ReferenceClassifier(weights_dir)
+        self.reference = ReferenceClassifier(weights_dir, views=rule.reference_views)
         self.density = FeatureDensity.load(weights_dir / DENSITY_WEIGHTS)
         #: What a site calibration must have been fitted with (:meth:`usable_site`).
         self.reference_sha256 = weights_sha256(weights_dir / REFERENCE_WEIGHTS)
@@ -340,7 +340,7 @@ class ReviewModel:
         if len(reference_images) == 0:
             return np.zeros(0, np.int64), np.zeros((0, len(CLASS_NAMES))), np.zeros(0)
         logits, features = reference_logits(self.reference.model, reference_images, features=True,
-                                            views=self.rule.reference_views)
+                                            views=self.reference.views)
         assert features is not None  # asked for
         p = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
         distance = self.density.distance(features, None if site is None else site.shift())

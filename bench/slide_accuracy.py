@@ -53,18 +53,22 @@ SAMPLE_LABELS = {0: ["neutrophil"], 1: ["basophil"], 2: ["eosinophil"],
 MATCH_UM = 6.0
 
 
+def _pitch() -> tuple[int, int]:
+    """Slide pixels from one field's origin to the next, across and down (field and glass gap)."""
+    gap = round(GAP_UM / SPACING_UM)
+    return FIELD[0] + gap, FIELD[1] + gap
+
+
 def _annotated_centre(box: tuple[int, int, int, int], index: int, columns: int) -> tuple[float, float]:
     """The annotated cell's box centre in slide pixels (field ``index`` of the layout)."""
-    gap = round(GAP_UM / SPACING_UM)
+    px, py = _pitch()
     col, row = index % columns, index // columns
-    return (col * (FIELD[0] + gap) + (box[0] + box[2]) / 2,
-            row * (FIELD[1] + gap) + (box[1] + box[3]) / 2)
+    return col * px + (box[0] + box[2]) / 2, row * py + (box[1] + box[3]) / 2
 
 
 def _field_of(x: float, y: float, columns: int) -> int:
-    gap = round(GAP_UM / SPACING_UM)
-    col, row = int(x // (FIELD[0] + gap)), int(y // (FIELD[1] + gap))
-    return row * columns + col
+    px, py = _pitch()
+    return int(y // py) * columns + int(x // px)
 
 
 def run_node(slides: list[Path], work: Path) -> list[dict[str, object]]:

@@ -69,8 +69,14 @@ def stain_augment(x: torch.Tensor, generator: torch.Generator, *,
     return x.clamp(0.0, 1.0)
 
 
+#: Largest move of the cell off the centre in training by default, a fraction of half the frame
+#: (about 0.4 um at a 26 um field of view).
+DEFAULT_SHIFT = 0.03
+
+
 def augment(x: torch.Tensor, generator: torch.Generator, out_size: int,
-            *, stain: bool = True, strong: bool = False, shift: float = 0.03) -> torch.Tensor:
+            *, stain: bool = True, strong: bool = False,
+            shift: float = DEFAULT_SHIFT) -> torch.Tensor:
     """Randomly rotate, flip, rescale and colour-jitter a batch (and, with ``stain``, the
     stain, white balance, focus and noise shifts of :func:`stain_augment`; ``strong`` widens
     contrast, hue, saturation and blur to :data:`STRONG`).

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from analysis.errors import CheckpointError
 from analysis.framing import FIELD_OF_VIEW_UM
 from analysis.model import ModelConfig, build_scheduler, build_unet, cell_weight, count_parameters
-from analysis.training.augment import augment
+from analysis.training.augment import DEFAULT_SHIFT, augment
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,8 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
                            "train_config": {k: str(v) for k, v in dataclasses.asdict(train).items()}})
         _atomic_save(lambda p: p.write_text(text), state_path)
 
-    shift = 0.03 if train.max_shift_um is None else train.max_shift_um / (train.field_of_view_um / 2)
+    shift = (DEFAULT_SHIFT if train.max_shift_um is None
+             else train.max_shift_um / (train.field_of_view_um / 2))
     model.train()
     while step < train.steps:
         idx = torch.multinomial(weights, train.batch_size, replacement=True, generator=generator)
