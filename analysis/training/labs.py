@@ -126,6 +126,19 @@ def load_lab(data_root: Path, lab: str, split: str, size: int, field_of_view_um:
     return _load_bccd(data_root / "bccd", split, size, field_of_view_um, classes)
 
 
+def chula_series(path: str) -> str:
+    """The image series of a Chula cell: the prefix of its field's name (``B-59`` of
+    ``basophil/B-59_0012_0.jpg``). Each series is one class's slide or session; the upstream
+    ``valid/`` fields (our test split) are mostly of series that train and val never hold."""
+    return path.rsplit("/", 1)[-1].split("_", 1)[0]
+
+
+def chula_train_series(data_root: Path) -> set[str]:
+    """The image series of Chula's train split (read from its ``labels.csv``)."""
+    with (data_root / "chula_wbc" / "labels.csv").open(newline="") as fh:
+        return {chula_series(row["path"]) for row in csv.DictReader(fh) if row["split"] == "train"}
+
+
 def _frame_file(path: Path, spacing_um: float, size: int, fov_um: float) -> np.ndarray:
     with Image.open(path) as im:
         rgb = np.asarray(im.convert("RGB"))

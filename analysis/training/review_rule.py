@@ -66,9 +66,11 @@ from analysis.review import (
     combine,
     decide,
 )
+from analysis.training.labs import chula_series, chula_train_series
 from analysis.training.review_signals import BLAST, aml_half
 from analysis.uncertainty import auroc, balanced_accuracy, entropy
 
+DATA_ROOT = Path("../shared/data")
 TARGET_ERROR = {"pbc": 0.01, "other": 0.03}
 BLAST_TARGET = 0.95
 #: Shares of a site's own cells the "unlike any training class" threshold may flag.
@@ -324,6 +326,18 @@ def _by_lab(s: Signals) -> dict[str, Signals]:
     return {str(lab): _subset(s, s.lab == lab) for lab in np.unique(s.lab)}
 
 
+def _chula_by_series(s: Signals, data_root: Path) -> dict[str, Signals]:
+    """Chula's cells split by whether training held cells of their image series
+    (:func:`analysis.training.labs.chula_series`): a new series is a new slide or session."""
+    chula = s.lab == "chula"
+    if not chula.any():
+        return {}
+    seen = chula_train_series(data_root)
+    known = np.array([chula_series(str(p)) in seen for p in s.paths])
+    groups = {"chula_series_in_train": chula & known, "chula_series_new": chula & ~known}
+    return {name: _subset(s, m) for name, m in groups.items() if m.any()}
+
+
 def evaluate(rule: ReviewRule, groups: dict[str, Signals], sites: dict[str, Site] | None,
              density: FeatureDensity) -> dict[str, dict[str, object]]:
     """Per group: the rule with each lab's site calibration (``sites``) or without (``None``:
@@ -451,6 +465,8 @@ def choose_unsited_threshold(rule: ReviewRule, val: Signals, density: FeatureDen
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--signals", type=Path, default=Path(".train/signals"))
+    p.add_argument("--data", type=Path, default=DATA_ROOT,
+                   help="the shared data folder (Chula's labels.csv names each test cell's series)")
     p.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
     p.add_argument("--out", type=Path, default=Path("docs/model/review_rule.json"))
     p.add_argument("--components", type=int, default=64)
@@ -465,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     density = FeatureDensity.fit(train["ref_features"], train["labels"], args.components)
     if args.score is not None:
         rule = ReviewRule.from_dict(json.loads(args.score.read_text())["review_rule"])
-        print(json.dumps(score_rule(rule, args.signals, calibration, train, density), indent=1))
+        print(json.dumps(score_rule(rule, args.signals, calibration, train, density, args.data),
+                         indent=1))
         return 0
     small = Signals(_load(args.signals / "train_small.npz"), calibration, density, None)
     error_density = fit_error_density(small.error_stats[small.labels >= 0])
@@ -533,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         report["candidates_test_without_site"] = candidate_table(test, aml_test)
         report["blast_auroc_feature_with_site"]["aml_test"] = round(
             auroc(*_blast_split(aml_test, density, sites["aml"])), 4)
-        test_groups = {**_by_lab(test), "aml_test": aml_test}
+        test_groups = {**_by_lab(test), **_chula_by_series(test, args.data), "aml_test": aml_test}
         report["test_with_site"] = evaluate(rule, test_groups, sites, density)
         report["test_without_site"] = evaluate(rule, test_groups, None, density)
         report["previous_rule_test_flagged"] = {
@@ -553,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def score_rule(rule: ReviewRule, signals: Path, calibration: dict[str, object],
-               train: dict[str, np.ndarray], density: FeatureDensity) -> dict[str, object]:
+               train: dict[str, np.ndarray], density: FeatureDensity,
+               data_root: Path = DATA_ROOT) -> dict[str, object]:
     """What a fixed ``rule`` does on the val and test cells of a signals folder (e.g. an earlier
     rule on new signals, or one rule on several noise draws of the same cells), each group with
     its site calibration and without."""
@@ -568,7 +586,8 @@ def score_rule(rule: ReviewRule, signals: Path, calibration: dict[str, object],
         cells = Signals(_load(signals / f"{split}.npz"), calibration, density, None,
                         rule.diffusion_weight, rule.reference_views)
         groups = {name: using(g, rule.uncertainty_of) for name, g in
-                  {**_by_lab(cells), f"aml_{split}": _subset(aml, half)}.items()}
+                  {**_by_lab(cells), **_chula_by_series(cells, data_root),
+                   f"aml_{split}": _subset(aml, half)}.items()}
         out[f"{split}_with_site"] = evaluate(rule, groups, sites, density)
         out[f"{split}_without_site"] = evaluate(rule, groups, None, density)
     return out

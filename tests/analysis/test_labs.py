@@ -26,6 +26,8 @@ from analysis.training.labs import (
     SAMPLE_SLIDE_FIELDS,
     bccd_fields,
     bccd_split,
+    chula_series,
+    chula_train_series,
     load_lab,
 )
 from analysis.training.train import lab_class_weights
@@ -73,6 +75,19 @@ def test_bccd_split_is_by_field_and_keeps_the_sample_slide_out_of_training() -> 
     single = {f.index for f in bccd_fields(DATA / "bccd") if f.single_cell_label}
     assert (train | val | test) - set(SAMPLE_SLIDE_FIELDS) <= single
     assert len(train) > len(val) > 0 and len(test) > 0
+
+
+@needs_data
+def test_chula_val_holds_only_series_training_saw_and_test_mostly_new_ones() -> None:
+    # The model card's "new series" figures rest on this: Chula's val cannot show how a new
+    # slide fares, its test can.
+    assert chula_series("chula_wbc/basophil/B-59_0012_0.jpg") == "B-59"
+    seen = chula_train_series(DATA)
+    val = load_lab(DATA, "chula", "val", 32, FIELD_OF_VIEW_UM)
+    test = load_lab(DATA, "chula", "test", 32, FIELD_OF_VIEW_UM)
+    assert {chula_series(p) for p in val.paths} <= seen
+    new = [p for p in test.paths if chula_series(p) not in seen]
+    assert 60 <= len(new) < len(test.paths)
 
 
 def test_stain_augmentation_shifts_colour_and_keeps_range() -> None:
@@ -152,3 +167,46 @@ def test_the_reference_averaged_over_views_calls_a_turned_cell_as_the_cell() -> 
     assert np.abs(single - turned_single).max() > 1e-3
     with pytest.raises(ValueError, match="views must be 1 to 8"):
         reference_logits(reference.model, cells.images, views=9)
+
+
+@needs_data
+def test_a_white_balanced_reference_sees_a_cell_the_same_under_another_light(tmp_path: Path) -> None:
+    """``ReferenceConfig.white_balance``: the same cells photographed under a pink and under a
+    grey-green light (each channel scaled) reach the network alike, and the setting travels
+    with the weights; without it the light changes what the network sees."""
+    config = ReferenceConfig(image_size=64, white_balance=True)
+    save_reference(build_reference(config, pretrained=True), config, tmp_path / "wb.safetensors",
+                   {"steps": "0"})
+    balanced, again, _ = load_reference(tmp_path / "wb.safetensors")
+    assert again.white_balance
+    plain = build_reference(ReferenceConfig(image_size=64), pretrained=True)
+    cells = load_lab(DATA, "pbc", "val", 64, FIELD_OF_VIEW_UM).per_class(1, 0).images
+    pink = np.clip(cells * np.array([1.0, 0.82, 0.95]), 0, 255).astype(np.uint8)
+    green = np.clip(cells * np.array([0.85, 1.0, 0.9]), 0, 255).astype(np.uint8)
+
+    def spread(model: torch.nn.Module) -> float:
+        _, a = reference_logits(model, pink, features=True)
+        _, b = reference_logits(model, green, features=True)
+        assert a is not None and b is not None
+        return float(np.abs(a - b).mean() / np.abs(a).mean())
+
+    assert spread(balanced) < 0.05 < spread(plain)
+
+
+def test_mixstyle_mixes_the_styles_of_a_batch_in_training_only() -> None:
+    """``reference_train --mixstyle``: in training each cell's feature means and spreads are
+    mixed with another cell's; at inference the network is untouched."""
+    from analysis.training.reference_train import MixStyle
+
+    layer = torch.nn.Identity()
+    hook = MixStyle(torch.Generator().manual_seed(0), p=1.0)
+    layer.register_forward_hook(hook)
+    x = torch.randn(8, 4, 6, 6) * torch.arange(1, 9).view(8, 1, 1, 1) + torch.arange(8).view(8, 1, 1, 1)
+    layer.train()
+    mixed = layer(x)
+    assert not torch.allclose(mixed.std(dim=(2, 3)), x.std(dim=(2, 3)), rtol=0.05)
+    # the content of each cell (its normalised pattern) is kept
+    norm = lambda t: (t - t.mean(dim=(2, 3), keepdim=True)) / t.std(dim=(2, 3), keepdim=True)  # noqa: E731
+    torch.testing.assert_close(norm(mixed), norm(x), atol=1e-3, rtol=1e-3)
+    layer.eval()
+    assert torch.equal(layer(x), x)
