@@ -590,7 +590,23 @@ def score_rule(rule: ReviewRule, signals: Path, calibration: dict[str, object],
                    f"aml_{split}": _subset(aml, half)}.items()}
         out[f"{split}_with_site"] = evaluate(rule, groups, sites, density)
         out[f"{split}_without_site"] = evaluate(rule, groups, None, density)
+        if "chula" in sites and np.any(cells.lab == "chula"):
+            out[f"{split}_chula_series_as_slides"] = _series_as_slides(
+                _subset(cells, cells.lab == "chula"), sites["chula"], density)
     return out
+
+
+def _series_as_slides(s: Signals, site: Site, density: FeatureDensity) -> dict[str, object]:
+    """The slide check (:mod:`analysis.domain`) applied to each Chula image series as if it
+    were a slide, with Chula's site calibration: would it call the series outside the domain?"""
+    threshold = SLIDE_MARGIN * float(np.median(site.distances))
+    distance = density.distance(s.features, site.shift)
+    series = np.array([chula_series(str(p)) for p in s.paths])
+    return {"slide_threshold_with_site": round(threshold, 3), "series": {
+        name: {"cells": int(np.sum(series == name)),
+               "median_distance": round(float(np.median(distance[series == name])), 3),
+               "right": int(np.sum((s.label == s.labels)[series == name]))}
+        for name in sorted(set(series))}}
 
 
 def _blast_split(s: Signals, density: FeatureDensity, site: Site) -> tuple[np.ndarray, np.ndarray]:

@@ -210,3 +210,24 @@ def test_mixstyle_mixes_the_styles_of_a_batch_in_training_only() -> None:
     torch.testing.assert_close(norm(mixed), norm(x), atol=1e-3, rtol=1e-3)
     layer.eval()
     assert torch.equal(layer(x), x)
+
+
+@needs_data
+def test_compare_references_scores_a_held_out_labs_train_and_val_as_one_set(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A leave-one-lab-out recipe is chosen on every non-test cell of the held-out lab."""
+    import json
+
+    from analysis.training.compare_references import main
+
+    config = ReferenceConfig(image_size=32)
+    save_reference(build_reference(config, pretrained=True), config, tmp_path / "r.safetensors",
+                   {"steps": "0"})
+    assert main([str(tmp_path / "r.safetensors"), "--data", str(DATA), "--labs", "chula",
+                 "--splits", "train+val,val"]) == 0
+    scores = json.loads(capsys.readouterr().out.splitlines()[-1])["scores"]
+    train = len(load_lab(DATA, "chula", "train", 32, FIELD_OF_VIEW_UM).labels)
+    assert scores["chula train+val"]["cells"] == train + scores["chula val"]["cells"]
+    with pytest.raises(SystemExit, match="unknown split 'tset'"):
+        main([str(tmp_path / "r.safetensors"), "--data", str(DATA), "--labs", "chula",
+              "--splits", "tset"])

@@ -1,0 +1,68 @@
+"""Score reference checkpoints side by side on the labs' splits (a recipe comparison).
+
+For leave-one-lab-out recipe choices: a reference trained without a lab may be scored on that
+lab's ``train`` and ``val`` cells (none of which it trained on), many more cells than its val
+alone, while the lab's ``test`` stays for reporting. PBC is thinned to ``--pbc-per-class``.
+Prints one JSON line per checkpoint: balanced accuracy, accuracy and recalls per lab and split.
+
+    python -m analysis.training.compare_references .train/ms/ref_no_chula_base.safetensors \\
+        .train/ms/ref_no_chula_wb.safetensors --labs chula --splits train+val,test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from analysis.framing import FIELD_OF_VIEW_UM
+from analysis.reference import load_reference, reference_logits
+from analysis.training.evaluate_labs import class_metrics
+from analysis.training.labs import LABS, SPLITS, LabCells, concat, load_lab
+
+
+def _cells(data: Path, lab: str, splits: str, size: int, pbc_per_class: int) -> LabCells:
+    parts = []
+    for split in splits.split("+"):
+        if split not in SPLITS:
+            raise SystemExit(f"unknown split {split!r}: the splits are {', '.join(SPLITS)}")
+        parts.append(load_lab(data, lab, split, size, FIELD_OF_VIEW_UM))
+    cells = concat(parts)
+    return cells.per_class(pbc_per_class, 0) if lab == "pbc" and pbc_per_class else cells
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("references", type=Path, nargs="+", help="reference .safetensors files")
+    p.add_argument("--data", type=Path, default=Path("../shared/data"))
+    p.add_argument("--labs", default=",".join(LABS))
+    p.add_argument("--splits", default="val,test",
+                   help="comma-separated; join splits with + to score them as one set")
+    p.add_argument("--pbc-per-class", type=int, default=48)
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cache: dict[tuple[str, str, int], LabCells] = {}
+    for path in args.references:
+        model, config, _ = load_reference(path)
+        scores = {}
+        for lab in (x.strip() for x in args.labs.split(",") if x.strip()):
+            for splits in (x.strip() for x in args.splits.split(",") if x.strip()):
+                key = (lab, splits, config.image_size)
+                if key not in cache:
+                    cache[key] = _cells(args.data, lab, splits, config.image_size,
+                                        args.pbc_per_class)
+                cells = cache[key]
+                logits, _ = reference_logits(model, cells.images)
+                scores[f"{lab} {splits}"] = class_metrics(logits.argmax(axis=1), cells.labels)
+        json.dump({"reference": str(path), "scores": scores}, sys.stdout)
+        sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
