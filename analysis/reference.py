@@ -35,11 +35,18 @@ class ReferenceConfig:
     #: Balance each cell's colours on its own bright pixels before the network sees it
     #: (:func:`balance_white`); part of the network, so training and every use agree.
     white_balance: bool = False
+    #: Show the network only a disc of this radius (a fraction of the frame's side) around the
+    #: cell, the rest mid-grey (0: the whole frame), as the diffusion model's ``cell_disc``
+    #: weighs its error: the glass and red cells, which differ most between labs and slides,
+    #: cannot vote. Part of the network, like ``white_balance``.
+    cell_disc: float = 0.0
 
     def __post_init__(self) -> None:
         if self.image_size < 32:
             raise ValueError(f"image_size must be >= 32, not {self.image_size}")
         check_class_names(self.class_names)
+        if not 0.0 <= self.cell_disc <= 0.75:
+            raise ValueError(f"cell_disc must lie in [0, 0.75], not {self.cell_disc}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -68,8 +75,9 @@ def build_reference(config: ReferenceConfig, *, pretrained: bool) -> torch.nn.Mo
             num_classes=n, dropout_rate=config.dropout)
     else:
         model = EfficientNet.from_name(ARCHITECTURE, num_classes=n, dropout_rate=config.dropout)
-    if config.white_balance:  # before the stem: forward() and extract_features() both pass it
-        model._conv_stem.register_forward_pre_hook(_balance_stem_input)
+    if config.white_balance or config.cell_disc:
+        # before the stem: forward() and extract_features() both pass it
+        model._conv_stem.register_forward_pre_hook(_StemInput(config))
     return model
 
 
@@ -89,10 +97,29 @@ def balance_white(x: torch.Tensor) -> torch.Tensor:
     return (x * (WHITE_LEVEL / q)[:, :, None, None]).clamp_(0.0, 1.0)
 
 
-def _balance_stem_input(module: torch.nn.Module, args: tuple[torch.Tensor, ...]
-                        ) -> tuple[torch.Tensor]:
-    x = args[0].add(1.0).mul_(0.5)  # the network's [-1, 1] input back to [0, 1]
-    return (balance_white(x).mul_(2.0).sub_(1.0),)
+def disc_weight(size: int, radius: float) -> torch.Tensor:
+    """``(size, size)`` ones inside a disc of ``radius`` x ``size`` around the centre, zeros
+    outside, with a one-pixel soft edge."""
+    c = (torch.arange(size, dtype=torch.float32) + 0.5) - size / 2
+    r = torch.sqrt(c.view(-1, 1) ** 2 + c.view(1, -1) ** 2)
+    return (radius * size + 0.5 - r).clamp(0.0, 1.0)
+
+
+class _StemInput:
+    """The stem's input as ``config`` wants it: white-balanced, then cut to the cell's disc."""
+
+    def __init__(self, config: ReferenceConfig):
+        self.white_balance = config.white_balance
+        self.cell_disc = config.cell_disc
+
+    def __call__(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]
+                 ) -> tuple[torch.Tensor]:
+        x = args[0]
+        if self.white_balance:  # the network's [-1, 1] input back to [0, 1] and again
+            x = balance_white(x.add(1.0).mul_(0.5)).mul_(2.0).sub_(1.0)
+        if self.cell_disc:
+            x = x * disc_weight(x.shape[-1], self.cell_disc).to(x.dtype)  # 0 is mid-grey
+        return (x,)
 
 
 def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="wider contrast, hue, saturation and blur, some cells in grey")
     p.add_argument("--white-balance", action="store_true",
                    help="balance each cell's colours on its bright pixels inside the network")
+    p.add_argument("--cell-disc", type=float, default=0.0,
+                   help="show the network only a disc of this radius (fraction of the frame) "
+                        "around the cell (0: the whole frame)")
     p.add_argument("--mixstyle", action="store_true",
                    help="mix feature statistics across the batch after the early blocks (MixStyle)")
     args = p.parse_args(argv)
@@ -151,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = train_reference(args.data, args.out, labs=labs, steps=args.steps,
                               batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                               config=ReferenceConfig(image_size=args.image_size,
-                                                     white_balance=args.white_balance),
+                                                     white_balance=args.white_balance,
+                                                     cell_disc=args.cell_disc),
                               threads=args.threads, strong=args.strong_augment,
                               mixstyle=args.mixstyle)
     json.dump(summary, sys.stdout)

@@ -231,3 +231,26 @@ def test_compare_references_scores_a_held_out_labs_train_and_val_as_one_set(
     with pytest.raises(SystemExit, match="unknown split 'tset'"):
         main([str(tmp_path / "r.safetensors"), "--data", str(DATA), "--labs", "chula",
               "--splits", "tset"])
+
+
+def test_a_reference_with_a_cell_disc_ignores_the_frame_outside_it(tmp_path: Path) -> None:
+    """``ReferenceConfig.cell_disc``: what lies outside the disc around the cell (the glass and
+    red cells at the frame's corners) does not change what the network sees; the cell does.
+    The setting travels with the weights."""
+    config = ReferenceConfig(image_size=64, cell_disc=0.4)
+    save_reference(build_reference(config, pretrained=True), config, tmp_path / "d.safetensors",
+                   {"steps": "0"})
+    model, again, _ = load_reference(tmp_path / "d.safetensors")
+    assert again.cell_disc == 0.4
+    cells = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    corners = cells.copy()
+    corners[:, :6, :6] = corners[:, -6:, -6:] = (250, 120, 140)
+    centre = cells.copy()
+    centre[:, 28:36, 28:36] = (90, 60, 150)
+    _, a = reference_logits(model, cells, features=True)
+    _, b = reference_logits(model, corners, features=True)
+    _, c = reference_logits(model, centre, features=True)
+    np.testing.assert_allclose(a, b)
+    assert np.abs(a - c).max() > 0.1
+    with pytest.raises(ValueError, match="cell_disc"):
+        ReferenceConfig(cell_disc=0.9)
