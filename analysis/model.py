@@ -97,9 +97,15 @@ def cell_weight(config: ModelConfig) -> torch.Tensor:
     s = config.image_size
     if config.cell_disc == 0.0:
         return torch.ones(s, s)
-    c = (torch.arange(s, dtype=torch.float32) + 0.5) - s / 2
+    return disc_weight(s, config.cell_disc)
+
+
+def disc_weight(size: int, radius: float) -> torch.Tensor:
+    """``(size, size)`` ones inside a disc of ``radius`` x ``size`` around the centre, zeros
+    outside, with a one-pixel soft edge."""
+    c = (torch.arange(size, dtype=torch.float32) + 0.5) - size / 2
     r = torch.sqrt(c.view(-1, 1) ** 2 + c.view(1, -1) ** 2)
-    return (config.cell_disc * s + 0.5 - r).clamp(0.0, 1.0)
+    return (radius * size + 0.5 - r).clamp(0.0, 1.0)
 
 
 def build_unet(config: ModelConfig) -> UNet2DModel:

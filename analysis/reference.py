@@ -97,28 +97,23 @@ def balance_white(x: torch.Tensor) -> torch.Tensor:
     return (x * (WHITE_LEVEL / q)[:, :, None, None]).clamp_(0.0, 1.0)
 
 
-def disc_weight(size: int, radius: float) -> torch.Tensor:
-    """``(size, size)`` ones inside a disc of ``radius`` x ``size`` around the centre, zeros
-    outside, with a one-pixel soft edge."""
-    c = (torch.arange(size, dtype=torch.float32) + 0.5) - size / 2
-    r = torch.sqrt(c.view(-1, 1) ** 2 + c.view(1, -1) ** 2)
-    return (radius * size + 0.5 - r).clamp(0.0, 1.0)
-
-
 class _StemInput:
-    """The stem's input as ``config`` wants it: white-balanced, then cut to the cell's disc."""
+    """The stem's input as ``config`` wants it: white-balanced, then cut to the cell's disc
+    (the diffusion model's :func:`analysis.model.disc_weight`, made once)."""
 
     def __init__(self, config: ReferenceConfig):
+        from analysis.model import disc_weight
+
         self.white_balance = config.white_balance
-        self.cell_disc = config.cell_disc
+        self.disc = disc_weight(config.image_size, config.cell_disc) if config.cell_disc else None
 
     def __call__(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]
                  ) -> tuple[torch.Tensor]:
         x = args[0]
         if self.white_balance:  # the network's [-1, 1] input back to [0, 1] and again
             x = balance_white(x.add(1.0).mul_(0.5)).mul_(2.0).sub_(1.0)
-        if self.cell_disc:
-            x = x * disc_weight(x.shape[-1], self.cell_disc).to(x.dtype)  # 0 is mid-grey
+        if self.disc is not None:
+            x = x * self.disc.to(x.dtype)  # 0 is mid-grey
         return (x,)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import random
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -133,10 +134,12 @@ def chula_series(path: str) -> str:
     return path.rsplit("/", 1)[-1].split("_", 1)[0]
 
 
-def chula_train_series(data_root: Path) -> set[str]:
+@functools.lru_cache(maxsize=4)
+def chula_train_series(data_root: Path) -> frozenset[str]:
     """The image series of Chula's train split (read from its ``labels.csv``)."""
     with (data_root / "chula_wbc" / "labels.csv").open(newline="") as fh:
-        return {chula_series(row["path"]) for row in csv.DictReader(fh) if row["split"] == "train"}
+        return frozenset(chula_series(row["path"]) for row in csv.DictReader(fh)
+                         if row["split"] == "train")
 
 
 def _frame_file(path: Path, spacing_um: float, size: int, fov_um: float) -> np.ndarray:

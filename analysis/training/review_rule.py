@@ -56,7 +56,7 @@ from analysis.classifier import (
     read_calibration,
 )
 from analysis.classify import DiffusionScores, error_deltas
-from analysis.domain import SLIDE_MARGIN
+from analysis.domain import SLIDE_MARGIN, slide_threshold
 from analysis.review import (
     DENSITY_WEIGHTS,
     SIGNIFICANT_CLASSES,
@@ -304,6 +304,7 @@ class Site:
     def __init__(self, density: FeatureDensity, features: np.ndarray, source: str):
         self.shift = density.site_shift(features)
         self.distances = density.distance(features, self.shift)
+        self.median_distance = float(np.median(self.distances))
         self.source = source
         self.cells = len(features)
 
@@ -599,7 +600,7 @@ def score_rule(rule: ReviewRule, signals: Path, calibration: dict[str, object],
 def _series_as_slides(s: Signals, site: Site, density: FeatureDensity) -> dict[str, object]:
     """The slide check (:mod:`analysis.domain`) applied to each Chula image series as if it
     were a slide, with Chula's site calibration: would it call the series outside the domain?"""
-    threshold = SLIDE_MARGIN * float(np.median(site.distances))
+    threshold = slide_threshold(None, site)
     distance = density.distance(s.features, site.shift)
     series = np.array([chula_series(str(p)) for p in s.paths])
     return {"slide_threshold_with_site": round(threshold, 3), "series": {
