@@ -40,6 +40,11 @@ class ReferenceConfig:
     #: weighs its error: the glass and red cells, which differ most between labs and slides,
     #: cannot vote. Part of the network, like ``white_balance``.
     cell_disc: float = 0.0
+    #: Stretch each channel of each cell so that its darkest pixels (the nucleus) and its bright
+    #: ones (glass, pale red cells) land on fixed levels (:func:`stretch_levels`): a pale, blurred
+    #: or low-contrast smear is shown at the contrast of a crisp one. Part of the network, like
+    #: ``white_balance`` (which it includes: the bright level is the same grey in every channel).
+    stretch: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size < 32:
@@ -75,7 +80,7 @@ def build_reference(config: ReferenceConfig, *, pretrained: bool) -> torch.nn.Mo
             num_classes=n, dropout_rate=config.dropout)
     else:
         model = EfficientNet.from_name(ARCHITECTURE, num_classes=n, dropout_rate=config.dropout)
-    if config.white_balance or config.cell_disc:
+    if config.white_balance or config.cell_disc or config.stretch:
         # before the stem: forward() and extract_features() both pass it
         model._conv_stem.register_forward_pre_hook(_StemInput(config))
     return model
@@ -97,6 +102,24 @@ def balance_white(x: torch.Tensor) -> torch.Tensor:
     return (x * (WHITE_LEVEL / q)[:, :, None, None]).clamp_(0.0, 1.0)
 
 
+#: The share of a cell's pixels darker than the one :func:`stretch_levels` takes as black.
+DARK_QUANTILE = 0.02
+#: The level that pixel becomes in every channel (the bright one is :data:`WHITE_LEVEL`).
+DARK_LEVEL = 0.1
+
+
+def stretch_levels(x: torch.Tensor) -> torch.Tensor:
+    """Map each channel of a ``(B, 3, S, S)`` batch in ``[0, 1]`` linearly so that its
+    :data:`DARK_QUANTILE` quantile becomes :data:`DARK_LEVEL` and its :data:`WHITE_QUANTILE`
+    quantile :data:`WHITE_LEVEL` ("auto levels"): the lab's light, tint and contrast go, the
+    colours of a cell relative to its own nucleus and background stay."""
+    q = torch.quantile(x.flatten(2), torch.tensor([DARK_QUANTILE, WHITE_QUANTILE], dtype=x.dtype),
+                       dim=2)  # (2, B, 3)
+    lo, hi = q[0][:, :, None, None], q[1][:, :, None, None]
+    scale = (WHITE_LEVEL - DARK_LEVEL) / (hi - lo).clamp_min(0.02)
+    return ((x - lo) * scale + DARK_LEVEL).clamp_(0.0, 1.0)
+
+
 class _StemInput:
     """The stem's input as ``config`` wants it: white-balanced, then cut to the cell's disc
     (the diffusion model's :func:`analysis.model.disc_weight`, made once)."""
@@ -105,6 +128,7 @@ class _StemInput:
         from analysis.model import disc_weight
 
         self.white_balance = config.white_balance
+        self.stretch = config.stretch
         self.disc = disc_weight(config.image_size, config.cell_disc) if config.cell_disc else None
 
     def __call__(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]
@@ -112,6 +136,8 @@ class _StemInput:
         x = args[0]
         if self.white_balance:  # the network's [-1, 1] input back to [0, 1] and again
             x = balance_white(x.add(1.0).mul_(0.5)).mul_(2.0).sub_(1.0)
+        if self.stretch:
+            x = stretch_levels(x.add(1.0).mul_(0.5)).mul_(2.0).sub_(1.0)
         if self.disc is not None:
             x = x * self.disc.to(x.dtype)  # 0 is mid-grey
         return (x,)

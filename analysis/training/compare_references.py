@@ -5,6 +5,10 @@ lab's ``train`` and ``val`` cells (none of which it trained on), many more cells
 alone, while the lab's ``test`` stays for reporting. PBC is thinned to ``--pbc-per-class``.
 Prints one JSON line per checkpoint: balanced accuracy, accuracy and recalls per lab and split.
 
+Probes of what a lab's cells differ in: ``--blur`` also scores every set Gaussian-blurred (sigma
+in the network's input pixels: focus), ``--fov-scale`` framed with the field of view scaled
+(what a pixel spacing off by that factor does to the framing).
+
     python -m analysis.training.compare_references .train/ms/ref_no_chula_base.safetensors \\
         .train/ms/ref_no_chula_wb.safetensors --labs chula --splits train+val,test
 """
@@ -16,7 +20,9 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageFilter
 
 from analysis.framing import FIELD_OF_VIEW_UM
 from analysis.reference import load_reference, reference_logits
@@ -24,14 +30,33 @@ from analysis.training.evaluate_labs import class_metrics
 from analysis.training.labs import LABS, SPLITS, LabCells, concat, load_lab
 
 
-def _cells(data: Path, lab: str, splits: str, size: int, pbc_per_class: int) -> LabCells:
+def _cells(data: Path, lab: str, splits: str, size: int, pbc_per_class: int,
+           fov_scale: float = 1.0) -> LabCells:
     parts = []
     for split in splits.split("+"):
         if split not in SPLITS:
             raise SystemExit(f"unknown split {split!r}: the splits are {', '.join(SPLITS)}")
-        parts.append(load_lab(data, lab, split, size, FIELD_OF_VIEW_UM))
+        parts.append(load_lab(data, lab, split, size, FIELD_OF_VIEW_UM * fov_scale))
     cells = concat(parts)
     return cells.per_class(pbc_per_class, 0) if lab == "pbc" and pbc_per_class else cells
+
+
+def blurred(images: np.ndarray, sigma: float) -> np.ndarray:
+    """``(N, S, S, 3)`` uint8 images, each Gaussian-blurred by ``sigma`` pixels (0: as they are)."""
+    if sigma <= 0:
+        return images
+    return np.stack([np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(sigma)))
+                     for im in images])
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"{name} takes comma-separated numbers, not {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise SystemExit(f"{name} takes one or more numbers >= 0, not {text!r}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,22 +68,33 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated; join splits with + to score them as one set")
     p.add_argument("--pbc-per-class", type=int, default=48)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--blur", default="0",
+                   help="comma-separated Gaussian blur sigmas in input pixels (0: none)")
+    p.add_argument("--fov-scale", default="1",
+                   help="comma-separated factors on the field of view the cells are framed at")
     args = p.parse_args(argv)
+    blurs, fov_scales = _floats(args.blur, "--blur"), _floats(args.fov_scale, "--fov-scale")
+    if 0 in fov_scales:
+        raise SystemExit("--fov-scale factors must be > 0")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cache: dict[tuple[str, str, int], LabCells] = {}
+    cache: dict[tuple[str, str, int, float], LabCells] = {}
     for path in args.references:
         model, config, _ = load_reference(path)
         scores = {}
         for lab in (x.strip() for x in args.labs.split(",") if x.strip()):
             for splits in (x.strip() for x in args.splits.split(",") if x.strip()):
-                key = (lab, splits, config.image_size)
-                if key not in cache:
-                    cache[key] = _cells(args.data, lab, splits, config.image_size,
-                                        args.pbc_per_class)
-                cells = cache[key]
-                logits, _ = reference_logits(model, cells.images)
-                scores[f"{lab} {splits}"] = class_metrics(logits.argmax(axis=1), cells.labels)
+                for fov in fov_scales:
+                    key = (lab, splits, config.image_size, fov)
+                    if key not in cache:
+                        cache[key] = _cells(args.data, lab, splits, config.image_size,
+                                            args.pbc_per_class, fov)
+                    cells = cache[key]
+                    for sigma in blurs:
+                        logits, _ = reference_logits(model, blurred(cells.images, sigma))
+                        name = (f"{lab} {splits}" + (f" blur {sigma:g}" if sigma else "")
+                                + (f" fov x{fov:g}" if fov != 1 else ""))
+                        scores[name] = class_metrics(logits.argmax(axis=1), cells.labels)
         json.dump({"reference": str(path), "scores": scores}, sys.stdout)
         sys.stdout.write("\n")
     return 0

@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="wider contrast, hue, saturation and blur, some cells in grey")
     p.add_argument("--white-balance", action="store_true",
                    help="balance each cell's colours on its bright pixels inside the network")
+    p.add_argument("--stretch", action="store_true",
+                   help="stretch each channel of each cell between its nucleus and its background "
+                        "inside the network (auto levels)")
     p.add_argument("--cell-disc", type=float, default=0.0,
                    help="show the network only a disc of this radius (fraction of the frame) "
                         "around the cell (0: the whole frame)")
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                               batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                               config=ReferenceConfig(image_size=args.image_size,
                                                      white_balance=args.white_balance,
+                                                     stretch=args.stretch,
                                                      cell_disc=args.cell_disc),
                               threads=args.threads, strong=args.strong_augment,
                               mixstyle=args.mixstyle)

@@ -20,6 +20,30 @@ SAMPLE_FIELDS = (0, 8, 9, 10, 15, 20)
 SAMPLE_GAP_PX = 194
 
 
+def small_pbc(out: Path, per_class: int) -> Path:
+    """A PBC folder (``splits.csv`` and the class folders, linked) with the first ``per_class``
+    cells of each class in each split: for commands that read every cell of a split, where the
+    test needs their behaviour on real cells, not their speed on 1,700."""
+    import csv
+
+    pbc = DATA / "pbc"
+    out.mkdir(parents=True)
+    kept: dict[tuple[str, str], int] = {}
+    with (pbc / "splits.csv").open(newline="") as src, (out / "splits.csv").open("w", newline="") as dst:
+        reader = csv.DictReader(src)
+        writer = csv.DictWriter(dst, fieldnames=reader.fieldnames or [])
+        writer.writeheader()
+        for row in reader:
+            key = (row["split"], row["label"])
+            if kept.get(key, 0) < per_class:
+                kept[key] = kept.get(key, 0) + 1
+                writer.writerow(row)
+    for folder in pbc.iterdir():
+        if folder.is_dir():
+            (out / folder.name).symlink_to(folder, target_is_directory=True)
+    return out
+
+
 def sample_field_origin(k: int) -> tuple[int, int]:
     return (k % 3) * (640 + SAMPLE_GAP_PX), (k // 3) * (480 + SAMPLE_GAP_PX)
 

@@ -32,7 +32,7 @@ from analysis.heatmap import counterfactual_heatmap, overlay_png
 from analysis.model import ModelConfig, build_unet
 from analysis.training.evaluate import calibrate
 from analysis.training.pbc import load_images, read_split
-from tests.analysis.conftest import write_tiny_cnn, write_tiny_diffusion
+from tests.analysis.conftest import small_pbc, write_tiny_cnn, write_tiny_diffusion
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data"
@@ -61,11 +61,14 @@ def _few_rows(split: str, per_class: int) -> list[tuple[str, int]]:
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny diffusion model trained 30 steps on 8 PBC train cells, with a calibration."""
+    """A tiny diffusion model trained 30 steps on 8 PBC train cells, with a calibration on PBC
+    val alone (the other labs' val cells, which calibrate() adds when they lie beside PBC, are
+    ``test_heldout``'s)."""
     data = load_images(PBC, _few_rows("train", 1), TINY.image_size)
     folder = tmp_path_factory.mktemp("weights")
     write_tiny_diffusion(folder, TINY, data.images, data.labels, steps=30)
-    calibrate(folder, PBC, CONFIG, per_class=1, seed=0)
+    calibrate(folder, small_pbc(tmp_path_factory.mktemp("data") / "pbc", per_class=1), CONFIG,
+              per_class=1, seed=0)
     return folder
 
 
@@ -329,14 +332,16 @@ def test_evaluate_cli_reports_both_models(tiny_weights: Path, tmp_path: Path) ->
     shutil.copy(tiny_weights / DIFFUSION_WEIGHTS, folder / DIFFUSION_WEIGHTS)
     data = load_images(PBC, _few_rows("train", 1), TINY.image_size)
     write_tiny_cnn(folder, CLASS_NAMES, data.images, data.labels, steps=10)
-    calibrate(folder, PBC, CONFIG, per_class=1, seed=0)
+    pbc = small_pbc(tmp_path / "pbc", per_class=3)  # the CNN reads every val and test cell
+    calibrate(folder, pbc, CONFIG, per_class=1, seed=0)
     arrays = tmp_path / "eval.npz"
-    proc = _run("evaluate", "--json", "--weights", str(folder), "--data", str(PBC),
+    proc = _run("evaluate", "--json", "--weights", str(folder), "--data", str(pbc),
                 "--aml", str(AML), "--per-class", "1", "--exhaustive-per-class", "1",
                 "--aml-limit", "3", "--threads", "1", "--arrays-out", str(arrays))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    n_test = len(read_split(PBC, "test"))
+    n_test = len(read_split(pbc, "test"))
+    assert n_test == 3 * len(CLASS_NAMES)
     assert result["data"]["pbc_test_cells_diffusion"] == len(CLASS_NAMES)
     assert result["data"]["pbc_test_cells_cnn"] == n_test
     assert result["data"]["aml_blasts"] == result["data"]["aml_neutrophils"] == 3

@@ -83,8 +83,11 @@ def test_split_without_a_class() -> None:
 def test_calibration_covers_the_known_classes_only(loco_weights: Path) -> None:
     cal = json.loads((loco_weights / CALIBRATION).read_text())
     assert len(cal["anomaly_class_mean"]) == len(KNOWN)
-    # one PBC val cell of each known class, none held out (plus the other labs' val cells)
+    # one PBC val cell of each known class, none held out, plus the val cells of the labs that
+    # lie beside PBC (they have no erythroblasts to leave out)
     assert cal["val_cells_pbc"] == len(KNOWN)
+    assert cal["val_labs"] == ["pbc", "bccd", "chula_wbc"]  # their folders
+    assert cal["val_cells"] > cal["val_cells_pbc"]
     assert "cnn" in cal
 
 

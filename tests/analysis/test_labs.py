@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from analysis.classes import CLASS_NAMES
-from analysis.framing import FIELD_OF_VIEW_UM, frame_at, frame_cell_image
+from analysis.framing import FIELD_OF_VIEW_UM, frame_at
 from analysis.model import ModelConfig, cell_weight
 from analysis.reference import (
     ReferenceConfig,
@@ -193,6 +193,29 @@ def test_a_white_balanced_reference_sees_a_cell_the_same_under_another_light(tmp
     assert spread(balanced) < 0.05 < spread(plain)
 
 
+@needs_data
+def test_a_stretched_reference_sees_a_pale_cell_as_a_crisp_one(tmp_path: Path) -> None:
+    """``ReferenceConfig.stretch``: the same cells at their contrast and washed out towards a
+    tinted glass (a pale, low-contrast smear) reach the network alike, and the setting travels
+    with the weights; without it the washing-out changes what the network sees."""
+    config = ReferenceConfig(image_size=64, stretch=True)
+    save_reference(build_reference(config, pretrained=True), config, tmp_path / "st.safetensors",
+                   {"steps": "0"})
+    stretched, again, _ = load_reference(tmp_path / "st.safetensors")
+    assert again.stretch and not again.white_balance
+    plain = build_reference(ReferenceConfig(image_size=64), pretrained=True)
+    cells = load_lab(DATA, "pbc", "val", 64, FIELD_OF_VIEW_UM).per_class(1, 0).images
+    pale = (0.45 * cells + 0.55 * np.array([205.0, 215.0, 200.0])).astype(np.uint8)
+
+    def spread(model: torch.nn.Module) -> float:
+        _, a = reference_logits(model, cells, features=True)
+        _, b = reference_logits(model, pale, features=True)
+        assert a is not None and b is not None
+        return float(np.abs(a - b).mean() / np.abs(a).mean())
+
+    assert spread(stretched) < 0.1 < spread(plain)
+
+
 def test_mixstyle_mixes_the_styles_of_a_batch_in_training_only() -> None:
     """``reference_train --mixstyle``: in training each cell's feature means and spreads are
     mixed with another cell's; at inference the network is untouched."""
@@ -206,7 +229,7 @@ def test_mixstyle_mixes_the_styles_of_a_batch_in_training_only() -> None:
     mixed = layer(x)
     assert not torch.allclose(mixed.std(dim=(2, 3)), x.std(dim=(2, 3)), rtol=0.05)
     # the content of each cell (its normalised pattern) is kept
-    norm = lambda t: (t - t.mean(dim=(2, 3), keepdim=True)) / t.std(dim=(2, 3), keepdim=True)  # noqa: E731
+    norm = lambda t: (t - t.mean(dim=(2, 3), keepdim=True)) / t.std(dim=(2, 3), keepdim=True)
     torch.testing.assert_close(norm(mixed), norm(x), atol=1e-3, rtol=1e-3)
     layer.eval()
     assert torch.equal(layer(x), x)
@@ -231,6 +254,34 @@ def test_compare_references_scores_a_held_out_labs_train_and_val_as_one_set(
     with pytest.raises(SystemExit, match="unknown split 'tset'"):
         main([str(tmp_path / "r.safetensors"), "--data", str(DATA), "--labs", "chula",
               "--splits", "tset"])
+
+
+@needs_data
+def test_compare_references_probes_focus_and_framing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--blur`` and ``--fov-scale``: every set is also scored blurred and framed wider, the
+    same cells each time; the probes really change the images; bad values are refused."""
+    import json
+
+    from analysis.training.compare_references import blurred, main
+
+    config = ReferenceConfig(image_size=32)
+    save_reference(build_reference(config, pretrained=True), config, tmp_path / "r.safetensors",
+                   {"steps": "0"})
+    ref = str(tmp_path / "r.safetensors")
+    assert main([ref, "--data", str(DATA), "--labs", "chula", "--splits", "val",
+                 "--blur", "0,2", "--fov-scale", "1,1.2"]) == 0
+    scores = json.loads(capsys.readouterr().out.splitlines()[-1])["scores"]
+    assert set(scores) == {"chula val", "chula val blur 2", "chula val fov x1.2",
+                           "chula val blur 2 fov x1.2"}
+    assert len({v["cells"] for v in scores.values()}) == 1
+    cells = load_lab(DATA, "chula", "val", 32, FIELD_OF_VIEW_UM).images[:4]
+    sharp = np.abs(np.diff(cells.astype(float), axis=2)).mean()
+    assert np.abs(np.diff(blurred(cells, 2.0).astype(float), axis=2)).mean() < 0.6 * sharp
+    assert blurred(cells, 0) is cells
+    for bad in (["--blur", "x"], ["--blur", "-1"], ["--fov-scale", "0"]):
+        with pytest.raises(SystemExit):
+            main([ref, "--data", str(DATA), "--labs", "chula", "--splits", "val", *bad])
 
 
 def test_a_reference_with_a_cell_disc_ignores_the_frame_outside_it(tmp_path: Path) -> None:
