@@ -41,8 +41,8 @@ class ReferenceConfig:
     #: cannot vote. Part of the network, like ``white_balance``.
     cell_disc: float = 0.0
     #: Stretch each channel of each cell so that its darkest pixels (the nucleus) and its bright
-    #: ones (glass, pale red cells) land on fixed levels (:func:`stretch_levels`): a pale, blurred
-    #: or low-contrast smear is shown at the contrast of a crisp one. Part of the network, like
+    #: ones (glass, pale red cells) land on fixed levels (:func:`stretch_levels`): a pale or
+    #: low-contrast smear is shown at the contrast of a crisp one. Part of the network, like
     #: ``white_balance`` (which it includes: the bright level is the same grey in every channel).
     stretch: bool = False
 
@@ -121,8 +121,8 @@ def stretch_levels(x: torch.Tensor) -> torch.Tensor:
 
 
 class _StemInput:
-    """The stem's input as ``config`` wants it: white-balanced, then cut to the cell's disc
-    (the diffusion model's :func:`analysis.model.disc_weight`, made once)."""
+    """The stem's input as ``config`` wants it: white-balanced, stretched, then cut to the cell's
+    disc (the diffusion model's :func:`analysis.model.disc_weight`, made once)."""
 
     def __init__(self, config: ReferenceConfig):
         from analysis.model import disc_weight
