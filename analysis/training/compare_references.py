@@ -49,13 +49,15 @@ def blurred(images: np.ndarray, sigma: float) -> np.ndarray:
                      for im in images])
 
 
-def _floats(text: str, name: str) -> list[float]:
+def _floats(text: str, name: str, *, zero: bool) -> list[float]:
+    """The comma-separated numbers of option ``name``: >= 0 if ``zero``, else > 0."""
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise SystemExit(f"{name} takes comma-separated numbers, not {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise SystemExit(f"{name} takes one or more numbers >= 0, not {text!r}")
+    if not values or any(v < 0 or (v == 0 and not zero) for v in values):
+        raise SystemExit(f"{name} takes one or more numbers {'>=' if zero else '>'} 0, "
+                         f"not {text!r}")
     return values
 
 
@@ -73,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fov-scale", default="1",
                    help="comma-separated factors on the field of view the cells are framed at")
     args = p.parse_args(argv)
-    blurs, fov_scales = _floats(args.blur, "--blur"), _floats(args.fov_scale, "--fov-scale")
-    if 0 in fov_scales:
-        raise SystemExit("--fov-scale factors must be > 0")
+    blurs = _floats(args.blur, "--blur", zero=True)
+    fov_scales = _floats(args.fov_scale, "--fov-scale", zero=False)
     if args.threads:
         torch.set_num_threads(args.threads)
     cache: dict[tuple[str, str, int, float], LabCells] = {}
+    views: dict[tuple[str, str, int, float, float], np.ndarray] = {}  # blurred once, for every reference
     for path in args.references:
         model, config, _ = load_reference(path)
         scores = {}
@@ -91,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                                             args.pbc_per_class, fov)
                     cells = cache[key]
                     for sigma in blurs:
-                        logits, _ = reference_logits(model, blurred(cells.images, sigma))
+                        if (*key, sigma) not in views:
+                            views[(*key, sigma)] = blurred(cells.images, sigma)
+                        logits, _ = reference_logits(model, views[(*key, sigma)])
                         name = (f"{lab} {splits}" + (f" blur {sigma:g}" if sigma else "")
                                 + (f" fov x{fov:g}" if fov != 1 else ""))
                         scores[name] = class_metrics(logits.argmax(axis=1), cells.labels)

@@ -169,6 +169,15 @@ def test_the_reference_averaged_over_views_calls_a_turned_cell_as_the_cell() -> 
         reference_logits(reference.model, cells.images, views=9)
 
 
+def _feature_change(model: torch.nn.Module, images: np.ndarray, changed: np.ndarray) -> float:
+    """How far the network's features of ``changed`` lie from those of ``images`` (the same
+    cells), relative to their size."""
+    _, a = reference_logits(model, images, features=True)
+    _, b = reference_logits(model, changed, features=True)
+    assert a is not None and b is not None
+    return float(np.abs(a - b).mean() / np.abs(a).mean())
+
+
 @needs_data
 def test_a_white_balanced_reference_sees_a_cell_the_same_under_another_light(tmp_path: Path) -> None:
     """``ReferenceConfig.white_balance``: the same cells photographed under a pink and under a
@@ -184,13 +193,7 @@ def test_a_white_balanced_reference_sees_a_cell_the_same_under_another_light(tmp
     pink = np.clip(cells * np.array([1.0, 0.82, 0.95]), 0, 255).astype(np.uint8)
     green = np.clip(cells * np.array([0.85, 1.0, 0.9]), 0, 255).astype(np.uint8)
 
-    def spread(model: torch.nn.Module) -> float:
-        _, a = reference_logits(model, pink, features=True)
-        _, b = reference_logits(model, green, features=True)
-        assert a is not None and b is not None
-        return float(np.abs(a - b).mean() / np.abs(a).mean())
-
-    assert spread(balanced) < 0.05 < spread(plain)
+    assert _feature_change(balanced, pink, green) < 0.05 < _feature_change(plain, pink, green)
 
 
 @needs_data
@@ -207,13 +210,7 @@ def test_a_stretched_reference_sees_a_pale_cell_as_a_crisp_one(tmp_path: Path) -
     cells = load_lab(DATA, "pbc", "val", 64, FIELD_OF_VIEW_UM).per_class(1, 0).images
     pale = (0.45 * cells + 0.55 * np.array([205.0, 215.0, 200.0])).astype(np.uint8)
 
-    def spread(model: torch.nn.Module) -> float:
-        _, a = reference_logits(model, cells, features=True)
-        _, b = reference_logits(model, pale, features=True)
-        assert a is not None and b is not None
-        return float(np.abs(a - b).mean() / np.abs(a).mean())
-
-    assert spread(stretched) < 0.1 < spread(plain)
+    assert _feature_change(stretched, cells, pale) < 0.1 < _feature_change(plain, cells, pale)
 
 
 def test_mixstyle_mixes_the_styles_of_a_batch_in_training_only() -> None:
