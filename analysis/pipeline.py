@@ -412,6 +412,8 @@ def _classify_open_slide(slide: Slide, config: PipelineConfig, progress: Progres
             anomaly_score=anomaly,
             review=bool(reasons), review_reasons=reasons, abnormal=abnormal,
             abnormal_reason=FlagReasonValues.HIGH_ANOMALY_SCORE if abnormal else None,
+            **{key: CellClassValues(CLASS_NAMES[int(predictions[key][i])])
+               for key in ("diffusion_label", "reference_label") if key in predictions},
         ))
     return SlideResult(
         study_instance_uid=str(ds.StudyInstanceUID),
@@ -485,7 +487,9 @@ def _review(review_model: Any, predictions: dict[str, np.ndarray],
     a = review_model.conclude(predictions["probabilities"], predictions["uncertainty"], measured,
                               outside_domain=not domain.inside, site=site)
     reported = {**predictions, "probabilities": a.probabilities, "label": a.label,
-                "uncertainty": a.uncertainty}
+                "uncertainty": a.uncertainty,
+                "diffusion_label": np.asarray(predictions["probabilities"]).argmax(axis=1),
+                "reference_label": a.reference_label}
     return _Flags(a.decision.reasons, a.decision.abnormal, distance, domain), reported
 
 

@@ -243,6 +243,10 @@ class CellResult:
     abnormal, abnormal_reason:
         Whether the cell is suspected abnormal (for example a blast), and why. The
         analysis also sends every suspected abnormal cell to review.
+    diffusion_label, reference_label:
+        The class each model called on its own (the diffusion classifier and the
+        discriminative second model), where the analysis had both: what a reviewer reads
+        behind "models disagree" or a significant class the reported class is not.
     """
 
     cell_id: int
@@ -260,6 +264,8 @@ class CellResult:
     abnormal: bool = False
     abnormal_reason: FlagReasonValues | None = None
     review_reasons: tuple[FlagReasonValues, ...] = ()
+    diffusion_label: CellClassValues | None = None
+    reference_label: CellClassValues | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.cell_id, bool) or not isinstance(self.cell_id, (int, np.integer)):
@@ -298,6 +304,14 @@ class CellResult:
             object.__setattr__(self, "label", CellClassValues(self.label))
         except ValueError:
             raise ValueError(f"label must be one of {', '.join(CLASS_NAMES)}, not {self.label!r}") from None
+        for name in ("diffusion_label", "reference_label"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    object.__setattr__(self, name, CellClassValues(value))
+                except ValueError:
+                    raise ValueError(f"{name} must be one of {', '.join(CLASS_NAMES)}, "
+                                     f"not {value!r}") from None
         if not isinstance(self.probabilities, Mapping):
             raise TypeError("probabilities must be a mapping of class name to probability")
         if set(self.probabilities) != set(CLASS_NAMES):

@@ -99,7 +99,7 @@ def _print_differential(result: Any, timings: dict[str, float], out: Path, *,
     """A short human-readable report on stdout: the differential, the flagged cells with their
     numbers (as the SR and the viewer name them) and reasons in words."""
     from analysis.domain import headline
-    from dicom_node.encode.differential import Differential, class_label
+    from dicom_node.encode.differential import Differential, class_label, result_reason_labels
 
     lines = [f"{len(result.cells)} cells classified; written to {out}"]
     params = result.provenance.parameters
@@ -111,6 +111,6 @@ def _print_differential(result: Any, timings: dict[str, float], out: Path, *,
     lines += Differential.from_result(result, platelets_detected=platelets_detected).lines()
     for cell in result.review_cells:
         lines.append(f"    Cell {cell.cell_id}: {class_label(cell.label)}"
-                     f" ({', '.join(cell.review_labels)})")
+                     f" ({', '.join(result_reason_labels(cell))})")
     lines.append("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
     sys.stdout.write("\n".join(lines) + "\n")

@@ -86,9 +86,43 @@ def reason_labels(reasons: Iterable[str | FlagReasonValues]) -> list[str]:
     return out
 
 
+def described_reasons(reasons: Iterable[str | FlagReasonValues], label: str | None = None,
+                      diffusion_label: str | None = None,
+                      reference_label: str | None = None) -> list[str]:
+    """Review reasons in words (:func:`reason_labels`), with what each model called where
+    that is what a reviewer needs to see: "models disagree (diffusion model: immature
+    granulocyte, second model: basophil)", and a significant class that only one model
+    called, for a cell reported as another ("significant class (second model:
+    erythroblast)"). Without the models' own calls (older results), the plain words."""
+    from analysis.review import SIGNIFICANT_CLASSES
+
+    calls = [(who, str(getattr(c, "value", c))) for who, c in
+             (("diffusion model", diffusion_label), ("second model", reference_label)) if c]
+    reported = str(getattr(label, "value", label)) if label else None
+    out = []
+    for reason, text in zip(list(reasons), reason_labels(reasons)):
+        detail: list[tuple[str, str]] = []
+        if reason == FlagReasonValues.MODELS_DISAGREE and len(calls) == 2:
+            detail = calls
+        elif reason == FlagReasonValues.SIGNIFICANT_CLASS and reported not in SIGNIFICANT_CLASSES:
+            detail = [(who, c) for who, c in calls if c in SIGNIFICANT_CLASSES]
+        if detail:
+            text += " (" + ", ".join(f"{who}: {class_label(c)}" for who, c in detail) + ")"
+        out.append(text)
+    return out
+
+
 def cell_reason_labels(cell: Mapping[str, Any]) -> list[str]:
-    """The review reasons of a JSON cell (``summary.json``, the viewer) in words."""
-    return reason_labels(_json_reasons(cell))
+    """The review reasons of a JSON cell (``summary.json``, the viewer) in words, with the
+    models' own calls where it has them (:func:`described_reasons`)."""
+    return described_reasons(_json_reasons(cell), cell.get("original_label", cell.get("label")),
+                             cell.get("diffusion_label"), cell.get("reference_label"))
+
+
+def result_reason_labels(cell: Any) -> list[str]:
+    """:func:`cell_reason_labels` of an :class:`analysis.results.CellResult`."""
+    return described_reasons(cell.review_reasons, cell.label, cell.diffusion_label,
+                             cell.reference_label)
 
 
 def _json_reasons(cell: Mapping[str, Any]) -> list[str]:

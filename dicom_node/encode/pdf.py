@@ -34,6 +34,7 @@ from dicom_node.encode.differential import (
     cell_reason_labels,
     class_label,
     reason_labels,
+    result_reason_labels,
 )
 
 # fpdf2 subsets the font with fontTools, which logs a dozen INFO lines per PDF.
@@ -113,7 +114,7 @@ def class_name(label: str) -> str:
 
 
 def _cell_reasons(cell: CellResult) -> tuple[str, ...]:
-    reasons = (["suspected abnormal"] if cell.abnormal else []) + reason_labels(cell.review_reasons)
+    reasons = (["suspected abnormal"] if cell.abnormal else []) + result_reason_labels(cell)
     if cell.abnormal_reason is not None:
         reasons += reason_labels([cell.abnormal_reason])
     return tuple(dict.fromkeys(reasons))

@@ -317,6 +317,8 @@ def cell_json(cell: Any) -> dict[str, Any]:
         "review": cell.review,
         "review_reason": cell.review_reason.value if cell.review_reason else None,
         "review_reasons": [r.value for r in cell.review_reasons],
+        **{key: getattr(cell, key).value for key in ("diffusion_label", "reference_label")
+           if getattr(cell, key, None) is not None},
         "abnormal": cell.abnormal,
         "abnormal_reason": cell.abnormal_reason.value if cell.abnormal_reason else None,
     }

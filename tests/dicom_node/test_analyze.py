@@ -245,3 +245,21 @@ def test_slide_without_white_cells_gets_only_a_report(tmp_path: Path) -> None:
     sr = hd.sr.srread(tmp_path / "out" / "sr.dcm")
     total = sr.content.get_image_measurement_groups()[0].get_measurements()
     assert total[0].value == 0
+
+
+def test_each_cell_keeps_what_each_model_called(analyzed: tuple[Path, dict[str, Any]]) -> None:
+    """summary.json keeps the diffusion classifier's and the second model's own calls of every
+    cell; "models disagree" is flagged exactly where they differ, and its words name both."""
+    from analysis.classes import CLASS_NAMES
+    from dicom_node.encode.differential import cell_reason_labels, class_label
+
+    _, summary = analyzed
+    assert summary["cells"]
+    for cell in summary["cells"]:
+        assert cell["diffusion_label"] in CLASS_NAMES and cell["reference_label"] in CLASS_NAMES
+        disagree = cell["diffusion_label"] != cell["reference_label"]
+        assert ("models-disagree" in cell["review_reasons"]) == disagree
+        if disagree:
+            words = f"models disagree (diffusion model: {class_label(cell['diffusion_label'])}, " \
+                    f"second model: {class_label(cell['reference_label'])})"
+            assert words in cell_reason_labels(cell)

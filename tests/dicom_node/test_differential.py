@@ -11,7 +11,13 @@ import pytest
 from analysis.classes import CLASS_NAMES
 from analysis.results import CellResult, ModelProvenance, SlideResult, wilson_interval
 from dicom_node.app.analyze import _print_differential
-from dicom_node.encode.differential import MIN_WHITE_CELLS, Differential, class_label
+from dicom_node.encode.differential import (
+    MIN_WHITE_CELLS,
+    Differential,
+    cell_reason_labels,
+    class_label,
+    result_reason_labels,
+)
 
 UID = "1.2.826.0.1.3680043.8.498.1"
 
@@ -111,3 +117,38 @@ def test_invalid_differentials_raise_value_error() -> None:
         Differential(white_cells=good.white_cells, flagged=0, unlike_training=1)
     with pytest.raises(ValueError, match="platelets_detected"):
         Differential(white_cells=good.white_cells, platelets_detected=-1)
+
+
+def test_the_reasons_name_what_each_model_called() -> None:
+    """A reviewer reads which model called what behind "models disagree", and which model
+    called a significant class the reported class is not; older cells without the models'
+    own calls keep the plain words."""
+    cell = {"label": "basophil", "review": True, "diffusion_label": "ig",
+            "reference_label": "basophil",
+            "review_reasons": ["high-uncertainty", "significant-class", "models-disagree"]}
+    assert cell_reason_labels(cell) == [
+        "uncertain", "significant class (diffusion model: immature granulocyte)",
+        "models disagree (diffusion model: immature granulocyte, second model: basophil)"]
+    # reported as the significant class itself: nothing to explain
+    assert cell_reason_labels({**cell, "label": "ig", "review_reasons": ["significant-class"]}) \
+        == ["significant class"]
+    # after review the reasons still refer to what the algorithm reported
+    assert cell_reason_labels({**cell, "label": "monocyte", "original_label": "basophil"})[1] \
+        == "significant class (diffusion model: immature granulocyte)"
+    older = {"label": "basophil", "review": True, "review_reasons": ["models-disagree"]}
+    assert cell_reason_labels(older) == ["models disagree"]
+    # what `cytonode analyze` and the PDF say for a CellResult
+    probabilities = {c: 0.0 for c in CLASS_NAMES}
+    probabilities["erythroblast"] = 1.0
+    result = CellResult(cell_id=7, x=10.0, y=10.0, outline=((0, 0), (20, 0), (20, 20)),
+                        bbox=(0, 0, 20, 20), area_um2=50.0, label="erythroblast",
+                        probabilities=probabilities, uncertainty=0.1, anomaly_score=0.0,
+                        review=True, review_reasons=("significant-class", "models-disagree"),
+                        diffusion_label="erythroblast", reference_label="lymphocyte")
+    assert result_reason_labels(result) == [
+        "significant class", "models disagree (diffusion model: erythroblast, second model: lymphocyte)"]
+    with pytest.raises(ValueError, match="reference_label must be one of"):
+        CellResult(**{**{f: getattr(result, f) for f in ("cell_id", "x", "y", "outline", "bbox",
+                                                         "area_um2", "label", "probabilities",
+                                                         "uncertainty", "anomaly_score")},
+                      "reference_label": "blast"})
