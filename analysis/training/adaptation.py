@@ -35,7 +35,7 @@ import torch
 from analysis.framing import FIELD_OF_VIEW_UM
 from analysis.training.adapt import ColourTransfer, adapt_batchnorm
 from analysis.training.evaluate_labs import metrics
-from analysis.training.labs import LABS, concat, load_lab
+from analysis.training.labs import LABS, SPLITS, LabCells, concat, load_lab
 
 
 def _source_cells(data_root: Path, lab: str, size: int, pbc_per_class: int, seed: int):
@@ -49,23 +49,30 @@ def _source_cells(data_root: Path, lab: str, size: int, pbc_per_class: int, seed
     return concat(parts)
 
 
+def _splits(data_root: Path, lab: str, splits: str, size: int) -> LabCells:
+    """``lab``'s cells of the '+'-joined ``splits`` (``"train+val"``) as one set."""
+    return concat([load_lab(data_root, lab, split, size, FIELD_OF_VIEW_UM)
+                   for split in splits.split("+")])
+
+
 def run(data_root: Path, lab: str, *, reference: Path | None, diffusion: Path | None,
-        pbc_per_class: int = 48, seed: int = 0) -> dict[str, object]:
+        pbc_per_class: int = 48, seed: int = 0, site_splits: str = "val",
+        score_splits: str = "test") -> dict[str, object]:
     from analysis.classifier import DiffusionClassifier, ReferenceClassifier
 
-    out: dict[str, object] = {"lab": lab, "adapted_on": f"{lab} val (unlabelled)",
-                              "scored_on": f"{lab} test"}
+    out: dict[str, object] = {"lab": lab, "adapted_on": f"{lab} {site_splits} (unlabelled)",
+                              "scored_on": f"{lab} {score_splits}"}
     if reference is not None:
         from analysis.reference import load_reference
 
         model, config, _ = load_reference(reference)
         size = config.image_size
-        site = load_lab(data_root, lab, "val", size, FIELD_OF_VIEW_UM)
-        test = load_lab(data_root, lab, "test", size, FIELD_OF_VIEW_UM)
+        site = _splits(data_root, lab, site_splits, size)
+        test = _splits(data_root, lab, score_splits, size)
         source = _source_cells(data_root, lab, size, pbc_per_class, seed)
         transfer = ColourTransfer.fit(site.images, source.images)
         ref = ReferenceClassifier.__new__(ReferenceClassifier)
-        ref.config, ref.metadata, ref.calibration = config, {}, {}
+        ref.config, ref.metadata, ref.calibration, ref.views = config, {}, {}, 1
         rows = {}
         for name in ("none", "colour", "bn", "colour+bn"):
             ref.model = copy.deepcopy(model)
@@ -79,8 +86,8 @@ def run(data_root: Path, lab: str, *, reference: Path | None, diffusion: Path | 
     if diffusion is not None:
         model = DiffusionClassifier(diffusion)
         size = model.image_size
-        site = load_lab(data_root, lab, "val", size, FIELD_OF_VIEW_UM)
-        test = load_lab(data_root, lab, "test", size, FIELD_OF_VIEW_UM)
+        site = _splits(data_root, lab, site_splits, size)
+        test = _splits(data_root, lab, score_splits, size)
         source = _source_cells(data_root, lab, size, pbc_per_class, seed)
         transfer = ColourTransfer.fit(site.images, source.images)
         rows = {}
@@ -103,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", type=Path, help="reference weights trained without --lab")
     p.add_argument("--diffusion", type=Path,
                    help="folder with diffusion weights trained without --lab and calibration.json")
+    p.add_argument("--site-splits", default="val",
+                   help="the held-out lab's splits whose unlabelled cells adapt ('+'-joined)")
+    p.add_argument("--score-splits", default="test",
+                   help="the held-out lab's splits scored ('+'-joined; the same as --site-splits "
+                        "for a site calibrated on the cells it reports)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -110,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --reference, --diffusion or both")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.data, args.lab, reference=args.reference, diffusion=args.diffusion)
+    for splits in (args.site_splits, args.score_splits):
+        if not splits or any(x not in SPLITS for x in splits.split("+")):
+            p.error(f"splits are {', '.join(SPLITS)} joined with '+', not {splits!r}")
+    result = run(args.data, args.lab, reference=args.reference, diffusion=args.diffusion,
+                 site_splits=args.site_splits, score_splits=args.score_splits)
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.write_text(text + "\n")

@@ -376,3 +376,36 @@ def test_wise_ft_averages_a_linear_probe_and_a_tuned_reference(tmp_path: Path) -
     assert np.abs(outputs["0.5"] - outputs["0.0"]).max() > 0.1
     with pytest.raises(ValueError, match="mix must lie in"):
         wise_ft.mix_weights(tuned.state_dict(), tuned.state_dict(), 1.5)
+
+
+@needs_data
+def test_adaptation_fits_a_site_on_the_cells_it_scores(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``adaptation --site-splits train+val --score-splits train+val``: a site's colour transfer
+    and batch-norm statistics fitted on its unlabelled cells, and those same cells scored (as a
+    lab calibrated on its own smears is); the transfer really changes what is scored."""
+    import json
+
+    from analysis.training.adaptation import main
+
+    data = tmp_path / "data"
+    small_pbc(data / "pbc", 2)
+    for lab in ("bccd", "chula_wbc"):
+        (data / lab).symlink_to(DATA / lab, target_is_directory=True)
+    config = ReferenceConfig(image_size=32)
+    save_reference(build_reference(config, pretrained=True), config, tmp_path / "r.safetensors",
+                   {"steps": "0"})
+    assert main(["--data", str(data), "--lab", "chula", "--reference", str(tmp_path / "r.safetensors"),
+                 "--site-splits", "train+val", "--score-splits", "train+val"]) == 0
+    text = capsys.readouterr().out  # after the pretrained network's own "Loaded ..." line
+    out = json.loads(text[text.index("{"):])
+    assert out["adapted_on"] == "chula train+val (unlabelled)"
+    assert out["scored_on"] == "chula train+val"
+    rows = out["reference"]
+    cells = len(load_lab(DATA, "chula", "train", 32, FIELD_OF_VIEW_UM)) \
+        + len(load_lab(DATA, "chula", "val", 32, FIELD_OF_VIEW_UM))
+    assert {rows[k]["cells"] for k in ("none", "colour", "bn", "colour+bn")} == {cells}
+    assert rows["colour"] != rows["none"]
+    with pytest.raises(SystemExit):
+        main(["--data", str(data), "--lab", "chula", "--reference", str(tmp_path / "r.safetensors"),
+              "--score-splits", "tset"])
