@@ -99,8 +99,9 @@ def described_reasons(reasons: Iterable[str | FlagReasonValues], label: str | No
     calls = [(who, str(getattr(c, "value", c))) for who, c in
              (("diffusion model", diffusion_label), ("second model", reference_label)) if c]
     reported = str(getattr(label, "value", label)) if label else None
+    reasons = list(reasons)
     out = []
-    for reason, text in zip(list(reasons), reason_labels(reasons)):
+    for reason, text in zip(reasons, reason_labels(reasons)):
         detail: list[tuple[str, str]] = []
         if reason == FlagReasonValues.MODELS_DISAGREE and len(calls) == 2:
             detail = calls
