@@ -14,11 +14,15 @@ A model trained without a lab is scored on that lab's test cells four ways:
 ``colour+bn``
     both.
 
-The site's unlabelled cells are the held-out lab's **val** split (labels never read); the
-test split is scored. Prints one JSON object.
+The site's unlabelled cells are by default the held-out lab's **val** split (labels never
+read), and its test split is scored; ``--site-splits`` and ``--score-splits`` choose others
+(``train+val`` for both: a site calibrated on the cells it reports, as a lab calibrates on
+its own smears). Prints one JSON object.
 
     python -m analysis.training.adaptation --lab chula --reference .train/ref_no_chula.safetensors
     python -m analysis.training.adaptation --lab bccd --diffusion .train/diff_no_bccd
+    python -m analysis.training.adaptation --lab chula --reference .train/ms/ref_no_chula_strong.safetensors \
+        --site-splits train+val --score-splits train+val
 """
 
 from __future__ import annotations
