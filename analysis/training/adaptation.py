@@ -21,7 +21,7 @@ its own smears). Prints one JSON object.
 
     python -m analysis.training.adaptation --lab chula --reference .train/ref_no_chula.safetensors
     python -m analysis.training.adaptation --lab bccd --diffusion .train/diff_no_bccd
-    python -m analysis.training.adaptation --lab chula --reference .train/ms/ref_no_chula_strong.safetensors \
+    python -m analysis.training.adaptation --lab chula --reference .train/ms/ref_no_chula_strong.safetensors \\
         --site-splits train+val --score-splits train+val
 """
 
