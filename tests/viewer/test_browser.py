@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from analysis.results import FLAG_REASON_LABELS, FlagReasonValues
 from dicom_node.app.demo import SAMPLE_SLIDE
-from dicom_node.encode.differential import class_label
+from dicom_node.encode.differential import cell_reason_labels, class_label
 from tests.viewer.conftest import PASSWORD, chromium_path, wait_for_pacs
 from viewer import cases
 from viewer.models import AuditEvent
@@ -94,9 +94,15 @@ def test_pathologist_reviews_and_signs_in_the_browser(node_case, app, tmp_path: 
     assert "immature granulocyte" in result["card"]["buttons"] and "ig" not in result["card"]["buttons"]
     first = next(c for c in flagged if c["cell_id"] == result["card"]["flagged_id"])
     assert result["card"]["flagged_number"] == f"Cell {first['cell_id']}"
-    assert result["card"]["flagged_reasons"] == [
-        "review: " + FLAG_REASON_LABELS[FlagReasonValues(r)] for r in first["review_reasons"]] + (
+    assert result["card"]["flagged_reasons"] == ["review: " + r for r in cell_reason_labels(first)] + (
         ["marked abnormal"] if first["abnormal"] else [])
+    # each reason in words, and behind "models disagree" what each model called
+    assert [r.split(" (")[0] for r in cell_reason_labels(first)] == [
+        FLAG_REASON_LABELS[FlagReasonValues(r)] for r in first["review_reasons"]]
+    if "models-disagree" in first["review_reasons"]:
+        assert any(f"diffusion model: {class_label(first['diffusion_label'])}, second model: "
+                   f"{class_label(first['reference_label'])}" in r
+                   for r in result["card"]["flagged_reasons"])
     assert result["card"]["flagged_unseen"] is True
     # the clicked cell opened selected, and the key reclassified it
     assert result["selected"] is True
