@@ -488,8 +488,7 @@ def _review(review_model: Any, predictions: dict[str, np.ndarray],
                               outside_domain=not domain.inside, site=site)
     reported = {**predictions, "probabilities": a.probabilities, "label": a.label,
                 "uncertainty": a.uncertainty,
-                "diffusion_label": np.asarray(predictions["probabilities"]).argmax(axis=1),
-                "reference_label": a.reference_label}
+                "diffusion_label": a.diffusion_label, "reference_label": a.reference_label}
     return _Flags(a.decision.reasons, a.decision.abnormal, distance, domain), reported
 
 

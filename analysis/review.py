@@ -278,6 +278,8 @@ class Assessment:
     label: np.ndarray
     #: The uncertainty the rule judged (:attr:`ReviewRule.uncertainty_of`).
     uncertainty: np.ndarray
+    #: The diffusion classifier's own class (its posterior's argmax, before combining).
+    diffusion_label: np.ndarray
 
 
 class ReviewModel:
@@ -372,7 +374,7 @@ class ReviewModel:
             p = combine(own, p_ref, self.rule.diffusion_weight)
             if self.rule.uncertainty_of == "combined":
                 u = entropy(p)
-        label = p.argmax(axis=1)
+        label, own_label = p.argmax(axis=1), own.argmax(axis=1)
         decision = decide(self.rule_for(site), label, reference_label, u, distance,
-                          outside_domain=outside_domain, diffusion_label=own.argmax(axis=1))
-        return Assessment(decision, distance, reference_label, p_ref, p, label, u)
+                          outside_domain=outside_domain, diffusion_label=own_label)
+        return Assessment(decision, distance, reference_label, p_ref, p, label, u, own_label)

@@ -39,7 +39,7 @@ import torch
 from analysis.framing import FIELD_OF_VIEW_UM
 from analysis.training.adapt import ColourTransfer, adapt_batchnorm
 from analysis.training.evaluate_labs import metrics
-from analysis.training.labs import LABS, SPLITS, LabCells, concat, load_lab
+from analysis.training.labs import LABS, SPLITS, LabCells, concat, load_lab, load_splits
 
 
 def _source_cells(data_root: Path, lab: str, size: int, pbc_per_class: int, seed: int):
@@ -53,45 +53,46 @@ def _source_cells(data_root: Path, lab: str, size: int, pbc_per_class: int, seed
     return concat(parts)
 
 
-def _splits(data_root: Path, lab: str, splits: str, size: int) -> LabCells:
-    """``lab``'s cells of the '+'-joined ``splits`` (``"train+val"``) as one set."""
-    return concat([load_lab(data_root, lab, split, size, FIELD_OF_VIEW_UM)
-                   for split in splits.split("+")])
+def _site_and_scored(data_root: Path, lab: str, site_splits: str, score_splits: str,
+                     size: int) -> tuple[LabCells, LabCells]:
+    """The site's cells and the scored ones (loaded once when they are the same splits)."""
+    site = load_splits(data_root, lab, site_splits, size, FIELD_OF_VIEW_UM)
+    if score_splits == site_splits:
+        return site, site
+    return site, load_splits(data_root, lab, score_splits, size, FIELD_OF_VIEW_UM)
 
 
 def run(data_root: Path, lab: str, *, reference: Path | None, diffusion: Path | None,
         pbc_per_class: int = 48, seed: int = 0, site_splits: str = "val",
         score_splits: str = "test") -> dict[str, object]:
-    from analysis.classifier import DiffusionClassifier, ReferenceClassifier
+    from analysis.classifier import DiffusionClassifier, cnn_predictions
 
     out: dict[str, object] = {"lab": lab, "adapted_on": f"{lab} {site_splits} (unlabelled)",
                               "scored_on": f"{lab} {score_splits}"}
     if reference is not None:
-        from analysis.reference import load_reference
+        from analysis.reference import load_reference, reference_logits
 
         model, config, _ = load_reference(reference)
-        size = config.image_size
-        site = _splits(data_root, lab, site_splits, size)
-        test = _splits(data_root, lab, score_splits, size)
-        source = _source_cells(data_root, lab, size, pbc_per_class, seed)
+        site, test = _site_and_scored(data_root, lab, site_splits, score_splits, config.image_size)
+        source = _source_cells(data_root, lab, config.image_size, pbc_per_class, seed)
         transfer = ColourTransfer.fit(site.images, source.images)
-        ref = ReferenceClassifier.__new__(ReferenceClassifier)
-        ref.config, ref.metadata, ref.calibration, ref.views = config, {}, {}, 1
+        images = {False: (site.images, test.images),  # with the colour transfer or without
+                  True: (transfer.apply(site.images), transfer.apply(test.images))}
         rows = {}
         for name in ("none", "colour", "bn", "colour+bn"):
-            ref.model = copy.deepcopy(model)
-            site_images = transfer.apply(site.images) if "colour" in name else site.images
-            test_images = transfer.apply(test.images) if "colour" in name else test.images
+            adapted = copy.deepcopy(model)
+            site_images, test_images = images["colour" in name]
             if "bn" in name:
-                adapt_batchnorm(ref.model, site_images)
-            rows[name] = metrics(ref.predict(test_images), test.labels)
+                adapt_batchnorm(adapted, site_images)
+            logits, _ = reference_logits(adapted, test_images)
+            p = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+            rows[name] = metrics(cnn_predictions(p, {}), test.labels)
             print(f"reference {lab} {name}: {rows[name]['balanced_accuracy']}", file=sys.stderr)
         out["reference"] = {"weights": str(reference), **rows}
     if diffusion is not None:
         model = DiffusionClassifier(diffusion)
         size = model.image_size
-        site = _splits(data_root, lab, site_splits, size)
-        test = _splits(data_root, lab, score_splits, size)
+        site, test = _site_and_scored(data_root, lab, site_splits, score_splits, size)
         source = _source_cells(data_root, lab, size, pbc_per_class, seed)
         transfer = ColourTransfer.fit(site.images, source.images)
         rows = {}

@@ -27,17 +27,15 @@ from PIL import Image, ImageFilter
 from analysis.framing import FIELD_OF_VIEW_UM
 from analysis.reference import load_reference, reference_logits
 from analysis.training.evaluate_labs import class_metrics
-from analysis.training.labs import LABS, SPLITS, LabCells, concat, load_lab
+from analysis.training.labs import LABS, SPLITS, LabCells, load_splits
 
 
 def _cells(data: Path, lab: str, splits: str, size: int, pbc_per_class: int,
            fov_scale: float = 1.0) -> LabCells:
-    parts = []
     for split in splits.split("+"):
         if split not in SPLITS:
             raise SystemExit(f"unknown split {split!r}: the splits are {', '.join(SPLITS)}")
-        parts.append(load_lab(data, lab, split, size, FIELD_OF_VIEW_UM * fov_scale))
-    cells = concat(parts)
+    cells = load_splits(data, lab, splits, size, FIELD_OF_VIEW_UM * fov_scale)
     return cells.per_class(pbc_per_class, 0) if lab == "pbc" and pbc_per_class else cells
 
 

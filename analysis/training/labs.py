@@ -127,6 +127,13 @@ def load_lab(data_root: Path, lab: str, split: str, size: int, field_of_view_um:
     return _load_bccd(data_root / "bccd", split, size, field_of_view_um, classes)
 
 
+def load_splits(data_root: Path, lab: str, splits: str, size: int, field_of_view_um: float,
+                classes: tuple[str, ...] = CLASS_NAMES) -> LabCells:
+    """:func:`load_lab` of several splits joined with '+' (``"train+val"``) as one set."""
+    return concat([load_lab(data_root, lab, split, size, field_of_view_um, classes)
+                   for split in splits.split("+")])
+
+
 def chula_series(path: str) -> str:
     """The image series of a Chula cell: the prefix of its field's name (``B-59`` of
     ``basophil/B-59_0012_0.jpg``). Each series is one class's slide or session; the upstream

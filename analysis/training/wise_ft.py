@@ -26,20 +26,11 @@ import numpy as np
 import torch
 
 from analysis.framing import FIELD_OF_VIEW_UM
-from analysis.reference import build_reference, load_reference, save_reference, to_input
+from analysis.reference import build_reference, load_reference, reference_logits, save_reference
 from analysis.training.labs import LABS, LabCells, load_lab
 from analysis.training.train import lab_class_weights
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def pooled_features(model: torch.nn.Module, images: np.ndarray, batch_size: int = 128) -> torch.Tensor:
-    """The pooled features the head of ``model`` reads, for framed uint8 ``images``."""
-    model.eval()
-    parts = [model.extract_features(to_input(images[s:s + batch_size])).mean(dim=(2, 3))
-             for s in range(0, len(images), batch_size)]
-    return torch.cat(parts) if parts else torch.empty(0, model._fc.in_features)
 
 
 def fit_linear_probe(model: torch.nn.Module, cells: list[LabCells], *, l2: float = 1e-4,
@@ -47,7 +38,9 @@ def fit_linear_probe(model: torch.nn.Module, cells: list[LabCells], *, l2: float
     """Fit ``model``'s head on its frozen features of ``cells`` (weighted cross-entropy: each
     lab and each class within a lab weighed as the reference's training samples them) and
     return ``model`` with that head."""
-    x = torch.cat([pooled_features(model, c.images) for c in cells])
+    # the pooled features the head reads
+    x = torch.from_numpy(np.concatenate([reference_logits(model, c.images, features=True)[1]
+                                         for c in cells]))
     y = torch.from_numpy(np.concatenate([c.labels for c in cells])).long()
     labs = np.concatenate([np.full(len(c), LABS.index(c.lab)) for c in cells])
     w = lab_class_weights(labs, y.numpy(), lab_share).float()

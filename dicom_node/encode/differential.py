@@ -96,16 +96,15 @@ def described_reasons(reasons: Iterable[str | FlagReasonValues], label: str | No
     erythroblast)"). Without the models' own calls (older results), the plain words."""
     from analysis.review import SIGNIFICANT_CLASSES
 
-    calls = [(who, str(getattr(c, "value", c))) for who, c in
+    calls = [(who, c) for who, c in
              (("diffusion model", diffusion_label), ("second model", reference_label)) if c]
-    reported = str(getattr(label, "value", label)) if label else None
     reasons = list(reasons)
     out = []
     for reason, text in zip(reasons, reason_labels(reasons)):
         detail: list[tuple[str, str]] = []
         if reason == FlagReasonValues.MODELS_DISAGREE and len(calls) == 2:
             detail = calls
-        elif reason == FlagReasonValues.SIGNIFICANT_CLASS and reported not in SIGNIFICANT_CLASSES:
+        elif reason == FlagReasonValues.SIGNIFICANT_CLASS and label not in SIGNIFICANT_CLASSES:
             detail = [(who, c) for who, c in calls if c in SIGNIFICANT_CLASSES]
         if detail:
             text += " (" + ", ".join(f"{who}: {class_label(c)}" for who, c in detail) + ")"
