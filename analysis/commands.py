@@ -312,12 +312,13 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
             for note in check(site):
                 sys.stdout.write(f"  warning: {note}\n")
         return 0
-    if not args.paths or not args.site_id:
+    if not (args.paths or args.labelled) or not args.site_id:
         sys.stderr.write("cytonode calibrate-site: give image folders and --id NAME (or --list)\n")
         return 2
     try:
         check_site_id(args.site_id)
-        paths = collect_image_paths(list(args.paths))
+        paths = collect_image_paths(list(args.paths)) if args.paths else []
+        labelled = labelled_cells(args.labelled) if args.labelled else None
     except (ValueError, DatasetError) as exc:
         sys.stderr.write(f"cytonode calibrate-site: {exc}\n")
         return 2
@@ -325,9 +326,11 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
         sys.stderr.write("cytonode calibrate-site: --pixel-spacing must lie in [0.01, 10] um\n")
         return 2
     try:
+        sources = [p.name for p in args.paths] + ([f"{args.labelled.name} (labelled)"]
+                                                  if args.labelled else [])
         summary = calibrate_site(paths, args.site_id, data_dir, weights_dir=args.weights,
                                  pixel_spacing_um=args.pixel_spacing,
-                                 source=", ".join(p.name for p in args.paths)[:200])
+                                 source=", ".join(sources)[:200], labelled=labelled)
     except (DatasetError, ValueError) as exc:
         sys.stderr.write(f"cytonode calibrate-site: {exc}\n")
         return 2
@@ -341,6 +344,16 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
                          f"  'unlike any training class' on these cells: "
                          f"{summary['flag_rate_before']:.1%} with the shipped threshold, "
                          f"{summary['flag_rate_after']:.1%} with the site's\n")
+        if "site_network" in summary:
+            from analysis.site_adapt import GATE_MARGIN
+
+            counts = ", ".join(f"{c} {n}" for c, n in summary["labelled"].items())  # type: ignore[attr-defined]
+            gate: dict[str, Any] = summary["site_network"]  # type: ignore[assignment]
+            verdict = ("used for this site's jobs" if gate["used"] else
+                       f"not used (it must be {GATE_MARGIN:.0%} better): the shipped network stays")
+            sys.stdout.write(f"  labelled cells ({counts}): the shipped reference network calls "
+                             f"{gate['shipped_accuracy']:.1%} of them right (balanced), the site's own "
+                             f"network {gate['site_accuracy']:.1%} (cross-validated): {verdict}\n")
     return 0
 
 
@@ -359,11 +372,52 @@ def _site_check(weights_dir: Path | None) -> Callable[[Any], list[str]]:
     return lambda site: site.problems(share, digest)[1]
 
 
+#: Labelled cells of a class a site network needs at least (``calibrate-site --labelled``).
+MIN_LABELLED_PER_CLASS = 5
+
+
+def labelled_cells(folder: Path) -> dict[str, list[Path]]:
+    """The labelled cells of ``calibrate-site --labelled``: ``folder/<class>/`` image files.
+
+    Raises
+    ------
+    DatasetError
+        If ``folder`` is not a folder, holds anything but folders named by a class, or a
+        class has fewer than :data:`MIN_LABELLED_PER_CLASS` cells, or fewer than two
+        classes are given.
+    """
+    from analysis.classes import CLASS_NAMES
+    from analysis.errors import DatasetError
+    from analysis.framing import collect_image_paths
+
+    if not folder.is_dir():
+        raise DatasetError(f"--labelled {folder} is not a folder")
+    out: dict[str, list[Path]] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir() or entry.name not in CLASS_NAMES:
+            raise DatasetError(f"--labelled {folder}: {entry.name!r} is not a folder named by a class "
+                               f"(put each cell in one of {', '.join(CLASS_NAMES)})")
+        cells = collect_image_paths([entry])
+        if len(cells) < MIN_LABELLED_PER_CLASS:
+            raise DatasetError(f"--labelled {folder}: {entry.name} has {len(cells)} cells; a class "
+                               f"needs at least {MIN_LABELLED_PER_CLASS}")
+        out[entry.name] = cells
+    if len(out) < 2:
+        raise DatasetError(f"--labelled {folder}: give cells of at least two classes, not {len(out)}")
+    return {c: out[c] for c in CLASS_NAMES if c in out}
+
+
 def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_dir: Path | None,
-                   pixel_spacing_um: float | None, source: str) -> dict[str, object]:
-    """Frame the images, fit the calibration, store it; a summary for the command line."""
+                   pixel_spacing_um: float | None, source: str,
+                   labelled: dict[str, list[Path]] | None = None) -> dict[str, object]:
+    """Frame the images, fit the calibration (and with ``labelled`` cells per class, the
+    site's own network: :func:`analysis.site_adapt.fit_site_network`), store it; a summary
+    for the command line."""
     import numpy as np
 
+    from analysis.classes import CLASS_NAMES
     from analysis.classifier import WEIGHTS_DIR, read_calibration
     from analysis.framing import folder_spacing_um, read_framed
     from analysis.reference import reference_logits
@@ -374,16 +428,54 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     model = ReviewModel.load(weights, read_calibration(weights))
     if model is None:
         raise ValueError(f"{weights} has no review rule to calibrate (calibration.json)")
-    spacing = pixel_spacing_um or folder_spacing_um(paths)
-    images = np.stack([read_framed(p, model.image_size, spacing) for p in paths])
-    _, features = reference_logits(model.reference.model, images, features=True)
+    labelled = labelled or {}
+    named = {p.resolve() for cells in labelled.values() for p in cells}
+    paths = [p for p in paths if p.resolve() not in named]  # a labelled cell counts once
+    every = paths + [p for cells in labelled.values() for p in cells]
+    spacing = pixel_spacing_um or folder_spacing_um(every)
+
+    def framed(files: list[Path]) -> np.ndarray:
+        size = model.image_size
+        return (np.stack([read_framed(p, size, spacing) for p in files]) if files
+                else np.zeros((0, size, size, 3), np.uint8))
+
+    images = framed(paths)
+    network: dict[str, Any] | None = None
+    counts: tuple[tuple[str, int], ...] = ()
+    gate: dict[str, object] | None = None
+    measuring = model.reference.model
+    if labelled:
+        from analysis.site_adapt import SOURCE_PACK, SourcePack, fit_site_network, network_state
+
+        pack = SourcePack.load(weights / SOURCE_PACK)
+        if pack.images.shape[1] != model.image_size:
+            raise ValueError(f"{weights / SOURCE_PACK} holds {pack.images.shape[1]} px cells, the "
+                             f"reference takes {model.image_size}")
+        shot = framed([p for cells in labelled.values() for p in cells])
+        labels = np.concatenate([np.full(len(cells), CLASS_NAMES.index(c))
+                                 for c, cells in labelled.items()])
+        fitted = fit_site_network(model.reference.model, images, shot, labels, pack)
+        images = np.concatenate([images, shot])
+        gate = {"used": fitted.used, "shipped_accuracy": fitted.shipped_accuracy,
+                "site_accuracy": fitted.site_accuracy}
+        if fitted.used:
+            network, counts = network_state(fitted.model), tuple((c, len(v)) for c, v in labelled.items())
+            measuring = fitted.model
+    _, features = reference_logits(measuring, images, features=True)
     assert features is not None  # asked for
     val_rate = float(model.rule.val_normal_flag_rate)
     site = fit_site(site_id, features, density=model.density,
                     shipped_threshold=model.rule.feature_threshold,
                     val_normal_flag_rate=val_rate, source=source,
-                    reference_sha256=model.reference_sha256)
+                    reference_sha256=model.reference_sha256, labelled=counts, network=network)
     path = save_site(data_dir, site)
-    return {"id": site.site_id, "label": site.label, "path": str(path), "cells": site.cells,
-            "pixel_spacing_um": round(spacing, 5), "feature_threshold": site.feature_threshold,
-            "flag_rate_before": site.flag_rate_before, "flag_rate_after": site.flag_rate_after}
+    summary: dict[str, object] = {
+        "id": site.site_id, "label": site.label, "path": str(path), "cells": site.cells,
+        "pixel_spacing_um": round(spacing, 5), "feature_threshold": site.feature_threshold,
+        "flag_rate_before": site.flag_rate_before, "flag_rate_after": site.flag_rate_after}
+    if gate is not None:
+        summary["labelled"] = {c: len(v) for c, v in labelled.items()}
+        summary["site_network"] = gate
+        if network is not None:
+            summary["network_sha256"] = site.network_sha256
+    return summary

@@ -610,6 +610,11 @@ def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
         parameters["review_significant_classes"] = ", ".join(rule.significant_classes)
         parameters["anomaly_score"] = "reference feature distance (Mahalanobis, nearest class)"
         parameters["site_calibration"] = site.label if site is not None else "none"
+        if site is not None and site.network is not None:
+            parameters["site_reference_network"] = (
+                f"shipped reference adapted to the site and refitted on "
+                f"{site.labelled_cells} labelled cells ({', '.join(f'{c} {n}' for c, n in site.labelled)}); "
+                f"sha256 {site.network_sha256}")
         if site_notes:
             parameters["site_calibration_warning"] = "; ".join(site_notes)
         parameters["reference_weights_sha256"] = review_model.reference_sha256

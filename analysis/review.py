@@ -297,6 +297,7 @@ class ReviewModel:
         self.density = FeatureDensity.load(weights_dir / DENSITY_WEIGHTS)
         #: What a site calibration must have been fitted with (:meth:`usable_site`).
         self.reference_sha256 = weights_sha256(weights_dir / REFERENCE_WEIGHTS)
+        self._site_networks: dict[str, Any] = {}
 
     @classmethod
     def load(cls, weights_dir: Path, calibration: Mapping[str, Any]) -> ReviewModel | None:
@@ -331,17 +332,31 @@ class ReviewModel:
         threshold = site.threshold_for(self.rule.val_normal_flag_rate)
         return dataclasses.replace(self.rule, feature_threshold=threshold)
 
+    def network_for(self, site: Any = None) -> Any:
+        """The reference network for a site: its own (``cytonode calibrate-site --labelled``:
+        :mod:`analysis.site_adapt`) when it has one, else the shipped one."""
+        if site is None or site.network is None:
+            return self.reference.model
+        model = self._site_networks.get(site.network_sha256)
+        if model is None:
+            from analysis.site_adapt import apply_network_state
+
+            model = apply_network_state(self.reference.model, site.network)
+            self._site_networks = {site.network_sha256: model}  # one site at a time
+        return model
+
     def measure(self, reference_images: np.ndarray, site: Any = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The reference's call, its probabilities and the feature distance (with the site's
-        shift, if any) of cells framed at :attr:`image_size`."""
+        shift, if any) of cells framed at :attr:`image_size`, by the site's network if it has
+        one (:meth:`network_for`)."""
         import torch
 
         from analysis.reference import reference_logits
 
         if len(reference_images) == 0:
             return np.zeros(0, np.int64), np.zeros((0, len(CLASS_NAMES))), np.zeros(0)
-        logits, features = reference_logits(self.reference.model, reference_images, features=True,
+        logits, features = reference_logits(self.network_for(site), reference_images, features=True,
                                             views=self.reference.views)
         assert features is not None  # asked for
         p = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()

@@ -27,6 +27,13 @@ frames them) and fits:
     network's feature space: with another network it means nothing, and the node does
     not use the calibration (:meth:`SiteCalibration.problems`).
 
+With ``--labelled DIR`` (folders named by class holding single-cell crops the lab's staff
+named), it also fits the site's own reference network (:mod:`analysis.site_adapt`): the
+network's batch-normalisation statistics re-estimated on all the site's cells and its last
+layer refitted on the labelled ones. That network (``network_sha256``, stored as
+``DATA_DIR/sites/<id>.safetensors``) then gives the reference's call and the features for
+this site, and the shift and threshold above are measured with it.
+
 It is stored as ``DATA_DIR/sites/<id>.json`` with its id, date, cell count and
 source, and every result analysed with it names it in its provenance. A file written
 before the quantiles were stored keeps its one threshold: results name the share it
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import re
 import uuid
@@ -79,6 +87,13 @@ class SiteCalibration:
     distance_quantiles: tuple[float, ...] = ()
     #: SHA-256 of the reference network the features came from ("": not recorded).
     reference_sha256: str = ""
+    #: Labelled cells per class the site's network was refitted on (empty: no site network).
+    labelled: tuple[tuple[str, int], ...] = ()
+    #: SHA-256 of the site network's file (``<id>.safetensors``; "": none).
+    network_sha256: str = ""
+    #: The site network's tensors (:func:`analysis.site_adapt.network_state`), read by
+    #: :func:`load_site`; not part of the JSON.
+    network: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_site_id(self.site_id)
@@ -94,10 +109,19 @@ class SiteCalibration:
             raise ValueError(f"distance_quantiles must be {len(QUANTILE_GRID)} finite, "
                              f"non-decreasing numbers")
 
+        if bool(self.labelled) != bool(self.network_sha256):
+            raise ValueError("labelled and network_sha256 go together")
+
+    @property
+    def labelled_cells(self) -> int:
+        return sum(n for _, n in self.labelled)
+
     @property
     def label(self) -> str:
-        """How a report names it: ``<id> (<date>, <n> cells)``."""
-        return f"{self.site_id} ({self.created[:10]}, {self.cells} cells)"
+        """How a report names it: ``<id> (<date>, <n> cells)``, with ``, <m> labelled`` for a
+        calibration with its own network."""
+        named = f", {self.labelled_cells} labelled" if self.labelled else ""
+        return f"{self.site_id} ({self.created[:10]}, {self.cells} cells{named})"
 
     def shift(self) -> np.ndarray:
         return np.asarray(self.feature_shift, dtype=np.float64)
@@ -128,14 +152,17 @@ class SiteCalibration:
                        f"any training class, the review rule {share:.0%}: {again}")]
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
+        raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "network"}
+        raw["labelled"] = [list(pair) for pair in self.labelled]
+        return json.dumps(raw, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> SiteCalibration:
         raw: dict[str, Any] = json.loads(text)
         raw["feature_shift"] = tuple(float(v) for v in raw["feature_shift"])
         raw["distance_quantiles"] = tuple(float(v) for v in raw.get("distance_quantiles", ()))
-        known = {f.name for f in dataclasses.fields(cls)}
+        raw["labelled"] = tuple((str(c), int(n)) for c, n in raw.get("labelled", ()))
+        known = {f.name for f in dataclasses.fields(cls)} - {"network"}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
@@ -143,20 +170,79 @@ def site_path(data_dir: Path, site_id: str) -> Path:
     return data_dir / SITES_DIR / f"{check_site_id(site_id)}.json"
 
 
+def network_path(data_dir: Path, site_id: str) -> Path:
+    """Where a site's own network is stored (beside its JSON)."""
+    return data_dir / SITES_DIR / f"{check_site_id(site_id)}.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename (a reader never sees half)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_site(data_dir: Path, site: SiteCalibration) -> Path:
+    """Store ``site`` (and its network, written first, when it has one)."""
     path = site_path(data_dir, site.site_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-    tmp.write_text(site.to_json() + "\n")
-    tmp.replace(path)
+    if site.network_sha256:
+        from safetensors.torch import save_file
+
+        if site.network is None:
+            raise ValueError(f"site calibration {site.site_id} names a network but holds none")
+        target = network_path(data_dir, site.site_id)
+        _write(target, lambda tmp: save_file({k: v.contiguous() for k, v in site.network.items()},
+                                             str(tmp)))
+        if _sha256(target) != site.network_sha256:
+            raise ValueError(f"{target}: written network differs from the one fitted")
+    _write(path, lambda tmp: tmp.write_text(site.to_json() + "\n"))
     return path
 
 
+def network_digest(network: Any) -> str:
+    """The SHA-256 the site network's file will have (safetensors writes deterministically)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder) / "network.safetensors"
+        save_file({k: v.contiguous() for k, v in network.items()}, str(tmp))
+        return _sha256(tmp)
+
+
 def load_site(data_dir: Path, site_id: str) -> SiteCalibration:
+    """Read a site calibration, with its network when it has one.
+
+    Raises
+    ------
+    FileNotFoundError
+        There is no such calibration.
+    ValueError
+        It cannot be read, or its network is missing or not the one it was fitted with.
+    """
     path = site_path(data_dir, site_id)
     if not path.is_file():
         raise FileNotFoundError(f"no site calibration {site_id!r} in {path.parent}")
-    return SiteCalibration.from_json(path.read_text())
+    site = SiteCalibration.from_json(path.read_text())
+    if not site.network_sha256:
+        return site
+    target = network_path(data_dir, site.site_id)
+    if not target.is_file() or _sha256(target) != site.network_sha256:
+        raise ValueError(f"site calibration {site.site_id}: its network {target.name} is "
+                         f"{'missing' if not target.is_file() else 'not the one it was fitted with'}; "
+                         f"run `cytonode calibrate-site` again")
+    from safetensors.torch import load_file
+
+    return dataclasses.replace(site, network=load_file(str(target)))
 
 
 def list_sites(data_dir: Path) -> list[SiteCalibration]:
@@ -166,7 +252,7 @@ def list_sites(data_dir: Path) -> list[SiteCalibration]:
     out = []
     for path in sorted(folder.glob("*.json")):
         try:
-            out.append(SiteCalibration.from_json(path.read_text()))
+            out.append(load_site(data_dir, path.stem))
         except (ValueError, KeyError, TypeError):
             continue  # a damaged file is not a calibration; `calibrate-site --list` shows the rest
     return sorted(out, key=lambda s: s.created)
@@ -174,10 +260,12 @@ def list_sites(data_dir: Path) -> list[SiteCalibration]:
 
 def fit_site(site_id: str, features: np.ndarray, *, density: Any,
              shipped_threshold: float, val_normal_flag_rate: float, source: str,
-             reference_sha256: str = "") -> SiteCalibration:
+             reference_sha256: str = "", labelled: tuple[tuple[str, int], ...] = (),
+             network: Any = None) -> SiteCalibration:
     """Fit a site calibration from the reference ``features`` of the site's cells
     (``density``: :class:`analysis.review.FeatureDensity`; ``reference_sha256``: the
-    network that measured them)."""
+    shipped network; ``network``: the site's own (:func:`analysis.site_adapt.network_state`,
+    fitted on ``labelled`` cells per class), which then measured ``features``)."""
     if len(features) < MIN_CELLS:
         raise ValueError(f"a site calibration needs at least {MIN_CELLS} cells, not {len(features)}")
     shift = density.site_shift(features)
@@ -194,4 +282,5 @@ def fit_site(site_id: str, features: np.ndarray, *, density: Any,
         median_distance=round(float(np.median(after)), 4),
         flag_share=float(val_normal_flag_rate),
         distance_quantiles=tuple(float(v) for v in np.quantile(after, QUANTILE_GRID)),
-        reference_sha256=reference_sha256)
+        reference_sha256=reference_sha256, labelled=labelled,
+        network_sha256=network_digest(network) if network is not None else "", network=network)

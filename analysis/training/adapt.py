@@ -1,16 +1,20 @@
 """Adapting the classifiers to a site's colours and statistics, from its unlabelled cells.
 
-Two cheap, label-free adaptations, measured leave-one-lab-out by
-:mod:`analysis.training.adaptation` (model card). Neither helped on both held-out labs,
-so the node does not use them; they stay here with the measurement:
+Cheap, label-free adaptations, measured leave-one-lab-out by
+:mod:`analysis.training.adaptation` (model card). None helped on both held-out labs on its
+own, so the node uses none of them without labelled cells; the colour transfer is here, the
+statistics' re-estimation in :mod:`analysis.site_adapt` (the node's, with labelled cells):
 
 :class:`ColourTransfer`
     Reinhard et al.'s colour transfer (2001) in CIELAB: the mean and standard deviation
     of each channel over a site's cells are moved to those of the training cells. It
     changes only the colours a site's stain and scanner give, not the cell's shape.
-:func:`adapt_batchnorm`
+:func:`analysis.site_adapt.adapt_batchnorm`
     Li et al.'s AdaBN (2016): the reference network's batch-normalisation statistics
     re-estimated on the site's cells, the weights unchanged.
+:func:`analysis.site_adapt.balanced_adapt_batchnorm`
+    AdaBN on the site's cells re-sampled so that every class the network predicts carries
+    the same weight (the node uses it with labelled cells: :mod:`analysis.site_adapt`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import dataclasses
 from typing import Any
 
 import numpy as np
-import torch
 
 
 def _lab(images: np.ndarray) -> np.ndarray:
@@ -89,44 +92,3 @@ class ColourTransfer:
     def from_dict(cls, raw: dict[str, Any]) -> ColourTransfer:
         return cls.from_moments(raw["site_mean"], raw["site_std"], raw["target_mean"],
                                 raw["target_std"])
-
-
-def batchnorm_layers(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-
-
-@torch.no_grad()
-def adapt_batchnorm(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> int:
-    """Re-estimate ``model``'s batch-norm running statistics on ``images`` (uint8 ``(N, S, S, 3)``,
-    framed for the reference), in place; the weights are unchanged. Returns the layers adapted."""
-    from analysis.reference import to_input
-
-    layers = batchnorm_layers(model)
-    if not layers:
-        raise ValueError("the model has no batch-normalisation layers")
-    if len(images) < 2:
-        raise ValueError("adapting batch-norm statistics needs at least 2 cells")
-    saved = [(m.momentum, m.training) for m in layers]
-    model.eval()
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over every batch
-        m.train()
-    try:
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size]
-            if len(batch) < 2:  # a batch of one has no variance; fold it into the previous
-                break
-            model.extract_features(to_input(batch))
-    finally:
-        for m, (momentum, training) in zip(layers, saved):
-            m.momentum = momentum
-            m.train(training)
-        model.eval()
-    return len(layers)
-
-
-def batchnorm_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The running statistics of every batch-norm layer (what :func:`adapt_batchnorm` changes)."""
-    return {k: v.clone() for k, v in model.state_dict().items()
-            if k.endswith(("running_mean", "running_var"))}

@@ -10,9 +10,12 @@ A model trained without a lab is scored on that lab's test cells four ways:
     moved to those of the training cells; :class:`analysis.training.adapt.ColourTransfer`);
 ``bn``
     (the reference only) its batch-normalisation statistics re-estimated on the site's
-    unlabelled cells (AdaBN; :func:`analysis.training.adapt.adapt_batchnorm`);
+    unlabelled cells (AdaBN; :func:`analysis.site_adapt.adapt_batchnorm`);
 ``colour+bn``
-    both.
+    both;
+``balanced-bn``
+    (the reference only) AdaBN on the site's cells re-sampled so that each class the network
+    predicts weighs the same (:func:`analysis.site_adapt.balanced_adapt_batchnorm`).
 
 The site's unlabelled cells are by default the held-out lab's **val** split (labels never
 read), and its test split is scored; ``--site-splits`` and ``--score-splits`` choose others
@@ -37,7 +40,8 @@ from pathlib import Path
 import torch
 
 from analysis.framing import FIELD_OF_VIEW_UM
-from analysis.training.adapt import ColourTransfer, adapt_batchnorm
+from analysis.site_adapt import adapt_batchnorm, balanced_adapt_batchnorm
+from analysis.training.adapt import ColourTransfer
 from analysis.training.evaluate_labs import metrics
 from analysis.training.labs import LABS, SPLITS, LabCells, concat, load_lab, load_splits
 
@@ -79,10 +83,12 @@ def run(data_root: Path, lab: str, *, reference: Path | None, diffusion: Path | 
         images = {False: (site.images, test.images),  # with the colour transfer or without
                   True: (transfer.apply(site.images), transfer.apply(test.images))}
         rows = {}
-        for name in ("none", "colour", "bn", "colour+bn"):
+        for name in ("none", "colour", "bn", "colour+bn", "balanced-bn"):
             adapted = copy.deepcopy(model)
             site_images, test_images = images["colour" in name]
-            if "bn" in name:
+            if name == "balanced-bn":
+                balanced_adapt_batchnorm(adapted, site_images, seed=seed)
+            elif "bn" in name:
                 adapt_batchnorm(adapted, site_images)
             logits, _ = reference_logits(adapted, test_images)
             p = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
@@ -110,8 +116,9 @@ def run(data_root: Path, lab: str, *, reference: Path | None, diffusion: Path | 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=Path("../shared/data"))
-    p.add_argument("--lab", choices=[x for x in LABS if x != "pbc"], required=True,
-                   help="the held-out lab")
+    p.add_argument("--lab", choices=LABS, required=True,
+                   help="the held-out lab (or a lab the model trained on: what adapting does "
+                        "where there is no shift)")
     p.add_argument("--reference", type=Path, help="reference weights trained without --lab")
     p.add_argument("--diffusion", type=Path,
                    help="folder with diffusion weights trained without --lab and calibration.json")

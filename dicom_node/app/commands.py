@@ -177,9 +177,17 @@ def _add_calibrate_site(sub: SubParsers) -> None:
         description="Reads single-cell images (PNG/JPEG/BMP files or folders) of normal smears "
                     "of one lab, fits where its cells sit in the reference network's feature "
                     "space and the matching 'unlike any training class' threshold, and stores "
-                    "the calibration in DATA_DIR/sites/ID.json. Jobs use the newest one (or the "
+                    "the calibration in DATA_DIR/sites/ID.json. With --labelled, cells the lab's "
+                    "staff named also refit the site's own reference network (its normalisation "
+                    "statistics and last layer, DATA_DIR/sites/ID.safetensors), which then gives "
+                    "the reference's call for this site. Jobs use the newest calibration (or the "
                     "one CYTONODE_SITE_CALIBRATION names) and every report names it.")
-    p.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="image files or folders")
+    p.add_argument("paths", nargs="*", type=Path, metavar="PATH",
+                   help="image files or folders (unlabelled cells)")
+    p.add_argument("--labelled", type=Path, default=None, metavar="DIR",
+                   help="a folder of folders named by class (neutrophil, eosinophil, basophil, "
+                        "lymphocyte, monocyte, ig, erythroblast, platelet), at least 5 cells each, "
+                        "two classes or more: the site's own labelled cells")
     p.add_argument("--id", dest="site_id", help="name of the calibration (letters, digits, _.-)")
     p.add_argument("--pixel-spacing", type=float, default=None,
                    help="micrometres per pixel of the images (default: the median red-cell "

@@ -15,8 +15,10 @@ from pydicom import dcmread
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import generate_uid
 
+from analysis.classes import CLASS_NAMES
 from dicom_node.app.demo import SAMPLE_SLIDE, StandInPACS
 from dicom_node.jobs.result import JobResult, read_summary
+from tests.analysis.conftest import other_stain
 from tests.peers import CYTONODE, echo, require_tool
 
 
@@ -169,6 +171,47 @@ def test_jobs_use_and_name_the_sites_calibration(start_node, pacs: StandInPACS, 
     sr = dcmread(pacs.folder / f"{sr_uid}.dcm")
     texts = [str(el.value) for el in sr.iterall() if el.keyword == "TextValue"]
     assert f"site_calibration={label}" in texts  # TID 4019 Algorithm Parameters
+
+
+CHULA = AML_NEUTROPHILS.parents[1] / "chula_wbc"
+
+
+@pytest.mark.skipif(not CHULA.is_dir(), reason="Chula cells not present")
+@pytest.mark.slow  # a node analyses a whole slide
+def test_a_job_names_the_sites_own_network(start_node, tmp_path: Path,
+                                           blank_slide: list[Path]) -> None:
+    """A calibration with labelled cells of a stain the shipped network has never seen (Chula's
+    cells in a dark, bluish stain) stores the site's own network; the next job uses it and its
+    report names it, with its digest."""
+    import json
+
+    from analysis.framing import FIELD_OF_VIEW_UM
+    from analysis.training.labs import load_lab
+
+    train = load_lab(CHULA.parent, "chula", "train", 96, FIELD_OF_VIEW_UM).per_class(12, seed=0)
+    named, cells = tmp_path / "named", tmp_path / "cells"
+    for i, (image, label) in enumerate(zip(other_stain(train.images), train.labels)):
+        folder = named / CLASS_NAMES[label] if i % 2 == 0 else cells
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    made = subprocess.run([CYTONODE, "calibrate-site", str(cells), "--labelled", str(named),
+                           "--id", "lab-4", "--pixel-spacing", str(FIELD_OF_VIEW_UM / 96),
+                           "--data-dir", str(tmp_path / "node"), "--json"],
+                          check=False, capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
+    summary = json.loads(made.stdout)
+    assert summary["site_network"]["used"], summary["site_network"]
+    node = start_node(workers=1)
+    storescu(node.port, *blank_slide)
+    job = _wait_job(node)
+    assert job["state"] == "done", job["error"]
+    assert job["result"]["site_calibration"] == summary["label"] and "labelled)" in summary["label"]
+    sr_uid = job["result"]["objects"]["sr"]
+    sr = dcmread(next((node.data_dir / "store").rglob(f"{sr_uid}.dcm")))
+    texts = [str(el.value) for el in sr.iterall() if el.keyword == "TextValue"]
+    named_network = next(t for t in texts if t.startswith("site_reference_network="))
+    assert "refitted on 30 labelled cells" in named_network
+    assert named_network.endswith(f"sha256 {summary['network_sha256']}")
 
 
 @pytest.mark.slow  # a node analyses a whole slide

@@ -1,0 +1,313 @@
+"""A site's own reference network: adapted to its cells, its last layer refitted on a few it labelled.
+
+``cytonode calibrate-site --labelled DIR`` (:func:`analysis.commands.calibrate_site`) fits,
+for one lab, what the shipped reference network cannot know about that lab's stain,
+microscope and scanner (model card, "a site calibrated with labelled cells"):
+
+1. **Class-balanced AdaBN** (:func:`balanced_adapt_batchnorm`): the network's
+   batch-normalisation statistics re-estimated on the site's cells (labels unread),
+   re-sampled so that every class the network predicts carries the same weight. The
+   reference trains on class-balanced batches, so its statistics are those of a balanced
+   mix; a smear is mostly neutrophils, and statistics over it as it comes take the
+   neutrophil look out of the features (Li et al. 2016, AdaBN; the class re-weighting after
+   DELTA, Zhao et al. 2023).
+2. **The last linear layer refitted** (:func:`refit_head`) on the adapted features of a
+   few labelled cells per class of the site, beside a small pack of the training labs'
+   cells (:class:`SourcePack`, shipped as ``analysis/weights/site_source.safetensors``)
+   so that the classes the site did not label (immature granulocytes, erythroblasts) are
+   kept.
+
+Only the statistics and the last layer change (:func:`network_state`: about 52,000
+numbers); they are stored beside the site calibration and replace the shipped ones for
+that site's jobs (:func:`apply_network_state`). Everything is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: The source pack shipped with the weights (:class:`SourcePack`).
+SOURCE_PACK = "site_source.safetensors"
+#: The head's parameters in :func:`network_state` (the rest are batch-norm statistics).
+HEAD_KEYS = ("_fc.weight", "_fc.bias")
+
+
+def batchnorm_layers(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def batchnorm_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The running statistics of every batch-norm layer (what :func:`adapt_batchnorm` changes)."""
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if k.endswith(("running_mean", "running_var"))}
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> int:
+    """Re-estimate ``model``'s batch-norm running statistics on ``images`` (uint8 ``(N, S, S, 3)``,
+    framed for the reference), in place; the weights are unchanged. Returns the layers adapted."""
+    from analysis.reference import to_input
+
+    layers = batchnorm_layers(model)
+    if not layers:
+        raise ValueError("the model has no batch-normalisation layers")
+    if len(images) < 2:
+        raise ValueError("adapting batch-norm statistics needs at least 2 cells")
+    saved = [(m.momentum, m.training) for m in layers]
+    model.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over every batch
+        m.train()
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            if len(batch) < 2:  # a batch of one has no variance; fold it into the previous
+                break
+            model.extract_features(to_input(batch))
+    finally:
+        for m, (momentum, training) in zip(layers, saved):
+            m.momentum = momentum
+            m.train(training)
+        model.eval()
+    return len(layers)
+
+
+def balanced_weights(probabilities: np.ndarray, min_share: float = 0.02) -> np.ndarray:
+    """Per-cell weights under which every predicted class carries the same total weight.
+
+    ``probabilities`` ``(N, C)``: soft predictions. A class's expected count is
+    ``n_c = sum_i p_ic``; a cell's weight is ``sum_c p_ic / n_c`` over the classes with
+    ``n_c >= max(1, min_share * N)`` (rarer classes get none, so that a stray cell does not
+    stand for a whole class). The weights sum to 1."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.ndim != 2 or len(p) == 0 or not np.all(np.isfinite(p)) or np.any(p < 0):
+        raise ValueError("probabilities must be a non-empty (N, C) array of non-negative numbers")
+    counts = p.sum(axis=0)
+    kept = counts >= max(1.0, min_share * len(p))
+    if not kept.any():
+        raise ValueError("no class is predicted for enough cells to weight them")
+    w = (p[:, kept] / counts[kept]).sum(axis=1)
+    return w / w.sum()
+
+
+def balanced_adapt_batchnorm(model: torch.nn.Module, images: np.ndarray, *, rounds: int = 3,
+                             draws: int = 4, seed: int = 0, batch_size: int = 64) -> np.ndarray:
+    """Class-balanced AdaBN, in place: ``rounds`` times, predict the site's cells, draw
+    ``draws * N`` of them with replacement under :func:`balanced_weights` and re-estimate the
+    statistics from the trained network's on that draw (the first round predicts with the
+    network as trained, each next one with the previous round's). Returns the last round's
+    cell weights."""
+    from analysis.reference import reference_logits
+
+    if rounds < 1 or draws < 1:
+        raise ValueError("rounds and draws must be at least 1")
+    trained = batchnorm_state(model)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    weights = np.full(len(images), 1.0 / max(1, len(images)))
+    for _ in range(rounds):
+        logits, _ = reference_logits(model, images)
+        p = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+        weights = balanced_weights(p)
+        model.load_state_dict(trained, strict=False)
+        idx = torch.multinomial(torch.from_numpy(weights), draws * len(images), replacement=True,
+                                generator=generator).numpy()
+        adapt_batchnorm(model, images[idx], batch_size=batch_size)
+    return weights
+
+
+def class_balanced_weights(labels: np.ndarray, total: float) -> np.ndarray:
+    """Per-sample weights summing to ``total``, every present class carrying the same share."""
+    classes, counts = np.unique(labels, return_counts=True)
+    per_class = total / len(classes)
+    lookup = dict(zip(classes.tolist(), (per_class / counts).tolist()))
+    return np.array([lookup[int(c)] for c in labels], dtype=np.float64)
+
+
+def refit_head(head: torch.nn.Linear, features: np.ndarray, labels: np.ndarray,
+               weights: np.ndarray, *, l2: float = 1e-2, iterations: int = 200) -> torch.nn.Linear:
+    """A copy of ``head`` refitted by weighted multinomial logistic regression (L-BFGS), with an
+    L2 penalty ``l2`` on its distance from ``head``; ``weights`` should sum to 1."""
+    if not len(features) == len(labels) == len(weights):
+        raise ValueError("features, labels and weights must have the same length")
+    x = torch.from_numpy(np.asarray(features, dtype=np.float32)).double()
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    w = torch.from_numpy(np.asarray(weights, dtype=np.float64))
+    w0, b0 = head.weight.detach().double(), head.bias.detach().double()
+    weight, bias = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    optimiser = torch.optim.LBFGS([weight, bias], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        nll = torch.nn.functional.cross_entropy(x @ weight.T + bias, y, reduction="none")
+        loss = (w * nll).sum() + l2 * ((weight - w0).square().sum() + (bias - b0).square().sum())
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    out = copy.deepcopy(head)
+    with torch.no_grad():
+        out.weight.copy_(weight.float())
+        out.bias.copy_(bias.float())
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SourcePack:
+    """A few training cells per class and lab, framed for the reference (uint8 ``(N, S, S, 3)``),
+    kept with the weights so that a site's refit remembers the classes it did not label.
+    Stored as JPEG (quality 90) in one safetensors file."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    labs: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 (N, S, S, 3), not {self.images.dtype} "
+                             f"{self.images.shape}")
+        if not len(self.images) == len(self.labels) == len(self.labs):
+            raise ValueError("images, labels and labs must have the same length")
+
+    def save(self, path: Path, quality: int = 90) -> None:
+        from PIL import Image
+        from safetensors.numpy import save_file
+
+        blobs = []
+        for image in self.images:
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+            blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
+        names = sorted(set(self.labs))
+        save_file({"jpeg": np.concatenate(blobs),
+                   "ends": np.cumsum([len(b) for b in blobs]).astype(np.int64),
+                   "labels": np.asarray(self.labels, np.int64),
+                   "labs": np.array([names.index(x) for x in self.labs], np.int64)},
+                  str(path), metadata={"labs": ",".join(names), "size": str(self.images.shape[1]),
+                                       "quality": str(quality)})
+
+    @classmethod
+    def load(cls, path: Path) -> SourcePack:
+        from PIL import Image
+        from safetensors import safe_open
+
+        from analysis.errors import CheckpointError
+
+        if not path.is_file():
+            raise CheckpointError(f"{path} not found (python -m analysis.training.site_pack)")
+        with safe_open(str(path), framework="np") as fh:
+            names = (fh.metadata() or {}).get("labs", "").split(",")
+            keys = fh.keys()
+            raw = {k: fh.get_tensor(k) for k in keys}
+        starts = np.concatenate([[0], raw["ends"][:-1]])
+        images = np.stack([np.asarray(Image.open(io.BytesIO(raw["jpeg"][a:b].tobytes())).convert("RGB"))
+                           for a, b in zip(starts, raw["ends"])])
+        return cls(images, raw["labels"], tuple(names[i] for i in raw["labs"]))
+
+
+def network_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a site's network changes: the batch-norm statistics and the last layer."""
+    state = batchnorm_state(model)
+    state.update({k: v.detach().clone() for k, v in model.state_dict().items() if k in HEAD_KEYS})
+    return state
+
+
+def apply_network_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``model`` with a site's :func:`network_state`."""
+    expected = set(network_state(model))
+    if set(state) != expected:
+        raise ValueError(f"a site network must hold {len(expected)} tensors of this reference, "
+                         f"not {len(state)}")
+    out = copy.deepcopy(model)
+    out.load_state_dict(dict(state), strict=False)
+    out.eval()
+    return out
+
+
+#: Folds of the cross-validation that decides whether a site network is used.
+GATE_FOLDS = 5
+#: How much better (balanced accuracy, cross-validated on the site's labelled cells) the site
+#: network must be than the shipped one to be used.
+GATE_MARGIN = 0.02
+
+
+def balanced_accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
+    """Mean recall over the classes present in ``labels``."""
+    return float(np.mean([np.mean(predicted[labels == c] == c) for c in np.unique(labels)]))
+
+
+def folds(labels: np.ndarray, n: int = GATE_FOLDS, seed: int = 0) -> np.ndarray:
+    """A fold number per cell: within each class, after a seeded shuffle, dealt round-robin."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(len(labels), np.int64)
+    start = 0
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        out[idx] = (np.arange(len(idx)) + start) % n
+        start += len(idx)  # the next class starts where this one stopped: folds stay even
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteNetwork:
+    """:func:`fit_site_network`'s result: the adapted network and whether the gate let it in."""
+
+    model: torch.nn.Module
+    used: bool
+    #: Balanced accuracy on the labelled cells: the shipped network's, and the site network's
+    #: cross-validated (each fold scored by a head refitted without it).
+    shipped_accuracy: float
+    site_accuracy: float
+
+
+def fit_site_network(model: torch.nn.Module, site_images: np.ndarray, labelled_images: np.ndarray,
+                     labelled_labels: np.ndarray, pack: SourcePack, *, seed: int = 0,
+                     site_share: float = 0.5, l2: float = 1e-2) -> SiteNetwork:
+    """The site's network: a copy of ``model`` adapted (class-balanced AdaBN) on all the site's
+    cells (``site_images`` and ``labelled_images``, labels unread), its last layer refitted on
+    the labelled cells (``site_share`` of the weight) and the ``pack`` (the rest), each class
+    equally within each part.
+
+    It is used (``SiteNetwork.used``) only if, cross-validated over :data:`GATE_FOLDS` folds of
+    the labelled cells, it beats the shipped network on them by :data:`GATE_MARGIN` of balanced
+    accuracy: on a lab the shipped network already reads well, a refit on a few cells loses more
+    than it gains."""
+    from analysis.reference import reference_logits
+
+    labels = np.asarray(labelled_labels, dtype=np.int64)
+    if len(labelled_images) != len(labels) or len(labels) == 0:
+        raise ValueError("labelled cells and their labels must be as many, and not none")
+    shipped_logits, _ = reference_logits(model, labelled_images)
+    adapted = copy.deepcopy(model)
+    every = labelled_images if len(site_images) == 0 else np.concatenate([site_images, labelled_images])
+    balanced_adapt_batchnorm(adapted, every, seed=seed)
+    _, f_pack = reference_logits(adapted, pack.images, features=True)
+    _, f_site = reference_logits(adapted, labelled_images, features=True)
+    assert f_pack is not None and f_site is not None  # asked for
+
+    def refit(keep: np.ndarray) -> torch.nn.Linear:
+        weights = np.concatenate([class_balanced_weights(pack.labels, 1.0 - site_share),
+                                  class_balanced_weights(labels[keep], site_share)])
+        return refit_head(adapted._fc, np.concatenate([f_pack, f_site[keep]]),
+                          np.concatenate([pack.labels, labels[keep]]), weights, l2=l2)
+
+    fold = folds(labels, seed=seed)
+    predicted = np.zeros(len(labels), np.int64)
+    for k in range(GATE_FOLDS):
+        held = fold == k
+        if held.any():
+            with torch.no_grad():
+                z = refit(~held)(torch.from_numpy(f_site[held]))
+            predicted[held] = z.argmax(dim=1).numpy()
+    shipped = balanced_accuracy(shipped_logits.argmax(axis=1), labels)
+    site = balanced_accuracy(predicted, labels)
+    adapted._fc = refit(np.ones(len(labels), bool))
+    adapted.eval()
+    return SiteNetwork(adapted, site >= shipped + GATE_MARGIN, round(shipped, 4), round(site, 4))

@@ -1,0 +1,153 @@
+"""A site's own reference network: `cytonode calibrate-site --labelled` (analysis.site_adapt)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis.classes import CLASS_NAMES
+from analysis.classifier import WEIGHTS_DIR, read_calibration
+from analysis.framing import FIELD_OF_VIEW_UM
+from analysis.review import ReviewModel
+from analysis.site_adapt import SOURCE_PACK, SourcePack, balanced_weights
+
+from .conftest import DATA, other_stain
+
+N = {name: i for i, name in enumerate(CLASS_NAMES)}
+CLI = [sys.executable, "-m", "dicom_node.app.cli", "calibrate-site"]
+needs_weights = pytest.mark.skipif(not (WEIGHTS_DIR / SOURCE_PACK).is_file()
+                                   or not (DATA / "chula_wbc").is_dir(),
+                                   reason="shipped source pack or Chula cells not present")
+
+
+def test_balanced_weights_give_every_predicted_class_the_same_weight() -> None:
+    """A smear is mostly neutrophils: re-sampled under these weights, each class the network
+    predicts counts the same, and a class predicted for a stray cell or two counts nothing."""
+    calls = np.array([N["neutrophil"]] * 60 + [N["lymphocyte"]] * 25 + [N["monocyte"]] * 14
+                     + [N["basophil"]])
+    p = np.full((len(calls), len(CLASS_NAMES)), 1e-4)
+    p[np.arange(len(calls)), calls] = 0.99
+    p /= p.sum(axis=1, keepdims=True)
+    w = balanced_weights(p)
+    assert w.sum() == pytest.approx(1.0)
+    share = {c: float(w[calls == N[c]].sum()) for c in ("neutrophil", "lymphocyte", "monocyte")}
+    assert max(share.values()) - min(share.values()) < 0.02, share
+    assert w[calls == N["basophil"]].sum() < 0.02  # one cell does not stand for a class
+    with pytest.raises(ValueError, match="non-negative"):
+        balanced_weights(-p)
+
+
+def _write(images: np.ndarray, folder: Path, prefix: str) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, image in enumerate(images):
+        path = folder / f"{prefix}_{i:03d}.png"
+        Image.fromarray(image).save(path)
+        out.append(path)
+    return out
+
+
+def _calibrate(tmp_path: Path, named: object, unnamed: object, site_id: str, size: int) -> dict:
+    """`calibrate-site --labelled` on ``named`` cells (folders by class) and ``unnamed`` ones."""
+    labelled = tmp_path / site_id / "labelled"
+    for c in np.unique(named.labels):  # type: ignore[attr-defined]
+        _write(named.images[named.labels == c], labelled / CLASS_NAMES[c], "cell")  # type: ignore[attr-defined]
+    _write(unnamed.images, tmp_path / site_id / "cells", "cell")  # type: ignore[attr-defined]
+    run = subprocess.run([*CLI, str(tmp_path / site_id / "cells"), "--labelled", str(labelled),
+                          "--id", site_id, "--pixel-spacing", str(FIELD_OF_VIEW_UM / size),
+                          "--data-dir", str(tmp_path / "var"), "--json"],
+                         check=False, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+@needs_weights
+def test_labelled_cells_refit_a_network_for_a_new_stain_and_not_for_a_known_one(tmp_path: Path) -> None:
+    """A lab names 6 of its cells of each normal class and gives 30 more unnamed.
+
+    Chula's cells as they are (a lab the shipped network trained on): the shipped network
+    already calls the named cells right, so `calibrate-site --labelled` keeps it. The same
+    cells in another stain (:func:`other_stain`; the shipped network has never seen it):
+    the site's own network, cross-validated on the named cells, beats the shipped one, is
+    stored beside the calibration, named in its label and used for that site's cells, where
+    it calls the lab's other cells better. A damaged network file is refused."""
+    from analysis.site import load_site, network_path
+    from analysis.training.labs import LabCells, load_lab
+
+    model = ReviewModel.load(WEIGHTS_DIR, read_calibration(WEIGHTS_DIR))
+    assert model is not None
+    size = model.image_size
+    train = load_lab(DATA, "chula", "train", size, FIELD_OF_VIEW_UM)
+    named = train.per_class(6, seed=0)
+    rest = train.take(np.array([i for i, p in enumerate(train.paths) if p not in set(named.paths)]))
+    unnamed = rest.per_class(6, seed=1)
+
+    known = _calibrate(tmp_path, named, unnamed, "known", size)
+    assert known["site_network"]["used"] is False and known["site_network"]["shipped_accuracy"] >= 0.9
+    assert "network_sha256" not in known and not network_path(tmp_path / "var", "known").exists()
+    assert "labelled" not in load_site(tmp_path / "var", "known").label
+
+    def stained(cells: LabCells) -> LabCells:
+        return LabCells(cells.lab, cells.split, other_stain(cells.images), cells.labels, cells.paths)
+
+    summary = _calibrate(tmp_path, stained(named), stained(unnamed), "new-stain", size)
+    gate = summary["site_network"]
+    assert gate["used"] is True and gate["site_accuracy"] >= gate["shipped_accuracy"] + 0.02, gate
+    assert summary["labelled"] == {CLASS_NAMES[c]: 6 for c in np.unique(named.labels)}
+    site = load_site(tmp_path / "var", "new-stain")
+    assert site.network is not None and site.network_sha256 == summary["network_sha256"]
+    assert site.label.endswith(f"{len(named) + len(unnamed)} cells, {len(named)} labelled)")
+    assert model.usable_site(site) == (site, ())
+
+    def accuracy(cells: LabCells, s: object) -> float:
+        return float(np.mean(model.measure(cells.images, s)[0] == cells.labels))
+
+    val = stained(load_lab(DATA, "chula", "val", size, FIELD_OF_VIEW_UM))
+    assert accuracy(val, site) >= accuracy(val, None) + 0.05, (accuracy(val, site), accuracy(val, None))
+
+    listing = subprocess.run([*CLI, "--list", "--data-dir", str(tmp_path / "var")],
+                             check=False, capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0 and "new-stain (" in listing.stdout and "labelled)" in listing.stdout
+
+    raw = bytearray(network_path(tmp_path / "var", "new-stain").read_bytes())
+    raw[-1] ^= 0xFF
+    network_path(tmp_path / "var", "new-stain").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="not the one it was fitted with"):
+        load_site(tmp_path / "var", "new-stain")
+
+
+def test_calibrate_site_refuses_bad_labelled_folders(tmp_path: Path) -> None:
+    """Cells must sit in folders named by a class, five or more of each, two classes or more;
+    otherwise a clear error, exit 2 and nothing written."""
+    image = np.full((40, 40, 3), 200, np.uint8)
+    cases = {
+        "blasts": ({"blast": 6, "neutrophil": 6}, "'blast' is not a folder named by a class"),
+        "few": ({"neutrophil": 6, "monocyte": 3}, "monocyte has 3 cells; a class needs at least 5"),
+        "one": ({"neutrophil": 6}, "at least two classes"),
+    }
+    for name, (counts, message) in cases.items():
+        for c, n in counts.items():
+            _write(np.stack([image] * n), tmp_path / name / c, c)
+        run = subprocess.run([*CLI, "--labelled", str(tmp_path / name), "--id", "ok",
+                              "--data-dir", str(tmp_path / "var")], check=False,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2, (name, run.stderr)
+        assert message in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not (tmp_path / "var").exists()
+
+
+@needs_weights
+def test_the_shipped_pack_holds_every_class_of_every_training_lab() -> None:
+    pack = SourcePack.load(WEIGHTS_DIR / SOURCE_PACK)
+    assert pack.images.shape[1:] == (96, 96, 3)
+    for lab in ("pbc", "bccd", "chula"):
+        assert lab in pack.labs
+    pbc = np.array(pack.labs) == "pbc"
+    assert sorted(set(pack.labels[pbc].tolist())) == list(range(len(CLASS_NAMES)))
