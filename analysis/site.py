@@ -108,7 +108,6 @@ class SiteCalibration:
                        or np.any(np.diff(q) < 0)):
             raise ValueError(f"distance_quantiles must be {len(QUANTILE_GRID)} finite, "
                              f"non-decreasing numbers")
-
         if bool(self.labelled) != bool(self.network_sha256):
             raise ValueError("labelled and network_sha256 go together")
 
