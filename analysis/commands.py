@@ -439,6 +439,7 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         return (np.stack([read_framed(p, size, spacing) for p in files]) if files
                 else np.zeros((0, size, size, 3), np.uint8))
 
+    logger.info("framing %d cells at %.4f um/px", len(every), spacing)
     images = framed(paths)
     network: dict[str, Any] | None = None
     counts: tuple[tuple[str, int], ...] = ()

@@ -27,11 +27,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 #: The source pack shipped with the weights (:class:`SourcePack`).
 SOURCE_PACK = "site_source.safetensors"
@@ -112,7 +115,8 @@ def balanced_adapt_batchnorm(model: torch.nn.Module, images: np.ndarray, *, roun
     trained = batchnorm_state(model)
     generator = torch.Generator("cpu").manual_seed(seed)
     weights = np.full(len(images), 1.0 / max(1, len(images)))
-    for _ in range(rounds):
+    for r in range(rounds):
+        log.info("normalisation statistics on %d cells, round %d of %d", len(images), r + 1, rounds)
         logits, _ = reference_logits(model, images)
         p = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
         weights = balanced_weights(p)
@@ -298,6 +302,8 @@ def fit_site_network(model: torch.nn.Module, site_images: np.ndarray, labelled_i
         return refit_head(adapted._fc, np.concatenate([f_pack, f_site[keep]]),
                           np.concatenate([pack.labels, labels[keep]]), weights, l2=l2)
 
+    log.info("last layer refitted on %d named cells and %d pack cells; %d-fold cross-validation",
+             len(labels), len(pack.labels), GATE_FOLDS)
     fold = folds(labels, seed=seed)
     predicted = np.zeros(len(labels), np.int64)
     for k in range(GATE_FOLDS):
