@@ -429,6 +429,7 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     if model is None:
         raise ValueError(f"{weights} has no review rule to calibrate (calibration.json)")
     labelled = labelled or {}
+    named_counts = tuple((c, len(v)) for c, v in labelled.items())
     named = {p.resolve() for cells in labelled.values() for p in cells}
     paths = [p for p in paths if p.resolve() not in named]  # a labelled cell counts once
     every = paths + [p for cells in labelled.values() for p in cells]
@@ -449,9 +450,6 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         from analysis.site_adapt import SOURCE_PACK, SourcePack, fit_site_network, network_state
 
         pack = SourcePack.load(weights / SOURCE_PACK)
-        if pack.images.shape[1] != model.image_size:
-            raise ValueError(f"{weights / SOURCE_PACK} holds {pack.images.shape[1]} px cells, the "
-                             f"reference takes {model.image_size}")
         shot = framed([p for cells in labelled.values() for p in cells])
         labels = np.concatenate([np.full(len(cells), CLASS_NAMES.index(c))
                                  for c, cells in labelled.items()])
@@ -460,7 +458,7 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         gate = {"used": fitted.used, "shipped_accuracy": fitted.shipped_accuracy,
                 "site_accuracy": fitted.site_accuracy}
         if fitted.used:
-            network, counts = network_state(fitted.model), tuple((c, len(v)) for c, v in labelled.items())
+            network, counts = network_state(fitted.model), named_counts
             measuring = fitted.model
     _, features = reference_logits(measuring, images, features=True)
     assert features is not None  # asked for
@@ -475,7 +473,7 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         "pixel_spacing_um": round(spacing, 5), "feature_threshold": site.feature_threshold,
         "flag_rate_before": site.flag_rate_before, "flag_rate_after": site.flag_rate_after}
     if gate is not None:
-        summary["labelled"] = {c: len(v) for c, v in labelled.items()}
+        summary["labelled"] = dict(named_counts)
         summary["site_network"] = gate
         if network is not None:
             summary["network_sha256"] = site.network_sha256

@@ -297,7 +297,8 @@ class ReviewModel:
         self.density = FeatureDensity.load(weights_dir / DENSITY_WEIGHTS)
         #: What a site calibration must have been fitted with (:meth:`usable_site`).
         self.reference_sha256 = weights_sha256(weights_dir / REFERENCE_WEIGHTS)
-        self._site_networks: dict[str, Any] = {}
+        #: The last site network used, by its digest (one site at a time).
+        self._site_network: tuple[str, Any] | None = None
 
     @classmethod
     def load(cls, weights_dir: Path, calibration: Mapping[str, Any]) -> ReviewModel | None:
@@ -337,13 +338,12 @@ class ReviewModel:
         :mod:`analysis.site_adapt`) when it has one, else the shipped one."""
         if site is None or site.network is None:
             return self.reference.model
-        model = self._site_networks.get(site.network_sha256)
-        if model is None:
+        if self._site_network is None or self._site_network[0] != site.network_sha256:
             from analysis.site_adapt import apply_network_state
 
-            model = apply_network_state(self.reference.model, site.network)
-            self._site_networks = {site.network_sha256: model}  # one site at a time
-        return model
+            self._site_network = (site.network_sha256,
+                                  apply_network_state(self.reference.model, site.network))
+        return self._site_network[1]
 
     def measure(self, reference_images: np.ndarray, site: Any = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -174,10 +174,6 @@ def network_path(data_dir: Path, site_id: str) -> Path:
     return data_dir / SITES_DIR / f"{check_site_id(site_id)}.safetensors"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _write(path: Path, write: Any) -> None:
     """Write through a temporary file in the same folder, then rename (a reader never sees half)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -193,29 +189,26 @@ def save_site(data_dir: Path, site: SiteCalibration) -> Path:
     path = site_path(data_dir, site.site_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     if site.network_sha256:
-        from safetensors.torch import save_file
-
         if site.network is None:
             raise ValueError(f"site calibration {site.site_id} names a network but holds none")
-        target = network_path(data_dir, site.site_id)
-        _write(target, lambda tmp: save_file({k: v.contiguous() for k, v in site.network.items()},
-                                             str(tmp)))
-        if _sha256(target) != site.network_sha256:
-            raise ValueError(f"{target}: written network differs from the one fitted")
+        data = _network_bytes(site.network)
+        if hashlib.sha256(data).hexdigest() != site.network_sha256:
+            raise ValueError(f"site calibration {site.site_id}: its network is not the one named")
+        _write(network_path(data_dir, site.site_id), lambda tmp: tmp.write_bytes(data))
     _write(path, lambda tmp: tmp.write_text(site.to_json() + "\n"))
     return path
 
 
+def _network_bytes(network: Any) -> bytes:
+    """The site network's file (safetensors; the same tensors always give the same bytes)."""
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in network.items()})
+
+
 def network_digest(network: Any) -> str:
-    """The SHA-256 the site network's file will have (safetensors writes deterministically)."""
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    with tempfile.TemporaryDirectory() as folder:
-        tmp = Path(folder) / "network.safetensors"
-        save_file({k: v.contiguous() for k, v in network.items()}, str(tmp))
-        return _sha256(tmp)
+    """The SHA-256 of the site network's file."""
+    return hashlib.sha256(_network_bytes(network)).hexdigest()
 
 
 def load_site(data_dir: Path, site_id: str) -> SiteCalibration:
@@ -234,8 +227,10 @@ def load_site(data_dir: Path, site_id: str) -> SiteCalibration:
     site = SiteCalibration.from_json(path.read_text())
     if not site.network_sha256:
         return site
+    from analysis.results import weights_sha256
+
     target = network_path(data_dir, site.site_id)
-    if not target.is_file() or _sha256(target) != site.network_sha256:
+    if not target.is_file() or weights_sha256(target) != site.network_sha256:
         raise ValueError(f"site calibration {site.site_id}: its network {target.name} is "
                          f"{'missing' if not target.is_file() else 'not the one it was fitted with'}; "
                          f"run `cytonode calibrate-site` again")

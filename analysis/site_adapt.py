@@ -163,6 +163,17 @@ def refit_head(head: torch.nn.Linear, features: np.ndarray, labels: np.ndarray,
     return out
 
 
+def refit_beside(head: torch.nn.Linear, source_features: np.ndarray, source_labels: np.ndarray,
+                 site_features: np.ndarray, site_labels: np.ndarray, *, site_share: float = 0.5,
+                 l2: float = 1e-2) -> torch.nn.Linear:
+    """:func:`refit_head` on the site's labelled cells (``site_share`` of the weight) beside the
+    training cells (the rest), each class equally within each part."""
+    weights = np.concatenate([class_balanced_weights(source_labels, 1.0 - site_share),
+                              class_balanced_weights(site_labels, site_share)])
+    return refit_head(head, np.concatenate([source_features, site_features]),
+                      np.concatenate([source_labels, site_labels]), weights, l2=l2)
+
+
 @dataclasses.dataclass(frozen=True)
 class SourcePack:
     """A few training cells per class and lab, framed for the reference (uint8 ``(N, S, S, 3)``),
@@ -242,11 +253,6 @@ GATE_FOLDS = 5
 GATE_MARGIN = 0.02
 
 
-def balanced_accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
-    """Mean recall over the classes present in ``labels``."""
-    return float(np.mean([np.mean(predicted[labels == c] == c) for c in np.unique(labels)]))
-
-
 def folds(labels: np.ndarray, n: int = GATE_FOLDS, seed: int = 0) -> np.ndarray:
     """A fold number per cell: within each class, after a seeded shuffle, dealt round-robin."""
     rng = np.random.default_rng(seed)
@@ -284,10 +290,14 @@ def fit_site_network(model: torch.nn.Module, site_images: np.ndarray, labelled_i
     accuracy: on a lab the shipped network already reads well, a refit on a few cells loses more
     than it gains."""
     from analysis.reference import reference_logits
+    from analysis.uncertainty import balanced_accuracy
 
     labels = np.asarray(labelled_labels, dtype=np.int64)
     if len(labelled_images) != len(labels) or len(labels) == 0:
         raise ValueError("labelled cells and their labels must be as many, and not none")
+    if pack.images.shape[1:] != labelled_images.shape[1:]:
+        raise ValueError(f"the source pack holds {pack.images.shape[1]} px cells, the site's are "
+                         f"{labelled_images.shape[1]} px")
     shipped_logits, _ = reference_logits(model, labelled_images)
     adapted = copy.deepcopy(model)
     every = labelled_images if len(site_images) == 0 else np.concatenate([site_images, labelled_images])
@@ -297,10 +307,8 @@ def fit_site_network(model: torch.nn.Module, site_images: np.ndarray, labelled_i
     assert f_pack is not None and f_site is not None  # asked for
 
     def refit(keep: np.ndarray) -> torch.nn.Linear:
-        weights = np.concatenate([class_balanced_weights(pack.labels, 1.0 - site_share),
-                                  class_balanced_weights(labels[keep], site_share)])
-        return refit_head(adapted._fc, np.concatenate([f_pack, f_site[keep]]),
-                          np.concatenate([pack.labels, labels[keep]]), weights, l2=l2)
+        return refit_beside(adapted._fc, f_pack, pack.labels, f_site[keep], labels[keep],
+                            site_share=site_share, l2=l2)
 
     log.info("last layer refitted on %d named cells and %d pack cells; %d-fold cross-validation",
              len(labels), len(pack.labels), GATE_FOLDS)
@@ -312,8 +320,9 @@ def fit_site_network(model: torch.nn.Module, site_images: np.ndarray, labelled_i
             with torch.no_grad():
                 z = refit(~held)(torch.from_numpy(f_site[held]))
             predicted[held] = z.argmax(dim=1).numpy()
-    shipped = balanced_accuracy(shipped_logits.argmax(axis=1), labels)
-    site = balanced_accuracy(predicted, labels)
+    n = shipped_logits.shape[1]
+    shipped = balanced_accuracy(labels, shipped_logits.argmax(axis=1), n)
+    site = balanced_accuracy(labels, predicted, n)
     adapted._fc = refit(np.ones(len(labels), bool))
     adapted.eval()
     return SiteNetwork(adapted, site >= shipped + GATE_MARGIN, round(shipped, 4), round(site, 4))

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from analysis.classes import CLASS_NAMES  # noqa: E402
 from analysis.detect import DEFAULT_FIELD_PIXEL_SPACING_UM as SPACING_UM  # noqa: E402
+from analysis.training.evaluate_labs import print_result  # noqa: E402
 from analysis.training.labs import SAMPLE_SLIDE_FIELDS, bccd_fields, bccd_split  # noqa: E402
 from dicom_node.app.demo import SAMPLE_SLIDE  # noqa: E402
 from dicom_node.make_slide import SlideDescription, make_slide  # noqa: E402
@@ -191,10 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "of": sum(len(v) for v in SAMPLE_LABELS.values()),
                                   "predicted_by_field": by_field}
     result["seconds"] = round(time.monotonic() - t0, 1)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    print_result(result, args.out)
     return 0
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ import torch
 from analysis.framing import FIELD_OF_VIEW_UM
 from analysis.site_adapt import adapt_batchnorm, balanced_adapt_batchnorm
 from analysis.training.adapt import ColourTransfer
-from analysis.training.evaluate_labs import metrics
+from analysis.training.evaluate_labs import metrics, print_result
 from analysis.training.labs import LABS, SPLITS, LabCells, concat, load_lab, load_splits
 
 
@@ -139,10 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"splits are {', '.join(SPLITS)} joined with '+', not {splits!r}")
     result = run(args.data, args.lab, reference=args.reference, diffusion=args.diffusion,
                  site_splits=args.site_splits, score_splits=args.score_splits)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    print_result(result, args.out)
     return 0
 
 

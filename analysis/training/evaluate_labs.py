@@ -170,6 +170,15 @@ def spread(runs: dict[int, dict[str, object]]) -> dict[str, dict[str, dict[str, 
     return out
 
 
+def print_result(result: object, out: Path | None) -> None:
+    """Print a command's result as JSON, and write it to ``out`` too when given."""
+    text = json.dumps(result, indent=1)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=Path("../shared/data"))
@@ -204,11 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, object] = (runs[seeds[0]] if len(seeds) == 1 else
                                  {"seeds": seeds, "spread": spread(runs),
                                   "runs": {str(k): v for k, v in runs.items()}})
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    print_result(result, args.out)
     return 0
 
 

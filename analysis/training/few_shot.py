@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -35,14 +34,8 @@ import numpy as np
 import torch
 
 from analysis.framing import FIELD_OF_VIEW_UM
-from analysis.site_adapt import (
-    SourcePack,
-    balanced_adapt_batchnorm,
-    class_balanced_weights,
-    fit_site_network,
-    refit_head,
-)
-from analysis.training.evaluate_labs import metrics
+from analysis.site_adapt import SourcePack, balanced_adapt_batchnorm, fit_site_network, refit_beside
+from analysis.training.evaluate_labs import metrics, print_result
 from analysis.training.labs import LABS, LabCells, concat, load_lab, load_splits
 
 
@@ -96,11 +89,8 @@ def run(data_root: Path, lab: str, reference: Path, *, ks: tuple[int, ...] = (10
         for k in ks:
             shot = site_train.per_class(k, seed)
             idx = np.array([position[path] for path in shot.paths])
-            weights = np.concatenate([
-                class_balanced_weights(source.labels, 1.0 - site_share),
-                class_balanced_weights(shot.labels, site_share)])
-            head = refit_head(net._fc, np.concatenate([f_source, f_site[idx]]),
-                              np.concatenate([source.labels, shot.labels]), weights, l2=l2)
+            head = refit_beside(net._fc, f_source, source.labels, f_site[idx], shot.labels,
+                                site_share=site_share, l2=l2)
             rows[f"k={k}"] = {"site_cells": len(shot), **_score(head, f_scored, scored.labels)}
             print(f"{lab} {name} k={k}: {rows[f'k={k}']['balanced_accuracy']} "
                   f"(unchanged {rows['unchanged']['balanced_accuracy']})", file=sys.stderr)
@@ -120,8 +110,8 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
     size = config.image_size
     pack = SourcePack.load(pack_path)
     trained_on = set(metadata.get("labs", "").split(","))
-    if pack.images.shape[1] != size or not set(pack.labs) <= trained_on:
-        raise ValueError(f"{pack_path} must hold {size} px cells of {reference}'s training labs "
+    if not set(pack.labs) <= trained_on:
+        raise ValueError(f"{pack_path} must hold cells of {reference}'s training labs "
                          f"({', '.join(sorted(trained_on))}), not {sorted(set(pack.labs))}")
     site_train: LabCells = load_lab(data_root, lab, "train", size, FIELD_OF_VIEW_UM)
     scored = load_splits(data_root, lab, score_splits, size, FIELD_OF_VIEW_UM)
@@ -192,10 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = run(args.data, args.lab, args.reference, ks=ks, score_splits=args.score_splits,
                      seed=args.seed, site_share=args.site_share, balanced_bn=args.balanced_bn)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    print_result(result, args.out)
     return 0
 
 

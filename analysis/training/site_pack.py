@@ -18,15 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from analysis.framing import FIELD_OF_VIEW_UM
+from analysis.reference import ReferenceConfig
 from analysis.site_adapt import SourcePack
 from analysis.training.labs import LABS, load_lab
 
-#: The reference network's input size (``ReferenceConfig.image_size``).
-SIZE = 96
-
 
 def build_pack(data_root: Path, labs: tuple[str, ...], per_class: int = 24, seed: int = 0,
-               size: int = SIZE) -> SourcePack:
+               size: int = ReferenceConfig().image_size) -> SourcePack:
     parts = [load_lab(data_root, lab, "train", size, FIELD_OF_VIEW_UM).per_class(per_class, seed)
              for lab in labs]
     return SourcePack(np.concatenate([p.images for p in parts]),
