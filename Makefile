@@ -39,8 +39,12 @@ debs:
 
 deps: debs $(BIN)/.installed node_modules/.installed
 
+# Two pytest workers: most tests wait on servers (Orthanc, PostgreSQL, our node, chromium),
+# so two share the 2 cores well (9.4 against 13 minutes). `make test PYTEST_WORKERS=0` runs in one.
+PYTEST_WORKERS ?= 2
+
 test: deps
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS)
 
 demo: deps
 	$(BIN)/cytonode demo --exit

@@ -311,6 +311,9 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
                              f" -> {site.flag_rate_after:.1%}\n")
             for note in check(site):
                 sys.stdout.write(f"  warning: {note}\n")
+            if site.below_validated_accuracy:
+                sys.stdout.write(f"  warning: {site.below_validated_accuracy}: its slides are "
+                                 f"outside the validated domain\n")
         return 0
     if not (args.paths or args.labelled) or not args.site_id:
         sys.stderr.write("cytonode calibrate-site: give image folders and --id NAME (or --list)\n")
@@ -354,6 +357,13 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
             sys.stdout.write(f"  labelled cells ({counts}): the shipped reference network calls "
                              f"{gate['shipped_accuracy']:.1%} of them right (balanced), the site's own "
                              f"network {gate['site_accuracy']:.1%} (cross-validated): {verdict}\n")
+            verified: dict[str, Any] = summary["verified"]  # type: ignore[assignment]
+            sys.stdout.write(f"  the class the node reports is right on {verified['balanced_accuracy']:.1%} "
+                             f"of the labelled cells (balanced, none read by a network fitted on it)\n")
+            if verified["below_validated_accuracy"]:
+                sys.stdout.write(f"  WARNING: {verified['below_validated_accuracy']}: every slide of "
+                                 f"this site is outside the validated domain and all its cells go "
+                                 f"to review; name more cells of each class and calibrate again\n")
     return 0
 
 
@@ -443,6 +453,7 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     logger.info("framing %d cells at %.4f um/px", len(every), spacing)
     images = framed(paths)
     network: dict[str, Any] | None = None
+    verification = None
     counts: tuple[tuple[str, int], ...] = ()
     gate: dict[str, object] | None = None
     measuring = model.reference.model
@@ -454,6 +465,8 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         labels = np.concatenate([np.full(len(cells), CLASS_NAMES.index(c))
                                  for c, cells in labelled.items()])
         fitted = fit_site_network(model.reference.model, images, shot, labels, pack)
+        verification = _verify(weights, [p for cells in labelled.values() for p in cells], labels,
+                               spacing, fitted.probabilities, model.rule.diffusion_weight)
         images = np.concatenate([images, shot])
         gate = {"used": fitted.used, "shipped_accuracy": fitted.shipped_accuracy,
                 "site_accuracy": fitted.site_accuracy}
@@ -466,7 +479,8 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     site = fit_site(site_id, features, density=model.density,
                     shipped_threshold=model.rule.feature_threshold,
                     val_normal_flag_rate=val_rate, source=source,
-                    reference_sha256=model.reference_sha256, labelled=counts, network=network)
+                    reference_sha256=model.reference_sha256, labelled=counts, network=network,
+                    verification=verification)
     path = save_site(data_dir, site)
     summary: dict[str, object] = {
         "id": site.site_id, "label": site.label, "path": str(path), "cells": site.cells,
@@ -477,4 +491,26 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         summary["site_network"] = gate
         if network is not None:
             summary["network_sha256"] = site.network_sha256
+        summary["verified"] = {"balanced_accuracy": site.verified_balanced_accuracy,
+                               "cells": site.verified_cells,
+                               "below_validated_accuracy": site.below_validated_accuracy}
     return summary
+
+
+def _verify(weights: Path, files: list[Path], labels: Any, spacing: float, p_reference: Any,
+            diffusion_weight: float) -> Any:
+    """:func:`analysis.site_adapt.verify_site` on the labelled cells: the diffusion classifier
+    run on them (framed for it) beside the reference posteriors of the network the site uses."""
+    import numpy as np
+    import torch
+
+    from analysis.classifier import DiffusionClassifier
+    from analysis.framing import read_framed
+    from analysis.site_adapt import verify_site
+
+    classifier = DiffusionClassifier(weights)
+    logger.info("the diffusion classifier reads the %d labelled cells (the site's verification)",
+                len(files))
+    images = np.stack([read_framed(p, classifier.image_size, spacing) for p in files])
+    p_diffusion = classifier.predict(images, torch.Generator("cpu").manual_seed(0)).probabilities
+    return verify_site(p_diffusion, p_reference, labels, diffusion_weight)

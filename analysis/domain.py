@@ -10,7 +10,10 @@ A slide is *outside the validated domain* when
   slide's cells (after the site calibration's shift, when there is one) is above
   ``slide_feature_threshold`` of the review rule, chosen on val as a margin above the
   largest per-lab median of the val labs (another stain, a smear this lab was never
-  calibrated for, or a slide made mostly of cells of no trained class).
+  calibrated for, or a slide made mostly of cells of no trained class), or
+* its site's calibration found the node reading the cells the site's staff named below the
+  accuracy it is validated for (``calibrate-site --labelled``:
+  :attr:`analysis.site.SiteCalibration.below_validated_accuracy`).
 
 Every cell of such a slide goes to review (reason ``outside-validated-domain``), and
 the SR, the viewer, the demo output and ``status --json`` say so with the reason.
@@ -48,10 +51,13 @@ class DomainCheck:
 
 
 def check_domain(scale_ok: bool | None, red_cell_diameter_um: float | None,
-                 feature_distance: np.ndarray | None, slide_feature_threshold: float | None
-                 ) -> DomainCheck:
-    """Apply both checks (see the module docstring)."""
+                 feature_distance: np.ndarray | None, slide_feature_threshold: float | None,
+                 site: Any = None) -> DomainCheck:
+    """Apply the checks (see the module docstring); ``site``: the site calibration used."""
     reasons = []
+    below = None if site is None else site.below_validated_accuracy
+    if below:
+        reasons.append(below)
     if scale_ok is False:
         reasons.append(f"red cells measure {red_cell_diameter_um:.1f} um at the slide's pixel "
                        f"spacing, expected about 7.5 um")

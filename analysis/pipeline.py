@@ -481,7 +481,7 @@ def _review(review_model: Any, predictions: dict[str, np.ndarray],
     measured = review_model.measure(reference_framed, site)
     distance = measured[2]
     domain = check_domain(scale.ok, scale.red_cell_diameter_um, distance,
-                          slide_threshold(review_model.rule.slide_feature_threshold, site))
+                          slide_threshold(review_model.rule.slide_feature_threshold, site), site)
     if not domain.inside:
         logger.warning("slide %s", domain.summary)
     a = review_model.conclude(predictions["probabilities"], predictions["uncertainty"], measured,
@@ -615,6 +615,10 @@ def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
                 f"shipped reference adapted to the site and refitted on "
                 f"{site.labelled_cells} labelled cells ({', '.join(f'{c} {n}' for c, n in site.labelled)}); "
                 f"sha256 {site.network_sha256}")
+        if site is not None and site.verified_balanced_accuracy is not None:
+            parameters["site_verified"] = (
+                f"reported class right on {site.verified_balanced_accuracy:.1%} (balanced) of the "
+                f"site's {site.verified_cells} labelled cells, none read by a network fitted on it")
         if site_notes:
             parameters["site_calibration_warning"] = "; ".join(site_notes)
         parameters["reference_weights_sha256"] = review_model.reference_sha256

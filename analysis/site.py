@@ -91,6 +91,11 @@ class SiteCalibration:
     labelled: tuple[tuple[str, int], ...] = ()
     #: SHA-256 of the site network's file (``<id>.safetensors``; "": none).
     network_sha256: str = ""
+    #: The reported class's balanced accuracy on the labelled cells, none scored by a network
+    #: fitted on it (:func:`analysis.site_adapt.verify_site`; ``None``: no labelled cells).
+    verified_balanced_accuracy: float | None = None
+    #: The labelled cells it was measured on.
+    verified_cells: int = 0
     #: The site network's tensors (:func:`analysis.site_adapt.network_state`), read by
     #: :func:`load_site`; not part of the JSON.
     network: Any = dataclasses.field(default=None, compare=False, repr=False)
@@ -110,6 +115,9 @@ class SiteCalibration:
                              f"non-decreasing numbers")
         if bool(self.labelled) != bool(self.network_sha256):
             raise ValueError("labelled and network_sha256 go together")
+        v = self.verified_balanced_accuracy
+        if v is not None and (not 0.0 <= v <= 1.0 or self.verified_cells < 1):
+            raise ValueError("verified_balanced_accuracy lies in [0, 1], measured on 1 cell or more")
 
     @property
     def labelled_cells(self) -> int:
@@ -121,6 +129,18 @@ class SiteCalibration:
         calibration with its own network."""
         named = f", {self.labelled_cells} labelled" if self.labelled else ""
         return f"{self.site_id} ({self.created[:10]}, {self.cells} cells{named})"
+
+    @property
+    def below_validated_accuracy(self) -> str | None:
+        """Why the node does not stand behind its answers at this site (its labelled cells are
+        read worse than :data:`analysis.site_adapt.VERIFIED_MINIMUM`), else ``None``."""
+        from analysis.site_adapt import VERIFIED_MINIMUM
+
+        v = self.verified_balanced_accuracy
+        if v is None or v >= VERIFIED_MINIMUM:
+            return None
+        return (f"site {self.site_id}'s {self.verified_cells} labelled cells are read right at "
+                f"{v:.0%} (balanced), below the {VERIFIED_MINIMUM:.0%} the node is validated for")
 
     def shift(self) -> np.ndarray:
         return np.asarray(self.feature_shift, dtype=np.float64)
@@ -255,11 +275,12 @@ def list_sites(data_dir: Path) -> list[SiteCalibration]:
 def fit_site(site_id: str, features: np.ndarray, *, density: Any,
              shipped_threshold: float, val_normal_flag_rate: float, source: str,
              reference_sha256: str = "", labelled: tuple[tuple[str, int], ...] = (),
-             network: Any = None) -> SiteCalibration:
+             network: Any = None, verification: Any = None) -> SiteCalibration:
     """Fit a site calibration from the reference ``features`` of the site's cells
     (``density``: :class:`analysis.review.FeatureDensity`; ``reference_sha256``: the
     shipped network; ``network``: the site's own (:func:`analysis.site_adapt.network_state`,
-    fitted on ``labelled`` cells per class), which then measured ``features``)."""
+    fitted on ``labelled`` cells per class), which then measured ``features``;
+    ``verification``: :func:`analysis.site_adapt.verify_site`'s on the labelled cells)."""
     if len(features) < MIN_CELLS:
         raise ValueError(f"a site calibration needs at least {MIN_CELLS} cells, not {len(features)}")
     shift = density.site_shift(features)
@@ -277,4 +298,6 @@ def fit_site(site_id: str, features: np.ndarray, *, density: Any,
         flag_share=float(val_normal_flag_rate),
         distance_quantiles=tuple(float(v) for v in np.quantile(after, QUANTILE_GRID)),
         reference_sha256=reference_sha256, labelled=labelled,
-        network_sha256=network_digest(network) if network is not None else "", network=network)
+        network_sha256=network_digest(network) if network is not None else "", network=network,
+        verified_balanced_accuracy=None if verification is None else verification.balanced_accuracy,
+        verified_cells=0 if verification is None else verification.cells)

@@ -275,6 +275,17 @@ class SiteNetwork:
     #: cross-validated (each fold scored by a head refitted without it).
     shipped_accuracy: float
     site_accuracy: float
+    #: The site network's posteriors on the labelled cells, each from the head refitted without
+    #: its fold.
+    held_out_probabilities: np.ndarray
+    #: The shipped network's posteriors on the labelled cells.
+    shipped_probabilities: np.ndarray
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """The posteriors of the network the site will use on its labelled cells, none of them
+        fitted on the cell it scores (what :func:`verify_site` judges)."""
+        return self.held_out_probabilities if self.used else self.shipped_probabilities
 
 
 def fit_site_network(model: torch.nn.Module, site_images: np.ndarray, labelled_images: np.ndarray,
@@ -299,6 +310,7 @@ def fit_site_network(model: torch.nn.Module, site_images: np.ndarray, labelled_i
         raise ValueError(f"the source pack holds {pack.images.shape[1]} px cells, the site's are "
                          f"{labelled_images.shape[1]} px")
     shipped_logits, _ = reference_logits(model, labelled_images)
+    shipped_p = torch.softmax(torch.from_numpy(shipped_logits).double(), dim=1).numpy()
     adapted = copy.deepcopy(model)
     every = labelled_images if len(site_images) == 0 else np.concatenate([site_images, labelled_images])
     balanced_adapt_batchnorm(adapted, every, seed=seed)
@@ -313,16 +325,50 @@ def fit_site_network(model: torch.nn.Module, site_images: np.ndarray, labelled_i
     log.info("last layer refitted on %d named cells and %d pack cells; %d-fold cross-validation",
              len(labels), len(pack.labels), GATE_FOLDS)
     fold = folds(labels, seed=seed)
-    predicted = np.zeros(len(labels), np.int64)
+    n = shipped_logits.shape[1]
+    held_out = np.zeros((len(labels), n), np.float64)
     for k in range(GATE_FOLDS):
         held = fold == k
         if held.any():
             with torch.no_grad():
-                z = refit(~held)(torch.from_numpy(f_site[held]))
-            predicted[held] = z.argmax(dim=1).numpy()
-    n = shipped_logits.shape[1]
+                z = refit(~held)(torch.from_numpy(f_site[held])).double()
+            held_out[held] = torch.softmax(z, dim=1).numpy()
     shipped = balanced_accuracy(labels, shipped_logits.argmax(axis=1), n)
-    site = balanced_accuracy(labels, predicted, n)
+    site = balanced_accuracy(labels, held_out.argmax(axis=1), n)
     adapted._fc = refit(np.ones(len(labels), bool))
     adapted.eval()
-    return SiteNetwork(adapted, site >= shipped + GATE_MARGIN, round(shipped, 4), round(site, 4))
+    return SiteNetwork(adapted, site >= shipped + GATE_MARGIN, round(shipped, 4), round(site, 4),
+                       held_out, shipped_p)
+
+
+#: The balanced accuracy of the reported class on a site's labelled cells below which the node
+#: does not stand behind its answers at that site (issue 18's target for a lab never trained
+#: on): its slides are outside the validated domain (:mod:`analysis.domain`).
+VERIFIED_MINIMUM = 0.85
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteVerification:
+    """How well the node reads a site, measured on the cells its staff named."""
+
+    balanced_accuracy: float
+    accuracy: float
+    cells: int
+
+
+def verify_site(p_diffusion: np.ndarray, p_reference: np.ndarray, labels: np.ndarray,
+                diffusion_weight: float) -> SiteVerification:
+    """The reported class (:func:`analysis.review.combine` at the rule's ``diffusion_weight``)
+    scored on a site's labelled cells: ``p_diffusion``, the diffusion classifier's posteriors
+    on them, and ``p_reference``, the site's reference network's, none fitted on the cell it
+    scores (``SiteNetwork.probabilities``). Balanced over the classes named."""
+    from analysis.review import combine
+    from analysis.uncertainty import balanced_accuracy
+
+    labels = np.asarray(labels, dtype=np.int64)
+    if not len(p_diffusion) == len(p_reference) == len(labels) or len(labels) == 0:
+        raise ValueError("posteriors and labels must be as many, and not none")
+    label = combine(p_diffusion, p_reference, diffusion_weight).argmax(axis=1)
+    return SiteVerification(round(balanced_accuracy(labels, label, p_reference.shape[1]), 4),
+                            round(float(np.mean(label == labels)), 4), len(labels))
+

@@ -21,22 +21,44 @@ never drawn, beside the network unchanged on the same cells. Prints one JSON obj
         --k 5,10,20 --balanced-bn
     python -m analysis.training.few_shot --lab chula --reference .train/ms/ref_no_chula_base_s2.safetensors \\
         --pack .train/ms/pack_no_chula.safetensors --seed 2
+
+With ``--diffusion W`` (a weights folder whose diffusion classifier never saw the lab) the
+reported class, both models combined, is scored too, under the shipped rule's weight and
+under the designs of the 14:37 criterion (``analysis/training/criteria.txt``). ``--verify
+WEIGHTS`` reports what ``calibrate-site --labelled`` estimates of a lab with those weights
+(:func:`analysis.site_adapt.verify_site`; named cells from val):
+
+    python -m analysis.training.few_shot --lab chula --reference .train/ms/ref_no_chula_base_s2.safetensors \\
+        --pack .train/ms/pack_no_chula.safetensors --diffusion .train/lolo_site/no_chula/w --seed 0
+    python -m analysis.training.few_shot --lab bccd --verify analysis/weights --seed 0
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from analysis.classifier import WEIGHTS_DIR
 from analysis.framing import FIELD_OF_VIEW_UM
-from analysis.site_adapt import SourcePack, balanced_adapt_batchnorm, fit_site_network, refit_beside
-from analysis.training.evaluate_labs import metrics, print_result
+from analysis.review import ReviewRule, combine
+from analysis.site_adapt import (
+    GATE_MARGIN,
+    SiteNetwork,
+    SourcePack,
+    balanced_adapt_batchnorm,
+    class_balanced_weights,
+    fit_site_network,
+    refit_beside,
+)
+from analysis.training.evaluate_labs import class_metrics, metrics, print_result
 from analysis.training.labs import LABS, LabCells, concat, load_lab, load_splits
+from analysis.uncertainty import balanced_accuracy
 
 
 def _features(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
@@ -98,12 +120,145 @@ def run(data_root: Path, lab: str, reference: Path, *, ks: tuple[int, ...] = (10
     return out
 
 
+#: The diffusion weights a site's labelled cells choose among in design H2 (criteria.txt,
+#: 14:37; measured, not shipped: :func:`choose_diffusion_weight`).
+SITE_DIFFUSION_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightChoice:
+    """:func:`choose_diffusion_weight`'s result."""
+
+    weight: float
+    #: Balanced accuracy on the labelled cells of the reported class at each candidate weight.
+    scores: dict[float, float]
+
+
+def choose_diffusion_weight(p_diffusion: np.ndarray, p_site: np.ndarray, labels: np.ndarray,
+                            shipped: float, *, candidates: tuple[float, ...] = SITE_DIFFUSION_WEIGHTS,
+                            margin: float = GATE_MARGIN) -> WeightChoice:
+    """The diffusion classifier's weight in the reported class (:func:`analysis.review.combine`)
+    for a site with its own network: the balanced accuracy on the site's labelled cells of the
+    combination of ``p_diffusion`` (the diffusion classifier's posteriors on them) with
+    ``p_site`` (the site network's, each cell's from a head fitted without it:
+    ``SiteNetwork.held_out_probabilities``) at each candidate weight. ``shipped`` (the review
+    rule's weight) is kept unless another beats it by ``margin``; then the best, ties to the
+    lower weight (the site network carries what was fitted for the site)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    n = p_site.shape[1]
+    weights = sorted(set(candidates) | {float(shipped)})
+    scores = {w: round(balanced_accuracy(labels, combine(p_diffusion, p_site, w).argmax(axis=1), n), 4)
+              for w in weights}
+    best = max(weights, key=lambda w: (scores[w], -w))
+    chosen = best if scores[best] >= scores[float(shipped)] + margin else float(shipped)
+    return WeightChoice(chosen, scores)
+
+
+def fit_log_offsets(p: np.ndarray, labels: np.ndarray, *, l2: float = 0.1) -> np.ndarray:
+    """Per-class additive offsets to ``log p`` maximising the class-balanced likelihood of
+    ``labels`` (a site's bias toward some classes, e.g. reading its neutrophils as eosinophils),
+    with an L2 penalty ``l2``; classes without a labelled cell keep 0."""
+    labels = np.asarray(labels, dtype=np.int64)
+    logp = torch.from_numpy(np.log(np.clip(np.asarray(p, np.float64), 1e-12, 1.0)))
+    w = torch.from_numpy(class_balanced_weights(labels, 1.0))
+    y = torch.from_numpy(labels)
+    present = torch.zeros(logp.shape[1], dtype=torch.float64)
+    present[np.unique(labels)] = 1.0
+    b = torch.zeros(logp.shape[1], dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([b], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        nll = torch.nn.functional.cross_entropy(logp + b * present, y, reduction="none")
+        loss = (w * nll).sum() + l2 * (b * present).square().sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return (b * present).detach().numpy()
+
+
+def apply_log_offsets(p: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``p`` with :func:`fit_log_offsets`'s offsets added to its logarithm, renormalised."""
+    z = np.log(np.clip(np.asarray(p, np.float64), 1e-12, 1.0)) + offsets
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return np.asarray(z / z.sum(axis=1, keepdims=True))
+
+
+def _probabilities(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    from analysis.reference import reference_logits
+
+    logits, _ = reference_logits(model, images)
+    return np.asarray(torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy())
+
+
+def _reported(p: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, object]:
+    """The class of posterior ``p``, the share whose entropy exceeds the rule's ``threshold``
+    and the error among the rest."""
+    from analysis.uncertainty import entropy
+
+    label = p.argmax(axis=1)
+    flagged = entropy(p) > threshold
+    kept = ~flagged
+    return {**class_metrics(label, labels), "flagged_uncertain": round(float(flagged.mean()), 4),
+            "error_among_not_flagged": (round(float(np.mean(label[kept] != labels[kept])), 4)
+                                        if kept.any() else None)}
+
+
+def _out_of_fold_offsets(p: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+    """``p`` with per-class log-offsets, each cell's fitted without its fold (the gate's folds)."""
+    from analysis.site_adapt import GATE_FOLDS, folds
+
+    out = np.array(p, dtype=np.float64)
+    fold = folds(labels, seed=seed)
+    for k in range(GATE_FOLDS):
+        held = fold == k
+        if held.any():
+            out[held] = apply_log_offsets(p[held], fit_log_offsets(p[~held], labels[~held]))
+    return out
+
+
+def _reported_variants(fitted: SiteNetwork, p_site: np.ndarray, p_shipped: np.ndarray,
+                       d_scored: np.ndarray, d_shot: np.ndarray, shot_labels: np.ndarray,
+                       labels: np.ndarray, rule: ReviewRule, seed: int) -> dict[str, object]:
+    """The reported class (both models combined) under each way of weighing the diffusion
+    classifier at a site with its own network (criteria.txt, 14:37): R0 the rule's weight,
+    R1 the site network alone, H2 the weight the named cells choose, H3 likewise after per-class
+    log-offsets on the diffusion posterior fitted on them. Where the gate stays shut every
+    variant is the shipped network at the rule's weight."""
+    w, u = rule.diffusion_weight, rule.uncertainty_threshold
+    shipped = combine(d_scored, p_shipped, w)
+    h2 = choose_diffusion_weight(d_shot, fitted.held_out_probabilities, shot_labels, w)
+    h3 = choose_diffusion_weight(_out_of_fold_offsets(d_shot, shot_labels, seed),
+                                 fitted.held_out_probabilities, shot_labels, w)
+    d_offset = apply_log_offsets(d_scored, fit_log_offsets(d_shot, shot_labels))
+    posteriors = {"R0 rule weight": combine(d_scored, p_site, w), "R1 site network alone": p_site,
+                  "H2 weight chosen": combine(d_scored, p_site, h2.weight),
+                  "H3 offsets + weight chosen": combine(d_offset, p_site, h3.weight)}
+    rows: dict[str, object] = {
+        "diffusion alone": _reported(d_scored, labels, u),
+        "diffusion with offsets": _reported(d_offset, labels, u),
+        "shipped network, rule weight": _reported(shipped, labels, u),
+        "H2 choice": {"weight": h2.weight, "named cells": {str(k): v for k, v in h2.scores.items()}},
+        "H3 choice": {"weight": h3.weight, "named cells": {str(k): v for k, v in h3.scores.items()}},
+    }
+    for name, post in posteriors.items():
+        rows[name] = _reported(post if fitted.used else shipped, labels, u)
+    return rows
+
+
 def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path, *,
                      ks: tuple[int, ...] = (10,), score_splits: str = "val+test",
-                     adapt_splits: str = "train+val+test", seed: int = 0) -> dict[str, object]:
+                     adapt_splits: str = "train+val+test", seed: int = 0,
+                     diffusion: Path | None = None, per_class: int = 0) -> dict[str, object]:
     """What the node's ``calibrate-site --labelled`` does (:func:`analysis.site_adapt.fit_site_network`):
     class-balanced AdaBN on the site's ``adapt_splits`` cells (labels unread), the last layer
-    refitted on ``k`` labelled train cells per class beside the shipped-size ``pack``."""
+    refitted on ``k`` labelled train cells per class beside the shipped-size ``pack``.
+
+    ``diffusion``: a weights folder with a diffusion classifier (and its calibration) trained
+    without the lab: the reported class is then scored too (:func:`_reported_variants`), with
+    the shipped review rule's weight and threshold. ``per_class``: score at most that many
+    cells of each class (seeded)."""
     from analysis.reference import load_reference
 
     model, config, metadata = load_reference(reference)
@@ -115,9 +270,27 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
                          f"({', '.join(sorted(trained_on))}), not {sorted(set(pack.labs))}")
     site_train: LabCells = load_lab(data_root, lab, "train", size, FIELD_OF_VIEW_UM)
     scored = load_splits(data_root, lab, score_splits, size, FIELD_OF_VIEW_UM)
+    if per_class:
+        scored = scored.per_class(per_class, seed)
     adapt = load_splits(data_root, lab, adapt_splits, size, FIELD_OF_VIEW_UM)
     rows: dict[str, object] = {"unchanged": _score(model._fc, _features(model, scored.images),
                                                    scored.labels)}
+    if diffusion is not None:
+        from analysis.classifier import DiffusionClassifier, read_calibration
+
+        classifier = DiffusionClassifier(diffusion)
+        dsize = classifier.image_size
+        rule = ReviewRule.from_dict(read_calibration(WEIGHTS_DIR)["review_rule"])  # type: ignore[arg-type]
+        by_path = {p: i for i, p in enumerate(scored.paths)}
+        d_cells = load_splits(data_root, lab, score_splits, dsize, FIELD_OF_VIEW_UM)
+        d_cells = d_cells.take(np.array([i for i, p in enumerate(d_cells.paths) if p in by_path]))
+        order = np.argsort([by_path[p] for p in d_cells.paths])
+        d_cells = d_cells.take(order)
+        assert d_cells.paths == scored.paths
+        d_train = load_lab(data_root, lab, "train", dsize, FIELD_OF_VIEW_UM)
+        d_scored = classifier.predict(d_cells.images, torch.Generator("cpu").manual_seed(seed)
+                                      ).probabilities
+        p_shipped = _probabilities(model, scored.images)
     for k in ks:
         shot = site_train.per_class(k, seed)
         drawn = set(shot.paths)
@@ -126,6 +299,15 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
         net = fitted.model
         row = {"site_cells": len(shot), "adapted_on": len(rest) + len(shot),
                **_score(net._fc, _features(net, scored.images), scored.labels)}
+        if diffusion is not None:
+            where = {p: i for i, p in enumerate(d_train.paths)}
+            d_shot = classifier.predict(d_train.images[[where[p] for p in shot.paths]],
+                                        torch.Generator("cpu").manual_seed(seed)).probabilities
+            row["reported"] = _reported_variants(
+                fitted, _probabilities(net, scored.images), p_shipped, d_scored, d_shot,
+                shot.labels, scored.labels, rule, seed)
+            for name, r in row["reported"].items():  # type: ignore[union-attr]
+                print(f"  {lab} k={k} {name}: {r.get('balanced_accuracy', r)}", file=sys.stderr)
         # H: the gate's choice (the site network only where cross-validation on the labelled
         # cells says it beats the shipped one)
         row["gate"] = {"used": fitted.used, "shipped_cv": fitted.shipped_accuracy,
@@ -141,13 +323,47 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
             "cells": len(scored), "seed": seed, "site network": rows}
 
 
+def run_verification(data_root: Path, lab: str, weights_dir: Path, *, seed: int = 0, k: int = 10,
+                     named_split: str = "val", per_class: int = 48) -> dict[str, object]:
+    """What ``calibrate-site --labelled`` reports of a site it is given (:func:`verify_site`):
+    ``k`` named cells a class drawn from the lab's ``named_split``, the rest of that split
+    (at most ``per_class`` a class) as the site's unlabelled cells, the networks, pack and
+    rule of ``weights_dir``."""
+    from analysis.classifier import REFERENCE_WEIGHTS, DiffusionClassifier, read_calibration
+    from analysis.reference import load_reference
+    from analysis.site_adapt import SOURCE_PACK, VERIFIED_MINIMUM, verify_site
+
+    model, config, _ = load_reference(weights_dir / REFERENCE_WEIGHTS)
+    classifier = DiffusionClassifier(weights_dir)
+    rule = ReviewRule.from_dict(read_calibration(weights_dir)["review_rule"])  # type: ignore[arg-type]
+    pack = SourcePack.load(weights_dir / SOURCE_PACK)
+    cells = load_lab(data_root, lab, named_split, config.image_size, FIELD_OF_VIEW_UM)
+    shot = cells.per_class(k, seed)
+    drawn = set(shot.paths)
+    rest = cells.take(np.array([i for i, p in enumerate(cells.paths) if p not in drawn]))
+    rest = rest.per_class(per_class, seed)
+    fitted = fit_site_network(model, rest.images, shot.images, shot.labels, pack, seed=seed)
+    d_cells = load_lab(data_root, lab, named_split, classifier.image_size, FIELD_OF_VIEW_UM)
+    where = {p: i for i, p in enumerate(d_cells.paths)}
+    d_shot = classifier.predict(d_cells.images[[where[p] for p in shot.paths]],
+                                torch.Generator("cpu").manual_seed(seed)).probabilities
+    v = verify_site(d_shot, fitted.probabilities, shot.labels, rule.diffusion_weight)
+    print(f"{lab} seed {seed}: verification {v.balanced_accuracy} on {v.cells} named cells "
+          f"(gate {'open' if fitted.used else 'shut'}: {fitted.shipped_accuracy} / {fitted.site_accuracy})",
+          file=sys.stderr)
+    return {"lab": lab, "weights": str(weights_dir), "named": f"{lab} {named_split}, {k} a class",
+            "seed": seed, "site_cells": len(rest), "gate_open": fitted.used,
+            "shipped_cv": fitted.shipped_accuracy, "site_cv": fitted.site_accuracy,
+            "verification": dataclasses.asdict(v), "below_minimum": v.balanced_accuracy < VERIFIED_MINIMUM}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=Path("../shared/data"))
     p.add_argument("--lab", choices=LABS, required=True,
                    help="the site's lab (held out of the reference's training, or one it trained "
                         "on: what refitting does where there is no shift)")
-    p.add_argument("--reference", type=Path, required=True)
+    p.add_argument("--reference", type=Path, help="the reference network (all but --verify)")
     p.add_argument("--k", default="10", help="labelled site cells per class, comma-separated")
     p.add_argument("--score-splits", default="val+test",
                    help="the site's splits scored ('+'-joined; never 'train', whence the labelled cells)")
@@ -158,6 +374,14 @@ def main(argv: list[str] | None = None) -> int:
                         "this source pack (analysis.training.site_pack)")
     p.add_argument("--adapt-splits", default="train+val+test",
                    help="with --pack: the site's splits whose cells (labels unread) adapt the statistics")
+    p.add_argument("--diffusion", type=Path,
+                   help="with --pack: a weights folder whose diffusion classifier (and calibration) "
+                        "never saw the lab: also score the reported class (both models combined)")
+    p.add_argument("--per-class", type=int, default=0,
+                   help="score at most this many cells of each class (e.g. PBC val)")
+    p.add_argument("--verify", type=Path, metavar="WEIGHTS",
+                   help="report what calibrate-site --labelled estimates of the lab with these weights "
+                        "(run_verification; named cells from val)")
     p.add_argument("--balanced-bn", action="store_true",
                    help="also refit after class-balanced AdaBN on the site's unlabelled cells")
     p.add_argument("--threads", type=int, default=0)
@@ -173,12 +397,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--score-splits are val and test joined with '+', not {args.score_splits!r}")
     if not 0.0 < args.site_share < 1.0:
         p.error("--site-share must lie in (0, 1)")
+    if not args.verify and args.reference is None:
+        p.error("--reference is required (but for --verify)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.pack:
+    if args.verify:
+        result = run_verification(args.data, args.lab, args.verify, seed=args.seed)
+    elif args.pack:
         result = run_site_network(args.data, args.lab, args.reference, args.pack, ks=ks,
                                   score_splits=args.score_splits, adapt_splits=args.adapt_splits,
-                                  seed=args.seed)
+                                  seed=args.seed, diffusion=args.diffusion,
+                                  per_class=args.per_class)
     else:
         result = run(args.data, args.lab, args.reference, ks=ks, score_splits=args.score_splits,
                      seed=args.seed, site_share=args.site_share, balanced_bn=args.balanced_bn)

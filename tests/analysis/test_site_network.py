@@ -14,7 +14,7 @@ from analysis.classes import CLASS_NAMES
 from analysis.classifier import WEIGHTS_DIR, read_calibration
 from analysis.framing import FIELD_OF_VIEW_UM
 from analysis.review import ReviewModel
-from analysis.site_adapt import SOURCE_PACK, SourcePack, balanced_weights
+from analysis.site_adapt import SOURCE_PACK, VERIFIED_MINIMUM, SourcePack, balanced_weights
 
 from .conftest import DATA, other_stain
 
@@ -91,6 +91,9 @@ def test_labelled_cells_refit_a_network_for_a_new_stain_and_not_for_a_known_one(
 
     known = _calibrate(tmp_path, named, unnamed, "known", size)
     assert known["site_network"]["used"] is False and known["site_network"]["shipped_accuracy"] >= 0.9
+    # the class the node reports (both models) is right on the named cells: it stands behind them
+    assert known["verified"]["balanced_accuracy"] >= VERIFIED_MINIMUM, known["verified"]
+    assert known["verified"]["cells"] == len(named) and known["verified"]["below_validated_accuracy"] is None
     assert "network_sha256" not in known and not network_path(tmp_path / "var", "known").exists()
     assert "labelled" not in load_site(tmp_path / "var", "known").label
 
@@ -105,6 +108,10 @@ def test_labelled_cells_refit_a_network_for_a_new_stain_and_not_for_a_known_one(
     assert site.network is not None and site.network_sha256 == summary["network_sha256"]
     assert site.label.endswith(f"{len(named) + len(unnamed)} cells, {len(named)} labelled)")
     assert model.usable_site(site) == (site, ())
+    verified = summary["verified"]
+    assert site.verified_balanced_accuracy == verified["balanced_accuracy"]
+    assert (verified["below_validated_accuracy"] is not None) == (
+        verified["balanced_accuracy"] < VERIFIED_MINIMUM), verified
 
     def accuracy(cells: LabCells, s: object) -> float:
         return float(np.mean(model.measure(cells.images, s)[0] == cells.labels))
@@ -121,6 +128,33 @@ def test_labelled_cells_refit_a_network_for_a_new_stain_and_not_for_a_known_one(
     network_path(tmp_path / "var", "new-stain").write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="not the one it was fitted with"):
         load_site(tmp_path / "var", "new-stain")
+
+
+def test_a_site_read_below_the_validated_accuracy_is_outside_the_validated_domain() -> None:
+    """A site whose named cells the node reads below the accuracy it is validated for: every
+    slide of it is outside the validated domain, with the figure and what to do in words; at
+    or above it, or without named cells, nothing changes. The figure survives the JSON."""
+    from analysis.domain import check_domain
+    from analysis.site import SiteCalibration
+
+    def site(verified: float | None) -> SiteCalibration:
+        return SiteCalibration(
+            site_id="lab-5", created="2026-12-05T10:00:00+00:00", cells=60, source="lab-5",
+            feature_shift=(0.0,) * 4, feature_threshold=9.0, flag_rate_before=0.3,
+            flag_rate_after=0.15, verified_balanced_accuracy=verified,
+            verified_cells=0 if verified is None else 50)
+
+    below = SiteCalibration.from_json(site(0.62).to_json())
+    assert below.verified_balanced_accuracy == 0.62 and below.verified_cells == 50
+    domain = check_domain(True, 7.4, None, None, below)
+    assert not domain.inside
+    assert domain.summary == ("outside the validated domain: site lab-5's 50 labelled cells are "
+                              f"read right at 62% (balanced), below the {VERIFIED_MINIMUM:.0%} "
+                              "the node is validated for")
+    for fine in (site(VERIFIED_MINIMUM), site(0.97), site(None)):
+        assert check_domain(True, 7.4, None, None, fine).inside
+    with pytest.raises(ValueError, match="verified_balanced_accuracy"):
+        SiteCalibration.from_json(site(1.2).to_json())
 
 
 def test_calibrate_site_refuses_bad_labelled_folders(tmp_path: Path) -> None:
