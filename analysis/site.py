@@ -140,7 +140,7 @@ class SiteCalibration:
         if v is None or v >= VERIFIED_MINIMUM:
             return None
         return (f"site {self.site_id}'s {self.verified_cells} labelled cells are read right at "
-                f"{v:.0%} (balanced), below the {VERIFIED_MINIMUM:.0%} the node is validated for")
+                f"{v:.1%} (balanced), below the {VERIFIED_MINIMUM:.0%} the node is validated for")
 
     def shift(self) -> np.ndarray:
         return np.asarray(self.feature_shift, dtype=np.float64)

@@ -149,7 +149,7 @@ def test_a_site_read_below_the_validated_accuracy_is_outside_the_validated_domai
     domain = check_domain(True, 7.4, None, None, below)
     assert not domain.inside
     assert domain.summary == ("outside the validated domain: site lab-5's 50 labelled cells are "
-                              f"read right at 62% (balanced), below the {VERIFIED_MINIMUM:.0%} "
+                              f"read right at 62.0% (balanced), below the {VERIFIED_MINIMUM:.0%} "
                               "the node is validated for")
     for fine in (site(VERIFIED_MINIMUM), site(0.97), site(None)):
         assert check_domain(True, 7.4, None, None, fine).inside

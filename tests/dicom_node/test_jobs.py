@@ -211,13 +211,13 @@ def test_a_job_names_the_sites_own_network(start_node, tmp_path: Path,
     stored.write_text(json.dumps({**raw, "verified_balanced_accuracy": 0.6}))
     listing = subprocess.run([CYTONODE, "calibrate-site", "--list", "--data-dir", str(tmp_path / "node")],
                              check=False, capture_output=True, text=True, timeout=120)
-    assert "warning: site lab-4's 30 labelled cells are read right at 60% (balanced)" in listing.stdout
+    assert "warning: site lab-4's 30 labelled cells are read right at 60.0% (balanced)" in listing.stdout
     node = start_node(workers=1)
     storescu(node.port, *blank_slide)
     job = _wait_job(node)
     assert job["state"] == "done", job["error"]
     assert job["result"]["site_calibration"] == summary["label"] and "labelled)" in summary["label"]
-    why = ("site lab-4's 30 labelled cells are read right at 60% (balanced), below the 85% the "
+    why = ("site lab-4's 30 labelled cells are read right at 60.0% (balanced), below the 85% the "
            "node is validated for")
     assert job["result"]["validated_domain"] == f"outside the validated domain: {why}"
     sr_uid = job["result"]["objects"]["sr"]
