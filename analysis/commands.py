@@ -358,8 +358,8 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
                              f"{gate['shipped_accuracy']:.1%} of them right (balanced), the site's own "
                              f"network {gate['site_accuracy']:.1%} (cross-validated): {verdict}\n")
             verified: dict[str, Any] = summary["verified"]  # type: ignore[assignment]
-            sys.stdout.write(f"  the class the node reports is right on {verified['balanced_accuracy']:.1%} "
-                             f"of the labelled cells (balanced, none read by a network fitted on it)\n")
+            sys.stdout.write(f"  the class the node reports is right on {verified['text']} of the "
+                             f"labelled cells (none read by a network fitted on it)\n")
             if verified["below_validated_accuracy"]:
                 sys.stdout.write(f"  WARNING: {verified['below_validated_accuracy']}: every slide of "
                                  f"this site is outside the validated domain and all its cells go "
@@ -492,7 +492,8 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         if network is not None:
             summary["network_sha256"] = site.network_sha256
         summary["verified"] = {"balanced_accuracy": site.verified_balanced_accuracy,
-                               "cells": site.verified_cells,
+                               "interval_95": list(site.verified_interval),
+                               "text": site.verified_text, "cells": site.verified_cells,
                                "below_validated_accuracy": site.below_validated_accuracy}
     return summary
 

@@ -617,8 +617,8 @@ def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
                 f"sha256 {site.network_sha256}")
         if site is not None and site.verified_balanced_accuracy is not None:
             parameters["site_verified"] = (
-                f"reported class right on {site.verified_balanced_accuracy:.1%} (balanced) of the "
-                f"site's {site.verified_cells} labelled cells, none read by a network fitted on it")
+                f"reported class right on {site.verified_text} of the site's "
+                f"{site.verified_cells} labelled cells, none read by a network fitted on it")
         if site_notes:
             parameters["site_calibration_warning"] = "; ".join(site_notes)
         parameters["reference_weights_sha256"] = review_model.reference_sha256

@@ -96,6 +96,8 @@ class SiteCalibration:
     verified_balanced_accuracy: float | None = None
     #: The labelled cells it was measured on.
     verified_cells: int = 0
+    #: Its 95 % interval (:func:`analysis.site_adapt.balanced_accuracy_interval`; empty: none).
+    verified_interval: tuple[float, ...] = ()
     #: The site network's tensors (:func:`analysis.site_adapt.network_state`), read by
     #: :func:`load_site`; not part of the JSON.
     network: Any = dataclasses.field(default=None, compare=False, repr=False)
@@ -118,6 +120,9 @@ class SiteCalibration:
         v = self.verified_balanced_accuracy
         if v is not None and (not 0.0 <= v <= 1.0 or self.verified_cells < 1):
             raise ValueError("verified_balanced_accuracy lies in [0, 1], measured on 1 cell or more")
+        i = self.verified_interval
+        if i and (v is None or len(i) != 2 or not 0.0 <= i[0] <= i[1] <= 1.0):
+            raise ValueError("verified_interval is (low, high) in [0, 1], beside a verified figure")
 
     @property
     def labelled_cells(self) -> int:
@@ -140,7 +145,18 @@ class SiteCalibration:
         if v is None or v >= VERIFIED_MINIMUM:
             return None
         return (f"site {self.site_id}'s {self.verified_cells} labelled cells are read right at "
-                f"{v:.1%} (balanced), below the {VERIFIED_MINIMUM:.0%} the node is validated for")
+                f"{self.verified_text}, below the {VERIFIED_MINIMUM:.0%} the node is validated for")
+
+    @property
+    def verified_text(self) -> str:
+        """The verification in words: ``86.7% (balanced; 95% interval 74.1-95.0%)``."""
+        v = self.verified_balanced_accuracy
+        if v is None:
+            return "not measured"
+        if not self.verified_interval:
+            return f"{v:.1%} (balanced)"
+        low, high = self.verified_interval
+        return f"{v:.1%} (balanced; 95% interval {low:.1%}-{high:.1%})"
 
     def shift(self) -> np.ndarray:
         return np.asarray(self.feature_shift, dtype=np.float64)
@@ -181,6 +197,7 @@ class SiteCalibration:
         raw["feature_shift"] = tuple(float(v) for v in raw["feature_shift"])
         raw["distance_quantiles"] = tuple(float(v) for v in raw.get("distance_quantiles", ()))
         raw["labelled"] = tuple((str(c), int(n)) for c, n in raw.get("labelled", ()))
+        raw["verified_interval"] = tuple(float(v) for v in raw.get("verified_interval", ()))
         known = {f.name for f in dataclasses.fields(cls)} - {"network"}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
@@ -300,4 +317,5 @@ def fit_site(site_id: str, features: np.ndarray, *, density: Any,
         reference_sha256=reference_sha256, labelled=labelled,
         network_sha256=network_digest(network) if network is not None else "", network=network,
         verified_balanced_accuracy=None if verification is None else verification.balanced_accuracy,
-        verified_cells=0 if verification is None else verification.cells)
+        verified_cells=0 if verification is None else verification.cells,
+        verified_interval=() if verification is None else (verification.low, verification.high))

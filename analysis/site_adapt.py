@@ -349,11 +349,30 @@ VERIFIED_MINIMUM = 0.85
 
 @dataclasses.dataclass(frozen=True)
 class SiteVerification:
-    """How well the node reads a site, measured on the cells its staff named."""
+    """How well the node reads a site, measured on the cells its staff named: the balanced
+    accuracy, its 95 % interval (``low``, ``high``) and the accuracy."""
 
     balanced_accuracy: float
+    low: float
+    high: float
     accuracy: float
     cells: int
+
+
+def balanced_accuracy_interval(correct: np.ndarray, labels: np.ndarray, *, level: float = 0.95,
+                               draws: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """A ``level`` interval for the balanced accuracy of calls that are ``correct`` on cells
+    of ``labels``: each class's recall drawn from its Jeffreys posterior, Beta(k + 1/2,
+    n - k + 1/2), the draws averaged over the classes; the interval's ends are their
+    quantiles. A class read without error still carries its spread (a percentile bootstrap
+    would give it none)."""
+    rng = np.random.default_rng(seed)
+    correct = np.asarray(correct, dtype=bool)
+    recalls = [rng.beta(correct[labels == c].sum() + 0.5, (~correct[labels == c]).sum() + 0.5, draws)
+               for c in np.unique(labels)]
+    mean = np.mean(recalls, axis=0)
+    tail = (1.0 - level) / 2.0
+    return float(np.quantile(mean, tail)), float(np.quantile(mean, 1.0 - tail))
 
 
 def verify_site(p_diffusion: np.ndarray, p_reference: np.ndarray, labels: np.ndarray,
@@ -361,7 +380,8 @@ def verify_site(p_diffusion: np.ndarray, p_reference: np.ndarray, labels: np.nda
     """The reported class (:func:`analysis.review.combine` at the rule's ``diffusion_weight``)
     scored on a site's labelled cells: ``p_diffusion``, the diffusion classifier's posteriors
     on them, and ``p_reference``, the site's reference network's, none fitted on the cell it
-    scores (``SiteNetwork.probabilities``). Balanced over the classes named."""
+    scores (``SiteNetwork.probabilities``). Balanced over the classes named, with
+    :func:`balanced_accuracy_interval`."""
     from analysis.review import combine
     from analysis.uncertainty import balanced_accuracy
 
@@ -369,6 +389,7 @@ def verify_site(p_diffusion: np.ndarray, p_reference: np.ndarray, labels: np.nda
     if not len(p_diffusion) == len(p_reference) == len(labels) or len(labels) == 0:
         raise ValueError("posteriors and labels must be as many, and not none")
     label = combine(p_diffusion, p_reference, diffusion_weight).argmax(axis=1)
+    low, high = balanced_accuracy_interval(label == labels, labels)
     return SiteVerification(round(balanced_accuracy(labels, label, p_reference.shape[1]), 4),
-                            round(float(np.mean(label == labels)), 4), len(labels))
-
+                            round(low, 4), round(high, 4), round(float(np.mean(label == labels)), 4),
+                            len(labels))

@@ -132,29 +132,50 @@ def test_labelled_cells_refit_a_network_for_a_new_stain_and_not_for_a_known_one(
 
 def test_a_site_read_below_the_validated_accuracy_is_outside_the_validated_domain() -> None:
     """A site whose named cells the node reads below the accuracy it is validated for: every
-    slide of it is outside the validated domain, with the figure and what to do in words; at
-    or above it, or without named cells, nothing changes. The figure survives the JSON."""
+    slide of it is outside the validated domain, with the figure, its interval and what to do
+    in words; at or above it, or without named cells, nothing changes. It survives the JSON."""
     from analysis.domain import check_domain
     from analysis.site import SiteCalibration
 
-    def site(verified: float | None) -> SiteCalibration:
+    def site(verified: float | None, interval: tuple[float, ...] = ()) -> SiteCalibration:
         return SiteCalibration(
             site_id="lab-5", created="2026-12-05T10:00:00+00:00", cells=60, source="lab-5",
             feature_shift=(0.0,) * 4, feature_threshold=9.0, flag_rate_before=0.3,
             flag_rate_after=0.15, verified_balanced_accuracy=verified,
-            verified_cells=0 if verified is None else 50)
+            verified_cells=0 if verified is None else 50, verified_interval=interval)
 
-    below = SiteCalibration.from_json(site(0.62).to_json())
+    below = SiteCalibration.from_json(site(0.62, (0.48, 0.75)).to_json())
     assert below.verified_balanced_accuracy == 0.62 and below.verified_cells == 50
     domain = check_domain(True, 7.4, None, None, below)
     assert not domain.inside
     assert domain.summary == ("outside the validated domain: site lab-5's 50 labelled cells are "
-                              f"read right at 62.0% (balanced), below the {VERIFIED_MINIMUM:.0%} "
-                              "the node is validated for")
-    for fine in (site(VERIFIED_MINIMUM), site(0.97), site(None)):
+                              "read right at 62.0% (balanced; 95% interval 48.0%-75.0%), below the "
+                              f"{VERIFIED_MINIMUM:.0%} the node is validated for")
+    assert "read right at 62.0% (balanced), below" in check_domain(True, 7.4, None, None, site(0.62)).summary
+    for fine in (site(VERIFIED_MINIMUM), site(0.97, (0.9, 0.99)), site(None)):
         assert check_domain(True, 7.4, None, None, fine).inside
-    with pytest.raises(ValueError, match="verified_balanced_accuracy"):
-        SiteCalibration.from_json(site(1.2).to_json())
+    good = json.loads(below.to_json())
+    for bad in ({"verified_balanced_accuracy": 1.2}, {"verified_interval": [0.7, 0.5]},
+                {"verified_balanced_accuracy": None}):
+        with pytest.raises(ValueError, match="verified_"):
+            SiteCalibration.from_json(json.dumps({**good, **bad}))
+
+
+def test_the_verification_interval_narrows_with_more_named_cells() -> None:
+    """The interval holds the figure, a class read without error still has spread, and four
+    times the named cells give a markedly narrower interval."""
+    from analysis.site_adapt import balanced_accuracy_interval
+
+    def interval(per_class: int) -> tuple[float, float]:
+        labels = np.repeat(np.arange(5), per_class)
+        correct = np.ones(len(labels), bool)
+        correct[labels == 1] = np.arange(per_class) < per_class * 0.6  # one class at 60 %
+        return balanced_accuracy_interval(correct, labels)
+
+    low5, high5 = interval(5)
+    low20, high20 = interval(20)
+    assert low5 < 0.92 < high5 and low20 < 0.92 < high20  # the figure, (4 x 1.0 + 0.6) / 5
+    assert high5 < 1.0 and (high20 - low20) < 0.6 * (high5 - low5), (low5, high5, low20, high20)
 
 
 def test_calibrate_site_refuses_bad_labelled_folders(tmp_path: Path) -> None:

@@ -203,22 +203,25 @@ def test_a_job_names_the_sites_own_network(start_node, tmp_path: Path,
     summary = json.loads(made.stdout)
     assert summary["site_network"]["used"], summary["site_network"]
     verified = summary["verified"]
-    assert verified["cells"] == 30 and 0.0 <= verified["balanced_accuracy"] <= 1.0, verified
+    low, high = verified["interval_95"]
+    assert verified["cells"] == 30 and low <= verified["balanced_accuracy"] <= high, verified
     # The same site had its named cells read at 60 %: below what the node is validated for, so
     # its slides are outside the validated domain (every cell to review) and the report says why.
     stored = tmp_path / "node" / "sites" / "lab-4.json"
     raw = json.loads(stored.read_text())
-    stored.write_text(json.dumps({**raw, "verified_balanced_accuracy": 0.6}))
+    stored.write_text(json.dumps({**raw, "verified_balanced_accuracy": 0.6,
+                                  "verified_interval": [0.45, 0.74]}))
     listing = subprocess.run([CYTONODE, "calibrate-site", "--list", "--data-dir", str(tmp_path / "node")],
                              check=False, capture_output=True, text=True, timeout=120)
-    assert "warning: site lab-4's 30 labelled cells are read right at 60.0% (balanced)" in listing.stdout
+    assert ("warning: site lab-4's 30 labelled cells are read right at 60.0% (balanced; 95% "
+            "interval 45.0%-74.0%)") in listing.stdout
     node = start_node(workers=1)
     storescu(node.port, *blank_slide)
     job = _wait_job(node)
     assert job["state"] == "done", job["error"]
     assert job["result"]["site_calibration"] == summary["label"] and "labelled)" in summary["label"]
-    why = ("site lab-4's 30 labelled cells are read right at 60.0% (balanced), below the 85% the "
-           "node is validated for")
+    why = ("site lab-4's 30 labelled cells are read right at 60.0% (balanced; 95% interval "
+           "45.0%-74.0%), below the 85% the node is validated for")
     assert job["result"]["validated_domain"] == f"outside the validated domain: {why}"
     sr_uid = job["result"]["objects"]["sr"]
     sr = dcmread(next((node.data_dir / "store").rglob(f"{sr_uid}.dcm")))
@@ -227,8 +230,8 @@ def test_a_job_names_the_sites_own_network(start_node, tmp_path: Path,
     assert "refitted on 30 labelled cells" in named_network
     assert named_network.endswith(f"sha256 {summary['network_sha256']}")
     assert f"validated_domain=outside the validated domain: {why}" in texts
-    assert ("site_verified=reported class right on 60.0% (balanced) of the site's 30 labelled "
-            "cells, none read by a network fitted on it") in texts
+    assert ("site_verified=reported class right on 60.0% (balanced; 95% interval 45.0%-74.0%) of "
+            "the site's 30 labelled cells, none read by a network fitted on it") in texts
 
 
 @pytest.mark.slow  # a node analyses a whole slide
