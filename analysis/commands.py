@@ -301,12 +301,15 @@ def run_detect(args: argparse.Namespace) -> int:
 def run_calibrate_site(args: argparse.Namespace) -> int:
     from analysis.errors import CheckpointError, DatasetError
     from analysis.framing import collect_image_paths
-    from analysis.site import check_site_id, list_sites
+    from analysis.site import check_site_id, scan_sites
 
     data_dir: Path = args.data_dir  # the command line fills in the node's data folder
     if args.list:
         check = _site_check(args.weights)
-        for site in list_sites(data_dir):
+        sites, damaged = scan_sites(data_dir)
+        for bad in damaged:
+            sys.stdout.write(f"{bad.site_id}\tDAMAGED: {bad.reason}\n")
+        for site in sites:
             sys.stdout.write(f"{site.label}\tsource {site.source}\tflagged {site.flag_rate_before:.1%}"
                              f" -> {site.flag_rate_after:.1%}\n")
             for note in check(site):

@@ -276,17 +276,55 @@ def load_site(data_dir: Path, site_id: str) -> SiteCalibration:
     return dataclasses.replace(site, network=load_file(str(target)))
 
 
-def list_sites(data_dir: Path) -> list[SiteCalibration]:
+@dataclasses.dataclass(frozen=True)
+class DamagedSite:
+    """A site calibration file that cannot be used, and why."""
+
+    site_id: str
+    reason: str
+    #: When its JSON was last written (seconds since the epoch).
+    mtime: float
+
+
+def scan_sites(data_dir: Path) -> tuple[list[SiteCalibration], list[DamagedSite]]:
+    """Every site calibration in ``DATA_DIR/sites``: the readable ones, oldest first, and the
+    damaged ones (unreadable JSON, or a network missing or not the one it was fitted with)."""
     folder = data_dir / SITES_DIR
     if not folder.is_dir():
-        return []
-    out = []
+        return [], []
+    good, damaged = [], []
     for path in sorted(folder.glob("*.json")):
         try:
-            out.append(load_site(data_dir, path.stem))
-        except (ValueError, KeyError, TypeError):
-            continue  # a damaged file is not a calibration; `calibrate-site --list` shows the rest
-    return sorted(out, key=lambda s: s.created)
+            good.append(load_site(data_dir, path.stem))
+        except (ValueError, KeyError, TypeError) as exc:
+            damaged.append(DamagedSite(path.stem, str(exc), path.stat().st_mtime))
+    return sorted(good, key=lambda s: s.created), damaged
+
+
+def list_sites(data_dir: Path) -> list[SiteCalibration]:
+    """The readable site calibrations, oldest first (:func:`scan_sites`)."""
+    return scan_sites(data_dir)[0]
+
+
+def newest_site(data_dir: Path) -> SiteCalibration | None:
+    """The site calibration jobs use when none is named: the newest readable one.
+
+    Raises
+    ------
+    ValueError
+        If a damaged calibration file was written after it: the node never falls back to an
+        older calibration (possibly another lab's) without saying so.
+    """
+    good, damaged = scan_sites(data_dir)
+    newest = good[-1] if good else None
+    since = site_path(data_dir, newest.site_id).stat().st_mtime if newest is not None else -1.0
+    newer = [d for d in damaged if d.mtime >= since]
+    if newer:
+        d = max(newer, key=lambda d: d.mtime)
+        raise ValueError(f"the newest site calibration, {d.site_id}, cannot be used ({d.reason}); "
+                         f"jobs do not fall back to an older one: run `cytonode calibrate-site` "
+                         f"again, or name a calibration in the site_calibration setting")
+    return newest
 
 
 def fit_site(site_id: str, features: np.ndarray, *, density: Any,

@@ -267,9 +267,10 @@ class Settings:
         Raises
         ------
         SettingsError
-            If the named calibration does not exist or cannot be read.
+            If the named calibration does not exist or cannot be read, or none is named and
+            the newest calibration file is damaged (:func:`analysis.site.newest_site`).
         """
-        from analysis.site import list_sites, load_site
+        from analysis.site import load_site, newest_site
 
         if self.site_calibration == "none":
             return None
@@ -278,8 +279,10 @@ class Settings:
                 return load_site(self.data_dir, self.site_calibration)
             except (OSError, ValueError, KeyError) as exc:
                 raise SettingsError(f"site_calibration {self.site_calibration!r}: {exc}") from None
-        sites = list_sites(self.data_dir)
-        return sites[-1] if sites else None
+        try:
+            return newest_site(self.data_dir)
+        except (OSError, ValueError) as exc:
+            raise SettingsError(str(exc)) from None
 
     # Derived locations -------------------------------------------------
     @property

@@ -128,6 +128,17 @@ def test_labelled_cells_refit_a_network_for_a_new_stain_and_not_for_a_known_one(
     network_path(tmp_path / "var", "new-stain").write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="not the one it was fitted with"):
         load_site(tmp_path / "var", "new-stain")
+    # the newest calibration is damaged: jobs do not quietly fall back to the older one
+    listing = subprocess.run([*CLI, "--list", "--data-dir", str(tmp_path / "var")],
+                             check=False, capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0 and "new-stain\tDAMAGED: site calibration new-stain: its network" in listing.stdout
+    assert "known (" in listing.stdout
+    from dicom_node.errors import SettingsError
+    from dicom_node.settings import Settings
+
+    with pytest.raises(SettingsError, match="the newest site calibration, new-stain, cannot be used"):
+        Settings(data_dir=tmp_path / "var").active_site()
+    assert Settings(data_dir=tmp_path / "var", site_calibration="known").active_site().site_id == "known"
 
 
 def test_a_site_read_below_the_validated_accuracy_is_outside_the_validated_domain() -> None:
@@ -159,6 +170,28 @@ def test_a_site_read_below_the_validated_accuracy_is_outside_the_validated_domai
                 {"verified_balanced_accuracy": None}):
         with pytest.raises(ValueError, match="verified_"):
             SiteCalibration.from_json(json.dumps({**good, **bad}))
+
+
+def test_a_damaged_calibration_newer_than_the_one_in_use_stops_the_quiet_fallback(tmp_path: Path) -> None:
+    """Jobs use the newest site calibration. A damaged file written before it changes nothing;
+    one written after it is refused with its reason, rather than the node quietly using an
+    older calibration (perhaps another lab's)."""
+    import os
+
+    from analysis.site import SiteCalibration, newest_site, save_site, site_path
+
+    good = SiteCalibration(site_id="lab-6", created="2026-12-05T10:00:00+00:00", cells=60,
+                           source="lab-6", feature_shift=(0.0,) * 4, feature_threshold=9.0,
+                           flag_rate_before=0.3, flag_rate_after=0.15)
+    save_site(tmp_path, good)
+    bad = site_path(tmp_path, "lab-7")
+    bad.write_text("{not json")
+    then = site_path(tmp_path, "lab-6").stat().st_mtime
+    os.utime(bad, (then - 60, then - 60))
+    assert newest_site(tmp_path).site_id == "lab-6"  # type: ignore[union-attr]
+    os.utime(bad, (then + 60, then + 60))
+    with pytest.raises(ValueError, match="the newest site calibration, lab-7, cannot be used"):
+        newest_site(tmp_path)
 
 
 def test_the_verification_interval_narrows_with_more_named_cells() -> None:
