@@ -310,8 +310,10 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
         for bad in damaged:
             sys.stdout.write(f"{bad.site_id}\tDAMAGED: {bad.reason}\n")
         for site in sites:
+            verified = ("" if site.verified_balanced_accuracy is None else
+                        f"\tlabelled cells read right: {site.verified_text}")
             sys.stdout.write(f"{site.label}\tsource {site.source}\tflagged {site.flag_rate_before:.1%}"
-                             f" -> {site.flag_rate_after:.1%}\n")
+                             f" -> {site.flag_rate_after:.1%}{verified}\n")
             for note in check(site):
                 sys.stdout.write(f"  warning: {note}\n")
             if site.below_validated_accuracy:

@@ -215,6 +215,7 @@ def test_a_job_names_the_sites_own_network(start_node, tmp_path: Path,
                              check=False, capture_output=True, text=True, timeout=120)
     assert ("warning: site lab-4's 30 labelled cells are read right at 60.0% (balanced; 95% "
             "interval 45.0%-74.0%)") in listing.stdout
+    assert "\tlabelled cells read right: 60.0% (balanced; 95% interval 45.0%-74.0%)" in listing.stdout
     node = start_node(workers=1)
     storescu(node.port, *blank_slide)
     job = _wait_job(node)
