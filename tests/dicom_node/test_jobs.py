@@ -233,6 +233,19 @@ def test_a_job_names_the_sites_own_network(start_node, tmp_path: Path,
     assert f"validated_domain=outside the validated domain: {why}" in texts
     assert ("site_verified=reported class right on 60.0% (balanced; 95% interval 45.0%-74.0%) of "
             "the site's 30 labelled cells, none read by a network fitted on it") in texts
+    # the pathologist's case page says it before anything else
+    from dicom_node.app.web import make_web_app
+    from dicom_node.settings import Settings
+    from tests.viewer.conftest import PASSWORD, login
+
+    subprocess.run([CYTONODE, "user", "add", "path", "--role", "pathologist", "--password-stdin"],
+                   input=PASSWORD + "\n", env=dict(node.env), check=True, capture_output=True,
+                   text=True, timeout=120)
+    client = make_web_app(Settings(data_dir=node.data_dir)).test_client()
+    login(client, "path")
+    page = client.get(f"/cases/{job['series_instance_uid']}").get_data(as_text=True)
+    assert (f'id="domain-check" role="alert">This slide is outside the validated domain: '
+            f"{why.replace(chr(39), '&#39;')}. Every cell is flagged for review") in page
 
 
 @pytest.mark.slow  # a node analyses a whole slide
