@@ -288,14 +288,18 @@ class DamagedSite:
 
 def scan_sites(data_dir: Path) -> tuple[list[SiteCalibration], list[DamagedSite]]:
     """Every site calibration in ``DATA_DIR/sites``: the readable ones, oldest first, and the
-    damaged ones (unreadable JSON, or a network missing or not the one it was fitted with)."""
+    damaged ones (unreadable JSON, a file named for another id, or a network missing or not
+    the one it was fitted with)."""
     folder = data_dir / SITES_DIR
     if not folder.is_dir():
         return [], []
     good, damaged = [], []
     for path in sorted(folder.glob("*.json")):
         try:
-            good.append(load_site(data_dir, path.stem))
+            site = load_site(data_dir, path.stem)
+            if site.site_id != path.stem:
+                raise ValueError(f"{path.name} holds site calibration {site.site_id!r}")
+            good.append(site)
         except (ValueError, KeyError, TypeError) as exc:
             damaged.append(DamagedSite(path.stem, str(exc), path.stat().st_mtime))
     return sorted(good, key=lambda s: s.created), damaged

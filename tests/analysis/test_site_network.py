@@ -192,6 +192,10 @@ def test_a_damaged_calibration_newer_than_the_one_in_use_stops_the_quiet_fallbac
     os.utime(bad, (then + 60, then + 60))
     with pytest.raises(ValueError, match="the newest site calibration, lab-7, cannot be used"):
         newest_site(tmp_path)
+    bad.write_text(site_path(tmp_path, "lab-6").read_text())  # lab-6's calibration under lab-7's name
+    os.utime(bad, (then + 60, then + 60))
+    with pytest.raises(ValueError, match="lab-7.json holds site calibration 'lab-6'"):
+        newest_site(tmp_path)
 
 
 def test_the_verification_interval_narrows_with_more_named_cells() -> None:
