@@ -198,10 +198,10 @@ class ReferenceClassifier:
         return self.config.image_size
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        from analysis.reference import reference_logits
+        from analysis.reference import reference_logits, reference_posterior
 
         logits, _ = reference_logits(self.model, images, views=self.views)
-        return np.asarray(torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy())
+        return reference_posterior(logits)
 
     def predict(self, images: np.ndarray) -> Predictions:
         return cnn_predictions(self.probabilities(images), self.calibration)

@@ -227,6 +227,12 @@ def reference_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int
     return out, (np.concatenate(feats) if features and feats else None)
 
 
+def reference_posterior(logits: np.ndarray) -> np.ndarray:
+    """The class probabilities of :func:`reference_logits`' logits (a row-wise softmax, in
+    float64)."""
+    return np.asarray(torch.softmax(torch.from_numpy(np.asarray(logits)).double(), dim=1).numpy())
+
+
 def save_reference(model: torch.nn.Module, config: ReferenceConfig, path: Path,
                    extra: dict[str, str]) -> None:
     """Write the weights (fp16) with the configuration and ``extra`` in the metadata."""

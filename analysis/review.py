@@ -350,16 +350,15 @@ class ReviewModel:
         """The reference's call, its probabilities and the feature distance (with the site's
         shift, if any) of cells framed at :attr:`image_size`, by the site's network if it has
         one (:meth:`network_for`)."""
-        import torch
 
-        from analysis.reference import reference_logits
+        from analysis.reference import reference_logits, reference_posterior
 
         if len(reference_images) == 0:
             return np.zeros(0, np.int64), np.zeros((0, len(CLASS_NAMES))), np.zeros(0)
         logits, features = reference_logits(self.network_for(site), reference_images, features=True,
                                             views=self.reference.views)
         assert features is not None  # asked for
-        p = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+        p = reference_posterior(logits)
         distance = self.density.distance(features, None if site is None else site.shift())
         return p.argmax(axis=1), p, distance
 

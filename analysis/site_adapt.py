@@ -108,7 +108,7 @@ def balanced_adapt_batchnorm(model: torch.nn.Module, images: np.ndarray, *, roun
     statistics from the trained network's on that draw (the first round predicts with the
     network as trained, each next one with the previous round's). Returns the last round's
     cell weights."""
-    from analysis.reference import reference_logits
+    from analysis.reference import reference_logits, reference_posterior
 
     if rounds < 1 or draws < 1:
         raise ValueError("rounds and draws must be at least 1")
@@ -118,7 +118,7 @@ def balanced_adapt_batchnorm(model: torch.nn.Module, images: np.ndarray, *, roun
     for r in range(rounds):
         log.info("normalisation statistics on %d cells, round %d of %d", len(images), r + 1, rounds)
         logits, _ = reference_logits(model, images)
-        p = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+        p = reference_posterior(logits)
         weights = balanced_weights(p)
         model.load_state_dict(trained, strict=False)
         idx = torch.multinomial(torch.from_numpy(weights), draws * len(images), replacement=True,
@@ -300,7 +300,7 @@ def fit_site_network(model: torch.nn.Module, site_images: np.ndarray, labelled_i
     the labelled cells, it beats the shipped network on them by :data:`GATE_MARGIN` of balanced
     accuracy: on a lab the shipped network already reads well, a refit on a few cells loses more
     than it gains."""
-    from analysis.reference import reference_logits
+    from analysis.reference import reference_logits, reference_posterior
     from analysis.uncertainty import balanced_accuracy
 
     labels = np.asarray(labelled_labels, dtype=np.int64)
@@ -309,8 +309,7 @@ def fit_site_network(model: torch.nn.Module, site_images: np.ndarray, labelled_i
     if pack.images.shape[1:] != labelled_images.shape[1:]:
         raise ValueError(f"the source pack holds {pack.images.shape[1]} px cells, the site's are "
                          f"{labelled_images.shape[1]} px")
-    shipped_logits, _ = reference_logits(model, labelled_images)
-    shipped_p = torch.softmax(torch.from_numpy(shipped_logits).double(), dim=1).numpy()
+    shipped_p = reference_posterior(reference_logits(model, labelled_images)[0])
     adapted = copy.deepcopy(model)
     every = labelled_images if len(site_images) == 0 else np.concatenate([site_images, labelled_images])
     balanced_adapt_batchnorm(adapted, every, seed=seed)
@@ -325,7 +324,7 @@ def fit_site_network(model: torch.nn.Module, site_images: np.ndarray, labelled_i
     log.info("last layer refitted on %d named cells and %d pack cells; %d-fold cross-validation",
              len(labels), len(pack.labels), GATE_FOLDS)
     fold = folds(labels, seed=seed)
-    n = shipped_logits.shape[1]
+    n = shipped_p.shape[1]
     held_out = np.zeros((len(labels), n), np.float64)
     for k in range(GATE_FOLDS):
         held = fold == k
@@ -333,7 +332,7 @@ def fit_site_network(model: torch.nn.Module, site_images: np.ndarray, labelled_i
             with torch.no_grad():
                 z = refit(~held)(torch.from_numpy(f_site[held])).double()
             held_out[held] = torch.softmax(z, dim=1).numpy()
-    shipped = balanced_accuracy(labels, shipped_logits.argmax(axis=1), n)
+    shipped = balanced_accuracy(labels, shipped_p.argmax(axis=1), n)
     site = balanced_accuracy(labels, held_out.argmax(axis=1), n)
     adapted._fc = refit(np.ones(len(labels), bool))
     adapted.eval()

@@ -73,7 +73,7 @@ def run(data_root: Path, lab: str, *, reference: Path | None, diffusion: Path | 
     out: dict[str, object] = {"lab": lab, "adapted_on": f"{lab} {site_splits} (unlabelled)",
                               "scored_on": f"{lab} {score_splits}"}
     if reference is not None:
-        from analysis.reference import load_reference, reference_logits
+        from analysis.reference import load_reference, reference_logits, reference_posterior
 
         model, config, _ = load_reference(reference)
         site, test = _site_and_scored(data_root, lab, site_splits, score_splits, config.image_size)
@@ -89,8 +89,7 @@ def run(data_root: Path, lab: str, *, reference: Path | None, diffusion: Path | 
                 balanced_adapt_batchnorm(adapted, site_images, seed=seed)
             elif "bn" in name:
                 adapt_batchnorm(adapted, site_images)
-            logits, _ = reference_logits(adapted, test_images)
-            p = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+            p = reference_posterior(reference_logits(adapted, test_images)[0])
             rows[name] = metrics(cnn_predictions(p, {}), test.labels)
             print(f"reference {lab} {name}: {rows[name]['balanced_accuracy']}", file=sys.stderr)
         out["reference"] = {"weights": str(reference), **rows}

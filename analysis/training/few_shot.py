@@ -186,10 +186,15 @@ def apply_log_offsets(p: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def _probabilities(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
-    from analysis.reference import reference_logits
+    from analysis.reference import reference_logits, reference_posterior
 
-    logits, _ = reference_logits(model, images)
-    return np.asarray(torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy())
+    return reference_posterior(reference_logits(model, images)[0])
+
+
+def _images_at(cells: LabCells, paths: tuple[str, ...]) -> np.ndarray:
+    """The images of ``cells`` (another framing of the same split) in the order of ``paths``."""
+    where = {p: i for i, p in enumerate(cells.paths)}
+    return cells.images[[where[p] for p in paths]]
 
 
 def _reported(p: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, object]:
@@ -281,15 +286,10 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
         classifier = DiffusionClassifier(diffusion)
         dsize = classifier.image_size
         rule = ReviewRule.from_dict(read_calibration(WEIGHTS_DIR)["review_rule"])  # type: ignore[arg-type]
-        by_path = {p: i for i, p in enumerate(scored.paths)}
         d_cells = load_splits(data_root, lab, score_splits, dsize, FIELD_OF_VIEW_UM)
-        d_cells = d_cells.take(np.array([i for i, p in enumerate(d_cells.paths) if p in by_path]))
-        order = np.argsort([by_path[p] for p in d_cells.paths])
-        d_cells = d_cells.take(order)
-        assert d_cells.paths == scored.paths
         d_train = load_lab(data_root, lab, "train", dsize, FIELD_OF_VIEW_UM)
-        d_scored = classifier.predict(d_cells.images, torch.Generator("cpu").manual_seed(seed)
-                                      ).probabilities
+        d_scored = classifier.predict(_images_at(d_cells, scored.paths),
+                                      torch.Generator("cpu").manual_seed(seed)).probabilities
         p_shipped = _probabilities(model, scored.images)
     for k in ks:
         shot = site_train.per_class(k, seed)
@@ -300,8 +300,7 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
         row = {"site_cells": len(shot), "adapted_on": len(rest) + len(shot),
                **_score(net._fc, _features(net, scored.images), scored.labels)}
         if diffusion is not None:
-            where = {p: i for i, p in enumerate(d_train.paths)}
-            d_shot = classifier.predict(d_train.images[[where[p] for p in shot.paths]],
+            d_shot = classifier.predict(_images_at(d_train, shot.paths),
                                         torch.Generator("cpu").manual_seed(seed)).probabilities
             row["reported"] = _reported_variants(
                 fitted, _probabilities(net, scored.images), p_shipped, d_scored, d_shot,
@@ -344,8 +343,7 @@ def run_verification(data_root: Path, lab: str, weights_dir: Path, *, seed: int 
     rest = rest.per_class(per_class, seed)
     fitted = fit_site_network(model, rest.images, shot.images, shot.labels, pack, seed=seed)
     d_cells = load_lab(data_root, lab, named_split, classifier.image_size, FIELD_OF_VIEW_UM)
-    where = {p: i for i, p in enumerate(d_cells.paths)}
-    d_shot = classifier.predict(d_cells.images[[where[p] for p in shot.paths]],
+    d_shot = classifier.predict(_images_at(d_cells, shot.paths),
                                 torch.Generator("cpu").manual_seed(seed)).probabilities
     v = verify_site(d_shot, fitted.probabilities, shot.labels, rule.diffusion_weight)
     print(f"{lab} seed {seed}: verification {v.balanced_accuracy} on {v.cells} named cells "
