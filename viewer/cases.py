@@ -134,6 +134,13 @@ class CaseState:
         return str(params.get("site_calibration", ""))
 
     @property
+    def site_verified(self) -> str:
+        """How well the node read the cells the site's staff named (``calibrate-site
+        --labelled``), as the report states it ("": the site named none)."""
+        params = self.summary.get("provenance", {}).get("parameters", {})
+        return str(params.get("site_verified", ""))
+
+    @property
     def site_calibration_warning(self) -> str:
         """Why the site calibration was not used, or does not match the review rule ("": none)."""
         params = self.summary.get("provenance", {}).get("parameters", {})

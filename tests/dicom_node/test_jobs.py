@@ -205,20 +205,49 @@ def test_a_job_names_the_sites_own_network(start_node, tmp_path: Path,
     verified = summary["verified"]
     low, high = verified["interval_95"]
     assert verified["cells"] == 30 and low <= verified["balanced_accuracy"] <= high, verified
-    # The same site had its named cells read at 60 %: below what the node is validated for, so
-    # its slides are outside the validated domain (every cell to review) and the report says why.
+    from dicom_node.app.web import make_web_app
+    from dicom_node.settings import Settings
+    from tests.viewer.conftest import PASSWORD, login
+
     stored = tmp_path / "node" / "sites" / "lab-4.json"
     raw = json.loads(stored.read_text())
-    stored.write_text(json.dumps({**raw, "verified_balanced_accuracy": 0.6,
-                                  "verified_interval": [0.45, 0.74]}))
+
+    def read_at(accuracy: float, interval: list[float]) -> None:
+        stored.write_text(json.dumps({**raw, "verified_balanced_accuracy": accuracy,
+                                      "verified_interval": interval}))
+
+    # A site read at 95 %: inside, and the pathologist's case page says how well it was read.
+    read_at(0.95, [0.9, 0.98])
+    node = start_node(workers=1)
+    subprocess.run([CYTONODE, "user", "add", "path", "--role", "pathologist", "--password-stdin"],
+                   input=PASSWORD + "\n", env=dict(node.env), check=True, capture_output=True,
+                   text=True, timeout=120)
+    client = make_web_app(Settings(data_dir=node.data_dir)).test_client()
+    login(client, "path")
+    storescu(node.port, *blank_slide)
+    job = _wait_job(node)
+    assert job["state"] == "done", job["error"]
+    assert job["result"]["validated_domain"] == "inside the validated domain"
+    page = client.get(f"/cases/{job['series_instance_uid']}").get_data(as_text=True)
+    assert ('<span id="site-verified">reported class right on 95.0% (balanced; 95% interval '
+            "90.0%-98.0%) of the site&#39;s 30 labelled cells, none read by a network fitted on "
+            "it</span>") in page and "domain-alert" not in page
+    # The same site had its named cells read at 60 %: below what the node is validated for, so
+    # its slides are outside the validated domain (every cell to review) and the report says why.
+    read_at(0.6, [0.45, 0.74])
     listing = subprocess.run([CYTONODE, "calibrate-site", "--list", "--data-dir", str(tmp_path / "node")],
                              check=False, capture_output=True, text=True, timeout=120)
     assert ("warning: site lab-4's 30 labelled cells are read right at 60.0% (balanced; 95% "
             "interval 45.0%-74.0%)") in listing.stdout
     assert "\tlabelled cells read right: 60.0% (balanced; 95% interval 45.0%-74.0%)" in listing.stdout
-    node = start_node(workers=1)
-    storescu(node.port, *blank_slide)
-    job = _wait_job(node)
+    second = subprocess.run([CYTONODE, "make-slide", str(blank_slide[0].parents[1] / "blank.png"),
+                             "--out", str(tmp_path / "second")],
+                            check=False, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    storescu(node.port, *sorted((tmp_path / "second").glob("*.dcm")))
+    status = node.wait_for(lambda s: len(s["jobs"]) == 2 and s["jobs"][1]["state"] in ("done", "failed"),
+                           timeout=300, what="the second job")
+    job = status["jobs"][1]
     assert job["state"] == "done", job["error"]
     assert job["result"]["site_calibration"] == summary["label"] and "labelled)" in summary["label"]
     why = ("site lab-4's 30 labelled cells are read right at 60.0% (balanced; 95% interval "
@@ -234,15 +263,6 @@ def test_a_job_names_the_sites_own_network(start_node, tmp_path: Path,
     assert ("site_verified=reported class right on 60.0% (balanced; 95% interval 45.0%-74.0%) of "
             "the site's 30 labelled cells, none read by a network fitted on it") in texts
     # the pathologist's case page says it before anything else
-    from dicom_node.app.web import make_web_app
-    from dicom_node.settings import Settings
-    from tests.viewer.conftest import PASSWORD, login
-
-    subprocess.run([CYTONODE, "user", "add", "path", "--role", "pathologist", "--password-stdin"],
-                   input=PASSWORD + "\n", env=dict(node.env), check=True, capture_output=True,
-                   text=True, timeout=120)
-    client = make_web_app(Settings(data_dir=node.data_dir)).test_client()
-    login(client, "path")
     page = client.get(f"/cases/{job['series_instance_uid']}").get_data(as_text=True)
     assert (f'id="domain-check" role="alert">This slide is outside the validated domain: '
             f"{why.replace(chr(39), '&#39;')}. Every cell is flagged for review") in page
