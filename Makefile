@@ -41,10 +41,14 @@ deps: debs $(BIN)/.installed node_modules/.installed
 
 # Two pytest workers: most tests wait on servers (Orthanc, PostgreSQL, our node, chromium),
 # so two share the 2 cores well (9.4 against 13 minutes). `make test PYTEST_WORKERS=0` runs in one.
+# With workers, every process the tests start computes on one thread (OMP_NUM_THREADS=1): torch's
+# default of a thread per core had two workers' models contend for both cores (the three heaviest
+# test files: 451 s against 205 s).
 PYTEST_WORKERS ?= 2
+PYTEST_ENV = $(if $(filter 0 1,$(PYTEST_WORKERS)),,OMP_NUM_THREADS=1)
 
 test: deps
-	$(BIN)/pytest -n $(PYTEST_WORKERS)
+	$(PYTEST_ENV) $(BIN)/pytest -n $(PYTEST_WORKERS)
 
 demo: deps
 	$(BIN)/cytonode demo --exit

@@ -316,9 +316,10 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
                              f" -> {site.flag_rate_after:.1%}{verified}\n")
             for note in check(site):
                 sys.stdout.write(f"  warning: {note}\n")
-            if site.below_validated_accuracy:
-                sys.stdout.write(f"  warning: {site.below_validated_accuracy}: its slides are "
-                                 f"outside the validated domain\n")
+            if site.unsure_measured:
+                sys.stdout.write(f"\tunlabelled cells unsure: {site.unsure_text}\n")
+            for reason in site.outside_reasons:
+                sys.stdout.write(f"  warning: {reason}: its slides are outside the validated domain\n")
         return 0
     if not (args.paths or args.labelled) or not args.site_id:
         sys.stderr.write("cytonode calibrate-site: give image folders and --id NAME (or --list)\n")
@@ -352,6 +353,13 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
                          f"  'unlike any training class' on these cells: "
                          f"{summary['flag_rate_before']:.1%} with the shipped threshold, "
                          f"{summary['flag_rate_after']:.1%} with the site's\n")
+        unsure: dict[str, Any] = summary["unsure"]  # type: ignore[assignment]
+        if unsure["measured"]:
+            sys.stdout.write(f"  read by both models: {unsure['text']} (the validated labs: at most "
+                             f"{unsure['expected']:.1%})\n")
+        if unsure["too_many"]:
+            sys.stdout.write(f"  WARNING: {unsure['too_many']}: every slide of this site is outside "
+                             f"the validated domain and all its cells go to review\n")
         if "site_network" in summary:
             from analysis.site_adapt import GATE_MARGIN
 
@@ -478,19 +486,24 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         if fitted.used:
             network, counts = network_state(fitted.model), named_counts
             measuring = fitted.model
-    _, features = reference_logits(measuring, images, features=True)
+    logits, features = reference_logits(measuring, images, features=True,
+                                        views=model.reference.views)
     assert features is not None  # asked for
+    unsure = _unsure(weights, model, paths, spacing, logits[:len(paths)])
     val_rate = float(model.rule.val_normal_flag_rate)
     site = fit_site(site_id, features, density=model.density,
                     shipped_threshold=model.rule.feature_threshold,
                     val_normal_flag_rate=val_rate, source=source,
                     reference_sha256=model.reference_sha256, labelled=counts, network=network,
-                    verification=verification)
+                    verification=verification, unsure=unsure)
     path = save_site(data_dir, site)
     summary: dict[str, object] = {
         "id": site.site_id, "label": site.label, "path": str(path), "cells": site.cells,
         "pixel_spacing_um": round(spacing, 5), "feature_threshold": site.feature_threshold,
-        "flag_rate_before": site.flag_rate_before, "flag_rate_after": site.flag_rate_after}
+        "flag_rate_before": site.flag_rate_before, "flag_rate_after": site.flag_rate_after,
+        "unsure": {"cells": site.unsure_cells, "measured": site.unsure_measured,
+                   "expected": site.unsure_expected, "text": site.unsure_text,
+                   "too_many": site.too_many_unsure}}
     if gate is not None:
         summary["labelled"] = dict(named_counts)
         summary["site_network"] = gate
@@ -501,6 +514,34 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
                                "text": site.verified_text, "cells": site.verified_cells,
                                "below_validated_accuracy": site.below_validated_accuracy}
     return summary
+
+
+def _unsure(weights: Path, model: Any, files: list[Path], spacing: float,
+            logits: Any) -> tuple[int, int, float] | None:
+    """How many of (at most :data:`analysis.site.UNSURE_CELLS` of) the site's unlabelled cells
+    the review rule calls uncertain or models-disagree, with the diffusion classifier run on
+    them beside the reference ``logits`` of the network the site uses: ``(unsure, read, the
+    validated labs' share)``; ``None`` when the rule has no share or too few cells are given."""
+    import numpy as np
+    import torch
+
+    from analysis.classifier import DiffusionClassifier
+    from analysis.framing import read_framed
+    from analysis.reference import reference_posterior
+    from analysis.review import unsure
+    from analysis.site import MIN_CELLS, UNSURE_CELLS
+
+    expected = model.rule.site_unsure_share
+    if expected is None or len(files) < MIN_CELLS:
+        return None
+    chosen = np.sort(np.random.default_rng(0).permutation(len(files))[:UNSURE_CELLS])
+    classifier = DiffusionClassifier(weights)
+    logger.info("both models read %d of the site's cells (is the site readable?)", len(chosen))
+    images = np.stack([read_framed(files[i], classifier.image_size, spacing) for i in chosen])
+    pred = classifier.predict(images, torch.Generator("cpu").manual_seed(0))
+    flags = unsure(model.rule, pred.probabilities, reference_posterior(logits[chosen]),
+                   pred.uncertainty)
+    return int(flags.sum()), len(chosen), float(expected)
 
 
 def _verify(weights: Path, files: list[Path], labels: Any, spacing: float, p_reference: Any,

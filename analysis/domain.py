@@ -13,7 +13,9 @@ A slide is *outside the validated domain* when
   calibrated for, or a slide made mostly of cells of no trained class), or
 * its site's calibration found the node reading the cells the site's staff named below the
   accuracy it is validated for (``calibrate-site --labelled``:
-  :attr:`analysis.site.SiteCalibration.below_validated_accuracy`).
+  :attr:`analysis.site.SiteCalibration.below_validated_accuracy`), or found far more of the
+  site's unlabelled cells unsure than at any validated lab
+  (:attr:`analysis.site.SiteCalibration.too_many_unsure`).
 
 Every cell of such a slide goes to review (reason ``outside-validated-domain``), and
 the SR, the viewer, the demo output and ``status --json`` say so with the reason.
@@ -54,10 +56,7 @@ def check_domain(scale_ok: bool | None, red_cell_diameter_um: float | None,
                  feature_distance: np.ndarray | None, slide_feature_threshold: float | None,
                  site: Any = None) -> DomainCheck:
     """Apply the checks (see the module docstring); ``site``: the site calibration used."""
-    reasons = []
-    below = None if site is None else site.below_validated_accuracy
-    if below:
-        reasons.append(below)
+    reasons = [] if site is None else list(site.outside_reasons)
     if scale_ok is False:
         reasons.append(f"red cells measure {red_cell_diameter_um:.1f} um at the slide's pixel "
                        f"spacing, expected about 7.5 um")

@@ -619,6 +619,10 @@ def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
             parameters["site_verified"] = (
                 f"reported class right on {site.verified_text} of the site's "
                 f"{site.verified_cells} labelled cells, none read by a network fitted on it")
+        if site is not None and site.unsure_measured:
+            parameters["site_unsure"] = (
+                f"{site.unsure_text} of the site's unlabelled cells read at its calibration "
+                f"(validated labs: at most {site.unsure_expected:.1%})")
         if site_notes:
             parameters["site_calibration_warning"] = "; ".join(site_notes)
         parameters["reference_weights_sha256"] = review_model.reference_sha256

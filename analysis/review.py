@@ -72,6 +72,25 @@ def combine(p_diffusion: np.ndarray, p_reference: np.ndarray, diffusion_weight: 
     return np.asarray(p / p.sum(axis=1, keepdims=True))
 
 
+def unsure(rule: ReviewRule, p_diffusion: np.ndarray, p_reference: np.ndarray,
+           diffusion_uncertainty: np.ndarray | None = None) -> np.ndarray:
+    """Per cell: ``rule`` would flag it as uncertain or as the two models disagreeing, the cells
+    whose class the node does not know (what :attr:`analysis.site.SiteCalibration.too_many_unsure`
+    counts). ``diffusion_uncertainty``: the classifier's own, for a rule that judges it."""
+    from analysis.uncertainty import entropy
+
+    if rule.uncertainty_of == "combined":
+        u = entropy(combine(p_diffusion, p_reference, rule.diffusion_weight))
+    elif diffusion_uncertainty is None:
+        raise ValueError("this rule judges the diffusion classifier's own uncertainty: give it")
+    else:
+        u = np.asarray(diffusion_uncertainty)
+    out = u > rule.uncertainty_threshold
+    if rule.disagreement:
+        out = out | (np.asarray(p_diffusion).argmax(axis=1) != np.asarray(p_reference).argmax(axis=1))
+    return np.asarray(out, dtype=bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureDensity:
     """Class-conditional Gaussians with one shared covariance in a PCA subspace.
@@ -183,6 +202,10 @@ class ReviewRule:
     #: (:func:`analysis.reference.reference_logits`; 1: the cell as it is, as rules chosen
     #: before it existed were).
     reference_views: int = 1
+    #: The largest share of a val lab's normal cells the rule calls uncertain or models-disagree:
+    #: a site calibration whose own cells are unsure far more often is one the node cannot read
+    #: (:attr:`analysis.site.SiteCalibration.too_many_unsure`); ``None``: not checked.
+    site_unsure_share: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= int(self.reference_views) <= 8:
@@ -196,6 +219,9 @@ class ReviewRule:
             if math.isnan(value):
                 raise ValueError(f"{name} must be a number or inf, not NaN")
             object.__setattr__(self, name, value)
+        share = self.site_unsure_share
+        if share is not None and not 0.0 < float(share) < 1.0:
+            raise ValueError(f"site_unsure_share must lie in (0, 1), not {share}")
         unknown = [c for c in self.significant_classes if c not in CLASS_NAMES]
         if unknown:
             raise ValueError(f"significant_classes must be classes of {CLASS_NAMES}, not {unknown}")

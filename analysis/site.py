@@ -34,6 +34,13 @@ layer refitted on the labelled ones. That network (``network_sha256``, stored as
 ``DATA_DIR/sites/<id>.safetensors``) then gives the reference's call and the features for
 this site, and the shift and threshold above are measured with it.
 
+Whether the node can read the site at all is measured too, without labels: both models are run
+on up to :data:`UNSURE_CELLS` of the site's unlabelled cells and the review rule's "uncertain" and
+"models disagree" calls are counted (``unsure_cells`` of ``unsure_measured``). A site with far
+more such cells than any validated lab (``unsure_expected``, the rule's ``site_unsure_share``;
+one-sided binomial, p < :data:`UNSURE_ALPHA`) is one the node reads badly: every slide of it is
+outside the validated domain (:attr:`SiteCalibration.too_many_unsure`).
+
 It is stored as ``DATA_DIR/sites/<id>.json`` with its id, date, cell count and
 source, and every result analysed with it names it in its provenance. A file written
 before the quantiles were stored keeps its one threshold: results name the share it
@@ -46,6 +53,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import math
 import re
 import uuid
 from pathlib import Path
@@ -59,6 +67,18 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MIN_CELLS = 30
 #: The probabilities at which the site's distances are stored (every half percentile).
 QUANTILE_GRID = np.linspace(0.0, 1.0, 201)
+#: At most this many of a site's unlabelled cells are read by both models to count the unsure.
+UNSURE_CELLS = 200
+#: A site whose unsure cells are this unlikely under the validated labs' share is not read.
+UNSURE_ALPHA = 0.01
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """``P(X >= k)`` for ``X ~ Binomial(n, p)``: how surprising ``k`` of ``n`` is at share ``p``."""
+    if k <= 0:
+        return 1.0
+    return float(min(1.0, sum(math.comb(n, i) * p ** i * (1.0 - p) ** (n - i)
+                              for i in range(k, n + 1))))
 
 
 def check_site_id(value: str) -> str:
@@ -98,6 +118,13 @@ class SiteCalibration:
     verified_cells: int = 0
     #: Its 95 % interval (:func:`analysis.site_adapt.balanced_accuracy_interval`; empty: none).
     verified_interval: tuple[float, ...] = ()
+    #: Of ``unsure_measured`` of the site's unlabelled cells, those the review rule calls
+    #: uncertain or on which the two models disagree (0 of 0: not measured).
+    unsure_cells: int = 0
+    unsure_measured: int = 0
+    #: The largest share of a validated lab's normal cells the rule calls unsure, when measured
+    #: (the rule's ``site_unsure_share``; ``None``: not checked).
+    unsure_expected: float | None = None
     #: The site network's tensors (:func:`analysis.site_adapt.network_state`), read by
     #: :func:`load_site`; not part of the JSON.
     network: Any = dataclasses.field(default=None, compare=False, repr=False)
@@ -123,6 +150,11 @@ class SiteCalibration:
         i = self.verified_interval
         if i and (v is None or len(i) != 2 or not 0.0 <= i[0] <= i[1] <= 1.0):
             raise ValueError("verified_interval is (low, high) in [0, 1], beside a verified figure")
+        if not 0 <= self.unsure_cells <= self.unsure_measured:
+            raise ValueError("unsure_cells lies between 0 and unsure_measured")
+        e = self.unsure_expected
+        if e is not None and not 0.0 < e < 1.0:
+            raise ValueError(f"unsure_expected must lie in (0, 1), not {e}")
 
     @property
     def labelled_cells(self) -> int:
@@ -146,6 +178,32 @@ class SiteCalibration:
             return None
         return (f"site {self.site_id}'s {self.verified_cells} labelled cells are read right at "
                 f"{self.verified_text}, below the {VERIFIED_MINIMUM:.0%} the node is validated for")
+
+    @property
+    def unsure_text(self) -> str:
+        """The unsure count in words: ``37 of 200 cells (18.5%) uncertain or the models disagree``."""
+        if not self.unsure_measured:
+            return "not measured"
+        return (f"{self.unsure_cells} of {self.unsure_measured} cells "
+                f"({self.unsure_cells / self.unsure_measured:.1%}) uncertain or the models disagree")
+
+    @property
+    def too_many_unsure(self) -> str | None:
+        """Why the node cannot read this site (far more of its unlabelled cells unsure than at
+        any validated lab: p < :data:`UNSURE_ALPHA`), else ``None``."""
+        e = self.unsure_expected
+        if e is None or self.unsure_measured < MIN_CELLS:
+            return None
+        p = binomial_tail(self.unsure_cells, self.unsure_measured, e)
+        if p >= UNSURE_ALPHA:
+            return None
+        return (f"site {self.site_id}'s cells are read unsure: {self.unsure_text}, against at "
+                f"most {e:.1%} at the validated labs (binomial p {p:.1g})")
+
+    @property
+    def outside_reasons(self) -> tuple[str, ...]:
+        """Every reason this site's slides are outside the validated domain (empty: none)."""
+        return tuple(r for r in (self.below_validated_accuracy, self.too_many_unsure) if r)
 
     @property
     def verified_text(self) -> str:
@@ -334,12 +392,14 @@ def newest_site(data_dir: Path) -> SiteCalibration | None:
 def fit_site(site_id: str, features: np.ndarray, *, density: Any,
              shipped_threshold: float, val_normal_flag_rate: float, source: str,
              reference_sha256: str = "", labelled: tuple[tuple[str, int], ...] = (),
-             network: Any = None, verification: Any = None) -> SiteCalibration:
+             network: Any = None, verification: Any = None,
+             unsure: tuple[int, int, float] | None = None) -> SiteCalibration:
     """Fit a site calibration from the reference ``features`` of the site's cells
     (``density``: :class:`analysis.review.FeatureDensity`; ``reference_sha256``: the
     shipped network; ``network``: the site's own (:func:`analysis.site_adapt.network_state`,
     fitted on ``labelled`` cells per class), which then measured ``features``;
-    ``verification``: :func:`analysis.site_adapt.verify_site`'s on the labelled cells)."""
+    ``verification``: :func:`analysis.site_adapt.verify_site`'s on the labelled cells;
+    ``unsure``: ``(unsure cells, cells read, the validated labs' share)``)."""
     if len(features) < MIN_CELLS:
         raise ValueError(f"a site calibration needs at least {MIN_CELLS} cells, not {len(features)}")
     shift = density.site_shift(features)
@@ -360,4 +420,7 @@ def fit_site(site_id: str, features: np.ndarray, *, density: Any,
         network_sha256=network_digest(network) if network is not None else "", network=network,
         verified_balanced_accuracy=None if verification is None else verification.balanced_accuracy,
         verified_cells=0 if verification is None else verification.cells,
-        verified_interval=() if verification is None else (verification.low, verification.high))
+        verified_interval=() if verification is None else (verification.low, verification.high),
+        unsure_cells=0 if unsure is None else int(unsure[0]),
+        unsure_measured=0 if unsure is None else int(unsure[1]),
+        unsure_expected=None if unsure is None else float(unsure[2]))

@@ -65,6 +65,7 @@ from analysis.review import (
     ReviewRule,
     combine,
     decide,
+    unsure,
 )
 from analysis.training.labs import chula_series, chula_train_series
 from analysis.training.review_signals import BLAST, aml_half
@@ -388,6 +389,15 @@ def normal_quantile(s: Signals, q: float) -> float:
     return float(d[order][min(np.searchsorted(cumulative, q), len(d) - 1)])
 
 
+def site_unsure_share(rule: ReviewRule, groups: dict[str, Signals]) -> float:
+    """The largest share, over the val ``groups`` (each lab, aml_dev's first half), of normal
+    cells ``rule`` calls uncertain or models-disagree: what a readable site's cells may reach
+    (:attr:`analysis.site.SiteCalibration.too_many_unsure`)."""
+    shares = [float(np.mean(unsure(rule, s.diff_p, s.ref_p, s.diff_uncertainty)[_normal(s)]))
+              for s in groups.values() if _normal(s).any()]
+    return round(max(shares), 4)
+
+
 def _uncertainty_threshold(val: Signals, flagged: np.ndarray) -> float:
     """Largest entropy threshold keeping every val lab's error among unflagged cells in target."""
     best = -math.inf
@@ -535,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     report["diffusion_weight_on_val"] = {str(w): row for w, row in weights.items()}
     report["reference_views_on_val"] = {str(v): {str(w): row for w, row in table.items()}
                                         for v, table in tables.items()}
+    rule = dataclasses.replace(rule, site_unsure_share=site_unsure_share(
+        rule, {**_by_lab(val), "aml_val": _subset(aml_val, aml_val.labels == 0)}))
     report["val_median_feature_distance"] = {k: round(v, 4) for k, v in medians.items()}
     report["rule"] = rule.to_dict()
     report["tried_on_val"] = tried

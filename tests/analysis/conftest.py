@@ -157,11 +157,3 @@ def write_tiny_cnn(folder: Path, class_names: tuple[str, ...], images: np.ndarra
         opt.step()
     cnn.eval()
     save_baseline(cnn, folder / BASELINE_WEIGHTS, {"steps": str(steps)})
-
-
-def other_stain(images: np.ndarray) -> np.ndarray:
-    """Cells as a lab with a dark, bluish stain would show them (colour channels reversed,
-    gamma 2.5): a look the shipped reference network has never seen, which it reads
-    markedly worse (Chula's train cells: all right as they are, 58 % of 60 in this stain)."""
-    x = np.ascontiguousarray(images[..., ::-1]).astype(np.float64) / 255.0
-    return np.clip(np.rint(255.0 * x ** 2.5), 0, 255).astype(np.uint8)

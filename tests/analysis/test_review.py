@@ -135,6 +135,8 @@ def test_a_site_calibration_makes_blasts_of_an_unseen_lab_stand_out(tmp_path: Pa
     # the site's own cells are flagged "unlike any training class" at the rule's chosen share
     share = read_calibration(WEIGHTS_DIR)["review_rule"]["val_normal_flag_rate"]
     assert summary["cells"] == 40 and summary["flag_rate_after"] <= share + 0.03
+    # both models read them as a lab they can read: no more unsure than the validated labs
+    assert summary["unsure"]["measured"] == 40 and summary["unsure"]["too_many"] is None, summary
     site = load_site(data_dir, "aml-lab")
     assert site.label.startswith("aml-lab (") and site.label.endswith("40 cells)")
 

@@ -15,8 +15,9 @@ from analysis.classifier import WEIGHTS_DIR, read_calibration
 from analysis.framing import FIELD_OF_VIEW_UM
 from analysis.review import ReviewModel
 from analysis.site_adapt import SOURCE_PACK, VERIFIED_MINIMUM, SourcePack, balanced_weights
+from analysis.training.site_readable import other_stain
 
-from .conftest import DATA, other_stain
+from .conftest import DATA
 
 N = {name: i for i, name in enumerate(CLASS_NAMES)}
 CLI = [sys.executable, "-m", "dicom_node.app.cli", "calibrate-site"]
@@ -69,6 +70,7 @@ def _calibrate(tmp_path: Path, named: object, unnamed: object, site_id: str, siz
 
 
 @needs_weights
+@pytest.mark.timeout(600)  # two calibrations, each reading 60 cells with both models
 def test_labelled_cells_refit_a_network_for_a_new_stain_and_not_for_a_known_one(tmp_path: Path) -> None:
     """A lab names 6 of its cells of each normal class and gives 30 more unnamed.
 
@@ -170,6 +172,81 @@ def test_a_site_read_below_the_validated_accuracy_is_outside_the_validated_domai
                 {"verified_balanced_accuracy": None}):
         with pytest.raises(ValueError, match="verified_"):
             SiteCalibration.from_json(json.dumps({**good, **bad}))
+
+
+def test_a_site_with_far_more_unsure_cells_than_the_validated_labs_is_outside() -> None:
+    """The unsure count of a site's unlabelled cells against the validated labs' share: far
+    more (one-sided binomial, p < 0.01) puts every slide outside the validated domain, with
+    the count in words; as many as the labs had, too few cells, or none measured (a file
+    written before) change nothing. The count survives the JSON; nonsense is refused."""
+    from analysis.domain import check_domain
+    from analysis.site import SiteCalibration, binomial_tail
+
+    assert binomial_tail(2, 2, 0.5) == pytest.approx(0.25)
+    assert binomial_tail(0, 10, 0.3) == 1.0 and binomial_tail(11, 10, 0.3) == 0.0
+    assert binomial_tail(3, 4, 0.5) == pytest.approx(5 / 16)
+
+    def site(unsure: int, measured: int, expected: float | None = 0.294) -> SiteCalibration:
+        return SiteCalibration(
+            site_id="lab-6", created="2026-12-05T10:00:00+00:00", cells=200, source="lab-6",
+            feature_shift=(0.0,) * 4, feature_threshold=9.0, flag_rate_before=0.3,
+            flag_rate_after=0.15, unsure_cells=unsure, unsure_measured=measured,
+            unsure_expected=expected)
+
+    unread = SiteCalibration.from_json(site(120, 200).to_json())
+    domain = check_domain(True, 7.4, None, None, unread)
+    assert not domain.inside
+    assert domain.summary.startswith(
+        "outside the validated domain: site lab-6's cells are read unsure: 120 of 200 cells "
+        "(60.0%) uncertain or the models disagree, against at most 29.4% at the validated labs "
+        "(binomial p ")
+    # 37 % of 151 (p 0.026, Chula's test cells as a site) is not far enough beyond 29.4 %
+    for fine in (site(56, 151), site(40, 200), site(20, 29), site(0, 0, None), site(150, 200, None)):
+        assert fine.too_many_unsure is None and check_domain(True, 7.4, None, None, fine).inside
+    good = json.loads(unread.to_json())
+    for bad, message in (({"unsure_cells": 201}, "unsure_cells"), ({"unsure_expected": 1.5}, "unsure_expected")):
+        with pytest.raises(ValueError, match=message):
+            SiteCalibration.from_json(json.dumps({**good, **bad}))
+    old = {k: v for k, v in good.items() if not k.startswith("unsure_")}
+    assert SiteCalibration.from_json(json.dumps(old)).too_many_unsure is None
+
+
+@needs_weights
+def test_a_site_the_node_cannot_read_is_found_without_a_single_named_cell(tmp_path: Path) -> None:
+    """Chula's cells in a stain no training lab used, calibrated as unlabelled cells of normal
+    smears: the site's shift absorbs the stain, so "unlike any training class" flags only the
+    rule's share of them, yet both models are unsure of most of them. The calibration finds it,
+    the command warns, `--list` repeats it and every slide of the site is outside the validated
+    domain. The same cells as they are are read: no warning."""
+    from analysis.domain import check_domain
+    from analysis.site import load_site
+    from analysis.training.labs import load_lab
+
+    size = ReviewModel.load(WEIGHTS_DIR, read_calibration(WEIGHTS_DIR)).image_size  # type: ignore[union-attr]
+    cells = load_lab(DATA, "chula", "train", size, FIELD_OF_VIEW_UM).per_class(8, seed=3)
+    runs = {}
+    for name, images in (("as-is", cells.images), ("blue-stain", other_stain(cells.images))):
+        _write(images, tmp_path / name, "cell")
+        run = subprocess.run([*CLI, str(tmp_path / name), "--id", name, "--pixel-spacing",
+                              str(FIELD_OF_VIEW_UM / size), "--data-dir", str(tmp_path / "var")],
+                             check=False, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+        runs[name] = run.stdout
+    share = read_calibration(WEIGHTS_DIR)["review_rule"]["site_unsure_share"]
+    assert f"uncertain or the models disagree (the validated labs: at most {share:.1%})" in runs["as-is"]
+    assert "WARNING" not in runs["as-is"]
+    plain, stained = load_site(tmp_path / "var", "as-is"), load_site(tmp_path / "var", "blue-stain")
+    assert plain.unsure_measured == stained.unsure_measured == len(cells)
+    assert plain.too_many_unsure is None and check_domain(True, 7.4, None, None, plain).inside
+    assert stained.flag_rate_after <= 0.2  # the distance alone would not see it
+    assert stained.too_many_unsure is not None
+    assert (f"WARNING: {stained.too_many_unsure}: every slide of this site is outside the "
+            "validated domain") in runs["blue-stain"]
+    assert check_domain(True, 7.4, None, None, stained).reasons == (stained.too_many_unsure,)
+    listing = subprocess.run([*CLI, "--list", "--data-dir", str(tmp_path / "var")],
+                             check=False, capture_output=True, text=True, timeout=120)
+    assert f"  warning: {stained.too_many_unsure}: its slides are outside the validated domain" in listing.stdout
+    assert "\tunlabelled cells unsure: " in listing.stdout
 
 
 def test_a_damaged_calibration_newer_than_the_one_in_use_stops_the_quiet_fallback(tmp_path: Path) -> None:

@@ -16,9 +16,9 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import generate_uid
 
 from analysis.classes import CLASS_NAMES
+from analysis.training.site_readable import other_stain
 from dicom_node.app.demo import SAMPLE_SLIDE, StandInPACS
 from dicom_node.jobs.result import JobResult, read_summary
-from tests.analysis.conftest import other_stain
 from tests.peers import CYTONODE, echo, require_tool
 
 
@@ -46,7 +46,7 @@ def blank_slide(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
                                                                               dtype=np.uint8)
     Image.fromarray(field).save(tmp / "blank.png")
     made = subprocess.run([CYTONODE, "make-slide", str(tmp / "blank.png"), "--out", str(tmp / "slide")],
-                          capture_output=True, text=True, timeout=300)
+                          check=False, capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr[-2000:]
     return sorted((tmp / "slide").glob("*.dcm"))
 
@@ -154,7 +154,7 @@ def test_jobs_use_and_name_the_sites_calibration(start_node, pacs: StandInPACS, 
         (cells / p.name).symlink_to(p)
     made = subprocess.run([CYTONODE, "calibrate-site", str(cells), "--id", "lab-2",
                            "--data-dir", str(tmp_path / "node"), "--json"],
-                          capture_output=True, text=True, timeout=300)
+                          check=False, capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr[-2000:]
     label = f"lab-2 ({json.loads(made.stdout)['label'].split('(')[1]}"
     # the settings' encoder section reaches the objects the worker writes
@@ -171,6 +171,11 @@ def test_jobs_use_and_name_the_sites_calibration(start_node, pacs: StandInPACS, 
     sr = dcmread(pacs.folder / f"{sr_uid}.dcm")
     texts = [str(el.value) for el in sr.iterall() if el.keyword == "TextValue"]
     assert f"site_calibration={label}" in texts  # TID 4019 Algorithm Parameters
+    # both models read the site's 32 cells at its calibration: how many were unsure is named
+    unsure = json.loads(made.stdout)["unsure"]
+    assert unsure["measured"] == 32 and unsure["too_many"] is None, unsure
+    assert (f"site_unsure={unsure['text']} of the site's unlabelled cells read at its calibration "
+            f"(validated labs: at most {unsure['expected']:.1%})") in texts
 
 
 CHULA = AML_NEUTROPHILS.parents[1] / "chula_wbc"
@@ -212,9 +217,14 @@ def test_a_job_names_the_sites_own_network(start_node, tmp_path: Path,
     stored = tmp_path / "node" / "sites" / "lab-4.json"
     raw = json.loads(stored.read_text())
 
+    # both models read the site's 30 unnamed cells; the stain makes many of them unsure
+    assert raw["unsure_measured"] == 30 and raw["unsure_expected"] > 0, raw
+
     def read_at(accuracy: float, interval: list[float]) -> None:
+        """The site as if its named cells had been read at ``accuracy`` (and its unnamed ones
+        no more often unsure than at the validated labs)."""
         stored.write_text(json.dumps({**raw, "verified_balanced_accuracy": accuracy,
-                                      "verified_interval": interval}))
+                                      "verified_interval": interval, "unsure_cells": 6}))
 
     # A site read at 95 %: inside, and the pathologist's case page says how well it was read.
     read_at(0.95, [0.9, 0.98])
