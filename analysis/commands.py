@@ -359,7 +359,9 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
                              f"{unsure['expected']:.1%})\n")
         if unsure["too_many"]:
             sys.stdout.write(f"  WARNING: {unsure['too_many']}: every slide of this site is outside "
-                             f"the validated domain and all its cells go to review\n")
+                             f"the validated domain and all its cells go to review. Check that these "
+                             f"are single white cells of normal smears at the right pixel spacing; "
+                             f"a stain unlike the training labs' (model card) is read this way\n")
         if "site_network" in summary:
             from analysis.site_adapt import GATE_MARGIN
 

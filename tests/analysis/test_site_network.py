@@ -320,3 +320,27 @@ def test_the_shipped_pack_holds_every_class_of_every_training_lab() -> None:
         assert lab in pack.labs
     pbc = np.array(pack.labs) == "pbc"
     assert sorted(set(pack.labels[pbc].tolist())) == list(range(len(CLASS_NAMES)))
+
+
+@pytest.mark.skipif(not (DATA / "chula_wbc").is_dir(), reason="Chula cells not present")
+def test_site_pack_builds_the_pack_a_labelled_calibration_refits_beside(tmp_path: Path) -> None:
+    """`python -m analysis.training.site_pack` (how the shipped pack is made): the asked number of
+    each class's train cells of each lab, framed as the reference frames them, read back as
+    stored (JPEG); a lab it does not know is refused."""
+    from analysis.training.labs import load_lab
+
+    out = tmp_path / "pack.safetensors"
+    run = subprocess.run([sys.executable, "-m", "analysis.training.site_pack", "--labs", "chula",
+                          "--per-class", "3", "--data", str(DATA), "--out", str(out)],
+                         check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"15 cells (chula) -> {out}")
+    pack = SourcePack.load(out)
+    assert set(pack.labs) == {"chula"} and np.bincount(pack.labels).tolist() == [3, 3, 3, 3, 3]
+    framed = load_lab(DATA, "chula", "train", 96, FIELD_OF_VIEW_UM).per_class(3, 0)
+    assert pack.labels.tolist() == framed.labels.tolist()
+    assert np.abs(pack.images.astype(int) - framed.images.astype(int)).mean() < 4  # JPEG, quality 90
+    bad = subprocess.run([sys.executable, "-m", "analysis.training.site_pack", "--labs", "mars",
+                          "--out", str(tmp_path / "x.safetensors")],
+                         check=False, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--labs are pbc, bccd, chula" in bad.stderr
