@@ -220,14 +220,14 @@ def test_a_job_names_the_sites_own_network(start_node, tmp_path: Path,
     # both models read the site's 30 unnamed cells; the stain makes many of them unsure
     assert raw["unsure_measured"] == 30 and raw["unsure_expected"] > 0, raw
 
-    def read_at(accuracy: float, interval: list[float]) -> None:
-        """The site as if its named cells had been read at ``accuracy`` (and its unnamed ones
-        no more often unsure than at the validated labs)."""
+    def read_at(accuracy: float, interval: list[float], unsure: int) -> None:
+        """The site as if its named cells had been read at ``accuracy`` and ``unsure`` of its 30
+        unnamed ones had been unsure."""
         stored.write_text(json.dumps({**raw, "verified_balanced_accuracy": accuracy,
-                                      "verified_interval": interval, "unsure_cells": 6}))
+                                      "verified_interval": interval, "unsure_cells": unsure}))
 
     # A site read at 95 %: inside, and the pathologist's case page says how well it was read.
-    read_at(0.95, [0.9, 0.98])
+    read_at(0.95, [0.9, 0.98], unsure=6)
     node = start_node(workers=1)
     subprocess.run([CYTONODE, "user", "add", "path", "--role", "pathologist", "--password-stdin"],
                    input=PASSWORD + "\n", env=dict(node.env), check=True, capture_output=True,
@@ -242,9 +242,10 @@ def test_a_job_names_the_sites_own_network(start_node, tmp_path: Path,
     assert ('<span id="site-verified">reported class right on 95.0% (balanced; 95% interval '
             "90.0%-98.0%) of the site&#39;s 30 labelled cells, none read by a network fitted on "
             "it</span>") in page and "domain-alert" not in page
-    # The same site had its named cells read at 60 %: below what the node is validated for, so
-    # its slides are outside the validated domain (every cell to review) and the report says why.
-    read_at(0.6, [0.45, 0.74])
+    # The same site had its named cells read at 60 % and 24 of its 30 other cells unsure: below
+    # what the node is validated for, so its slides are outside the validated domain (every cell
+    # to review) and the report says why, both ways.
+    read_at(0.6, [0.45, 0.74], unsure=24)
     listing = subprocess.run([CYTONODE, "calibrate-site", "--list", "--data-dir", str(tmp_path / "node")],
                              check=False, capture_output=True, text=True, timeout=120)
     assert ("warning: site lab-4's 30 labelled cells are read right at 60.0% (balanced; 95% "
@@ -260,8 +261,14 @@ def test_a_job_names_the_sites_own_network(start_node, tmp_path: Path,
     job = status["jobs"][1]
     assert job["state"] == "done", job["error"]
     assert job["result"]["site_calibration"] == summary["label"] and "labelled)" in summary["label"]
+    from analysis.site import load_site
+
+    unsure_why = load_site(tmp_path / "node", "lab-4").too_many_unsure
+    assert unsure_why is not None and unsure_why.startswith(
+        "site lab-4's cells are read unsure: 24 of 30 cells (80.0%) uncertain or the models disagree")
+    assert f"  warning: {unsure_why}: its slides are outside the validated domain" in listing.stdout
     why = ("site lab-4's 30 labelled cells are read right at 60.0% (balanced; 95% interval "
-           "45.0%-74.0%), below the 85% the node is validated for")
+           f"45.0%-74.0%), below the 85% the node is validated for; {unsure_why}")
     assert job["result"]["validated_domain"] == f"outside the validated domain: {why}"
     sr_uid = job["result"]["objects"]["sr"]
     sr = dcmread(next((node.data_dir / "store").rglob(f"{sr_uid}.dcm")))
