@@ -11,14 +11,7 @@ cd "$(dirname "$0")/.."
 DATA=$(realpath "${1:-../shared/data}")
 for lab in bccd chula; do
   d=.train/lolo_no_$lab
-  mkdir -p "$d/data" "$d/w"
-  ln -sfn "$DATA/pbc" "$d/data/pbc"   # the calibration reads val of pbc and the lab beside it only
-  if [ "$lab" = bccd ]; then ln -sfn "$DATA/chula_wbc" "$d/data/chula_wbc"; else ln -sfn "$DATA/bccd" "$d/data/bccd"; fi
-  cp ".train/ref_no_$lab.safetensors" "$d/w/reference_effnet.safetensors"
-  .venv/bin/python -c "from pathlib import Path; from analysis.training.train import export_weights; \
-export_weights(Path('.train/diff_no_$lab'), Path('$d/w/cytodiffusion.safetensors'))"
-  .venv/bin/cytonode evaluate --calibrate --json --weights "$d/w" --data "$d/data/pbc" --per-class 48 \
-      --threads 2 > "$d/calibrate.json"
+  bench/lolo_weights_folder.sh "$lab" ".train/ref_no_$lab.safetensors" ".train/diff_no_$lab" "$d" "$DATA"
   .venv/bin/python -m analysis.training.evaluate_labs --data "$DATA" --weights "$d/w" --labs "$lab" \
       --split test --diffusion-weight 0.4 --threads 2 --out "$d/eval_test.json" > /dev/null
 done

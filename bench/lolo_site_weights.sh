@@ -12,13 +12,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=$(realpath "${1:-../shared/data}")
 for lab in ${LABS:-chula bccd}; do
-  d=.train/lolo_site/no_$lab
-  mkdir -p "$d/data" "$d/w"
-  ln -sfn "$DATA/pbc" "$d/data/pbc"
-  if [ "$lab" = bccd ]; then ln -sfn "$DATA/chula_wbc" "$d/data/chula_wbc"; else ln -sfn "$DATA/bccd" "$d/data/bccd"; fi
-  cp ".train/ms/ref_no_${lab}_base_s2.safetensors" "$d/w/reference_effnet.safetensors"
-  .venv/bin/python -c "from pathlib import Path; from analysis.training.train import export_weights; \
-export_weights(Path('analysis/weights/training/lolo_no_$lab'), Path('$d/w/cytodiffusion.safetensors'))"
-  .venv/bin/cytonode evaluate --calibrate --json --weights "$d/w" --data "$d/data/pbc" --per-class 48 \
-      --threads 2 > "$d/calibrate.json"
+  bench/lolo_weights_folder.sh "$lab" ".train/ms/ref_no_${lab}_base_s2.safetensors" \
+      "analysis/weights/training/lolo_no_$lab" ".train/lolo_site/no_$lab" "$DATA"
 done
