@@ -82,7 +82,7 @@ class ModelConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str) -> ModelConfig:
         raw: dict[str, Any] = json.loads(text)
         for key in ("block_out_channels", "attention_levels", "class_names"):
             raw[key] = tuple(raw[key])

@@ -517,7 +517,7 @@ class Kit:
         errors: list[str] = []
         for uid, path in received.items():
             run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True,
-                                 timeout=300)
+                                 timeout=300, check=False)
             for line in (run.stdout + run.stderr).splitlines():
                 if line.startswith("Error") and line.strip() not in DCIODVFY_FALSE_POSITIVES:
                     errors.append(f"{uid[-12:]}: {line.strip()}")

@@ -196,13 +196,14 @@ def optimisation_step(model: torch.nn.Module, ema: torch.nn.Module, optimiser: t
     return float(loss.detach())
 
 
-def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, float]:
+def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, float | None]:
     """Train (or continue training) the class-conditional diffusion model.
 
     Returns
     -------
     dict
-        Summary: steps done, wall time, final loss.
+        Summary: steps done, wall time, final loss (the running mean; ``None`` when no step
+        has ever been run in ``train.out_dir``).
     """
     if model_config.in_channels != 3:
         raise ValueError("train_diffusion trains the pixel-space model (3 channels); "
@@ -226,6 +227,7 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
     optimiser = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=0.0)
     step = 0
     elapsed_before = 0.0
+    loss_before: float | None = None
     state_path = out / STATE
     if state_path.exists():
         state = json.loads(state_path.read_text())
@@ -238,6 +240,8 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
             optimiser.load_state_dict(torch.load(out / OPTIMIZER, map_location=device))
         step = int(state["step"])
         elapsed_before = float(state.get("elapsed_s", 0.0))
+        if isinstance(state.get("loss"), (int, float)) and math.isfinite(state["loss"]):
+            loss_before = float(state["loss"])
         generator.manual_seed(train.seed + step)
         log.info("resumed from step %d (%.0f s of training so far)", step, elapsed_before)
     log.info("model: %d parameters, %s", count_parameters(model), model_config.to_json())
@@ -267,7 +271,9 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
     t_high = min(train.t_max or model_config.num_train_timesteps, model_config.num_train_timesteps)
     t0 = time.monotonic()
     start_step = step
-    loss_avg = math.nan
+    # The running loss carries over a resume; a run resumed at its last step reports the loss it
+    # stopped with, and JSON never gets NaN (no step run in a fresh directory gives null).
+    loss_avg = math.nan if loss_before is None else loss_before
 
     def save() -> None:
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -275,7 +281,7 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
         _atomic_save(lambda p: save_file(tensors, str(p)), out / CHECKPOINT)
         _atomic_save(lambda p: torch.save(optimiser.state_dict(), p), out / OPTIMIZER)
         elapsed = elapsed_before + time.monotonic() - t0
-        text = json.dumps({"step": step, "elapsed_s": elapsed, "loss": loss_avg,
+        text = json.dumps({"step": step, "elapsed_s": elapsed, "loss": _finite(loss_avg),
                            "model_config": model_config.to_json(),
                            "train_config": {k: str(v) for k, v in dataclasses.asdict(train).items()}})
         _atomic_save(lambda p: p.write_text(text), state_path)
@@ -300,7 +306,13 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
                      rate, format_duration(eta))
         if step % train.checkpoint_every == 0 or step == train.steps:
             save()
-    return {"steps": float(step), "elapsed_s": elapsed_before + time.monotonic() - t0, "loss": loss_avg}
+    return {"steps": float(step), "elapsed_s": elapsed_before + time.monotonic() - t0,
+            "loss": _finite(loss_avg)}
+
+
+def _finite(value: float) -> float | None:
+    """``value``, or ``None`` where it is NaN (no step has been run), for strict JSON."""
+    return None if math.isnan(value) else value
 
 
 def export_weights(out_dir: Path, weights_path: Path) -> None:

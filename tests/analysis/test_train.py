@@ -64,6 +64,11 @@ def test_checkpoints_resume_and_export(mini_pbc: Path, tmp_path: Path) -> None:
     state = json.loads((out / STATE).read_text())
     assert state["step"] == 6 and state["train_config"]["t_max"] == "500"
     assert second["elapsed_s"] >= first["elapsed_s"]
+    # Run again at its last step: nothing to train, and the loss it stopped with, not NaN.
+    again = train_diffusion(TrainConfig(mini_pbc, out, steps=6, batch_size=4, checkpoint_every=2,
+                                        warmup_steps=2, t_max=500), TINY)
+    assert again["steps"] == 6 and again["loss"] == pytest.approx(state["loss"])
+    assert isinstance(state["loss"], float) and state["loss"] > 0
     export_weights(out, tmp_path / "w" / "cytodiffusion.safetensors")
     with safe_open(str(tmp_path / "w" / "cytodiffusion.safetensors"), "pt") as fh:
         meta = fh.metadata()

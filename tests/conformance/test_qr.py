@@ -34,7 +34,7 @@ def findscu(node: FilledNode, out: Path, *keys: str, model: str = "-S") -> list[
             str(out), "127.0.0.1", str(node.node.port)]
     for key in keys:
         args += ["-k", key]
-    run = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 0, run.stderr
     return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
@@ -168,7 +168,7 @@ def test_getscu_series_files_equal_stored(filled_node: FilledNode, tmp_path: Pat
                           "127.0.0.1", str(filled_node.node.port), "-k",
                           "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={HD_STUDY}", "-k",
                           f"SeriesInstanceUID={sm.SeriesInstanceUID}"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
     got = {dataset_digest(p)[0]: p for p in out.iterdir()}
     wanted = {uid for uid, h in headers.items() if h.SeriesInstanceUID == sm.SeriesInstanceUID}
@@ -219,7 +219,7 @@ def test_movescu_study_to_known_ae(filled_node: FilledNode, tmp_path: Path) -> N
                           str(filled_node.move_port), "+xa", "-aec", "CYTONODE", "-od", str(out),
                           "127.0.0.1", str(filled_node.node.port), "-k", "QueryRetrieveLevel=STUDY",
                           "-k", f"StudyInstanceUID={SLIDE_STUDY}"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
     headers = filled_node.headers()
     wanted = {uid for uid, h in headers.items() if h.StudyInstanceUID == SLIDE_STUDY}
@@ -234,7 +234,7 @@ def test_move_to_unknown_ae_is_refused(filled_node: FilledNode, tmp_path: Path) 
     run = subprocess.run([movescu, "-S", "-aet", "MOVESCU", "-aem", "NOBODY", "-aec", "CYTONODE",
                           "127.0.0.1", str(filled_node.node.port), "-k", "QueryRetrieveLevel=STUDY",
                           "-k", f"StudyInstanceUID={SLIDE_STUDY}"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert "MoveDestinationUnknown" in run.stdout + run.stderr
     assoc = _assoc(filled_node, StudyRootQueryRetrieveInformationModelMove)
     try:

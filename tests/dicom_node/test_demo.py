@@ -14,7 +14,7 @@ CYTONODE = str(Path(sys.executable).with_name("cytonode"))
 
 
 def test_demo_sends_the_sample_slide_and_reports_it() -> None:
-    out = subprocess.run([CYTONODE, "demo", "--exit"], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([CYTONODE, "demo", "--exit"], capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "sending the sample slide" in out.stdout
     assert "review and sign off in the viewer: http://127.0.0.1:" in out.stdout
