@@ -8,6 +8,8 @@ rule's ``site_unsure_share``, p < 0.01) is one the node cannot read
 ``posteriors``
     Both models' posteriors of a weights folder trained without ``--lab`` on every split of
     that lab and on the val split of the labs it trained on (PBC 48 a class), into one ``.npz``.
+``held-out``
+    Only the held-out labs' cases of ``score``, from ``posteriors``' files (no signals folder).
 ``score``
     The criterion's cases (``analysis/training/criteria.txt``, 17:30): the known labs' test
     normal cells and aml_dev's second-half neutrophils as sites (the shipped models, from a
@@ -141,10 +143,7 @@ def score(signals: Path, held_out: list[Path], data: Path, slides: bool, threads
     if threads:
         torch.set_num_threads(threads)
     calibration = read_calibration(WEIGHTS_DIR)
-    rule = ReviewRule.from_dict(calibration["review_rule"])  # type: ignore[arg-type]
-    if rule.site_unsure_share is None:
-        raise SystemExit("the shipped review rule has no site_unsure_share")
-    expected = float(rule.site_unsure_share)
+    rule, expected = _shipped_rule()
     density = FeatureDensity.load(WEIGHTS_DIR / DENSITY_WEIGHTS)
 
     def read(name: str) -> Signals:
@@ -163,12 +162,7 @@ def score(signals: Path, held_out: list[Path], data: Path, slides: bool, threads
         cases[f"{lab} test, shipped models"] = site_case(rule, expected, g.diff_p, g.ref_p, g.labels)
     g = _subset(aml, ~aml_half(aml.paths) & (aml.labels == 0))
     cases["aml_dev second-half neutrophils, shipped models"] = site_case(rule, expected, g.diff_p, g.ref_p, g.labels)
-    for path in held_out:
-        f = np.load(path)
-        lab = str(f["lab"][0])
-        m = (f["lab"] == lab) & (f["split"] == "train")
-        cases[f"{lab} train, never trained on ({path.name})"] = site_case(
-            rule, expected, f["p_diff"][m], f["p_ref"][m], f["labels"][m])
+    cases.update(held_out_cases(rule, expected, held_out))
     classifier = DiffusionClassifier(WEIGHTS_DIR)
     reference, config, _ = load_reference(WEIGHTS_DIR / "reference_effnet.safetensors")
     d = load_lab(data, "pbc", "test", classifier.image_size, FIELD_OF_VIEW_UM).per_class(48, 0)
@@ -191,6 +185,26 @@ def score(signals: Path, held_out: list[Path], data: Path, slides: bool, threads
     if slides:
         out["slides"] = _score_slides(rule, read("val.npz"), aml, held_out, expected)
     return out
+
+
+def held_out_cases(rule: ReviewRule, expected: float, held_out: list[Path]) -> dict[str, object]:
+    """Each ``posteriors`` file's held-out lab as a site: its train cells, read by the models
+    that never saw it, under the shipped rule (:func:`site_case`)."""
+    cases: dict[str, object] = {}
+    for path in held_out:
+        f = np.load(path)
+        lab = str(f["lab"][0])
+        m = (f["lab"] == lab) & (f["split"] == "train")
+        cases[f"{lab} train, never trained on ({path.name})"] = site_case(
+            rule, expected, f["p_diff"][m], f["p_ref"][m], f["labels"][m])
+    return cases
+
+
+def _shipped_rule() -> tuple[ReviewRule, float]:
+    rule = ReviewRule.from_dict(read_calibration(WEIGHTS_DIR)["review_rule"])  # type: ignore[arg-type]
+    if rule.site_unsure_share is None:
+        raise SystemExit("the shipped review rule has no site_unsure_share")
+    return rule, float(rule.site_unsure_share)
 
 
 def _score_slides(rule: ReviewRule, val: Signals, aml: Signals, held_out: list[Path],
@@ -236,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--held-out", default="", help="comma-separated files of `posteriors`")
     b.add_argument("--slides", action="store_true", help="also the per-slide variant (needs val)")
     b.add_argument("--out", type=Path)
+    c = sub.add_parser("held-out", help="only the held-out labs' cases (no review_signals folder)")
+    c.add_argument("--held-out", required=True, help="comma-separated files of `posteriors`")
+    c.add_argument("--out", type=Path)
     for q in (a, b):
         q.add_argument("--data", type=Path, default=Path("../shared/data"))
         q.add_argument("--threads", type=int, default=0)
@@ -244,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         posteriors(args.data, args.lab, args.weights, args.out, args.threads)
         return 0
     held = [Path(x) for x in args.held_out.split(",") if x.strip()]
-    result = score(args.signals, held, args.data, args.slides, args.threads)
+    if args.command == "held-out":
+        rule, expected = _shipped_rule()
+        result: dict[str, object] = {"site_unsure_share": expected, "alpha": UNSURE_ALPHA,
+                                     "sites": held_out_cases(rule, expected, held)}
+    else:
+        result = score(args.signals, held, args.data, args.slides, args.threads)
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.write_text(text + "\n")

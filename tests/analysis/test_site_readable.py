@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from analysis.review import ReviewRule, unsure
-from analysis.training.site_readable import site_case, slide_marks
+from analysis.training.site_readable import main, site_case, slide_marks
 
 RULE = ReviewRule(uncertainty_threshold=0.317, feature_threshold=12.0, disagreement=True,
                   diffusion_weight=0.3, uncertainty_of="combined", site_unsure_share=0.2941)
@@ -57,3 +60,22 @@ def test_slides_are_judged_only_with_enough_cells() -> None:
     marks, judged, marked = slide_marks(flags, slides, 0.2941)
     assert judged == 1 and marked == 1  # 8 of 12 unsure: p < 0.01; 9 of 9 is too few to judge
     assert marks.tolist() == [False] * 9 + [True] * 12
+
+
+def test_held_out_cases_come_from_posteriors_files_alone(tmp_path: Path) -> None:
+    """`site_readable held-out` scores a lab never trained on without a review_signals folder:
+    only its train cells count, under the shipped rule's share (0.2941)."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 5, 120)
+    split = np.array(["train"] * 80 + ["val"] * 40)
+    # the train cells: the models disagree on every one; the val cells (not scored): they agree
+    wrong = np.where(split == "train", (labels + 1) % 5, labels)
+    np.savez(tmp_path / "lolo.npz", p_diff=_sure(labels), p_ref=_sure(wrong), labels=labels,
+             paths=np.array([f"c{i}.jpg" for i in range(120)]), lab=np.array(["chula"] * 120),
+             split=split)
+    out = tmp_path / "site.json"
+    assert main(["held-out", "--held-out", str(tmp_path / "lolo.npz"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["site_unsure_share"] == 0.2941
+    (case,) = result["sites"].values()
+    assert case["cells"] == 80 and case["unsure"] == 80 and case["marked"]

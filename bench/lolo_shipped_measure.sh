@@ -1,0 +1,35 @@
+#!/bin/bash
+# Measure the shipped recipe without LAB (bench/lolo_shipped_recipe.sh LAB, run first) at LAB, a lab
+# it never trained on (criterion of 2026-12-05 20:13, analysis/training/criteria.txt):
+#   - few_shot.json per draw (seeds 0-2): the diffusion classifier alone, the reported class without
+#     named cells and with 10 named cells a class (the site network), on LAB's val + test;
+#   - posteriors.npz and site.json: both models on LAB's train cells, the unsure share and whether
+#     calibrate-site would mark LAB as a site the node cannot read.
+# Needs the seed-2 reference trained without LAB (about 27 minutes on one core):
+#   python -m analysis.training.reference_train --labs pbc,bccd --seed 2 --steps 1500 --threads 1 \
+#       --out .train/ms/ref_no_chula_base_s2.safetensors            (--labs pbc,chula: ref_no_bccd_base_s2)
+# Usage: bench/lolo_shipped_measure.sh LAB [THREADS] [DATA]; writes .train/lolo_recipe/no_LAB_measure/
+set -euo pipefail
+cd "$(dirname "$0")/.."
+lab=${1:?chula or bccd}
+threads=${2:-1}
+DATA=$(realpath "${3:-../shared/data}")
+labs=$([ "$lab" = chula ] && echo pbc,bccd || echo pbc,chula)
+src=.train/lolo_recipe/no_$lab
+out=.train/lolo_recipe/no_${lab}_measure
+reference=.train/ms/ref_no_${lab}_base_s2.safetensors
+pack=.train/ms/pack_no_$lab.safetensors
+[ -f "$src/stage3.safetensors" ] || { echo "run bench/lolo_shipped_recipe.sh $lab first" >&2; exit 2; }
+[ -f "$reference" ] || { echo "$reference is missing (its command: this script's header)" >&2; exit 2; }
+mkdir -p "$out"
+[ -f "$pack" ] || .venv/bin/python -m analysis.training.site_pack --data "$DATA" --labs "$labs" --out "$pack"
+[ -f "$out/w/calibration.json" ] || bench/lolo_weights_folder.sh "$lab" "$reference" "$src/stage3" "$out" "$DATA"
+for seed in 0 1 2; do
+  [ -f "$out/few_shot_s$seed.json" ] || .venv/bin/python -m analysis.training.few_shot --data "$DATA" \
+      --lab "$lab" --reference "$reference" --pack "$pack" --diffusion "$out/w" --seed "$seed" \
+      --threads "$threads" --out "$out/few_shot_s$seed.json"
+done
+[ -f "$out/posteriors.npz" ] || .venv/bin/python -m analysis.training.site_readable posteriors \
+    --data "$DATA" --lab "$lab" --weights "$out/w" --out "$out/posteriors.npz" --threads "$threads"
+.venv/bin/python -m analysis.training.site_readable held-out --held-out "$out/posteriors.npz" \
+    --out "$out/site.json"
