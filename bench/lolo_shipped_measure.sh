@@ -33,3 +33,23 @@ done
     --data "$DATA" --lab "$lab" --weights "$out/w" --out "$out/posteriors.npz" --threads "$threads"
 .venv/bin/python -m analysis.training.site_readable held-out --held-out "$out/posteriors.npz" \
     --out "$out/site.json"
+# The table of the model card: balanced accuracy on LAB's val + test, per draw and their mean.
+.venv/bin/python - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+rows = ["diffusion alone", "shipped network, rule weight", "R0 rule weight", "R1 site network alone"]
+runs = [json.loads((out / f"few_shot_s{s}.json").read_text()) for s in (0, 1, 2)]
+print(f"{runs[0]['scored_on']}, {runs[0]['cells']} cells; draws 0, 1, 2 and mean")
+for name in rows:
+    values = [r["site network"]["k=10"]["reported"][name]["balanced_accuracy"] for r in runs]
+    print(f"  {name:30s} " + "  ".join(f"{v:.3f}" for v in values) + f"  mean {sum(values) / 3:.3f}")
+r0 = [r["site network"]["k=10"]["reported"]["R0 rule weight"] for r in runs]
+print("  R0 flagged uncertain " + ", ".join(f"{x['flagged_uncertain']:.3f}" for x in r0)
+      + "; error among not flagged " + ", ".join(f"{x['error_among_not_flagged']}" for x in r0))
+print("  gate opened: " + ", ".join(str(r["site network"]["k=10"]["gate"]["used"]) for r in runs))
+site = json.loads((out / "site.json").read_text())
+for name, case in site["sites"].items():
+    print(f"  as a site ({name}): {case['unsure']} of {case['cells']} unsure ({case['share']:.1%}), "
+          f"p {case['p']}, marked {case['marked']}, reported {case['reported_balanced_accuracy']}")
+PY
