@@ -5,9 +5,11 @@
 #     named cells and with 10 named cells a class (the site network), on LAB's val + test;
 #   - posteriors.npz and site.json: both models on LAB's train cells, the unsure share and whether
 #     calibrate-site would mark LAB as a site the node cannot read.
-# Needs the seed-2 reference trained without LAB (about 27 minutes on one core):
+# Needs the seed-2 reference trained without LAB (11-14 minutes on one core):
 #   python -m analysis.training.reference_train --labs pbc,bccd --seed 2 --steps 1500 --threads 1 \
 #       --out .train/ms/ref_no_chula_base_s2.safetensors            (--labs pbc,chula: ref_no_bccd_base_s2)
+# Where neither it nor the diffusion classifier is under .train, the committed ones of the
+# fourteenth session are used (analysis/weights/training/lolo_recipe_no_LAB, README there).
 # Usage: bench/lolo_shipped_measure.sh LAB [THREADS] [DATA]; writes .train/lolo_recipe/no_LAB_measure/
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,11 +21,16 @@ src=.train/lolo_recipe/no_$lab
 out=.train/lolo_recipe/no_${lab}_measure
 reference=.train/ms/ref_no_${lab}_base_s2.safetensors
 pack=.train/ms/pack_no_$lab.safetensors
-[ -f "$src/stage3.safetensors" ] || { echo "run bench/lolo_shipped_recipe.sh $lab first" >&2; exit 2; }
+committed=analysis/weights/training/lolo_recipe_no_$lab
+diffusion=$src/stage3.safetensors
+if [ ! -f "$diffusion" ] && [ ! -f "$reference" ]; then
+  diffusion=$committed/cytodiffusion.safetensors reference=$committed/reference_effnet.safetensors
+fi
+[ -f "$diffusion" ] || { echo "run bench/lolo_shipped_recipe.sh $lab first" >&2; exit 2; }
 [ -f "$reference" ] || { echo "$reference is missing (its command: this script's header)" >&2; exit 2; }
 mkdir -p "$out"
 [ -f "$pack" ] || .venv/bin/python -m analysis.training.site_pack --data "$DATA" --labs "$labs" --out "$pack"
-[ -f "$out/w/calibration.json" ] || bench/lolo_weights_folder.sh "$lab" "$reference" "$src/stage3" "$out" "$DATA"
+[ -f "$out/w/calibration.json" ] || bench/lolo_weights_folder.sh "$lab" "$reference" "$diffusion" "$out" "$DATA"
 for seed in 0 1 2; do
   [ -f "$out/few_shot_s$seed.json" ] || .venv/bin/python -m analysis.training.few_shot --data "$DATA" \
       --lab "$lab" --reference "$reference" --pack "$pack" --diffusion "$out/w" --seed "$seed" \
