@@ -28,7 +28,7 @@ if [ ! -f "$diffusion" ] && [ ! -f "$reference" ]; then
 fi
 [ -f "$diffusion" ] || { echo "run bench/lolo_shipped_recipe.sh $lab first" >&2; exit 2; }
 [ -f "$reference" ] || { echo "$reference is missing (its command: this script's header)" >&2; exit 2; }
-mkdir -p "$out"
+mkdir -p "$out" "$(dirname "$pack")"
 [ -f "$pack" ] || .venv/bin/python -m analysis.training.site_pack --data "$DATA" --labs "$labs" --out "$pack"
 [ -f "$out/w/calibration.json" ] || bench/lolo_weights_folder.sh "$lab" "$reference" "$diffusion" "$out" "$DATA"
 for seed in 0 1 2; do
