@@ -366,6 +366,15 @@ def test_signoff_issues_a_verified_final_sr_that_reaches_the_pacs(client_as, nod
 
 
 def test_audit_log_and_csv_export(client_as, node_case, app) -> None:
+    # A failed login of its own: the app is shared by the session, and which other tests ran on
+    # this worker before this one depends on pytest-xdist's scheduling.
+    add_user(app.extensions["cytonode.store"], "audited", "technologist", "right password")
+    stranger = app.test_client()
+    stranger.get("/login")
+    with stranger.session_transaction() as sess:
+        token = sess["csrf_token"]
+    rsp = stranger.post("/login", data={"username": "audited", "password": "wrong", "csrf_token": token})
+    assert rsp.status_code == 401
     client, _ = client_as("tech")
     client.get(f"/slides/{node_case.series_instance_uid}")
     admin, _ = client_as("admin")
