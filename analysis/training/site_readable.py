@@ -143,7 +143,7 @@ def score(signals: Path, held_out: list[Path], data: Path, slides: bool, threads
     if threads:
         torch.set_num_threads(threads)
     calibration = read_calibration(WEIGHTS_DIR)
-    rule, expected = _shipped_rule()
+    rule, expected = _shipped_rule(calibration)
     density = FeatureDensity.load(WEIGHTS_DIR / DENSITY_WEIGHTS)
 
     def read(name: str) -> Signals:
@@ -200,8 +200,8 @@ def held_out_cases(rule: ReviewRule, expected: float, held_out: list[Path]) -> d
     return cases
 
 
-def _shipped_rule() -> tuple[ReviewRule, float]:
-    rule = ReviewRule.from_dict(read_calibration(WEIGHTS_DIR)["review_rule"])  # type: ignore[arg-type]
+def _shipped_rule(calibration: dict[str, object]) -> tuple[ReviewRule, float]:
+    rule = ReviewRule.from_dict(calibration["review_rule"])  # type: ignore[arg-type]
     if rule.site_unsure_share is None:
         raise SystemExit("the shipped review rule has no site_unsure_share")
     return rule, float(rule.site_unsure_share)
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     held = [Path(x) for x in args.held_out.split(",") if x.strip()]
     if args.command == "held-out":
-        rule, expected = _shipped_rule()
+        rule, expected = _shipped_rule(read_calibration(WEIGHTS_DIR))
         result: dict[str, object] = {"site_unsure_share": expected, "alpha": UNSURE_ALPHA,
                                      "sites": held_out_cases(rule, expected, held)}
     else:

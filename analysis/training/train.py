@@ -227,7 +227,9 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
     optimiser = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=0.0)
     step = 0
     elapsed_before = 0.0
-    loss_before: float | None = None
+    # The running loss carries over a resume: a run resumed at its last step reports the loss it
+    # stopped with; JSON never gets NaN (no step run in a fresh directory gives null).
+    loss_avg = math.nan
     state_path = out / STATE
     if state_path.exists():
         state = json.loads(state_path.read_text())
@@ -240,8 +242,8 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
             optimiser.load_state_dict(torch.load(out / OPTIMIZER, map_location=device))
         step = int(state["step"])
         elapsed_before = float(state.get("elapsed_s", 0.0))
-        if isinstance(state.get("loss"), (int, float)) and math.isfinite(state["loss"]):
-            loss_before = float(state["loss"])
+        if isinstance(state.get("loss"), (int, float)):
+            loss_avg = float(state["loss"])
         generator.manual_seed(train.seed + step)
         log.info("resumed from step %d (%.0f s of training so far)", step, elapsed_before)
     log.info("model: %d parameters, %s", count_parameters(model), model_config.to_json())
@@ -271,9 +273,6 @@ def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, 
     t_high = min(train.t_max or model_config.num_train_timesteps, model_config.num_train_timesteps)
     t0 = time.monotonic()
     start_step = step
-    # The running loss carries over a resume; a run resumed at its last step reports the loss it
-    # stopped with, and JSON never gets NaN (no step run in a fresh directory gives null).
-    loss_avg = math.nan if loss_before is None else loss_before
 
     def save() -> None:
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -73,11 +73,16 @@ def app(node_case: NodeCase) -> Flask:
     return make_web_app(node_case.settings)
 
 
-def login(client: FlaskClient, username: str, password: str = PASSWORD) -> str:
-    """Log in through the form (with its CSRF token); return the session's CSRF token."""
+def login_form_token(client: FlaskClient) -> str:
+    """Open the login form; return the CSRF token its post needs."""
     client.get("/login")
     with client.session_transaction() as sess:
-        token = sess["csrf_token"]
+        return str(sess["csrf_token"])
+
+
+def login(client: FlaskClient, username: str, password: str = PASSWORD) -> str:
+    """Log in through the form (with its CSRF token); return the session's CSRF token."""
+    token = login_form_token(client)
     rsp = client.post("/login", data={"username": username, "password": password,
                                       "csrf_token": token})
     assert rsp.status_code == 302, rsp.get_data(as_text=True)[:500]

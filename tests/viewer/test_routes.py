@@ -17,7 +17,7 @@ from pydicom.encaps import generate_frames
 from sqlalchemy import select
 
 from dicom_node.store.index import Instance, OutboxItem
-from tests.viewer.conftest import PASSWORD, login, wait_for_pacs
+from tests.viewer.conftest import PASSWORD, login, login_form_token, wait_for_pacs
 from viewer import cases
 from viewer.auth import add_user
 from viewer.models import AuditEvent, CaseVersion
@@ -94,9 +94,7 @@ def test_session_holds_the_contract_for_dicomweb(client_as) -> None:
 def test_wrong_password_and_throttling(app, node_case) -> None:
     add_user(app.extensions["cytonode.store"], "locked", "technologist", "right password")
     client = app.test_client()
-    client.get("/login")
-    with client.session_transaction() as sess:
-        token = sess["csrf_token"]
+    token = login_form_token(client)
     for _ in range(5):
         rsp = client.post("/login", data={"username": "locked", "password": "wrong",
                                           "csrf_token": token})
@@ -108,9 +106,7 @@ def test_wrong_password_and_throttling(app, node_case) -> None:
 
 def test_login_redirects_only_to_local_paths(app) -> None:
     client = app.test_client()
-    client.get("/login")
-    with client.session_transaction() as sess:
-        token = sess["csrf_token"]
+    token = login_form_token(client)
     rsp = client.post("/login?next=https://evil.example/", data={
         "username": "tech", "password": PASSWORD, "csrf_token": token})
     assert rsp.status_code == 302 and rsp.location == "/"
@@ -370,9 +366,7 @@ def test_audit_log_and_csv_export(client_as, node_case, app) -> None:
     # this worker before this one depends on pytest-xdist's scheduling.
     add_user(app.extensions["cytonode.store"], "audited", "technologist", "right password")
     stranger = app.test_client()
-    stranger.get("/login")
-    with stranger.session_transaction() as sess:
-        token = sess["csrf_token"]
+    token = login_form_token(stranger)
     rsp = stranger.post("/login", data={"username": "audited", "password": "wrong", "csrf_token": token})
     assert rsp.status_code == 401
     client, _ = client_as("tech")
