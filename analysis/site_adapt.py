@@ -20,6 +20,11 @@ microscope and scanner (model card, "a site calibrated with labelled cells"):
 Only the statistics and the last layer change (:func:`network_state`: about 52,000
 numbers); they are stored beside the site calibration and replace the shipped ones for
 that site's jobs (:func:`apply_network_state`). Everything is deterministic for a seed.
+
+Two further steps are measured leave-one-lab-out and not yet used by ``calibrate-site``
+(model card, fifteenth session): the whole network fine-tuned on the named cells
+(:func:`finetune_network`, ``fit_site_network(finetune_steps=...)``) and the diffusion
+classifier fine-tuned on them (:func:`finetune_diffusion`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import io
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -246,6 +252,137 @@ def apply_network_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor
     return out
 
 
+#: The whole-network fine-tune on a site's named cells (:func:`finetune_network`; criterion of
+#: 2026-12-05 23:09 in ``analysis/training/criteria.txt``): steps, batch size (half named cells,
+#: half pack cells) and the learning rates of the body and of the last layer.
+FINETUNE_BATCH = 32
+FINETUNE_LR = 5e-5
+FINETUNE_HEAD_LR = 1e-4
+
+
+def finetune_network(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
+                     pack: SourcePack, *, steps: int, seed: int = 0) -> torch.nn.Module:
+    """Train every weight of ``model`` (in place; returned) on a site's named cells beside the
+    ``pack``: each batch half named cells, half pack cells, each half drawn class-balanced,
+    with the reference's standard training augmentations, label smoothing 0.1, AdamW under a
+    cosine schedule. The batch-norm statistics stay as they are (adapted to the site): only
+    weights move. Deterministic for a seed (dropout's global generator is seeded here and
+    restored after)."""
+    import math
+
+    from analysis.reference import to_input
+    from analysis.training.augment import augment
+
+    labels = np.asarray(labels, dtype=np.int64)
+    if steps < 1 or len(labels) == 0:
+        raise ValueError("a fine-tune needs at least one step and one named cell")
+    generator = torch.Generator("cpu").manual_seed(seed)
+    size = images.shape[1]
+    site_x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    pack_x = torch.from_numpy(np.ascontiguousarray(pack.images)).permute(0, 3, 1, 2)
+    site_y, pack_y = torch.from_numpy(labels), torch.from_numpy(np.asarray(pack.labels, np.int64))
+    site_w = torch.from_numpy(class_balanced_weights(labels, 1.0))
+    pack_w = torch.from_numpy(class_balanced_weights(np.asarray(pack.labels), 1.0))
+    head = [p for n, p in model.named_parameters() if n.startswith("_fc")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("_fc")]
+    optimiser = torch.optim.AdamW([{"params": body, "lr": FINETUNE_LR},
+                                   {"params": head, "lr": FINETUNE_HEAD_LR}], weight_decay=1e-4)
+    base = [g["lr"] for g in optimiser.param_groups]
+    warmup = min(10, steps)
+    half = FINETUNE_BATCH // 2
+    model.train()
+    for m in batchnorm_layers(model):
+        m.eval()  # the site's statistics stay
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for step in range(steps):
+                scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+                for group, b in zip(optimiser.param_groups, base):
+                    group["lr"] = b * scale
+                i = torch.multinomial(site_w, half, replacement=True, generator=generator)
+                j = torch.multinomial(pack_w, half, replacement=True, generator=generator)
+                x = torch.cat([site_x[i], pack_x[j]]).float().div_(255.0)
+                y = torch.cat([site_y[i], pack_y[j]])
+                logits = model(to_input(augment(x, generator, size)))
+                loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                if (step + 1) % 50 == 0:
+                    log.info("site network fine-tune: step %d of %d, loss %.3f", step + 1, steps,
+                             float(loss.detach()))
+    finally:
+        model.eval()
+    return model
+
+
+#: The diffusion classifier fine-tuned on a site's named cells (:func:`finetune_diffusion`;
+#: criterion of 2026-12-05 23:33): steps, batch (half named, half pack), learning rate and the
+#: timesteps trained (those the classifier scores).
+DIFFUSION_FINETUNE_LR = 5e-5
+DIFFUSION_FINETUNE_T = (100, 500)
+
+
+def finetune_diffusion(unet: torch.nn.Module, model_config: Any, images: np.ndarray,
+                       labels: np.ndarray, pack_images: np.ndarray, pack_labels: np.ndarray, *,
+                       steps: int, seed: int = 0) -> torch.nn.Module:
+    """A copy of the diffusion ``unet`` trained ``steps`` steps on a site's named cells beside
+    the source pack's: ``images`` and ``pack_images`` uint8 ``(N, L, L, 3)`` framed at the load
+    size (a third larger than the model's input, as training frames them), each batch half
+    named cells, half pack cells, class-balanced within each half; the training recipe's
+    denoising step (min-SNR gamma 5, the cell-disc weight) on the timesteps the classifier
+    scores. Returns the EMA weights (eval mode), as training exports them."""
+    from analysis.model import build_scheduler, cell_weight
+    from analysis.training.augment import augment
+    from analysis.training.train import TrainConfig, optimisation_step
+
+    labels = np.asarray(labels, dtype=np.int64)
+    if steps < 1 or len(labels) == 0:
+        raise ValueError("a fine-tune needs at least one step and one named cell")
+    generator = torch.Generator("cpu").manual_seed(seed)
+    train = TrainConfig(data_dir=Path("."), out_dir=Path("."), steps=steps,
+                        batch_size=FINETUNE_BATCH, learning_rate=DIFFUSION_FINETUNE_LR,
+                        warmup_steps=10, t_min=DIFFUSION_FINETUNE_T[0],
+                        t_max=DIFFUSION_FINETUNE_T[1], min_snr_gamma=5.0)
+    model = copy.deepcopy(unet).float()
+    model.requires_grad_(True)
+    ema = copy.deepcopy(model)
+    ema.requires_grad_(False)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=DIFFUSION_FINETUNE_LR, weight_decay=0.0)
+    alphas = build_scheduler(model_config).alphas_cumprod
+    pixel_weight = cell_weight(model_config)
+    site_x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    pack_x = torch.from_numpy(np.ascontiguousarray(pack_images)).permute(0, 3, 1, 2)
+    site_y, pack_y = torch.from_numpy(labels), torch.from_numpy(np.asarray(pack_labels, np.int64))
+    site_w = torch.from_numpy(class_balanced_weights(labels, 1.0))
+    pack_w = torch.from_numpy(class_balanced_weights(np.asarray(pack_labels), 1.0))
+    half = FINETUNE_BATCH // 2
+    model.train()
+    for step in range(steps):
+        i = torch.multinomial(site_w, half, replacement=True, generator=generator)
+        j = torch.multinomial(pack_w, half, replacement=True, generator=generator)
+        x = torch.cat([site_x[i], pack_x[j]]).float().div_(255.0)
+        x = augment(x, generator, model_config.image_size).mul_(2.0).sub_(1.0)
+        y = torch.cat([site_y[i], pack_y[j]])
+        loss = optimisation_step(model, ema, optimiser, alphas, x, y, generator, step=step,
+                                 train=train, t_high=DIFFUSION_FINETUNE_T[1],
+                                 pixel_weight=pixel_weight)
+        if (step + 1) % 50 == 0:
+            log.info("diffusion classifier fine-tune: step %d of %d, loss %.4f", step + 1, steps, loss)
+    ema.eval()
+    return ema
+
+
+def resample(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``(N, S, S, 3)`` cells resampled (antialiased) to ``(N, size, size, 3)``: the same
+    field of view at another pixel size."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                        align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
 #: Folds of the cross-validation that decides whether a site network is used.
 GATE_FOLDS = 5
 #: How much better (balanced accuracy, cross-validated on the site's labelled cells) the site
@@ -290,7 +427,8 @@ class SiteNetwork:
 
 def fit_site_network(model: torch.nn.Module, site_images: np.ndarray, labelled_images: np.ndarray,
                      labelled_labels: np.ndarray, pack: SourcePack, *, seed: int = 0,
-                     site_share: float = 0.5, l2: float = 1e-2) -> SiteNetwork:
+                     site_share: float = 0.5, l2: float = 1e-2,
+                     finetune_steps: int = 0) -> SiteNetwork:
     """The site's network: a copy of ``model`` adapted (class-balanced AdaBN) on all the site's
     cells (``site_images`` and ``labelled_images``, labels unread), its last layer refitted on
     the labelled cells (``site_share`` of the weight) and the ``pack`` (the rest), each class
@@ -299,7 +437,11 @@ def fit_site_network(model: torch.nn.Module, site_images: np.ndarray, labelled_i
     It is used (``SiteNetwork.used``) only if, cross-validated over :data:`GATE_FOLDS` folds of
     the labelled cells, it beats the shipped network on them by :data:`GATE_MARGIN` of balanced
     accuracy: on a lab the shipped network already reads well, a refit on a few cells loses more
-    than it gains."""
+    than it gains.
+
+    ``finetune_steps`` > 0: after the refit, every weight is trained that many steps
+    (:func:`finetune_network`); each fold of the cross-validation is fine-tuned without its
+    cells."""
     from analysis.reference import reference_logits, reference_posterior
     from analysis.uncertainty import balanced_accuracy
 
@@ -323,18 +465,34 @@ def fit_site_network(model: torch.nn.Module, site_images: np.ndarray, labelled_i
 
     log.info("last layer refitted on %d named cells and %d pack cells; %d-fold cross-validation",
              len(labels), len(pack.labels), GATE_FOLDS)
+    def network(keep: np.ndarray) -> torch.nn.Module:
+        net = copy.deepcopy(adapted)
+        net._fc = refit(keep)
+        return finetune_network(net, labelled_images[keep], labels[keep], pack,
+                                steps=finetune_steps, seed=seed)
+
     fold = folds(labels, seed=seed)
     n = shipped_p.shape[1]
     held_out = np.zeros((len(labels), n), np.float64)
     for k in range(GATE_FOLDS):
         held = fold == k
-        if held.any():
+        if not held.any():
+            continue
+        if finetune_steps:
+            log.info("fine-tuning the network without fold %d of %d", k + 1, GATE_FOLDS)
+            held_out[held] = reference_posterior(
+                reference_logits(network(~held), labelled_images[held])[0])
+        else:
             with torch.no_grad():
                 z = refit(~held)(torch.from_numpy(f_site[held])).double()
             held_out[held] = torch.softmax(z, dim=1).numpy()
     shipped = balanced_accuracy(labels, shipped_p.argmax(axis=1), n)
     site = balanced_accuracy(labels, held_out.argmax(axis=1), n)
-    adapted._fc = refit(np.ones(len(labels), bool))
+    everyone = np.ones(len(labels), bool)
+    if finetune_steps:
+        adapted = network(everyone)
+    else:
+        adapted._fc = refit(everyone)
     adapted.eval()
     return SiteNetwork(adapted, site >= shipped + GATE_MARGIN, round(shipped, 4), round(site, 4),
                        held_out, shipped_p)

@@ -31,6 +31,12 @@ WEIGHTS`` reports what ``calibrate-site --labelled`` estimates of a lab with tho
     python -m analysis.training.few_shot --lab chula --reference .train/ms/ref_no_chula_base_s2.safetensors \\
         --pack .train/ms/pack_no_chula.safetensors --diffusion .train/lolo_site/no_chula/w --seed 0
     python -m analysis.training.few_shot --lab bccd --verify analysis/weights --seed 0
+
+Two designs that train more than the last layer (measured, not what the node does;
+``bench/lolo_site_finetune.sh``): ``--finetune STEPS`` trains the whole site network on the
+named cells after the refit (FT, :func:`analysis.site_adapt.finetune_network`), and
+``--diffusion-finetune STEPS`` trains a copy of the diffusion classifier on them where the gate
+opens (DFT, :func:`analysis.site_adapt.finetune_diffusion`); its rows are "DFT ...".
 """
 
 from __future__ import annotations
@@ -225,14 +231,22 @@ def _out_of_fold_offsets(p: np.ndarray, labels: np.ndarray, seed: int) -> np.nda
 
 def _reported_variants(fitted: SiteNetwork, p_site: np.ndarray, p_shipped: np.ndarray,
                        d_scored: np.ndarray, d_shot: np.ndarray, shot_labels: np.ndarray,
-                       labels: np.ndarray, rule: ReviewRule, seed: int) -> dict[str, object]:
+                       labels: np.ndarray, rule: ReviewRule, seed: int,
+                       d_site: np.ndarray | None = None) -> dict[str, object]:
     """The reported class (both models combined) under each way of weighing the diffusion
     classifier at a site with its own network (criteria.txt, 14:37): R0 the rule's weight,
     R1 the site network alone, H2 the weight the named cells choose, H3 likewise after per-class
     log-offsets on the diffusion posterior fitted on them. Where the gate stays shut every
-    variant is the shipped network at the rule's weight."""
+    variant is the shipped network at the rule's weight. ``d_site``: the posteriors of the
+    diffusion classifier fine-tuned for the site (DFT, criteria.txt 23:33), used where the gate
+    opens."""
     w, u = rule.diffusion_weight, rule.uncertainty_threshold
     shipped = combine(d_scored, p_shipped, w)
+    dft: dict[str, object] = {}
+    if d_site is not None:
+        dft = {"DFT diffusion fine-tuned alone": _reported(d_site, labels, u),
+               "DFT rule weight": _reported(combine(d_site, p_site, w) if fitted.used else shipped,
+                                            labels, u)}
     h2 = choose_diffusion_weight(d_shot, fitted.held_out_probabilities, shot_labels, w)
     h3 = choose_diffusion_weight(_out_of_fold_offsets(d_shot, shot_labels, seed),
                                  fitted.held_out_probabilities, shot_labels, w)
@@ -249,13 +263,15 @@ def _reported_variants(fitted: SiteNetwork, p_site: np.ndarray, p_shipped: np.nd
     }
     for name, post in posteriors.items():
         rows[name] = _reported(post if fitted.used else shipped, labels, u)
+    rows.update(dft)
     return rows
 
 
 def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path, *,
                      ks: tuple[int, ...] = (10,), score_splits: str = "val+test",
                      adapt_splits: str = "train+val+test", seed: int = 0,
-                     diffusion: Path | None = None, per_class: int = 0) -> dict[str, object]:
+                     diffusion: Path | None = None, per_class: int = 0,
+                     finetune_steps: int = 0, diffusion_finetune: int = 0) -> dict[str, object]:
     """What the node's ``calibrate-site --labelled`` does (:func:`analysis.site_adapt.fit_site_network`):
     class-balanced AdaBN on the site's ``adapt_splits`` cells (labels unread), the last layer
     refitted on ``k`` labelled train cells per class beside the shipped-size ``pack``.
@@ -295,16 +311,30 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
         shot = site_train.per_class(k, seed)
         drawn = set(shot.paths)
         rest = adapt.images[[i for i, path in enumerate(adapt.paths) if path not in drawn]]
-        fitted = fit_site_network(model, rest, shot.images, shot.labels, pack, seed=seed)
+        fitted = fit_site_network(model, rest, shot.images, shot.labels, pack, seed=seed,
+                                  finetune_steps=finetune_steps)
         net = fitted.model
         row = {"site_cells": len(shot), "adapted_on": len(rest) + len(shot),
                **_score(net._fc, _features(net, scored.images), scored.labels)}
         if diffusion is not None:
             d_shot = classifier.predict(_images_at(d_train, shot.paths),
                                         torch.Generator("cpu").manual_seed(seed)).probabilities
+            d_site = d_scored if diffusion_finetune else None  # the gate shut: nothing changes
+            if diffusion_finetune and fitted.used:
+                from analysis.site_adapt import finetune_diffusion, resample
+
+                load = classifier.image_size * 4 // 3
+                d_load = load_lab(data_root, lab, "train", load, FIELD_OF_VIEW_UM)
+                site_classifier = copy.copy(classifier)
+                site_classifier.unet = finetune_diffusion(
+                    classifier.unet, classifier.model_config, _images_at(d_load, shot.paths),
+                    shot.labels, resample(pack.images, load), pack.labels,
+                    steps=diffusion_finetune, seed=seed)
+                d_site = site_classifier.predict(_images_at(d_cells, scored.paths),
+                                                 torch.Generator("cpu").manual_seed(seed)).probabilities
             row["reported"] = _reported_variants(
                 fitted, _probabilities(net, scored.images), p_shipped, d_scored, d_shot,
-                shot.labels, scored.labels, rule, seed)
+                shot.labels, scored.labels, rule, seed, d_site)
             for name, r in row["reported"].items():  # type: ignore[union-attr]
                 print(f"  {lab} k={k} {name}: {r.get('balanced_accuracy', r)}", file=sys.stderr)
         # H: the gate's choice (the site network only where cross-validation on the labelled
@@ -318,6 +348,7 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
               f"{rows['unchanged']['balanced_accuracy']}; gate {row['gate']})",  # type: ignore[index]
               file=sys.stderr)
     return {"lab": lab, "reference": str(reference), "pack": str(pack_path),
+            "finetune_steps": finetune_steps, "diffusion_finetune_steps": diffusion_finetune,
             "scored_on": f"{lab} {score_splits}", "adapted_on": f"{lab} {adapt_splits}",
             "cells": len(scored), "seed": seed, "site network": rows}
 
@@ -375,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--diffusion", type=Path,
                    help="with --pack: a weights folder whose diffusion classifier (and calibration) "
                         "never saw the lab: also score the reported class (both models combined)")
+    p.add_argument("--finetune", type=int, default=0, metavar="STEPS",
+                   help="with --pack: fine-tune the whole site network this many steps after the "
+                        "refit (site_adapt.finetune_network)")
+    p.add_argument("--diffusion-finetune", type=int, default=0, metavar="STEPS",
+                   help="with --diffusion: where the gate opens, also fine-tune the diffusion "
+                        "classifier this many steps on the named cells (site_adapt.finetune_diffusion)")
     p.add_argument("--per-class", type=int, default=0,
                    help="score at most this many cells of each class (e.g. PBC val)")
     p.add_argument("--verify", type=Path, metavar="WEIGHTS",
@@ -405,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_site_network(args.data, args.lab, args.reference, args.pack, ks=ks,
                                   score_splits=args.score_splits, adapt_splits=args.adapt_splits,
                                   seed=args.seed, diffusion=args.diffusion,
-                                  per_class=args.per_class)
+                                  per_class=args.per_class, finetune_steps=args.finetune,
+                                  diffusion_finetune=args.diffusion_finetune)
     else:
         result = run(args.data, args.lab, args.reference, ks=ks, score_splits=args.score_splits,
                      seed=args.seed, site_share=args.site_share, balanced_bn=args.balanced_bn)

@@ -344,3 +344,85 @@ def test_site_pack_builds_the_pack_a_labelled_calibration_refits_beside(tmp_path
                           "--out", str(tmp_path / "x.safetensors")],
                          check=False, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--labs are pbc, bccd, chula" in bad.stderr
+
+
+@needs_weights
+@pytest.mark.timeout(300)
+def test_fine_tuning_the_whole_network_fits_the_named_cells_and_keeps_the_sites_statistics() -> None:
+    """`finetune_network` (FT: measured leave-one-lab-out, not what calibrate-site does): on
+    Chula's cells in a stain no lab used, every weight moves, the batch-norm statistics adapted
+    to the site stay as they were, the named cells are fitted better than before (lower
+    cross-entropy under their names), and the same seed gives the same network."""
+    import copy
+
+    import torch
+
+    from analysis.reference import load_reference, reference_logits
+    from analysis.site_adapt import batchnorm_state, finetune_network
+    from analysis.training.labs import load_lab
+
+    model, config, _ = load_reference(WEIGHTS_DIR / "reference_effnet.safetensors")
+    pack = SourcePack.load(WEIGHTS_DIR / SOURCE_PACK)
+    named = load_lab(DATA, "chula", "train", config.image_size, FIELD_OF_VIEW_UM).per_class(6, seed=0)
+    cells = other_stain(named.images)
+
+    def loss(network: torch.nn.Module) -> float:
+        logits = torch.from_numpy(reference_logits(network, cells)[0])
+        return float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(named.labels)))
+
+    tuned = finetune_network(copy.deepcopy(model), cells, named.labels, pack, steps=20, seed=4)
+    again = finetune_network(copy.deepcopy(model), cells, named.labels, pack, steps=20, seed=4)
+    assert not tuned.training
+    assert all(torch.equal(v, batchnorm_state(model)[k]) for k, v in batchnorm_state(tuned).items())
+    assert not torch.equal(tuned._conv_stem.weight, model._conv_stem.weight)
+    assert not torch.equal(tuned._fc.weight, model._fc.weight)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in tuned.state_dict().items())
+    assert loss(tuned) < 0.8 * loss(model), (loss(tuned), loss(model))
+    with pytest.raises(ValueError, match="at least one step"):
+        finetune_network(copy.deepcopy(model), cells, named.labels, pack, steps=0)
+
+
+@needs_weights
+@pytest.mark.timeout(300)
+def test_the_diffusion_classifier_fine_tuned_on_named_cells_denoises_them_better() -> None:
+    """`finetune_diffusion` (measured leave-one-lab-out, not the default): a copy of the shipped
+    UNet trained on a new stain's named cells beside the pack denoises those cells, under
+    their own class, with less error than before; the shipped UNet is untouched, the copy is
+    in eval mode and the same seed gives the same weights."""
+    import torch
+
+    from analysis.classifier import DiffusionClassifier
+    from analysis.model import build_scheduler
+    from analysis.site_adapt import finetune_diffusion, resample
+    from analysis.training.labs import load_lab
+
+    classifier = DiffusionClassifier(WEIGHTS_DIR)
+    unet, config = classifier.unet, classifier.model_config
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    load = config.image_size * 4 // 3
+    named = load_lab(DATA, "chula", "train", load, FIELD_OF_VIEW_UM).per_class(6, seed=0)
+    cells = other_stain(named.images)
+    pack = SourcePack.load(WEIGHTS_DIR / SOURCE_PACK)
+    packed = resample(pack.images, load)
+    assert packed.shape[1:] == (load, load, 3)
+
+    def error(net: torch.nn.Module) -> float:
+        g = torch.Generator("cpu").manual_seed(5)
+        x = torch.from_numpy(resample(cells, config.image_size)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        alphas = build_scheduler(config).alphas_cumprod
+        total = 0.0
+        with torch.no_grad():
+            for t in (150, 250, 350, 450):
+                noise = torch.randn(x.shape, generator=g)
+                a = alphas[t]
+                pred = net(a.sqrt() * x + (1 - a).sqrt() * noise, torch.full((len(x),), t),
+                           class_labels=torch.from_numpy(named.labels)).sample
+                total += float(((pred - noise) ** 2).mean())
+        return total
+
+    tuned = finetune_diffusion(unet, config, cells, named.labels, packed, pack.labels, steps=40, seed=3)
+    again = finetune_diffusion(unet, config, cells, named.labels, packed, pack.labels, steps=40, seed=3)
+    assert not tuned.training
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in tuned.state_dict().items())
+    assert error(tuned) < 0.97 * error(unet), (error(tuned), error(unet))
