@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,27 @@ class DiffusionClassifier:
     @property
     def image_size(self) -> int:
         return self.model_config.image_size
+
+    def for_network(self, network: Mapping[str, torch.Tensor] | None) -> DiffusionClassifier:
+        """This classifier, or for a site fine-tuned on its labelled cells (``calibrate-site
+        --finetune``: its ``network`` file holds a diffusion classifier,
+        :func:`analysis.site_adapt.finetune_diffusion`) a copy with the site's UNet; the
+        calibration and budget stay the shipped ones."""
+        import copy
+
+        from analysis.site_adapt import diffusion_state
+
+        state = diffusion_state(network)
+        if state is None:
+            return self
+        out = copy.copy(self)
+        out.unet = copy.deepcopy(self.unet)
+        try:
+            out.unet.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"the site's diffusion classifier does not fit the shipped one: "
+                                  f"{exc}") from exc
+        return out
 
     def predict(self, images: np.ndarray, generator: torch.Generator, *,
                 adaptive: bool = True) -> Predictions:

@@ -298,6 +298,19 @@ def run_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_steps(text: str | None) -> tuple[int, int]:
+    """``--finetune-steps NETWORK,DIFFUSION`` (default: the measured 200 and 300)."""
+    from analysis.site_adapt import DIFFUSION_FINETUNE_STEPS, FINETUNE_STEPS
+
+    if not text:
+        return FINETUNE_STEPS, DIFFUSION_FINETUNE_STEPS
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and 1 <= int(p) <= 10000 for p in parts):
+        raise ValueError(f"--finetune-steps takes two whole numbers from 1 to 10000 joined with "
+                         f"',' (network,diffusion), not {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def run_calibrate_site(args: argparse.Namespace) -> int:
     from analysis.errors import CheckpointError, DatasetError
     from analysis.framing import collect_image_paths
@@ -334,12 +347,23 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
     if args.pixel_spacing is not None and not 0.01 <= args.pixel_spacing <= 10.0:
         sys.stderr.write("cytonode calibrate-site: --pixel-spacing must lie in [0.01, 10] um\n")
         return 2
+    finetune = None
+    if args.finetune or args.finetune_steps:
+        if not args.labelled:
+            sys.stderr.write("cytonode calibrate-site: --finetune needs --labelled cells\n")
+            return 2
+        try:
+            finetune = _finetune_steps(args.finetune_steps)
+        except ValueError as exc:
+            sys.stderr.write(f"cytonode calibrate-site: {exc}\n")
+            return 2
     try:
         sources = [p.name for p in args.paths] + ([f"{args.labelled.name} (labelled)"]
                                                   if args.labelled else [])
         summary = calibrate_site(paths, args.site_id, data_dir, weights_dir=args.weights,
                                  pixel_spacing_um=args.pixel_spacing,
-                                 source=", ".join(sources)[:200], labelled=labelled)
+                                 source=", ".join(sources)[:200], labelled=labelled,
+                                 finetune=finetune)
     except (DatasetError, ValueError) as exc:
         sys.stderr.write(f"cytonode calibrate-site: {exc}\n")
         return 2
@@ -369,6 +393,8 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
             gate: dict[str, Any] = summary["site_network"]  # type: ignore[assignment]
             verdict = ("used for this site's jobs" if gate["used"] else
                        f"not used (it must be {GATE_MARGIN:.0%} better): the shipped network stays")
+            if gate["finetuned"]:
+                verdict += ", fine-tuned whole, with the diffusion classifier fine-tuned beside it"
             sys.stdout.write(f"  labelled cells ({counts}): the shipped reference network calls "
                              f"{gate['shipped_accuracy']:.1%} of them right (balanced), the site's own "
                              f"network {gate['site_accuracy']:.1%} (cross-validated): {verdict}\n")
@@ -436,10 +462,13 @@ def labelled_cells(folder: Path) -> dict[str, list[Path]]:
 
 def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_dir: Path | None,
                    pixel_spacing_um: float | None, source: str,
-                   labelled: dict[str, list[Path]] | None = None) -> dict[str, object]:
+                   labelled: dict[str, list[Path]] | None = None,
+                   finetune: tuple[int, int] | None = None) -> dict[str, object]:
     """Frame the images, fit the calibration (and with ``labelled`` cells per class, the
     site's own network: :func:`analysis.site_adapt.fit_site_network`), store it; a summary
-    for the command line."""
+    for the command line. ``finetune`` ``(network steps, diffusion steps)``: the site network
+    is fine-tuned whole and, where the gate lets it in, the diffusion classifier too
+    (:func:`analysis.site_adapt.finetune_diffusion`; model card, fifteenth session)."""
     import numpy as np
 
     from analysis.classes import CLASS_NAMES
@@ -479,25 +508,31 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         shot = framed([p for cells in labelled.values() for p in cells])
         labels = np.concatenate([np.full(len(cells), CLASS_NAMES.index(c))
                                  for c, cells in labelled.items()])
-        fitted = fit_site_network(model.reference.model, images, shot, labels, pack)
-        verification = _verify(weights, [p for cells in labelled.values() for p in cells], labels,
-                               spacing, fitted.probabilities, model.rule.diffusion_weight)
+        fitted = fit_site_network(model.reference.model, images, shot, labels, pack,
+                                  finetune_steps=finetune[0] if finetune else 0)
+        named_files = [p for cells in labelled.values() for p in cells]
+        verification = _verify(weights, named_files, labels, spacing, fitted.probabilities,
+                               model.rule.diffusion_weight)
         images = np.concatenate([images, shot])
         gate = {"used": fitted.used, "shipped_accuracy": fitted.shipped_accuracy,
-                "site_accuracy": fitted.site_accuracy}
+                "site_accuracy": fitted.site_accuracy, "finetuned": bool(finetune and fitted.used)}
         if fitted.used:
-            network, counts = network_state(fitted.model), named_counts
+            network, counts = network_state(fitted.model, whole=bool(finetune)), named_counts
             measuring = fitted.model
+            if finetune:
+                network.update(_finetuned_diffusion(weights, named_files, labels, pack, spacing,
+                                                    finetune[1]))
     logits, features = reference_logits(measuring, images, features=True,
                                         views=model.reference.views)
     assert features is not None  # asked for
-    unsure = _unsure(weights, model, paths, spacing, logits[:len(paths)])
+    unsure = _unsure(weights, model, paths, spacing, logits[:len(paths)], network)
     val_rate = float(model.rule.val_normal_flag_rate)
     site = fit_site(site_id, features, density=model.density,
                     shipped_threshold=model.rule.feature_threshold,
                     val_normal_flag_rate=val_rate, source=source,
                     reference_sha256=model.reference_sha256, labelled=counts, network=network,
-                    verification=verification, unsure=unsure)
+                    verification=verification, unsure=unsure,
+                    finetuned=bool(finetune) and network is not None)
     path = save_site(data_dir, site)
     summary: dict[str, object] = {
         "id": site.site_id, "label": site.label, "path": str(path), "cells": site.cells,
@@ -518,12 +553,33 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     return summary
 
 
+def _finetuned_diffusion(weights: Path, files: list[Path], labels: Any, pack: Any, spacing: float,
+                         steps: int) -> dict[str, Any]:
+    """The diffusion classifier fine-tuned on the site's labelled ``files`` beside the source
+    ``pack`` (:func:`analysis.site_adapt.finetune_diffusion`), as network-file tensors."""
+    import numpy as np
+
+    from analysis.classifier import DiffusionClassifier
+    from analysis.framing import read_framed
+    from analysis.site_adapt import DIFFUSION_PREFIX, finetune_diffusion, resample
+
+    classifier = DiffusionClassifier(weights)
+    load = classifier.image_size * 4 // 3  # framed a third larger, as training frames cells
+    logger.info("fine-tuning the diffusion classifier on the %d labelled cells (%d steps)",
+                len(files), steps)
+    images = np.stack([read_framed(p, load, spacing) for p in files])
+    unet = finetune_diffusion(classifier.unet, classifier.model_config, images, labels,
+                              resample(pack.images, load), pack.labels, steps=steps)
+    return {DIFFUSION_PREFIX + k: v.detach().contiguous() for k, v in unet.state_dict().items()}
+
+
 def _unsure(weights: Path, model: Any, files: list[Path], spacing: float,
-            logits: Any) -> tuple[int, int, float] | None:
+            logits: Any, network: Any = None) -> tuple[int, int, float] | None:
     """How many of (at most :data:`analysis.site.UNSURE_CELLS` of) the site's unlabelled cells
-    the review rule calls uncertain or models-disagree, with the diffusion classifier run on
-    them beside the reference ``logits`` of the network the site uses: ``(unsure, read, the
-    validated labs' share)``; ``None`` when the rule has no share or too few cells are given."""
+    the review rule calls uncertain or models-disagree, with the diffusion classifier (the
+    site's own where ``network`` holds one) run on them beside the reference ``logits`` of the
+    network the site uses: ``(unsure, read, the validated labs' share)``; ``None`` when the
+    rule has no share or too few cells are given."""
     import numpy as np
     import torch
 
@@ -537,7 +593,7 @@ def _unsure(weights: Path, model: Any, files: list[Path], spacing: float,
     if expected is None or len(files) < MIN_CELLS:
         return None
     chosen = np.sort(np.random.default_rng(0).permutation(len(files))[:UNSURE_CELLS])
-    classifier = DiffusionClassifier(weights)
+    classifier = DiffusionClassifier(weights).for_network(network)
     logger.info("both models read %d of the site's cells (is the site readable?)", len(chosen))
     images = np.stack([read_framed(files[i], classifier.image_size, spacing) for i in chosen])
     pred = classifier.predict(images, torch.Generator("cpu").manual_seed(0))

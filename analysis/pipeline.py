@@ -371,6 +371,8 @@ def _classify_open_slide(slide: Slide, config: PipelineConfig, progress: Progres
     site, site_notes = (None, ()) if review_model is None else review_model.usable_site(config.site)
     for note in site_notes:
         logger.warning("%s", note)
+    # a site fine-tuned on its named cells has its own diffusion classifier
+    classifier = classifier.for_network(None if site is None else site.network)
     crop_config = dataclasses.replace(config.crops, output_size=classifier.image_size)
     framed = _framed([crop_cell(slide, cell, crop_config) for cell in cells],
                      classifier.image_size)
@@ -611,10 +613,16 @@ def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
         parameters["anomaly_score"] = "reference feature distance (Mahalanobis, nearest class)"
         parameters["site_calibration"] = site.label if site is not None else "none"
         if site is not None and site.network is not None:
+            named = (f"{site.labelled_cells} labelled cells "
+                     f"({', '.join(f'{c} {n}' for c, n in site.labelled)})")
             parameters["site_reference_network"] = (
-                f"shipped reference adapted to the site and refitted on "
-                f"{site.labelled_cells} labelled cells ({', '.join(f'{c} {n}' for c, n in site.labelled)}); "
-                f"sha256 {site.network_sha256}")
+                f"shipped reference adapted to the site and fine-tuned whole on {named}"
+                if site.finetuned else
+                f"shipped reference adapted to the site and refitted on {named}"
+            ) + f"; sha256 {site.network_sha256}"
+            if site.finetuned:
+                parameters["site_diffusion_classifier"] = (
+                    f"shipped diffusion classifier fine-tuned on {named}; in the same file")
         if site is not None and site.verified_balanced_accuracy is not None:
             parameters["site_verified"] = (
                 f"reported class right on {site.verified_text} of the site's "

@@ -125,6 +125,9 @@ class SiteCalibration:
     #: The largest share of a validated lab's normal cells the rule calls unsure, when measured
     #: (the rule's ``site_unsure_share``; ``None``: not checked).
     unsure_expected: float | None = None
+    #: The site network was fine-tuned whole on the labelled cells, and the diffusion
+    #: classifier with it (``calibrate-site --finetune``; its tensors are in the network file).
+    finetuned: bool = False
     #: The site network's tensors (:func:`analysis.site_adapt.network_state`), read by
     #: :func:`load_site`; not part of the JSON.
     network: Any = dataclasses.field(default=None, compare=False, repr=False)
@@ -144,6 +147,8 @@ class SiteCalibration:
                              f"non-decreasing numbers")
         if bool(self.labelled) != bool(self.network_sha256):
             raise ValueError("labelled and network_sha256 go together")
+        if self.finetuned and not self.network_sha256:
+            raise ValueError("a fine-tuned site needs its network (network_sha256)")
         v = self.verified_balanced_accuracy
         if v is not None and (not 0.0 <= v <= 1.0 or self.verified_cells < 1):
             raise ValueError("verified_balanced_accuracy lies in [0, 1], measured on 1 cell or more")
@@ -165,6 +170,7 @@ class SiteCalibration:
         """How a report names it: ``<id> (<date>, <n> cells)``, with ``, <m> labelled`` for a
         calibration with its own network."""
         named = f", {self.labelled_cells} labelled" if self.labelled else ""
+        named += ", fine-tuned" if self.finetuned else ""
         return f"{self.site_id} ({self.created[:10]}, {self.cells} cells{named})"
 
     @property
@@ -393,13 +399,15 @@ def fit_site(site_id: str, features: np.ndarray, *, density: Any,
              shipped_threshold: float, val_normal_flag_rate: float, source: str,
              reference_sha256: str = "", labelled: tuple[tuple[str, int], ...] = (),
              network: Any = None, verification: Any = None,
-             unsure: tuple[int, int, float] | None = None) -> SiteCalibration:
+             unsure: tuple[int, int, float] | None = None,
+             finetuned: bool = False) -> SiteCalibration:
     """Fit a site calibration from the reference ``features`` of the site's cells
     (``density``: :class:`analysis.review.FeatureDensity`; ``reference_sha256``: the
     shipped network; ``network``: the site's own (:func:`analysis.site_adapt.network_state`,
     fitted on ``labelled`` cells per class), which then measured ``features``;
     ``verification``: :func:`analysis.site_adapt.verify_site`'s on the labelled cells;
-    ``unsure``: ``(unsure cells, cells read, the validated labs' share)``)."""
+    ``unsure``: ``(unsure cells, cells read, the validated labs' share)``; ``finetuned``: the
+    network was fine-tuned whole and holds the site's diffusion classifier)."""
     if len(features) < MIN_CELLS:
         raise ValueError(f"a site calibration needs at least {MIN_CELLS} cells, not {len(features)}")
     shift = density.site_shift(features)
@@ -423,4 +431,4 @@ def fit_site(site_id: str, features: np.ndarray, *, density: Any,
         verified_interval=() if verification is None else (verification.low, verification.high),
         unsure_cells=0 if unsure is None else int(unsure[0]),
         unsure_measured=0 if unsure is None else int(unsure[1]),
-        unsure_expected=None if unsure is None else float(unsure[2]))
+        unsure_expected=None if unsure is None else float(unsure[2]), finetuned=finetuned)

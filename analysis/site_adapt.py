@@ -233,28 +233,48 @@ class SourcePack:
         return cls(images, raw["labels"], tuple(names[i] for i in raw["labs"]))
 
 
-def network_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What a site's network changes: the batch-norm statistics and the last layer."""
+def network_state(model: torch.nn.Module, *, whole: bool = False) -> dict[str, torch.Tensor]:
+    """What a site's network changes: the batch-norm statistics and the last layer, or with
+    ``whole`` (a network fine-tuned whole: :func:`finetune_network`) every tensor."""
+    if whole:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
     state = batchnorm_state(model)
     state.update({k: v.detach().clone() for k, v in model.state_dict().items() if k in HEAD_KEYS})
     return state
 
 
+#: The prefix of a site's fine-tuned diffusion classifier's tensors in its network file
+#: (``calibrate-site --labelled --finetune``: :func:`finetune_diffusion`).
+DIFFUSION_PREFIX = "diffusion."
+
+
 def apply_network_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    """A copy of ``model`` with a site's :func:`network_state`."""
-    expected = set(network_state(model))
-    if set(state) != expected:
-        raise ValueError(f"a site network must hold {len(expected)} tensors of this reference, "
-                         f"not {len(state)}")
+    """A copy of ``model`` with a site's :func:`network_state` (the statistics and last layer,
+    or every tensor; a fine-tuned diffusion classifier's tensors beside them are left out)."""
+    own = {k: v for k, v in state.items() if not k.startswith(DIFFUSION_PREFIX)}
+    partial, whole = set(network_state(model)), set(model.state_dict())
+    if set(own) not in (partial, whole):
+        raise ValueError(f"a site network must hold {len(partial)} or {len(whole)} tensors of this "
+                         f"reference, not {len(own)}")
     out = copy.deepcopy(model)
-    out.load_state_dict(dict(state), strict=False)
+    out.load_state_dict(own, strict=False)
     out.eval()
     return out
+
+
+def diffusion_state(state: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """The site's fine-tuned diffusion classifier's tensors in its network file, if any."""
+    if state is None:
+        return None
+    n = len(DIFFUSION_PREFIX)
+    out = {k[n:]: v for k, v in state.items() if k.startswith(DIFFUSION_PREFIX)}
+    return out or None
 
 
 #: The whole-network fine-tune on a site's named cells (:func:`finetune_network`; criterion of
 #: 2026-12-05 23:09 in ``analysis/training/criteria.txt``): steps, batch size (half named cells,
 #: half pack cells) and the learning rates of the body and of the last layer.
+FINETUNE_STEPS = 200
 FINETUNE_BATCH = 32
 FINETUNE_LR = 5e-5
 FINETUNE_HEAD_LR = 1e-4
@@ -320,6 +340,7 @@ def finetune_network(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
 #: The diffusion classifier fine-tuned on a site's named cells (:func:`finetune_diffusion`;
 #: criterion of 2026-12-05 23:33): steps, batch (half named, half pack), learning rate and the
 #: timesteps trained (those the classifier scores).
+DIFFUSION_FINETUNE_STEPS = 300
 DIFFUSION_FINETUNE_LR = 5e-5
 DIFFUSION_FINETUNE_T = (100, 500)
 

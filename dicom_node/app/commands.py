@@ -188,6 +188,12 @@ def _add_calibrate_site(sub: SubParsers) -> None:
                    help="a folder of folders named by class (neutrophil, eosinophil, basophil, "
                         "lymphocyte, monocyte, ig, erythroblast, platelet), at least 5 cells each, "
                         "two classes or more: the site's own labelled cells")
+    p.add_argument("--finetune", action="store_true",
+                   help="with --labelled: fine-tune the whole site network and, where it is used, "
+                        "the diffusion classifier on the labelled cells (minutes; measured at labs "
+                        "never trained on, model card; not the default)")
+    p.add_argument("--finetune-steps", default=None, metavar="NETWORK,DIFFUSION",
+                   help="with --finetune: training steps of each (default 200,300, as measured)")
     p.add_argument("--id", dest="site_id", help="name of the calibration (letters, digits, _.-)")
     p.add_argument("--pixel-spacing", type=float, default=None,
                    help="micrometres per pixel of the images (default: the median red-cell "

@@ -426,3 +426,77 @@ def test_the_diffusion_classifier_fine_tuned_on_named_cells_denoises_them_better
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in tuned.state_dict().items())
     assert error(tuned) < 0.97 * error(unet), (error(tuned), error(unet))
+
+
+@needs_weights
+@pytest.mark.timeout(900)
+def test_a_site_fine_tuned_on_its_named_cells_reads_its_slides_with_its_own_models(tmp_path: Path) -> None:
+    """`calibrate-site --labelled --finetune` (fewer steps than the default, for time): a lab
+    in a stain no training lab used gets its reference network fine-tuned whole and its own
+    diffusion classifier, both in the one network file its calibration names; its label and
+    summary say so; a slide analysed with that calibration is classified by the site's
+    diffusion classifier (the report names it, and the result differs from the same site
+    without it). --finetune without --labelled, or bad steps, are refused."""
+    import torch
+
+    from analysis.classifier import DiffusionClassifier
+    from analysis.pipeline import PipelineConfig, classify_slide
+    from analysis.site import load_site, network_path
+    from analysis.site_adapt import DIFFUSION_PREFIX
+    from analysis.training.labs import LabCells, load_lab
+
+    from .conftest import SAMPLE_SLIDE
+
+    model = ReviewModel.load(WEIGHTS_DIR, read_calibration(WEIGHTS_DIR))
+    assert model is not None
+    size = model.image_size
+    train = load_lab(DATA, "chula", "train", size, FIELD_OF_VIEW_UM)
+    named = train.per_class(6, seed=0)
+    rest = train.take(np.array([i for i, p in enumerate(train.paths) if p not in set(named.paths)]))
+    unnamed = rest.per_class(6, seed=1)
+
+    def stained(cells: LabCells) -> LabCells:
+        return LabCells(cells.lab, cells.split, other_stain(cells.images), cells.labels, cells.paths)
+
+    labelled = tmp_path / "tuned" / "labelled"
+    for c in np.unique(named.labels):
+        _write(other_stain(named.images[named.labels == c]), labelled / CLASS_NAMES[c], "cell")
+    _write(stained(unnamed).images, tmp_path / "tuned" / "cells", "cell")
+    common = [str(tmp_path / "tuned" / "cells"), "--id", "tuned", "--pixel-spacing",
+              str(FIELD_OF_VIEW_UM / size), "--data-dir", str(tmp_path / "var")]
+    for bad, message in (([], "--finetune needs --labelled cells"),
+                         (["--labelled", str(labelled), "--finetune-steps", "20"], "two whole numbers")):
+        run = subprocess.run([*CLI, *common, "--finetune", *bad], check=False, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 2 and message in run.stderr, run.stderr
+    run = subprocess.run([*CLI, *common, "--labelled", str(labelled), "--finetune",
+                          "--finetune-steps", "15,20", "--json"],
+                         check=False, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout)
+    assert summary["site_network"]["used"] and summary["site_network"]["finetuned"], summary
+    site = load_site(tmp_path / "var", "tuned")
+    assert site.finetuned and site.label.endswith(
+        f"{len(named) + len(unnamed)} cells, {len(named)} labelled, fine-tuned)"), site.label
+    from safetensors import safe_open
+
+    with safe_open(str(network_path(tmp_path / "var", "tuned")), "pt") as fh:
+        keys = set(fh.keys())
+    assert {k for k in keys if not k.startswith(DIFFUSION_PREFIX)} == set(model.reference.model.state_dict())
+    shipped = DiffusionClassifier(WEIGHTS_DIR)
+    own = shipped.for_network(site.network)
+    assert own is not shipped and shipped.for_network(None) is shipped
+    assert not torch.equal(own.unet.conv_in.weight, shipped.unet.conv_in.weight)
+
+    config = PipelineConfig(n_timesteps=8, cell_batch=8, heatmaps=False, site=site)
+    tuned = classify_slide(sorted(SAMPLE_SLIDE.glob("*.dcm")), config)
+    parameters = tuned.provenance.parameters
+    assert parameters["site_diffusion_classifier"].startswith("shipped diffusion classifier fine-tuned on")
+    assert "fine-tuned whole" in parameters["site_reference_network"]
+    without = {k: v for k, v in site.network.items() if not k.startswith(DIFFUSION_PREFIX)}
+    import dataclasses
+
+    plain = classify_slide(sorted(SAMPLE_SLIDE.glob("*.dcm")), dataclasses.replace(
+        config, site=dataclasses.replace(site, network=without, finetuned=False)))
+    assert "site_diffusion_classifier" not in plain.provenance.parameters
+    assert [c.probabilities for c in tuned.cells] != [c.probabilities for c in plain.cells]
