@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -55,6 +56,23 @@ def _write(images: np.ndarray, folder: Path, prefix: str) -> list[Path]:
     return out
 
 
+def _named_and_unnamed(size: int) -> tuple[Any, Any]:
+    """6 of Chula's train cells of each class, named by the lab, and 6 more of each, unnamed."""
+    from analysis.training.labs import load_lab
+
+    train = load_lab(DATA, "chula", "train", size, FIELD_OF_VIEW_UM)
+    named = train.per_class(6, seed=0)
+    rest = train.take(np.array([i for i, p in enumerate(train.paths) if p not in set(named.paths)]))
+    return named, rest.per_class(6, seed=1)
+
+
+def _stained(cells: Any) -> Any:
+    """``cells`` in a stain no training lab used (:func:`other_stain`)."""
+    from analysis.training.labs import LabCells
+
+    return LabCells(cells.lab, cells.split, other_stain(cells.images), cells.labels, cells.paths)
+
+
 def _calibrate(tmp_path: Path, named: object, unnamed: object, site_id: str, size: int) -> dict:
     """`calibrate-site --labelled` on ``named`` cells (folders by class) and ``unnamed`` ones."""
     labelled = tmp_path / site_id / "labelled"
@@ -86,10 +104,7 @@ def test_labelled_cells_refit_a_network_for_a_new_stain_and_not_for_a_known_one(
     model = ReviewModel.load(WEIGHTS_DIR, read_calibration(WEIGHTS_DIR))
     assert model is not None
     size = model.image_size
-    train = load_lab(DATA, "chula", "train", size, FIELD_OF_VIEW_UM)
-    named = train.per_class(6, seed=0)
-    rest = train.take(np.array([i for i, p in enumerate(train.paths) if p not in set(named.paths)]))
-    unnamed = rest.per_class(6, seed=1)
+    named, unnamed = _named_and_unnamed(size)
 
     known = _calibrate(tmp_path, named, unnamed, "known", size)
     assert known["site_network"]["used"] is False and known["site_network"]["shipped_accuracy"] >= 0.9
@@ -99,10 +114,7 @@ def test_labelled_cells_refit_a_network_for_a_new_stain_and_not_for_a_known_one(
     assert "network_sha256" not in known and not network_path(tmp_path / "var", "known").exists()
     assert "labelled" not in load_site(tmp_path / "var", "known").label
 
-    def stained(cells: LabCells) -> LabCells:
-        return LabCells(cells.lab, cells.split, other_stain(cells.images), cells.labels, cells.paths)
-
-    summary = _calibrate(tmp_path, stained(named), stained(unnamed), "new-stain", size)
+    summary = _calibrate(tmp_path, _stained(named), _stained(unnamed), "new-stain", size)
     gate = summary["site_network"]
     assert gate["used"] is True and gate["site_accuracy"] >= gate["shipped_accuracy"] + 0.02, gate
     assert summary["labelled"] == {CLASS_NAMES[c]: 6 for c in np.unique(named.labels)}
@@ -118,7 +130,7 @@ def test_labelled_cells_refit_a_network_for_a_new_stain_and_not_for_a_known_one(
     def accuracy(cells: LabCells, s: object) -> float:
         return float(np.mean(model.measure(cells.images, s)[0] == cells.labels))
 
-    val = stained(load_lab(DATA, "chula", "val", size, FIELD_OF_VIEW_UM))
+    val = _stained(load_lab(DATA, "chula", "val", size, FIELD_OF_VIEW_UM))
     assert accuracy(val, site) >= accuracy(val, None) + 0.05, (accuracy(val, site), accuracy(val, None))
 
     listing = subprocess.run([*CLI, "--list", "--data-dir", str(tmp_path / "var")],
@@ -443,25 +455,18 @@ def test_a_site_fine_tuned_on_its_named_cells_reads_its_slides_with_its_own_mode
     from analysis.pipeline import PipelineConfig, classify_slide
     from analysis.site import load_site, network_path
     from analysis.site_adapt import DIFFUSION_PREFIX
-    from analysis.training.labs import LabCells, load_lab
 
     from .conftest import SAMPLE_SLIDE
 
     model = ReviewModel.load(WEIGHTS_DIR, read_calibration(WEIGHTS_DIR))
     assert model is not None
     size = model.image_size
-    train = load_lab(DATA, "chula", "train", size, FIELD_OF_VIEW_UM)
-    named = train.per_class(6, seed=0)
-    rest = train.take(np.array([i for i, p in enumerate(train.paths) if p not in set(named.paths)]))
-    unnamed = rest.per_class(6, seed=1)
-
-    def stained(cells: LabCells) -> LabCells:
-        return LabCells(cells.lab, cells.split, other_stain(cells.images), cells.labels, cells.paths)
+    named, unnamed = _named_and_unnamed(size)
 
     labelled = tmp_path / "tuned" / "labelled"
     for c in np.unique(named.labels):
         _write(other_stain(named.images[named.labels == c]), labelled / CLASS_NAMES[c], "cell")
-    _write(stained(unnamed).images, tmp_path / "tuned" / "cells", "cell")
+    _write(_stained(unnamed).images, tmp_path / "tuned" / "cells", "cell")
     common = [str(tmp_path / "tuned" / "cells"), "--id", "tuned", "--pixel-spacing",
               str(FIELD_OF_VIEW_UM / size), "--data-dir", str(tmp_path / "var")]
     for bad, message in (([], "--finetune needs --labelled cells"),
