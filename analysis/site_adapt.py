@@ -290,8 +290,8 @@ def finetune_network(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
     restored after)."""
     import math
 
+    from analysis.augment import augment
     from analysis.reference import to_input
-    from analysis.training.augment import augment
 
     labels = np.asarray(labels, dtype=np.int64)
     if steps < 1 or len(labels) == 0:
@@ -354,18 +354,15 @@ def finetune_diffusion(unet: torch.nn.Module, model_config: Any, images: np.ndar
     named cells, half pack cells, class-balanced within each half; the training recipe's
     denoising step (min-SNR gamma 5, the cell-disc weight) on the timesteps the classifier
     scores. Returns the EMA weights (eval mode), as training exports them."""
-    from analysis.model import build_scheduler, cell_weight
-    from analysis.training.augment import augment
-    from analysis.training.train import TrainConfig, optimisation_step
+    from analysis.augment import augment
+    from analysis.model import StepSettings, build_scheduler, cell_weight, optimisation_step
 
     labels = np.asarray(labels, dtype=np.int64)
     if steps < 1 or len(labels) == 0:
         raise ValueError("a fine-tune needs at least one step and one named cell")
     generator = torch.Generator("cpu").manual_seed(seed)
-    train = TrainConfig(data_dir=Path("."), out_dir=Path("."), steps=steps,
-                        batch_size=FINETUNE_BATCH, learning_rate=DIFFUSION_FINETUNE_LR,
-                        warmup_steps=10, t_min=DIFFUSION_FINETUNE_T[0],
-                        t_max=DIFFUSION_FINETUNE_T[1], min_snr_gamma=5.0)
+    train = StepSettings(learning_rate=DIFFUSION_FINETUNE_LR, warmup_steps=10,
+                         t_min=DIFFUSION_FINETUNE_T[0], min_snr_gamma=5.0)
     model = copy.deepcopy(unet).float()
     model.requires_grad_(True)
     ema = copy.deepcopy(model)

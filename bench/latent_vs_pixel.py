@@ -66,7 +66,7 @@ def train_autoencoder(ae, images, labels, steps: int, generator, log: logging.Lo
     """MSE reconstruction of augmented train images plus a KL term of weight 1e-6 (as Stable Diffusion's)."""
     import torch
 
-    from analysis.training.augment import augment
+    from analysis.augment import augment
     from analysis.training.train import class_balanced_weights, format_duration
 
     optimiser = torch.optim.AdamW(ae.parameters(), lr=1e-3)
@@ -91,6 +91,7 @@ def train_autoencoder(ae, images, labels, steps: int, generator, log: logging.Lo
 def run_arm(arm: str, args: argparse.Namespace) -> dict[str, object]:
     import torch
 
+    from analysis.augment import augment
     from analysis.classify import (
         ClassifierConfig,
         error_deltas,
@@ -98,8 +99,13 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, object]:
         load_diffusion,
         score_cells,
     )
-    from analysis.model import ModelConfig, build_scheduler, build_unet, count_parameters
-    from analysis.training.augment import augment
+    from analysis.model import (
+        ModelConfig,
+        build_scheduler,
+        build_unet,
+        count_parameters,
+        optimisation_step,
+    )
     from analysis.training.evaluate import stratified_rows
     from analysis.training.pbc import load_images, read_split
     from analysis.training.train import (
@@ -107,7 +113,6 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, object]:
         class_balanced_weights,
         export_weights,
         format_duration,
-        optimisation_step,
         train_diffusion,
     )
     from analysis.uncertainty import balanced_accuracy

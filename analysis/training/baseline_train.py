@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from analysis.augment import augment
 from analysis.baseline import BaselineCNN, BaselineConfig, save_baseline
 from analysis.classes import CLASS_NAMES, kept_classes
-from analysis.training.augment import augment
 from analysis.training.pbc import load_images, read_split
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def train_baseline(data_dir: Path, out: Path, *, steps: int, batch_size: int = 64,
                    learning_rate: float = 2e-3, seed: int = 0,
                    config: BaselineConfig | None = None) -> dict[str, float]:
-    """Train the baseline on the PBC train split with :func:`analysis.training.augment.augment`.
+    """Train the baseline on the PBC train split with :func:`analysis.augment.augment`.
 
     Classes are sampled with equal probability (as for the diffusion model); the
     learning rate follows a linear warm-up and a cosine decay.

@@ -3,7 +3,7 @@
 The same data, framing, sampling and augmentations as the diffusion model
 (:mod:`analysis.training.train`): cells framed at :data:`analysis.framing.FIELD_OF_VIEW_UM`, half of
 each batch from PBC and half from the other labs, classes drawn equally often within a lab,
-the stain, focus and noise augmentations of :mod:`analysis.training.augment`. AdamW with a cosine
+the stain, focus and noise augmentations of :mod:`analysis.augment`. AdamW with a cosine
 schedule, label smoothing 0.1. Writes fp16 safetensors with the configuration in the metadata.
 ``--mixstyle``: MixStyle (Zhou et al., ICLR 2021) after the network's early blocks during
 training only: each cell's channel means and spreads there are mixed with another cell's of the
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from analysis.augment import augment
 from analysis.framing import FIELD_OF_VIEW_UM
 from analysis.reference import (
     ARCHITECTURE,
@@ -35,7 +36,6 @@ from analysis.reference import (
     save_reference,
     to_input,
 )
-from analysis.training.augment import augment
 from analysis.training.labs import LABS, load_lab
 from analysis.training.train import format_duration, lab_class_weights
 

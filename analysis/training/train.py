@@ -20,10 +20,17 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from analysis.augment import DEFAULT_SHIFT, augment
 from analysis.errors import CheckpointError
 from analysis.framing import FIELD_OF_VIEW_UM
-from analysis.model import ModelConfig, build_scheduler, build_unet, cell_weight, count_parameters
-from analysis.training.augment import DEFAULT_SHIFT, augment
+from analysis.model import (
+    ModelConfig,
+    build_scheduler,
+    build_unet,
+    cell_weight,
+    count_parameters,
+    optimisation_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +85,7 @@ class TrainConfig:
     labs: tuple[str, ...] = ("pbc",)
     lab_share: float = 0.5
     init_weights: Path | None = None
-    #: The wider colour, contrast and blur ranges of :data:`analysis.training.augment.STRONG`
+    #: The wider colour, contrast and blur ranges of :data:`analysis.augment.STRONG`
     #: (as ``reference_train --strong-augment``), for labs whose stain the standard ranges miss.
     strong_augment: bool = False
     min_snr_gamma: float = 0.0
@@ -154,46 +161,6 @@ def lab_class_weights(labs: np.ndarray, labels: np.ndarray, lab_share: float) ->
             sel = in_lab & (labels == c)
             weights[sel] = shares[lab] / len(classes) / max(10, int(sel.sum()))
     return torch.as_tensor(weights, dtype=torch.float64)
-
-
-def optimisation_step(model: torch.nn.Module, ema: torch.nn.Module, optimiser: torch.optim.Optimizer,
-                      alphas: torch.Tensor, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
-                      *, step: int, train: TrainConfig, t_high: int,
-                      pixel_weight: torch.Tensor | None = None) -> float:
-    """One step of denoising training on the batch ``x`` (labels ``y``); returns the loss.
-
-    Noise and timesteps (uniform on ``[train.t_min, t_high)``) are drawn from ``generator``; the
-    learning rate warms up linearly over ``train.warmup_steps``; the EMA copy follows with
-    ``train.ema_decay``. ``pixel_weight`` ``(S, S)`` weighs the squared error by pixel (the cell
-    disc of :func:`analysis.model.cell_weight`); min-SNR weighting when ``train.min_snr_gamma``.
-    """
-    noise = torch.randn(x.shape, generator=generator).to(x.device)
-    t = torch.randint(train.t_min, t_high, (x.shape[0],), generator=generator).to(x.device)
-    a = alphas[t].view(-1, 1, 1, 1)
-    noisy = a.sqrt() * x + (1 - a).sqrt() * noise
-    lr = train.learning_rate * min(1.0, (step + 1) / train.warmup_steps)
-    for group in optimiser.param_groups:
-        group["lr"] = lr
-    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=train.bf16):
-        pred = model(noisy, t, class_labels=y).sample
-    sq = (pred.float() - noise) ** 2
-    if pixel_weight is not None:
-        per_sample = (sq * pixel_weight).sum(dim=(1, 2, 3)) / (pixel_weight.sum() * sq.shape[1])
-    else:
-        per_sample = sq.mean(dim=(1, 2, 3))
-    if train.min_snr_gamma > 0:
-        snr = alphas[t] / (1.0 - alphas[t])
-        per_sample = per_sample * snr.clamp(max=train.min_snr_gamma) / snr
-    loss = per_sample.mean()
-    optimiser.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimiser.step()
-    decay = min(train.ema_decay, (1 + step) / (10 + step))
-    with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters()):
-            pe.lerp_(pm, 1.0 - decay)
-    return float(loss.detach())
 
 
 def train_diffusion(train: TrainConfig, model_config: ModelConfig) -> dict[str, float | None]:

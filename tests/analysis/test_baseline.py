@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from analysis.augment import augment
 from analysis.baseline import (
     BaselineCNN,
     BaselineConfig,
@@ -19,7 +20,6 @@ from analysis.classes import CLASS_NAMES
 from analysis.classifier import BASELINE_WEIGHTS, WEIGHTS_DIR
 from analysis.classify import images_to_tensor
 from analysis.errors import CheckpointError
-from analysis.training.augment import augment
 from analysis.training.pbc import load_images, read_split
 
 PBC = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "pbc"

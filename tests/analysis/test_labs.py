@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from analysis.augment import augment, stain_augment
 from analysis.classes import CLASS_NAMES
 from analysis.errors import CheckpointError
 from analysis.framing import FIELD_OF_VIEW_UM, frame_at
@@ -21,7 +22,6 @@ from analysis.reference import (
     reference_logits,
     save_reference,
 )
-from analysis.training.augment import augment, stain_augment
 from analysis.training.labs import (
     BCCD_SPLITS,
     SAMPLE_SLIDE_FIELDS,

@@ -114,7 +114,7 @@ def test_bad_train_config_is_refused(tmp_path: Path) -> None:
 def test_the_shift_augmentation_moves_the_cell_off_the_centre() -> None:
     """A dot at the centre stays within a pixel at the default shift and moves up to the
     asked fraction of half the frame with a larger one (what `--max-shift-um` sets)."""
-    from analysis.training.augment import augment
+    from analysis.augment import augment
 
     x = torch.zeros(64, 3, 64, 64)
     x[:, :, 30:34, 30:34] = 1.0
