@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -472,13 +473,15 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     import numpy as np
 
     from analysis.classes import CLASS_NAMES
-    from analysis.classifier import WEIGHTS_DIR, read_calibration
+    from analysis.classifier import WEIGHTS_DIR, DiffusionClassifier, read_calibration
     from analysis.framing import folder_spacing_um, read_framed
     from analysis.reference import reference_logits
     from analysis.review import ReviewModel
     from analysis.site import fit_site, save_site
 
     weights = weights_dir or WEIGHTS_DIR
+    # the shipped diffusion classifier, read once and only where a step needs it
+    diffusion = functools.cache(lambda: DiffusionClassifier(weights))
     model = ReviewModel.load(weights, read_calibration(weights))
     if model is None:
         raise ValueError(f"{weights} has no review rule to calibrate (calibration.json)")
@@ -511,7 +514,7 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         fitted = fit_site_network(model.reference.model, images, shot, labels, pack,
                                   finetune_steps=finetune[0] if finetune else 0)
         named_files = [p for cells in labelled.values() for p in cells]
-        verification = _verify(weights, named_files, labels, spacing, fitted.probabilities,
+        verification = _verify(diffusion(), named_files, labels, spacing, fitted.probabilities,
                                model.rule.diffusion_weight)
         images = np.concatenate([images, shot])
         gate = {"used": fitted.used, "shipped_accuracy": fitted.shipped_accuracy,
@@ -520,12 +523,12 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
             network, counts = network_state(fitted.model, whole=bool(finetune)), named_counts
             measuring = fitted.model
             if finetune:
-                network.update(_finetuned_diffusion(weights, named_files, labels, pack, spacing,
+                network.update(_finetuned_diffusion(diffusion(), named_files, labels, pack, spacing,
                                                     finetune[1]))
     logits, features = reference_logits(measuring, images, features=True,
                                         views=model.reference.views)
     assert features is not None  # asked for
-    unsure = _unsure(weights, model, paths, spacing, logits[:len(paths)], network)
+    unsure = _unsure(diffusion, model, paths, spacing, logits[:len(paths)], network)
     val_rate = float(model.rule.val_normal_flag_rate)
     site = fit_site(site_id, features, density=model.density,
                     shipped_threshold=model.rule.feature_threshold,
@@ -553,17 +556,15 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     return summary
 
 
-def _finetuned_diffusion(weights: Path, files: list[Path], labels: Any, pack: Any, spacing: float,
+def _finetuned_diffusion(classifier: Any, files: list[Path], labels: Any, pack: Any, spacing: float,
                          steps: int) -> dict[str, Any]:
     """The diffusion classifier fine-tuned on the site's labelled ``files`` beside the source
     ``pack`` (:func:`analysis.site_adapt.finetune_diffusion`), as network-file tensors."""
     import numpy as np
 
-    from analysis.classifier import DiffusionClassifier
     from analysis.framing import read_framed
     from analysis.site_adapt import DIFFUSION_PREFIX, finetune_diffusion, resample
 
-    classifier = DiffusionClassifier(weights)
     load = classifier.image_size * 4 // 3  # framed a third larger, as training frames cells
     logger.info("fine-tuning the diffusion classifier on the %d labelled cells (%d steps)",
                 len(files), steps)
@@ -573,17 +574,16 @@ def _finetuned_diffusion(weights: Path, files: list[Path], labels: Any, pack: An
     return {DIFFUSION_PREFIX + k: v.detach().contiguous() for k, v in unet.state_dict().items()}
 
 
-def _unsure(weights: Path, model: Any, files: list[Path], spacing: float,
+def _unsure(diffusion: Callable[[], Any], model: Any, files: list[Path], spacing: float,
             logits: Any, network: Any = None) -> tuple[int, int, float] | None:
     """How many of (at most :data:`analysis.site.UNSURE_CELLS` of) the site's unlabelled cells
-    the review rule calls uncertain or models-disagree, with the diffusion classifier (the
-    site's own where ``network`` holds one) run on them beside the reference ``logits`` of the
+    the review rule calls uncertain or models-disagree, with the diffusion classifier
+    (``diffusion()``; the site's own where ``network`` holds one) run on them beside the reference ``logits`` of the
     network the site uses: ``(unsure, read, the validated labs' share)``; ``None`` when the
     rule has no share or too few cells are given."""
     import numpy as np
     import torch
 
-    from analysis.classifier import DiffusionClassifier
     from analysis.framing import read_framed
     from analysis.reference import reference_posterior
     from analysis.review import unsure
@@ -593,7 +593,7 @@ def _unsure(weights: Path, model: Any, files: list[Path], spacing: float,
     if expected is None or len(files) < MIN_CELLS:
         return None
     chosen = np.sort(np.random.default_rng(0).permutation(len(files))[:UNSURE_CELLS])
-    classifier = DiffusionClassifier(weights).for_network(network)
+    classifier = diffusion().for_network(network)
     logger.info("both models read %d of the site's cells (is the site readable?)", len(chosen))
     images = np.stack([read_framed(files[i], classifier.image_size, spacing) for i in chosen])
     pred = classifier.predict(images, torch.Generator("cpu").manual_seed(0))
@@ -602,18 +602,16 @@ def _unsure(weights: Path, model: Any, files: list[Path], spacing: float,
     return int(flags.sum()), len(chosen), float(expected)
 
 
-def _verify(weights: Path, files: list[Path], labels: Any, spacing: float, p_reference: Any,
+def _verify(classifier: Any, files: list[Path], labels: Any, spacing: float, p_reference: Any,
             diffusion_weight: float) -> Any:
     """:func:`analysis.site_adapt.verify_site` on the labelled cells: the diffusion classifier
     run on them (framed for it) beside the reference posteriors of the network the site uses."""
     import numpy as np
     import torch
 
-    from analysis.classifier import DiffusionClassifier
     from analysis.framing import read_framed
     from analysis.site_adapt import verify_site
 
-    classifier = DiffusionClassifier(weights)
     logger.info("the diffusion classifier reads the %d labelled cells (the site's verification)",
                 len(files))
     images = np.stack([read_framed(p, classifier.image_size, spacing) for p in files])

@@ -280,6 +280,25 @@ FINETUNE_LR = 5e-5
 FINETUNE_HEAD_LR = 1e-4
 
 
+class _HalfAndHalf:
+    """Batches for a site fine-tune: half named cells, half pack cells, each half drawn
+    class-balanced (with replacement) from ``generator``; uint8 ``(B, 3, S, S)`` and labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, pack_images: np.ndarray,
+                 pack_labels: np.ndarray, generator: torch.Generator) -> None:
+        self.parts = [(torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2),
+                       torch.from_numpy(np.asarray(y, np.int64)),
+                       torch.from_numpy(class_balanced_weights(np.asarray(y), 1.0)))
+                      for x, y in ((images, labels), (pack_images, pack_labels))]
+        self.generator = generator
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        picks = [torch.multinomial(w, FINETUNE_BATCH // 2, replacement=True, generator=self.generator)
+                 for _, _, w in self.parts]
+        return (torch.cat([x[i] for (x, _, _), i in zip(self.parts, picks)]),
+                torch.cat([y[i] for (_, y, _), i in zip(self.parts, picks)]))
+
+
 def finetune_network(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
                      pack: SourcePack, *, steps: int, seed: int = 0) -> torch.nn.Module:
     """Train every weight of ``model`` (in place; returned) on a site's named cells beside the
@@ -298,18 +317,13 @@ def finetune_network(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
         raise ValueError("a fine-tune needs at least one step and one named cell")
     generator = torch.Generator("cpu").manual_seed(seed)
     size = images.shape[1]
-    site_x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    pack_x = torch.from_numpy(np.ascontiguousarray(pack.images)).permute(0, 3, 1, 2)
-    site_y, pack_y = torch.from_numpy(labels), torch.from_numpy(np.asarray(pack.labels, np.int64))
-    site_w = torch.from_numpy(class_balanced_weights(labels, 1.0))
-    pack_w = torch.from_numpy(class_balanced_weights(np.asarray(pack.labels), 1.0))
+    batches = _HalfAndHalf(images, labels, pack.images, pack.labels, generator)
     head = [p for n, p in model.named_parameters() if n.startswith("_fc")]
     body = [p for n, p in model.named_parameters() if not n.startswith("_fc")]
     optimiser = torch.optim.AdamW([{"params": body, "lr": FINETUNE_LR},
                                    {"params": head, "lr": FINETUNE_HEAD_LR}], weight_decay=1e-4)
     base = [g["lr"] for g in optimiser.param_groups]
     warmup = min(10, steps)
-    half = FINETUNE_BATCH // 2
     model.train()
     for m in batchnorm_layers(model):
         m.eval()  # the site's statistics stay
@@ -320,11 +334,8 @@ def finetune_network(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
                 scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
                 for group, b in zip(optimiser.param_groups, base):
                     group["lr"] = b * scale
-                i = torch.multinomial(site_w, half, replacement=True, generator=generator)
-                j = torch.multinomial(pack_w, half, replacement=True, generator=generator)
-                x = torch.cat([site_x[i], pack_x[j]]).float().div_(255.0)
-                y = torch.cat([site_y[i], pack_y[j]])
-                logits = model(to_input(augment(x, generator, size)))
+                x, y = batches.draw()
+                logits = model(to_input(augment(x.float().div_(255.0), generator, size)))
                 loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
@@ -370,19 +381,11 @@ def finetune_diffusion(unet: torch.nn.Module, model_config: Any, images: np.ndar
     optimiser = torch.optim.AdamW(model.parameters(), lr=DIFFUSION_FINETUNE_LR, weight_decay=0.0)
     alphas = build_scheduler(model_config).alphas_cumprod
     pixel_weight = cell_weight(model_config)
-    site_x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    pack_x = torch.from_numpy(np.ascontiguousarray(pack_images)).permute(0, 3, 1, 2)
-    site_y, pack_y = torch.from_numpy(labels), torch.from_numpy(np.asarray(pack_labels, np.int64))
-    site_w = torch.from_numpy(class_balanced_weights(labels, 1.0))
-    pack_w = torch.from_numpy(class_balanced_weights(np.asarray(pack_labels), 1.0))
-    half = FINETUNE_BATCH // 2
+    batches = _HalfAndHalf(images, labels, pack_images, pack_labels, generator)
     model.train()
     for step in range(steps):
-        i = torch.multinomial(site_w, half, replacement=True, generator=generator)
-        j = torch.multinomial(pack_w, half, replacement=True, generator=generator)
-        x = torch.cat([site_x[i], pack_x[j]]).float().div_(255.0)
-        x = augment(x, generator, model_config.image_size).mul_(2.0).sub_(1.0)
-        y = torch.cat([site_y[i], pack_y[j]])
+        x, y = batches.draw()
+        x = augment(x.float().div_(255.0), generator, model_config.image_size).mul_(2.0).sub_(1.0)
         loss = optimisation_step(model, ema, optimiser, alphas, x, y, generator, step=step,
                                  train=train, t_high=DIFFUSION_FINETUNE_T[1],
                                  pixel_weight=pixel_weight)
