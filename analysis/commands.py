@@ -395,10 +395,14 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
             verdict = ("used for this site's jobs" if gate["used"] else
                        f"not used (it must be {GATE_MARGIN:.0%} better): the shipped network stays")
             if gate["finetuned"]:
-                verdict += ", fine-tuned whole, with the diffusion classifier fine-tuned beside it"
+                verdict += ", fine-tuned whole"
+            if gate["diffusion_finetuned"]:
+                verdict += "; the site's jobs use a diffusion classifier fine-tuned on these cells"
             sys.stdout.write(f"  labelled cells ({counts}): the shipped reference network calls "
                              f"{gate['shipped_accuracy']:.1%} of them right (balanced), the site's own "
                              f"network {gate['site_accuracy']:.1%} (cross-validated): {verdict}\n")
+            if "finetune_rule" in gate:
+                sys.stdout.write(f"  fine-tune: {gate['finetune_rule']}\n")
             verified: dict[str, Any] = summary["verified"]  # type: ignore[assignment]
             sys.stdout.write(f"  the class the node reports is right on {verified['text']} of the "
                              f"labelled cells (none read by a network fitted on it)\n")
@@ -468,8 +472,10 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     """Frame the images, fit the calibration (and with ``labelled`` cells per class, the
     site's own network: :func:`analysis.site_adapt.fit_site_network`), store it; a summary
     for the command line. ``finetune`` ``(network steps, diffusion steps)``: the site network
-    is fine-tuned whole and, where the gate lets it in, the diffusion classifier too
-    (:func:`analysis.site_adapt.finetune_diffusion`; model card, fifteenth session)."""
+    is fine-tuned whole (used where the gate lets it in) and the diffusion classifier too
+    (:func:`analysis.site_adapt.finetune_diffusion`; model card, fifteenth and sixteenth
+    sessions), unless the shipped models already read the labelled cells at the validated
+    level (:func:`analysis.site_adapt.finetune_rule`)."""
     import numpy as np
 
     from analysis.classes import CLASS_NAMES
@@ -505,26 +511,44 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     gate: dict[str, object] | None = None
     measuring = model.reference.model
     if labelled:
-        from analysis.site_adapt import SOURCE_PACK, SourcePack, fit_site_network, network_state
+        from analysis.reference import reference_posterior
+        from analysis.site_adapt import (
+            SOURCE_PACK,
+            SourcePack,
+            finetune_rule,
+            fit_site_network,
+            network_state,
+            verify_site,
+        )
 
         pack = SourcePack.load(weights / SOURCE_PACK)
         shot = framed([p for cells in labelled.values() for p in cells])
         labels = np.concatenate([np.full(len(cells), CLASS_NAMES.index(c))
                                  for c, cells in labelled.items()])
+        named_files = [p for cells in labelled.values() for p in cells]
+        p_named = _diffusion_posteriors(diffusion(), named_files, spacing)
+        ruling = None
+        if finetune:
+            ruling = finetune_rule(p_named, reference_posterior(reference_logits(
+                model.reference.model, shot)[0]), labels, model.rule.diffusion_weight)
+            logger.info("%s", ruling.text)
+            finetune = finetune if ruling.finetune else None
         fitted = fit_site_network(model.reference.model, images, shot, labels, pack,
                                   finetune_steps=finetune[0] if finetune else 0)
-        named_files = [p for cells in labelled.values() for p in cells]
-        verification = _verify(diffusion(), named_files, labels, spacing, fitted.probabilities,
-                               model.rule.diffusion_weight)
+        verification = verify_site(p_named, fitted.probabilities, labels, model.rule.diffusion_weight)
         images = np.concatenate([images, shot])
         gate = {"used": fitted.used, "shipped_accuracy": fitted.shipped_accuracy,
-                "site_accuracy": fitted.site_accuracy, "finetuned": bool(finetune and fitted.used)}
+                "site_accuracy": fitted.site_accuracy, "finetuned": bool(finetune and fitted.used),
+                "diffusion_finetuned": bool(finetune)}
+        if ruling is not None:
+            gate["finetune_rule"] = ruling.text
         if fitted.used:
             network, counts = network_state(fitted.model, whole=bool(finetune)), named_counts
             measuring = fitted.model
-            if finetune:
-                network.update(_finetuned_diffusion(diffusion(), named_files, labels, pack, spacing,
-                                                    finetune[1]))
+        if finetune:  # the site's diffusion classifier, beside its network or the shipped one
+            network, counts = network or {}, named_counts
+            network.update(_finetuned_diffusion(diffusion(), named_files, labels, pack, spacing,
+                                                finetune[1]))
     logits, features = reference_logits(measuring, images, features=True,
                                         views=model.reference.views)
     assert features is not None  # asked for
@@ -602,18 +626,16 @@ def _unsure(diffusion: Callable[[], Any], model: Any, files: list[Path], spacing
     return int(flags.sum()), len(chosen), float(expected)
 
 
-def _verify(classifier: Any, files: list[Path], labels: Any, spacing: float, p_reference: Any,
-            diffusion_weight: float) -> Any:
-    """:func:`analysis.site_adapt.verify_site` on the labelled cells: the diffusion classifier
-    run on them (framed for it) beside the reference posteriors of the network the site uses."""
+def _diffusion_posteriors(classifier: Any, files: list[Path], spacing: float) -> Any:
+    """The diffusion classifier's posteriors on the site's labelled ``files`` (framed for it):
+    what the fine-tune rule and the site's verification read
+    (:func:`analysis.site_adapt.finetune_rule`, :func:`analysis.site_adapt.verify_site`)."""
     import numpy as np
     import torch
 
     from analysis.framing import read_framed
-    from analysis.site_adapt import verify_site
 
     logger.info("the diffusion classifier reads the %d labelled cells (the site's verification)",
                 len(files))
     images = np.stack([read_framed(p, classifier.image_size, spacing) for p in files])
-    p_diffusion = classifier.predict(images, torch.Generator("cpu").manual_seed(0)).probabilities
-    return verify_site(p_diffusion, p_reference, labels, diffusion_weight)
+    return classifier.predict(images, torch.Generator("cpu").manual_seed(0)).probabilities

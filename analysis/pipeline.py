@@ -613,13 +613,18 @@ def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
         parameters["anomaly_score"] = "reference feature distance (Mahalanobis, nearest class)"
         parameters["site_calibration"] = site.label if site is not None else "none"
         if site is not None and site.network is not None:
+            from analysis.site_adapt import reference_state
+
             named = (f"{site.labelled_cells} labelled cells "
                      f"({', '.join(f'{c} {n}' for c, n in site.labelled)})")
+            own = bool(reference_state(site.network))
             parameters["site_reference_network"] = (
+                "shipped reference (the site's own did not beat it on the labelled cells)"
+                if not own else
                 f"shipped reference adapted to the site and fine-tuned whole on {named}"
                 if site.finetuned else
                 f"shipped reference adapted to the site and refitted on {named}"
-            ) + f"; sha256 {site.network_sha256}"
+            ) + (f"; sha256 {site.network_sha256}" if own else "")
             if site.finetuned:
                 parameters["site_diffusion_classifier"] = (
                     f"shipped diffusion classifier fine-tuned on {named}; in the same file")

@@ -248,10 +248,19 @@ def network_state(model: torch.nn.Module, *, whole: bool = False) -> dict[str, t
 DIFFUSION_PREFIX = "diffusion."
 
 
+def reference_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reference network's tensors in a site's network file (none where only the diffusion
+    classifier was fine-tuned: the site keeps the shipped network)."""
+    return {k: v for k, v in state.items() if not k.startswith(DIFFUSION_PREFIX)}
+
+
 def apply_network_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     """A copy of ``model`` with a site's :func:`network_state` (the statistics and last layer,
-    or every tensor; a fine-tuned diffusion classifier's tensors beside them are left out)."""
-    own = {k: v for k, v in state.items() if not k.startswith(DIFFUSION_PREFIX)}
+    or every tensor; a fine-tuned diffusion classifier's tensors beside them are left out), or
+    ``model`` itself where the file holds no tensor of it (:func:`reference_state`)."""
+    own = reference_state(state)
+    if not own:
+        return model
     partial, whole = set(network_state(model)), set(model.state_dict())
     if set(own) not in (partial, whole):
         raise ValueError(f"a site network must hold {len(partial)} or {len(whole)} tensors of this "
@@ -571,3 +580,33 @@ def verify_site(p_diffusion: np.ndarray, p_reference: np.ndarray, labels: np.nda
     return SiteVerification(round(balanced_accuracy(labels, label, p_reference.shape[1]), 4),
                             round(low, 4), round(high, 4), round(float(np.mean(label == labels)), 4),
                             len(labels))
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneRule:
+    """Whether a site's models are fine-tuned (``calibrate-site --labelled --finetune``;
+    criteria.txt, 2026-12-06 02:09): only where the shipped models read its named cells below
+    :data:`VERIFIED_MINIMUM`. A lab they already read keeps the last-layer site network:
+    fine-tuning one cost PBC 1.8 points (fifteenth session). The rule does not make the
+    fine-tune safe as a default: at BCCD, named cells read at 84.6 % set it off and its test
+    basophil was lost (model card, sixteenth session)."""
+
+    #: The shipped models' reported class on the named cells (:func:`verify_site`).
+    shipped: SiteVerification
+
+    @property
+    def finetune(self) -> bool:
+        return self.shipped.balanced_accuracy < VERIFIED_MINIMUM
+
+    @property
+    def text(self) -> str:
+        reads = f"the shipped models read the named cells at {self.shipped.balanced_accuracy:.1%}"
+        return (f"{reads}, below {VERIFIED_MINIMUM:.0%}: fine-tuned" if self.finetune
+                else f"{reads}, at least {VERIFIED_MINIMUM:.0%}: not fine-tuned")
+
+
+def finetune_rule(p_diffusion: np.ndarray, p_shipped: np.ndarray, labels: np.ndarray,
+                  diffusion_weight: float) -> FinetuneRule:
+    """:class:`FinetuneRule` from the shipped diffusion classifier's and shipped network's
+    posteriors on the named cells."""
+    return FinetuneRule(verify_site(p_diffusion, p_shipped, labels, diffusion_weight))

@@ -17,7 +17,7 @@ from analysis.classes import CLASS_NAMES
 from analysis.classifier import WEIGHTS_DIR, DiffusionClassifier, read_calibration
 from analysis.reference import load_reference, reference_logits, reference_posterior
 from analysis.review import ReviewRule, combine, unsure
-from analysis.training.review_signals import _aml, aml_half
+from analysis.training.review_signals import aml_cells, aml_half
 from analysis.uncertainty import entropy
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     classifier = DiffusionClassifier(WEIGHTS_DIR)
     reference, config, _ = load_reference(WEIGHTS_DIR / "reference_effnet.safetensors")
     rule = ReviewRule.from_dict(read_calibration(WEIGHTS_DIR)["review_rule"])  # type: ignore[arg-type]
-    d, r = _aml(data, classifier.image_size), _aml(data, config.image_size)
+    d, r = aml_cells(data, classifier.image_size), aml_cells(data, config.image_size)
     keep = (d.labels == 0) & aml_half(d.paths)
     p_d = classifier.predict(d.images[keep], torch.Generator("cpu").manual_seed(0)).probabilities
     p_r = reference_posterior(reference_logits(reference, r.images[keep])[0])

@@ -37,6 +37,10 @@ Two designs that train more than the last layer (measured, not what the node doe
 named cells after the refit (FT, :func:`analysis.site_adapt.finetune_network`), and
 ``--diffusion-finetune STEPS`` trains a copy of the diffusion classifier on them where the gate
 opens (DFT, :func:`analysis.site_adapt.finetune_diffusion`); its rows are "DFT ...".
+``--ruled`` fine-tunes only where the shipped models read the named cells below the validated
+level (:func:`analysis.site_adapt.finetune_rule`) and adds the row "DFT always rule weight" (the
+diffusion fine-tune wherever the rule allows); ``--named-split val`` draws the named cells from
+val, for a lab the models trained on (``bench/site_finetune_ruled.sh``).
 """
 
 from __future__ import annotations
@@ -232,14 +236,16 @@ def _out_of_fold_offsets(p: np.ndarray, labels: np.ndarray, seed: int) -> np.nda
 def _reported_variants(fitted: SiteNetwork, p_site: np.ndarray, p_shipped: np.ndarray,
                        d_scored: np.ndarray, d_shot: np.ndarray, shot_labels: np.ndarray,
                        labels: np.ndarray, rule: ReviewRule, seed: int,
-                       d_site: np.ndarray | None = None) -> dict[str, object]:
+                       d_site: np.ndarray | None = None,
+                       d_always: np.ndarray | None = None) -> dict[str, object]:
     """The reported class (both models combined) under each way of weighing the diffusion
     classifier at a site with its own network (criteria.txt, 14:37): R0 the rule's weight,
     R1 the site network alone, H2 the weight the named cells choose, H3 likewise after per-class
     log-offsets on the diffusion posterior fitted on them. Where the gate stays shut every
     variant is the shipped network at the rule's weight. ``d_site``: the posteriors of the
     diffusion classifier fine-tuned for the site (DFT, criteria.txt 23:33), used where the gate
-    opens."""
+    opens; ``d_always``: likewise, fine-tuned wherever the fine-tune rule allows, the gate open or
+    shut (candidate B of criteria.txt, 2026-12-06 02:09)."""
     w, u = rule.diffusion_weight, rule.uncertainty_threshold
     shipped = combine(d_scored, p_shipped, w)
     dft: dict[str, object] = {}
@@ -247,6 +253,9 @@ def _reported_variants(fitted: SiteNetwork, p_site: np.ndarray, p_shipped: np.nd
         dft = {"DFT diffusion fine-tuned alone": _reported(d_site, labels, u),
                "DFT rule weight": _reported(combine(d_site, p_site, w) if fitted.used else shipped,
                                             labels, u)}
+    if d_always is not None:
+        dft["DFT always rule weight"] = _reported(
+            combine(d_always, p_site if fitted.used else p_shipped, w), labels, u)
     h2 = choose_diffusion_weight(d_shot, fitted.held_out_probabilities, shot_labels, w)
     h3 = choose_diffusion_weight(_out_of_fold_offsets(d_shot, shot_labels, seed),
                                  fitted.held_out_probabilities, shot_labels, w)
@@ -271,7 +280,8 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
                      ks: tuple[int, ...] = (10,), score_splits: str = "val+test",
                      adapt_splits: str = "train+val+test", seed: int = 0,
                      diffusion: Path | None = None, per_class: int = 0,
-                     finetune_steps: int = 0, diffusion_finetune: int = 0) -> dict[str, object]:
+                     finetune_steps: int = 0, diffusion_finetune: int = 0,
+                     named_split: str = "train", ruled: bool = False) -> dict[str, object]:
     """What the node's ``calibrate-site --labelled`` does (:func:`analysis.site_adapt.fit_site_network`):
     class-balanced AdaBN on the site's ``adapt_splits`` cells (labels unread), the last layer
     refitted on ``k`` labelled train cells per class beside the shipped-size ``pack``.
@@ -279,8 +289,17 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
     ``diffusion``: a weights folder with a diffusion classifier (and its calibration) trained
     without the lab: the reported class is then scored too (:func:`_reported_variants`), with
     the shipped review rule's weight and threshold. ``per_class``: score at most that many
-    cells of each class (seeded)."""
+    cells of each class (seeded). ``named_split``: the split the named cells are drawn from
+    (never one scored). ``ruled``: fine-tune only where the shipped models read the named cells
+    below the validated level (:func:`analysis.site_adapt.finetune_rule`; needs ``diffusion``),
+    and score the diffusion classifier fine-tuned wherever the rule allows too ("DFT always")."""
     from analysis.reference import load_reference
+    from analysis.site_adapt import finetune_rule
+
+    if named_split in score_splits.split("+"):
+        raise ValueError(f"the named cells' split {named_split!r} must not be scored ({score_splits})")
+    if ruled and diffusion is None:
+        raise ValueError("the fine-tune rule reads the shipped diffusion classifier: give diffusion")
 
     model, config, metadata = load_reference(reference)
     size = config.image_size
@@ -289,7 +308,7 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
     if not set(pack.labs) <= trained_on:
         raise ValueError(f"{pack_path} must hold cells of {reference}'s training labs "
                          f"({', '.join(sorted(trained_on))}), not {sorted(set(pack.labs))}")
-    site_train: LabCells = load_lab(data_root, lab, "train", size, FIELD_OF_VIEW_UM)
+    site_train: LabCells = load_lab(data_root, lab, named_split, size, FIELD_OF_VIEW_UM)
     scored = load_splits(data_root, lab, score_splits, size, FIELD_OF_VIEW_UM)
     if per_class:
         scored = scored.per_class(per_class, seed)
@@ -303,7 +322,7 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
         dsize = classifier.image_size
         rule = ReviewRule.from_dict(read_calibration(WEIGHTS_DIR)["review_rule"])  # type: ignore[arg-type]
         d_cells = load_splits(data_root, lab, score_splits, dsize, FIELD_OF_VIEW_UM)
-        d_train = load_lab(data_root, lab, "train", dsize, FIELD_OF_VIEW_UM)
+        d_train = load_lab(data_root, lab, named_split, dsize, FIELD_OF_VIEW_UM)
         d_scored = classifier.predict(_images_at(d_cells, scored.paths),
                                       torch.Generator("cpu").manual_seed(seed)).probabilities
         p_shipped = _probabilities(model, scored.images)
@@ -311,30 +330,44 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
         shot = site_train.per_class(k, seed)
         drawn = set(shot.paths)
         rest = adapt.images[[i for i, path in enumerate(adapt.paths) if path not in drawn]]
-        fitted = fit_site_network(model, rest, shot.images, shot.labels, pack, seed=seed,
-                                  finetune_steps=finetune_steps)
-        net = fitted.model
-        row = {"site_cells": len(shot), "adapted_on": len(rest) + len(shot),
-               **_score(net._fc, _features(net, scored.images), scored.labels)}
+        steps, d_steps, ruling = finetune_steps, diffusion_finetune, None
         if diffusion is not None:
             d_shot = classifier.predict(_images_at(d_train, shot.paths),
                                         torch.Generator("cpu").manual_seed(seed)).probabilities
+            if ruled:
+                ruling = finetune_rule(d_shot, _probabilities(model, shot.images), shot.labels,
+                                       rule.diffusion_weight)
+                print(f"  {lab} k={k} rule: {ruling.text}", file=sys.stderr)
+                if not ruling.finetune:
+                    steps = d_steps = 0
+        fitted = fit_site_network(model, rest, shot.images, shot.labels, pack, seed=seed,
+                                  finetune_steps=steps)
+        net = fitted.model
+        row = {"site_cells": len(shot), "adapted_on": len(rest) + len(shot),
+               **_score(net._fc, _features(net, scored.images), scored.labels)}
+        if ruling is not None:
+            row["rule"] = {"shipped_reads_named": ruling.shipped.balanced_accuracy,
+                           "finetuned": ruling.finetune}
+        if diffusion is not None:
             d_site = d_scored if diffusion_finetune else None  # the gate shut: nothing changes
-            if diffusion_finetune and fitted.used:
+            d_always = d_scored if ruled and diffusion_finetune else None
+            if d_steps and (fitted.used or ruled):
                 from analysis.site_adapt import finetune_diffusion, resample
 
                 load = classifier.image_size * 4 // 3
-                d_load = load_lab(data_root, lab, "train", load, FIELD_OF_VIEW_UM)
+                d_load = load_lab(data_root, lab, named_split, load, FIELD_OF_VIEW_UM)
                 site_classifier = copy.copy(classifier)
                 site_classifier.unet = finetune_diffusion(
                     classifier.unet, classifier.model_config, _images_at(d_load, shot.paths),
                     shot.labels, resample(pack.images, load), pack.labels,
-                    steps=diffusion_finetune, seed=seed)
-                d_site = site_classifier.predict(_images_at(d_cells, scored.paths),
-                                                 torch.Generator("cpu").manual_seed(seed)).probabilities
+                    steps=d_steps, seed=seed)
+                d_tuned = site_classifier.predict(_images_at(d_cells, scored.paths),
+                                                  torch.Generator("cpu").manual_seed(seed)).probabilities
+                d_site = d_tuned if fitted.used else d_site
+                d_always = d_tuned if ruled else None
             row["reported"] = _reported_variants(
                 fitted, _probabilities(net, scored.images), p_shipped, d_scored, d_shot,
-                shot.labels, scored.labels, rule, seed, d_site)
+                shot.labels, scored.labels, rule, seed, d_site, d_always)
             for name, r in row["reported"].items():  # type: ignore[union-attr]
                 print(f"  {lab} k={k} {name}: {r.get('balanced_accuracy', r)}", file=sys.stderr)
         # H: the gate's choice (the site network only where cross-validation on the labelled
@@ -350,6 +383,7 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
     return {"lab": lab, "reference": str(reference), "pack": str(pack_path),
             "finetune_steps": finetune_steps, "diffusion_finetune_steps": diffusion_finetune,
             "scored_on": f"{lab} {score_splits}", "adapted_on": f"{lab} {adapt_splits}",
+            "named_from": f"{lab} {named_split}", "ruled": ruled,
             "cells": len(scored), "seed": seed, "site network": rows}
 
 
@@ -412,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--diffusion-finetune", type=int, default=0, metavar="STEPS",
                    help="with --diffusion: where the gate opens, also fine-tune the diffusion "
                         "classifier this many steps on the named cells (site_adapt.finetune_diffusion)")
+    p.add_argument("--named-split", choices=("train", "val", "test"), default="train",
+                   help="with --pack: the split the named cells are drawn from (never one scored)")
+    p.add_argument("--ruled", action="store_true",
+                   help="with --diffusion: fine-tune only where the shipped models read the named "
+                        "cells below the validated level (site_adapt.finetune_rule); also score "
+                        "the diffusion fine-tune wherever the rule allows ('DFT always')")
     p.add_argument("--per-class", type=int, default=0,
                    help="score at most this many cells of each class (e.g. PBC val)")
     p.add_argument("--verify", type=Path, metavar="WEIGHTS",
@@ -443,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                                   score_splits=args.score_splits, adapt_splits=args.adapt_splits,
                                   seed=args.seed, diffusion=args.diffusion,
                                   per_class=args.per_class, finetune_steps=args.finetune,
-                                  diffusion_finetune=args.diffusion_finetune)
+                                  diffusion_finetune=args.diffusion_finetune,
+                                  named_split=args.named_split, ruled=args.ruled)
     else:
         result = run(args.data, args.lab, args.reference, ks=ks, score_splits=args.score_splits,
                      seed=args.seed, site_share=args.site_share, balanced_bn=args.balanced_bn)

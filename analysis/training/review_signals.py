@@ -56,7 +56,9 @@ def aml_half(paths: np.ndarray | list[str]) -> np.ndarray:
                      for p in paths])
 
 
-def _aml(data_root: Path, size: int) -> LabCells:
+def aml_cells(data_root: Path, size: int) -> LabCells:
+    """aml_dev's myeloblasts and neutrophils (one lab) framed at ``size``, labelled as
+    :data:`AML_FOLDERS` says."""
     from analysis.framing import collect_image_paths
     from analysis.training.evaluate import load_folder
 
@@ -73,7 +75,7 @@ def load_set(data_root: Path, name: str, size: int, *, pbc_per_class: int,
              pbc_train_per_class: int, small_per_class: int) -> tuple[LabCells, np.ndarray]:
     """The cells of set ``name`` at ``size`` px and the lab of each cell."""
     if name == "aml":
-        cells = _aml(data_root, size)
+        cells = aml_cells(data_root, size)
         return cells, np.array(["aml"] * len(cells))
     split = {"train": "train", "train_small": "train", "val": "val", "test": "test"}[name]
     parts = []

@@ -73,15 +73,17 @@ def _stained(cells: Any) -> Any:
     return LabCells(cells.lab, cells.split, other_stain(cells.images), cells.labels, cells.paths)
 
 
-def _calibrate(tmp_path: Path, named: object, unnamed: object, site_id: str, size: int) -> dict:
-    """`calibrate-site --labelled` on ``named`` cells (folders by class) and ``unnamed`` ones."""
+def _calibrate(tmp_path: Path, named: object, unnamed: object, site_id: str, size: int,
+               *options: str) -> dict:
+    """`calibrate-site --labelled` (and ``options``) on ``named`` cells (folders by class) and
+    ``unnamed`` ones."""
     labelled = tmp_path / site_id / "labelled"
     for c in np.unique(named.labels):  # type: ignore[attr-defined]
         _write(named.images[named.labels == c], labelled / CLASS_NAMES[c], "cell")  # type: ignore[attr-defined]
     _write(unnamed.images, tmp_path / site_id / "cells", "cell")  # type: ignore[attr-defined]
     run = subprocess.run([*CLI, str(tmp_path / site_id / "cells"), "--labelled", str(labelled),
                           "--id", site_id, "--pixel-spacing", str(FIELD_OF_VIEW_UM / size),
-                          "--data-dir", str(tmp_path / "var"), "--json"],
+                          "--data-dir", str(tmp_path / "var"), "--json", *options],
                          check=False, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout)
@@ -93,11 +95,12 @@ def test_labelled_cells_refit_a_network_for_a_new_stain_and_not_for_a_known_one(
     """A lab names 6 of its cells of each normal class and gives 30 more unnamed.
 
     Chula's cells as they are (a lab the shipped network trained on): the shipped network
-    already calls the named cells right, so `calibrate-site --labelled` keeps it. The same
-    cells in another stain (:func:`other_stain`; the shipped network has never seen it):
-    the site's own network, cross-validated on the named cells, beats the shipped one, is
-    stored beside the calibration, named in its label and used for that site's cells, where
-    it calls the lab's other cells better. A damaged network file is refused."""
+    already calls the named cells right, so `calibrate-site --labelled` keeps it, and asked to
+    fine-tune (--finetune) it does not: the shipped models read the named cells at the
+    validated level (the fine-tune rule), so nothing is trained. The same cells in another
+    stain (:func:`other_stain`; the shipped network has never seen it): the site's own
+    network, cross-validated on the named cells, beats the shipped one, is stored beside the calibration, named in its label and
+    used for that site's cells, where it calls the lab's other cells better. A damaged network file is refused."""
     from analysis.site import load_site, network_path
     from analysis.training.labs import LabCells, load_lab
 
@@ -106,8 +109,10 @@ def test_labelled_cells_refit_a_network_for_a_new_stain_and_not_for_a_known_one(
     size = model.image_size
     named, unnamed = _named_and_unnamed(size)
 
-    known = _calibrate(tmp_path, named, unnamed, "known", size)
+    known = _calibrate(tmp_path, named, unnamed, "known", size, "--finetune")
     assert known["site_network"]["used"] is False and known["site_network"]["shipped_accuracy"] >= 0.9
+    assert known["site_network"]["finetuned"] is False, known["site_network"]
+    assert known["site_network"]["finetune_rule"].endswith(": not fine-tuned"), known["site_network"]
     # the class the node reports (both models) is right on the named cells: it stands behind them
     assert known["verified"]["balanced_accuracy"] >= VERIFIED_MINIMUM, known["verified"]
     assert known["verified"]["cells"] == len(named) and known["verified"]["below_validated_accuracy"] is None
@@ -480,6 +485,7 @@ def test_a_site_fine_tuned_on_its_named_cells_reads_its_slides_with_its_own_mode
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout)
     assert summary["site_network"]["used"] and summary["site_network"]["finetuned"], summary
+    assert summary["site_network"]["finetune_rule"].endswith("below 85%: fine-tuned"), summary
     site = load_site(tmp_path / "var", "tuned")
     assert site.finetuned and site.label.endswith(
         f"{len(named) + len(unnamed)} cells, {len(named)} labelled, fine-tuned)"), site.label
@@ -505,3 +511,18 @@ def test_a_site_fine_tuned_on_its_named_cells_reads_its_slides_with_its_own_mode
         config, site=dataclasses.replace(site, network=without, finetuned=False)))
     assert "site_diffusion_classifier" not in plain.provenance.parameters
     assert [c.probabilities for c in tuned.cells] != [c.probabilities for c in plain.cells]
+
+    # where the site's network does not beat the shipped one, the file holds the diffusion
+    # classifier alone: the shipped network reads the site's cells, its own diffusion classifier
+    # classifies them, and the report says both
+    from analysis.site import network_digest, save_site
+
+    alone = {k: v for k, v in site.network.items() if k.startswith(DIFFUSION_PREFIX)}
+    save_site(tmp_path / "var", dataclasses.replace(site, site_id="tuned-diffusion", network=alone,
+                                                     network_sha256=network_digest(alone)))
+    diffusion_only = load_site(tmp_path / "var", "tuned-diffusion")
+    assert model.network_for(diffusion_only) is model.reference.model
+    read = classify_slide(sorted(SAMPLE_SLIDE.glob("*.dcm")),
+                          dataclasses.replace(config, site=diffusion_only)).provenance.parameters
+    assert read["site_reference_network"].startswith("shipped reference (the site's own did not"), read
+    assert read["site_diffusion_classifier"].startswith("shipped diffusion classifier fine-tuned on")
