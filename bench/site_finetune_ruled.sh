@@ -6,8 +6,11 @@
 #     candidate A ("DFT rule weight": DFT where the gate opens) and B ("DFT always rule weight").
 #   known LAB (pbc, bccd or chula; "known:LAB"): the shipped weights, 10 named cells a class from
 #     LAB's val split (seeds 0, 1), the rest of val + test unlabelled, scored on test (48 a class).
-# Usage: bench/site_finetune_ruled.sh LAB|known:LAB [THREADS] [DATA]; held-out about 45 minutes a lab
-# on one thread (bench/lolo_shipped_measure.sh LAB first), a known lab 2-15 minutes a draw.
+# With RULE=clearly (criterion of 2026-12-06 03:35): the rule asks the whole 95 % interval of the shipped
+# models' reading to lie below the validated level (few_shot --clearly); new draws 9, 10 (held out) and 2
+# (known); writes .train/ruled_clearly/.
+# Usage: [RULE=clearly] bench/site_finetune_ruled.sh LAB|known:LAB [THREADS] [DATA]; held-out about 45
+# minutes a lab on one thread (bench/lolo_shipped_measure.sh LAB first), a known lab 2-15 minutes a draw.
 # Writes .train/ruled/ and prints each lab's table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +18,11 @@ arg=${1:?LAB or known:LAB}
 threads=${2:-1}
 DATA=$(realpath "${3:-../shared/data}")
 steps=(--finetune 200 --diffusion-finetune 300 --ruled)
-mkdir -p .train/ruled
+dir=.train/ruled held=(6 7 8) known=(0 1)
+if [ "${RULE:-}" = clearly ]; then
+  steps+=(--clearly) dir=.train/ruled_clearly held=(9 10) known=(2)
+fi
+mkdir -p "$dir"
 run() {  # out options...
   local out=$1; shift
   [ -f "$out" ] || .venv/bin/python -m analysis.training.few_shot --data "$DATA" --threads "$threads" \
@@ -27,10 +34,10 @@ if [[ $arg == known:* ]]; then
           --pack analysis/weights/site_source.safetensors --diffusion analysis/weights --named-split val
           --score-splits test --adapt-splits val+test --per-class 48)
   files=""
-  for seed in 0 1; do
-    run ".train/ruled/known_${lab}_shipped_s$seed.json" "${common[@]}" --seed "$seed"
-    run ".train/ruled/known_${lab}_ruled_s$seed.json" "${common[@]}" --seed "$seed" "${steps[@]}"
-    files+=" .train/ruled/known_${lab}_shipped_s$seed.json .train/ruled/known_${lab}_ruled_s$seed.json"
+  for seed in "${known[@]}"; do
+    run "$dir/known_${lab}_shipped_s$seed.json" "${common[@]}" --seed "$seed"
+    run "$dir/known_${lab}_ruled_s$seed.json" "${common[@]}" --seed "$seed" "${steps[@]}"
+    files+=" $dir/known_${lab}_shipped_s$seed.json $dir/known_${lab}_ruled_s$seed.json"
   done
 else
   lab=$arg
@@ -39,12 +46,12 @@ else
   reference=.train/ms/ref_no_${lab}_base_s2.safetensors
   [ -f "$reference" ] || reference=analysis/weights/training/lolo_recipe_no_$lab/reference_effnet.safetensors
   common=(--lab "$lab" --reference "$reference" --pack ".train/ms/pack_no_$lab.safetensors" --diffusion "$measure/w")
-  for seed in 6 7 8; do
-    run ".train/ruled/${lab}_shipped_s$seed.json" "${common[@]}" --seed "$seed"
-    run ".train/ruled/${lab}_ruled_s$seed.json" "${common[@]}" --seed "$seed" "${steps[@]}"
+  for seed in "${held[@]}"; do
+    run "$dir/${lab}_shipped_s$seed.json" "${common[@]}" --seed "$seed"
+    run "$dir/${lab}_ruled_s$seed.json" "${common[@]}" --seed "$seed" "${steps[@]}"
   done
   files=""
-  for seed in 6 7 8; do files+=" .train/ruled/${lab}_shipped_s$seed.json .train/ruled/${lab}_ruled_s$seed.json"; done
+  for seed in "${held[@]}"; do files+=" $dir/${lab}_shipped_s$seed.json $dir/${lab}_ruled_s$seed.json"; done
 fi
 # shellcheck disable=SC2086  # the file names hold no spaces
 .venv/bin/python - $files <<'PY'

@@ -40,7 +40,8 @@ opens (DFT, :func:`analysis.site_adapt.finetune_diffusion`); its rows are "DFT .
 ``--ruled`` fine-tunes only where the shipped models read the named cells below the validated
 level (:func:`analysis.site_adapt.finetune_rule`) and adds the row "DFT always rule weight" (the
 diffusion fine-tune wherever the rule allows); ``--named-split val`` draws the named cells from
-val, for a lab the models trained on (``bench/site_finetune_ruled.sh``).
+val, for a lab the models trained on (``bench/site_finetune_ruled.sh``); with ``--clearly`` the
+rule asks the whole 95 % interval of that reading to lie below it.
 """
 
 from __future__ import annotations
@@ -281,7 +282,8 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
                      adapt_splits: str = "train+val+test", seed: int = 0,
                      diffusion: Path | None = None, per_class: int = 0,
                      finetune_steps: int = 0, diffusion_finetune: int = 0,
-                     named_split: str = "train", ruled: bool = False) -> dict[str, object]:
+                     named_split: str = "train", ruled: bool = False,
+                     clearly: bool = False) -> dict[str, object]:
     """What the node's ``calibrate-site --labelled`` does (:func:`analysis.site_adapt.fit_site_network`):
     class-balanced AdaBN on the site's ``adapt_splits`` cells (labels unread), the last layer
     refitted on ``k`` labelled train cells per class beside the shipped-size ``pack``.
@@ -336,7 +338,7 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
                                         torch.Generator("cpu").manual_seed(seed)).probabilities
             if ruled:
                 ruling = finetune_rule(d_shot, _probabilities(model, shot.images), shot.labels,
-                                       rule.diffusion_weight)
+                                       rule.diffusion_weight, clearly=clearly)
                 print(f"  {lab} k={k} rule: {ruling.text}", file=sys.stderr)
                 if not ruling.finetune:
                     steps = d_steps = 0
@@ -347,7 +349,8 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
                **_score(net._fc, _features(net, scored.images), scored.labels)}
         if ruling is not None:
             row["rule"] = {"shipped_reads_named": ruling.shipped.balanced_accuracy,
-                           "finetuned": ruling.finetune}
+                           "interval_95": [ruling.shipped.low, ruling.shipped.high],
+                           "clearly": clearly, "finetuned": ruling.finetune}
         if diffusion is not None:
             d_site = d_scored if diffusion_finetune else None  # the gate shut: nothing changes
             d_always = d_scored if ruled and diffusion_finetune else None
@@ -452,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --diffusion: fine-tune only where the shipped models read the named "
                         "cells below the validated level (site_adapt.finetune_rule); also score "
                         "the diffusion fine-tune wherever the rule allows ('DFT always')")
+    p.add_argument("--clearly", action="store_true",
+                   help="with --ruled: fine-tune only where the whole 95%% interval of the shipped "
+                        "models' reading of the named cells lies below the validated level")
     p.add_argument("--per-class", type=int, default=0,
                    help="score at most this many cells of each class (e.g. PBC val)")
     p.add_argument("--verify", type=Path, metavar="WEIGHTS",
@@ -484,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
                                   seed=args.seed, diffusion=args.diffusion,
                                   per_class=args.per_class, finetune_steps=args.finetune,
                                   diffusion_finetune=args.diffusion_finetune,
-                                  named_split=args.named_split, ruled=args.ruled)
+                                  named_split=args.named_split, ruled=args.ruled,
+                                  clearly=args.clearly)
     else:
         result = run(args.data, args.lab, args.reference, ks=ks, score_splits=args.score_splits,
                      seed=args.seed, site_share=args.site_share, balanced_bn=args.balanced_bn)
