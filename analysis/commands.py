@@ -526,7 +526,9 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         labels = np.concatenate([np.full(len(cells), CLASS_NAMES.index(c))
                                  for c, cells in labelled.items()])
         named_files = [p for cells in labelled.values() for p in cells]
-        p_named = _diffusion_posteriors(diffusion(), named_files, spacing)
+        logger.info("the diffusion classifier reads the %d labelled cells (the site's verification)",
+                    len(named_files))
+        p_named = _diffusion_read(diffusion(), named_files, spacing).probabilities
         ruling = None
         if finetune:
             ruling = finetune_rule(p_named, reference_posterior(reference_logits(
@@ -606,9 +608,7 @@ def _unsure(diffusion: Callable[[], Any], model: Any, files: list[Path], spacing
     network the site uses: ``(unsure, read, the validated labs' share)``; ``None`` when the
     rule has no share or too few cells are given."""
     import numpy as np
-    import torch
 
-    from analysis.framing import read_framed
     from analysis.reference import reference_posterior
     from analysis.review import unsure
     from analysis.site import MIN_CELLS, UNSURE_CELLS
@@ -619,23 +619,20 @@ def _unsure(diffusion: Callable[[], Any], model: Any, files: list[Path], spacing
     chosen = np.sort(np.random.default_rng(0).permutation(len(files))[:UNSURE_CELLS])
     classifier = diffusion().for_network(network)
     logger.info("both models read %d of the site's cells (is the site readable?)", len(chosen))
-    images = np.stack([read_framed(files[i], classifier.image_size, spacing) for i in chosen])
-    pred = classifier.predict(images, torch.Generator("cpu").manual_seed(0))
+    pred = _diffusion_read(classifier, [files[i] for i in chosen], spacing)
     flags = unsure(model.rule, pred.probabilities, reference_posterior(logits[chosen]),
                    pred.uncertainty)
     return int(flags.sum()), len(chosen), float(expected)
 
 
-def _diffusion_posteriors(classifier: Any, files: list[Path], spacing: float) -> Any:
-    """The diffusion classifier's posteriors on the site's labelled ``files`` (framed for it):
-    what the fine-tune rule and the site's verification read
-    (:func:`analysis.site_adapt.finetune_rule`, :func:`analysis.site_adapt.verify_site`)."""
+def _diffusion_read(classifier: Any, files: list[Path], spacing: float) -> Any:
+    """The diffusion classifier's prediction on cell image ``files``, each framed for it at
+    ``spacing`` (seed 0): what the fine-tune rule, the site's verification and the unsure count
+    read."""
     import numpy as np
     import torch
 
     from analysis.framing import read_framed
 
-    logger.info("the diffusion classifier reads the %d labelled cells (the site's verification)",
-                len(files))
     images = np.stack([read_framed(p, classifier.image_size, spacing) for p in files])
-    return classifier.predict(images, torch.Generator("cpu").manual_seed(0)).probabilities
+    return classifier.predict(images, torch.Generator("cpu").manual_seed(0))

@@ -605,13 +605,11 @@ class FinetuneRule:
     @property
     def text(self) -> str:
         v = self.shipped
-        reads = f"the shipped models read the named cells at {v.balanced_accuracy:.1%}"
-        if self.clearly:
-            reads += f" (95 % interval {v.low:.1%}-{v.high:.1%})"
-            return (f"{reads}, wholly below {VERIFIED_MINIMUM:.0%}: fine-tuned" if self.finetune
-                    else f"{reads}, not wholly below {VERIFIED_MINIMUM:.0%}: not fine-tuned")
-        return (f"{reads}, below {VERIFIED_MINIMUM:.0%}: fine-tuned" if self.finetune
-                else f"{reads}, at least {VERIFIED_MINIMUM:.0%}: not fine-tuned")
+        interval = f" (95 % interval {v.low:.1%}-{v.high:.1%})" if self.clearly else ""
+        below, not_below = ("wholly below", "not wholly below") if self.clearly else ("below", "at least")
+        verdict = f"{below} {VERIFIED_MINIMUM:.0%}: fine-tuned" if self.finetune else \
+            f"{not_below} {VERIFIED_MINIMUM:.0%}: not fine-tuned"
+        return f"the shipped models read the named cells at {v.balanced_accuracy:.1%}{interval}, {verdict}"
 
 
 def finetune_rule(p_diffusion: np.ndarray, p_shipped: np.ndarray, labels: np.ndarray,
