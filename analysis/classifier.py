@@ -151,7 +151,7 @@ class DiffusionClassifier:
 
     def for_network(self, network: Mapping[str, torch.Tensor] | None) -> DiffusionClassifier:
         """This classifier, or for a site fine-tuned on its labelled cells (``calibrate-site
-        --finetune``: its ``network`` file holds a diffusion classifier,
+        --labelled``, by default: its ``network`` file holds a diffusion classifier,
         :func:`analysis.site_adapt.finetune_diffusion`) a copy with the site's UNet; the
         calibration and budget stay the shipped ones."""
         import copy

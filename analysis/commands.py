@@ -349,10 +349,13 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
         sys.stderr.write("cytonode calibrate-site: --pixel-spacing must lie in [0.01, 10] um\n")
         return 2
     finetune = None
-    if args.finetune or args.finetune_steps:
-        if not args.labelled:
-            sys.stderr.write("cytonode calibrate-site: --finetune needs --labelled cells\n")
-            return 2
+    if args.no_finetune and (args.finetune or args.finetune_steps):
+        sys.stderr.write("cytonode calibrate-site: --no-finetune and --finetune(-steps) contradict\n")
+        return 2
+    if (args.finetune or args.finetune_steps) and not args.labelled:
+        sys.stderr.write("cytonode calibrate-site: --finetune needs --labelled cells\n")
+        return 2
+    if args.labelled and not args.no_finetune:  # fine-tuned by default, where the rule allows
         try:
             finetune = _finetune_steps(args.finetune_steps)
         except ValueError as exc:
@@ -403,6 +406,11 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
                              f"network {gate['site_accuracy']:.1%} (cross-validated): {verdict}\n")
             if "finetune_rule" in gate:
                 sys.stdout.write(f"  fine-tune: {gate['finetune_rule']}\n")
+            if "uncertainty_threshold" in summary:
+                own: dict[str, float] = summary["uncertainty_threshold"]  # type: ignore[assignment]
+                sys.stdout.write(f"  'uncertain' above {own['site']:.3f} at this site (the rule: "
+                                 f"{own['rule']:.3f}): the fine-tuned models flag at least the share "
+                                 f"of these cells the shipped models did\n")
             verified: dict[str, Any] = summary["verified"]  # type: ignore[assignment]
             sys.stdout.write(f"  the class the node reports is right on {verified['text']} of the "
                              f"labelled cells (none read by a network fitted on it)\n")
@@ -473,9 +481,10 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     site's own network: :func:`analysis.site_adapt.fit_site_network`), store it; a summary
     for the command line. ``finetune`` ``(network steps, diffusion steps)``: the site network
     is fine-tuned whole (used where the gate lets it in) and the diffusion classifier too
-    (:func:`analysis.site_adapt.finetune_diffusion`; model card, fifteenth and sixteenth
-    sessions), unless the shipped models already read the labelled cells at the validated
-    level (:func:`analysis.site_adapt.finetune_rule`)."""
+    (:func:`analysis.site_adapt.finetune_diffusion`; model card, fifteenth to seventeenth
+    sessions), unless the shipped models may read the labelled cells at the validated level
+    (:func:`analysis.site_adapt.finetune_rule`, ``clearly``); a fine-tuned site gets its own
+    uncertainty threshold (:func:`_read_site`)."""
     import numpy as np
 
     from analysis.classes import CLASS_NAMES
@@ -532,7 +541,7 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         ruling = None
         if finetune:
             ruling = finetune_rule(p_named, reference_posterior(reference_logits(
-                model.reference.model, shot)[0]), labels, model.rule.diffusion_weight)
+                model.reference.model, shot)[0]), labels, model.rule.diffusion_weight, clearly=True)
             logger.info("%s", ruling.text)
             finetune = finetune if ruling.finetune else None
         fitted = fit_site_network(model.reference.model, images, shot, labels, pack,
@@ -554,14 +563,16 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     logits, features = reference_logits(measuring, images, features=True,
                                         views=model.reference.views)
     assert features is not None  # asked for
-    unsure = _unsure(diffusion, model, paths, spacing, logits[:len(paths)], network)
+    finetuned = bool(finetune) and network is not None
+    unsure, own_threshold = _read_site(diffusion, model, paths, spacing, logits[:len(paths)], network,
+                                       images[:len(paths)] if finetuned else None)
     val_rate = float(model.rule.val_normal_flag_rate)
     site = fit_site(site_id, features, density=model.density,
                     shipped_threshold=model.rule.feature_threshold,
                     val_normal_flag_rate=val_rate, source=source,
                     reference_sha256=model.reference_sha256, labelled=counts, network=network,
-                    verification=verification, unsure=unsure,
-                    finetuned=bool(finetune) and network is not None)
+                    verification=verification, unsure=unsure, finetuned=finetuned,
+                    uncertainty_threshold=own_threshold)
     path = save_site(data_dir, site)
     summary: dict[str, object] = {
         "id": site.site_id, "label": site.label, "path": str(path), "cells": site.cells,
@@ -570,6 +581,9 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         "unsure": {"cells": site.unsure_cells, "measured": site.unsure_measured,
                    "expected": site.unsure_expected, "text": site.unsure_text,
                    "too_many": site.too_many_unsure}}
+    if site.uncertainty_threshold is not None:
+        summary["uncertainty_threshold"] = {"site": site.uncertainty_threshold,
+                                            "rule": model.rule.uncertainty_threshold}
     if gate is not None:
         summary["labelled"] = dict(named_counts)
         summary["site_network"] = gate
@@ -600,29 +614,51 @@ def _finetuned_diffusion(classifier: Any, files: list[Path], labels: Any, pack: 
     return {DIFFUSION_PREFIX + k: v.detach().contiguous() for k, v in unet.state_dict().items()}
 
 
-def _unsure(diffusion: Callable[[], Any], model: Any, files: list[Path], spacing: float,
-            logits: Any, network: Any = None) -> tuple[int, int, float] | None:
-    """How many of (at most :data:`analysis.site.UNSURE_CELLS` of) the site's unlabelled cells
-    the review rule calls uncertain or models-disagree, with the diffusion classifier
-    (``diffusion()``; the site's own where ``network`` holds one) run on them beside the reference ``logits`` of the
-    network the site uses: ``(unsure, read, the validated labs' share)``; ``None`` when the
-    rule has no share or too few cells are given."""
+def _read_site(diffusion: Callable[[], Any], model: Any, files: list[Path], spacing: float,
+               logits: Any, network: Any = None, shipped_images: Any = None
+               ) -> tuple[tuple[int, int, float] | None, float | None]:
+    """Both models read (at most :data:`analysis.site.UNSURE_CELLS` of) the site's unlabelled
+    cells: the diffusion classifier (``diffusion()``; the site's own where ``network`` holds
+    one) beside the reference ``logits`` of the network the site uses. Returns ``(unsure, read,
+    the validated labs' share)`` (how many the review rule calls uncertain or models-disagree,
+    under the rule's own threshold, as the validated labs' share was measured; ``None`` when the
+    rule has no share or too few cells are given) and, for a fine-tuned site (``shipped_images``:
+    the cells framed for the reference network), its own uncertainty threshold
+    (:func:`analysis.site_adapt.matched_threshold`: the shipped models read the same cells);
+    else ``None``."""
     import numpy as np
 
-    from analysis.reference import reference_posterior
-    from analysis.review import unsure
+    from analysis.reference import reference_logits, reference_posterior
+    from analysis.review import combine, unsure
     from analysis.site import MIN_CELLS, UNSURE_CELLS
+    from analysis.site_adapt import matched_threshold
+    from analysis.uncertainty import entropy
 
     expected = model.rule.site_unsure_share
-    if expected is None or len(files) < MIN_CELLS:
-        return None
+    if len(files) < MIN_CELLS or (expected is None and shipped_images is None):
+        return None, None
     chosen = np.sort(np.random.default_rng(0).permutation(len(files))[:UNSURE_CELLS])
+    chosen_files = [files[i] for i in chosen]
     classifier = diffusion().for_network(network)
     logger.info("both models read %d of the site's cells (is the site readable?)", len(chosen))
-    pred = _diffusion_read(classifier, [files[i] for i in chosen], spacing)
-    flags = unsure(model.rule, pred.probabilities, reference_posterior(logits[chosen]),
-                   pred.uncertainty)
-    return int(flags.sum()), len(chosen), float(expected)
+    pred = _diffusion_read(classifier, chosen_files, spacing)
+    p_reference = reference_posterior(logits[chosen])
+    rule, own = model.rule, None  # the count keeps the rule's threshold (see above)
+    if shipped_images is not None:
+        logger.info("the shipped models read them too (the fine-tuned site's uncertainty threshold)")
+        w = rule.diffusion_weight
+        read = _diffusion_read(diffusion(), chosen_files, spacing)
+        if rule.uncertainty_of == "combined":
+            shipped = entropy(combine(read.probabilities, reference_posterior(reference_logits(
+                model.reference.model, shipped_images[chosen])[0]), w))
+            site = entropy(combine(pred.probabilities, p_reference, w))
+        else:  # the rule judges the diffusion classifier's own uncertainty
+            shipped, site = read.uncertainty, pred.uncertainty
+        own = matched_threshold(shipped, site, rule.uncertainty_threshold)
+    if expected is None:
+        return None, own
+    flags = unsure(rule, pred.probabilities, p_reference, pred.uncertainty)
+    return (int(flags.sum()), len(chosen), float(expected)), own
 
 
 def _diffusion_read(classifier: Any, files: list[Path], spacing: float) -> Any:

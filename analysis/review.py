@@ -353,11 +353,15 @@ class ReviewModel:
 
     def rule_for(self, site: Any = None) -> ReviewRule:
         """The rule with a :class:`analysis.site.SiteCalibration`'s feature threshold, if any:
-        the distance above which the rule's share of the site's own cells lie."""
+        the distance above which the rule's share of the site's own cells lie; and a fine-tuned
+        site's own uncertainty threshold, where it has one."""
         if site is None:
             return self.rule
         threshold = site.threshold_for(self.rule.val_normal_flag_rate)
-        return dataclasses.replace(self.rule, feature_threshold=threshold)
+        own = site.uncertainty_threshold
+        return dataclasses.replace(self.rule, feature_threshold=threshold,
+                                   uncertainty_threshold=self.rule.uncertainty_threshold if own is None
+                                   else float(own))
 
     def network_for(self, site: Any = None) -> Any:
         """The reference network for a site: its own (``cytonode calibrate-site --labelled``:

@@ -126,8 +126,12 @@ class SiteCalibration:
     #: (the rule's ``site_unsure_share``; ``None``: not checked).
     unsure_expected: float | None = None
     #: The site network was fine-tuned whole on the labelled cells, and the diffusion
-    #: classifier with it (``calibrate-site --finetune``; its tensors are in the network file).
+    #: classifier with it (``calibrate-site --labelled``, by default; its tensors are in the network file).
     finetuned: bool = False
+    #: A fine-tuned site's own uncertainty threshold (:func:`analysis.site_adapt.matched_threshold`:
+    #: its models call uncertain the share of its unlabelled cells the shipped models did);
+    #: ``None``: the review rule's.
+    uncertainty_threshold: float | None = None
     #: The site network's tensors (:func:`analysis.site_adapt.network_state`), read by
     #: :func:`load_site`; not part of the JSON.
     network: Any = dataclasses.field(default=None, compare=False, repr=False)
@@ -160,6 +164,9 @@ class SiteCalibration:
         e = self.unsure_expected
         if e is not None and not 0.0 < e < 1.0:
             raise ValueError(f"unsure_expected must lie in (0, 1), not {e}")
+        t = self.uncertainty_threshold
+        if t is not None and not (self.finetuned and 0.0 <= t <= 1.0):
+            raise ValueError(f"uncertainty_threshold lies in [0, 1] and is a fine-tuned site's, not {t}")
 
     @property
     def labelled_cells(self) -> int:
@@ -400,14 +407,15 @@ def fit_site(site_id: str, features: np.ndarray, *, density: Any,
              reference_sha256: str = "", labelled: tuple[tuple[str, int], ...] = (),
              network: Any = None, verification: Any = None,
              unsure: tuple[int, int, float] | None = None,
-             finetuned: bool = False) -> SiteCalibration:
+             finetuned: bool = False, uncertainty_threshold: float | None = None) -> SiteCalibration:
     """Fit a site calibration from the reference ``features`` of the site's cells
     (``density``: :class:`analysis.review.FeatureDensity`; ``reference_sha256``: the
     shipped network; ``network``: the site's own (:func:`analysis.site_adapt.network_state`,
     fitted on ``labelled`` cells per class), which then measured ``features``;
     ``verification``: :func:`analysis.site_adapt.verify_site`'s on the labelled cells;
     ``unsure``: ``(unsure cells, cells read, the validated labs' share)``; ``finetuned``: the
-    network was fine-tuned whole and holds the site's diffusion classifier)."""
+    network was fine-tuned whole and holds the site's diffusion classifier;
+    ``uncertainty_threshold``: then its own, :func:`analysis.site_adapt.matched_threshold`)."""
     if len(features) < MIN_CELLS:
         raise ValueError(f"a site calibration needs at least {MIN_CELLS} cells, not {len(features)}")
     shift = density.site_shift(features)
@@ -431,4 +439,5 @@ def fit_site(site_id: str, features: np.ndarray, *, density: Any,
         verified_interval=() if verification is None else (verification.low, verification.high),
         unsure_cells=0 if unsure is None else int(unsure[0]),
         unsure_measured=0 if unsure is None else int(unsure[1]),
-        unsure_expected=None if unsure is None else float(unsure[2]), finetuned=finetuned)
+        unsure_expected=None if unsure is None else float(unsure[2]), finetuned=finetuned,
+        uncertainty_threshold=None if uncertainty_threshold is None else round(float(uncertainty_threshold), 6))

@@ -244,7 +244,7 @@ def network_state(model: torch.nn.Module, *, whole: bool = False) -> dict[str, t
 
 
 #: The prefix of a site's fine-tuned diffusion classifier's tensors in its network file
-#: (``calibrate-site --labelled --finetune``: :func:`finetune_diffusion`).
+#: (``calibrate-site --labelled``, by default: :func:`finetune_diffusion`).
 DIFFUSION_PREFIX = "diffusion."
 
 
@@ -584,12 +584,13 @@ def verify_site(p_diffusion: np.ndarray, p_reference: np.ndarray, labels: np.nda
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneRule:
-    """Whether a site's models are fine-tuned (``calibrate-site --labelled --finetune``;
+    """Whether a site's models are fine-tuned (``calibrate-site --labelled``, by default;
     criteria.txt, 2026-12-06 02:09): only where the shipped models read its named cells below
     :data:`VERIFIED_MINIMUM`. A lab they already read keeps the last-layer site network:
-    fine-tuning one cost PBC 1.8 points (fifteenth session). The rule does not make the
-    fine-tune safe as a default: at BCCD, named cells read at 84.6 % set it off and its test
-    basophil was lost (model card, sixteenth session)."""
+    fine-tuning one cost PBC 1.8 points (fifteenth session). On the figure alone, BCCD's named
+    cells read at 84.6 % set it off and its test basophil was lost (sixteenth session); the node
+    asks ``clearly`` (the whole interval below), and gives a fine-tuned site its own uncertainty
+    threshold (:func:`matched_threshold`; seventeenth session)."""
 
     #: The shipped models' reported class on the named cells (:func:`verify_site`).
     shipped: SiteVerification
@@ -617,3 +618,23 @@ def finetune_rule(p_diffusion: np.ndarray, p_shipped: np.ndarray, labels: np.nda
     """:class:`FinetuneRule` from the shipped diffusion classifier's and shipped network's
     posteriors on the named cells."""
     return FinetuneRule(verify_site(p_diffusion, p_shipped, labels, diffusion_weight), clearly)
+
+
+def matched_threshold(shipped_uncertainty: np.ndarray, site_uncertainty: np.ndarray,
+                      threshold: float) -> float:
+    """A fine-tuned site's own uncertainty threshold (criteria.txt, seventeenth session): the
+    site's models call uncertain at least the share of the site's unlabelled cells that the
+    shipped models call uncertain under the rule's ``threshold``. ``shipped_uncertainty`` and
+    ``site_uncertainty`` are the normalised entropies of the two reported posteriors on the
+    same cells. A classifier fine-tuned on a few named cells is surer of them than it has
+    earned, and under the shipped threshold flagged fewer cells and let more errors through
+    (BCCD, sixteenth session); no label chooses this threshold, and it is never above the
+    rule's."""
+    shipped = np.asarray(shipped_uncertainty, dtype=np.float64)
+    site = np.asarray(site_uncertainty, dtype=np.float64)
+    if shipped.shape != site.shape or shipped.ndim != 1 or len(shipped) == 0:
+        raise ValueError("the two uncertainties must be of the same cells, and not none")
+    share = float(np.mean(shipped > threshold))
+    if share == 0.0:
+        return float(threshold)
+    return float(min(threshold, np.quantile(site, 1.0 - share, method="lower")))

@@ -8,7 +8,9 @@
 #     LAB's val split (seeds 0, 1), the rest of val + test unlabelled, scored on test (48 a class).
 # With RULE=clearly (criterion of 2026-12-06 03:35): the rule asks the whole 95 % interval of the shipped
 # models' reading to lie below the validated level (few_shot --clearly); new draws 9, 10 (held out) and 2
-# (known); writes .train/ruled_clearly/.
+# (known); writes .train/ruled_clearly/. With RULE=matched (criterion of the seventeenth session): the
+# stricter rule, and a fine-tuned site's own uncertainty threshold (site_adapt.matched_threshold, the row
+# "C: B, site threshold"); new draws 11, 12 (held out) and 3 (known); writes .train/matched/.
 # Usage: [RULE=clearly] bench/site_finetune_ruled.sh LAB|known:LAB [THREADS] [DATA]; held-out about 45
 # minutes a lab on one thread (bench/lolo_shipped_measure.sh LAB first), a known lab 2-15 minutes a draw.
 # Writes .train/ruled/ and prints each lab's table.
@@ -21,6 +23,8 @@ steps=(--finetune 200 --diffusion-finetune 300 --ruled)
 dir=.train/ruled held=(6 7 8) known=(0 1)
 if [ "${RULE:-}" = clearly ]; then
   steps+=(--clearly) dir=.train/ruled_clearly held=(9 10) known=(2)
+elif [ "${RULE:-}" = matched ]; then
+  steps+=(--clearly) dir=.train/matched held=(11 12) known=(3)
 fi
 mkdir -p "$dir"
 run() {  # out options...
@@ -75,4 +79,9 @@ summary("shipped design", [r["site network"]["k=10"]["reported"]["R0 rule weight
                            for r in runs if not r.get("ruled")])
 summary("A: DFT where gate opens", [r["reported"]["DFT rule weight"] for r in ruled])
 summary("B: DFT always", [r["reported"]["DFT always rule weight"] for r in ruled])
+if all("DFT always matched threshold" in r["reported"] for r in ruled):
+    summary("C: B, site threshold", [r["reported"]["DFT always matched threshold"] for r in ruled])
+    print("  site thresholds:", ", ".join(f"{r['site_threshold']['threshold']:.3f} on "
+                                         f"{r['site_threshold']['on']}" if "site_threshold" in r
+                                         else "the rule's (kept)" for r in ruled))
 PY

@@ -41,7 +41,10 @@ opens (DFT, :func:`analysis.site_adapt.finetune_diffusion`); its rows are "DFT .
 level (:func:`analysis.site_adapt.finetune_rule`) and adds the row "DFT always rule weight" (the
 diffusion fine-tune wherever the rule allows); ``--named-split val`` draws the named cells from
 val, for a lab the models trained on (``bench/site_finetune_ruled.sh``); with ``--clearly`` the
-rule asks the whole 95 % interval of that reading to lie below it.
+rule asks the whole 95 % interval of that reading to lie below it. A ruled run also scores the
+row "DFT always matched threshold": a fine-tuned site under its own uncertainty threshold
+(:func:`analysis.site_adapt.matched_threshold`, matched on the named split's unnamed cells), what
+``calibrate-site --labelled`` does by default (``RULE=matched bench/site_finetune_ruled.sh``).
 """
 
 from __future__ import annotations
@@ -238,7 +241,8 @@ def _reported_variants(fitted: SiteNetwork, p_site: np.ndarray, p_shipped: np.nd
                        d_scored: np.ndarray, d_shot: np.ndarray, shot_labels: np.ndarray,
                        labels: np.ndarray, rule: ReviewRule, seed: int,
                        d_site: np.ndarray | None = None,
-                       d_always: np.ndarray | None = None) -> dict[str, object]:
+                       d_always: np.ndarray | None = None,
+                       site_threshold: float | None = None) -> dict[str, object]:
     """The reported class (both models combined) under each way of weighing the diffusion
     classifier at a site with its own network (criteria.txt, 14:37): R0 the rule's weight,
     R1 the site network alone, H2 the weight the named cells choose, H3 likewise after per-class
@@ -246,7 +250,9 @@ def _reported_variants(fitted: SiteNetwork, p_site: np.ndarray, p_shipped: np.nd
     variant is the shipped network at the rule's weight. ``d_site``: the posteriors of the
     diffusion classifier fine-tuned for the site (DFT, criteria.txt 23:33), used where the gate
     opens; ``d_always``: likewise, fine-tuned wherever the fine-tune rule allows, the gate open or
-    shut (candidate B of criteria.txt, 2026-12-06 02:09)."""
+    shut (candidate B of criteria.txt, 2026-12-06 02:09); ``site_threshold``: B under the fine-tuned
+    site's own uncertainty threshold (:func:`analysis.site_adapt.matched_threshold`; the rule's
+    where nothing was fine-tuned), the row "DFT always matched threshold"."""
     w, u = rule.diffusion_weight, rule.uncertainty_threshold
     shipped = combine(d_scored, p_shipped, w)
     dft: dict[str, object] = {}
@@ -255,8 +261,10 @@ def _reported_variants(fitted: SiteNetwork, p_site: np.ndarray, p_shipped: np.nd
                "DFT rule weight": _reported(combine(d_site, p_site, w) if fitted.used else shipped,
                                             labels, u)}
     if d_always is not None:
-        dft["DFT always rule weight"] = _reported(
-            combine(d_always, p_site if fitted.used else p_shipped, w), labels, u)
+        always = combine(d_always, p_site if fitted.used else p_shipped, w)
+        dft["DFT always rule weight"] = _reported(always, labels, u)
+        if site_threshold is not None:
+            dft["DFT always matched threshold"] = _reported(always, labels, site_threshold)
     h2 = choose_diffusion_weight(d_shot, fitted.held_out_probabilities, shot_labels, w)
     h3 = choose_diffusion_weight(_out_of_fold_offsets(d_shot, shot_labels, seed),
                                  fitted.held_out_probabilities, shot_labels, w)
@@ -275,6 +283,45 @@ def _reported_variants(fitted: SiteNetwork, p_site: np.ndarray, p_shipped: np.nd
         rows[name] = _reported(post if fitted.used else shipped, labels, u)
     rows.update(dft)
     return rows
+
+
+def _matched_threshold(cells: LabCells, d_cells: LabCells, named: tuple[str, ...],
+                       networks: tuple[torch.nn.Module, torch.nn.Module], classifiers: tuple[object, object],
+                       rule: ReviewRule, seed: int, *,
+                       scored: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> dict[str, object]:
+    """The fine-tuned site's own uncertainty threshold (:func:`analysis.site_adapt.matched_threshold`,
+    criteria.txt, seventeenth session) on the site's unlabelled cells: those of the named
+    cells' split (``cells`` framed for the networks, ``d_cells`` for the diffusion classifiers)
+    that were not ``named``; where fewer than 30 are left, the scored cells (labels unread):
+    ``scored`` = their shipped diffusion, shipped network, site diffusion and site network
+    posteriors. ``networks`` and ``classifiers``: (shipped, the site's)."""
+    from analysis.site_adapt import matched_threshold
+    from analysis.uncertainty import entropy
+
+    w, u = rule.diffusion_weight, rule.uncertainty_threshold
+    drawn = set(named)
+    rest = tuple(p for p in cells.paths if p not in drawn)
+    if len(rest) >= 30:
+        on = f"{len(rest)} unnamed cells of the named split"
+        generator = lambda: torch.Generator("cpu").manual_seed(seed)
+        d_images = _images_at(d_cells, rest)
+        images = _images_at(cells, rest)
+        posteriors = [classifiers[0].predict(d_images, generator()).probabilities,  # type: ignore[attr-defined]
+                      _probabilities(networks[0], images),
+                      classifiers[1].predict(d_images, generator()).probabilities,  # type: ignore[attr-defined]
+                      _probabilities(networks[1], images)]
+    else:
+        on = f"the {len(scored[0])} scored cells (labels unread; {len(rest)} unnamed in the named split)"
+        posteriors = list(scored)
+    shipped = entropy(combine(posteriors[0], posteriors[1], w))
+    site = entropy(combine(posteriors[2], posteriors[3], w))
+    t = matched_threshold(shipped, site, u)
+    print(f"  site threshold {t:.4f} (rule {u:.4f}) on {on}: shipped flags {np.mean(shipped > u):.1%}, "
+          f"the site's models under u {np.mean(site > u):.1%}", file=sys.stderr)
+    return {"threshold": t, "rule_threshold": u, "on": on,
+            "shipped_share": round(float(np.mean(shipped > u)), 4),
+            "site_share_under_rule": round(float(np.mean(site > u)), 4),
+            "site_share": round(float(np.mean(site > t)), 4)}
 
 
 def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path, *,
@@ -352,6 +399,7 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
                            "interval_95": [ruling.shipped.low, ruling.shipped.high],
                            "clearly": clearly, "finetuned": ruling.finetune}
         if diffusion is not None:
+            site_threshold = None
             d_site = d_scored if diffusion_finetune else None  # the gate shut: nothing changes
             d_always = d_scored if ruled and diffusion_finetune else None
             if d_steps and (fitted.used or ruled):
@@ -368,9 +416,19 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
                                                   torch.Generator("cpu").manual_seed(seed)).probabilities
                 d_site = d_tuned if fitted.used else d_site
                 d_always = d_tuned if ruled else None
+                if ruled:
+                    matched = _matched_threshold(
+                        site_train, d_train, shot.paths, (model, net if fitted.used else model),
+                        (classifier, site_classifier), rule, seed,
+                        scored=(d_scored, p_shipped, d_tuned, _probabilities(
+                            net if fitted.used else model, scored.images)))
+                    row["site_threshold"] = matched
+                    site_threshold = matched["threshold"]
+            elif ruled and diffusion_finetune:
+                site_threshold = rule.uncertainty_threshold  # nothing fine-tuned: the rule's
             row["reported"] = _reported_variants(
                 fitted, _probabilities(net, scored.images), p_shipped, d_scored, d_shot,
-                shot.labels, scored.labels, rule, seed, d_site, d_always)
+                shot.labels, scored.labels, rule, seed, d_site, d_always, site_threshold)
             for name, r in row["reported"].items():  # type: ignore[union-attr]
                 print(f"  {lab} k={k} {name}: {r.get('balanced_accuracy', r)}", file=sys.stderr)
         # H: the gate's choice (the site network only where cross-validation on the labelled

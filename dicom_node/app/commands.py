@@ -189,12 +189,14 @@ def _add_calibrate_site(sub: SubParsers) -> None:
                         "lymphocyte, monocyte, ig, erythroblast, platelet), at least 5 cells each, "
                         "two classes or more: the site's own labelled cells")
     p.add_argument("--finetune", action="store_true",
-                   help="with --labelled: fine-tune the whole site network and the diffusion "
-                        "classifier on the labelled cells, unless the shipped models already read "
-                        "them at the validated 85%% (minutes; measured at labs never trained on, "
-                        "model card; not the default)")
+                   help="with --labelled (the default there): fine-tune the whole site network "
+                        "and the diffusion classifier on the labelled cells where the shipped "
+                        "models clearly read them below the validated 85%%; a fine-tuned site gets "
+                        "its own uncertainty threshold (minutes; model card)")
+    p.add_argument("--no-finetune", action="store_true",
+                   help="with --labelled: refit only the site network's statistics and last layer")
     p.add_argument("--finetune-steps", default=None, metavar="NETWORK,DIFFUSION",
-                   help="with --finetune: training steps of each (default 200,300, as measured)")
+                   help="training steps of each fine-tune (default 200,300, as measured)")
     p.add_argument("--id", dest="site_id", help="name of the calibration (letters, digits, _.-)")
     p.add_argument("--pixel-spacing", type=float, default=None,
                    help="micrometres per pixel of the images (default: the median red-cell "

@@ -95,10 +95,10 @@ def test_labelled_cells_refit_a_network_for_a_new_stain_and_not_for_a_known_one(
     """A lab names 6 of its cells of each normal class and gives 30 more unnamed.
 
     Chula's cells as they are (a lab the shipped network trained on): the shipped network
-    already calls the named cells right, so `calibrate-site --labelled` keeps it, and asked to
-    fine-tune (--finetune) it does not: the shipped models read the named cells at the
-    validated level (the fine-tune rule), so nothing is trained. The same cells in another
-    stain (:func:`other_stain`; the shipped network has never seen it): the site's own
+    already calls the named cells right, so `calibrate-site --labelled` keeps it, and does not
+    fine-tune (the default where the rule allows): the shipped models may read the named cells
+    at the validated level (the fine-tune rule), so nothing is trained. The same cells in another
+    stain (:func:`other_stain`; the shipped network has never seen it), with --no-finetune: the site's own
     network, cross-validated on the named cells, beats the shipped one, is stored beside the calibration, named in its label and
     used for that site's cells, where it calls the lab's other cells better. A damaged network file is refused."""
     from analysis.site import load_site, network_path
@@ -109,7 +109,7 @@ def test_labelled_cells_refit_a_network_for_a_new_stain_and_not_for_a_known_one(
     size = model.image_size
     named, unnamed = _named_and_unnamed(size)
 
-    known = _calibrate(tmp_path, named, unnamed, "known", size, "--finetune")
+    known = _calibrate(tmp_path, named, unnamed, "known", size)
     assert known["site_network"]["used"] is False and known["site_network"]["shipped_accuracy"] >= 0.9
     assert known["site_network"]["finetuned"] is False, known["site_network"]
     assert known["site_network"]["finetune_rule"].endswith(": not fine-tuned"), known["site_network"]
@@ -119,7 +119,8 @@ def test_labelled_cells_refit_a_network_for_a_new_stain_and_not_for_a_known_one(
     assert "network_sha256" not in known and not network_path(tmp_path / "var", "known").exists()
     assert "labelled" not in load_site(tmp_path / "var", "known").label
 
-    summary = _calibrate(tmp_path, _stained(named), _stained(unnamed), "new-stain", size)
+    summary = _calibrate(tmp_path, _stained(named), _stained(unnamed), "new-stain", size,
+                         "--no-finetune")
     gate = summary["site_network"]
     assert gate["used"] is True and gate["site_accuracy"] >= gate["shipped_accuracy"] + 0.02, gate
     assert summary["labelled"] == {CLASS_NAMES[c]: 6 for c in np.unique(named.labels)}
@@ -292,6 +293,25 @@ def test_a_damaged_calibration_newer_than_the_one_in_use_stops_the_quiet_fallbac
         newest_site(tmp_path)
 
 
+def test_a_fine_tuned_sites_threshold_flags_the_share_the_shipped_models_flagged() -> None:
+    """`matched_threshold`: a sharper classifier (lower uncertainty on the same cells) gets a lower
+    threshold, under which it flags the share of the cells the shipped models flagged under the
+    rule's; it never rises above the rule's, and cells none of which the shipped models flag
+    keep the rule's. Uncertainties of different cells are refused."""
+    from analysis.site_adapt import matched_threshold
+
+    rng = np.random.default_rng(5)
+    shipped = rng.beta(2.0, 3.0, 400)
+    sharper = shipped * rng.uniform(0.3, 0.7, 400)
+    t = matched_threshold(shipped, sharper, 0.4)
+    assert t < 0.4
+    assert abs(np.mean(sharper > t) - np.mean(shipped > 0.4)) <= 1 / 400
+    assert matched_threshold(shipped, np.minimum(1.0, shipped * 2.0), 0.4) == 0.4  # less sure: the rule's
+    assert matched_threshold(shipped * 0.1, sharper, 0.4) == 0.4  # the shipped flag none
+    with pytest.raises(ValueError, match="same cells"):
+        matched_threshold(shipped, sharper[:10], 0.4)
+
+
 def test_the_verification_interval_narrows_with_more_named_cells() -> None:
     """The interval holds the figure, a class read without error still has spread, and four
     times the named cells give a markedly narrower interval."""
@@ -448,12 +468,13 @@ def test_the_diffusion_classifier_fine_tuned_on_named_cells_denoises_them_better
 @needs_weights
 @pytest.mark.timeout(900)
 def test_a_site_fine_tuned_on_its_named_cells_reads_its_slides_with_its_own_models(tmp_path: Path) -> None:
-    """`calibrate-site --labelled --finetune` (fewer steps than the default, for time): a lab
+    """`calibrate-site --labelled` fine-tuning (fewer steps than the default, for time): a lab
     in a stain no training lab used gets its reference network fine-tuned whole and its own
     diffusion classifier, both in the one network file its calibration names; its label and
     summary say so; a slide analysed with that calibration is classified by the site's
     diffusion classifier (the report names it, and the result differs from the same site
-    without it). --finetune without --labelled, or bad steps, are refused."""
+    without it); the site has its own uncertainty threshold, below the rule's, and the report
+    carries it. --finetune without --labelled, with --no-finetune, or bad steps, are refused."""
     import torch
 
     from analysis.classifier import DiffusionClassifier
@@ -475,6 +496,7 @@ def test_a_site_fine_tuned_on_its_named_cells_reads_its_slides_with_its_own_mode
     common = [str(tmp_path / "tuned" / "cells"), "--id", "tuned", "--pixel-spacing",
               str(FIELD_OF_VIEW_UM / size), "--data-dir", str(tmp_path / "var")]
     for bad, message in (([], "--finetune needs --labelled cells"),
+                         (["--labelled", str(labelled), "--no-finetune"], "contradict"),
                          (["--labelled", str(labelled), "--finetune-steps", "20"], "two whole numbers")):
         run = subprocess.run([*CLI, *common, "--finetune", *bad], check=False, capture_output=True,
                              text=True, timeout=300)
@@ -489,6 +511,10 @@ def test_a_site_fine_tuned_on_its_named_cells_reads_its_slides_with_its_own_mode
     site = load_site(tmp_path / "var", "tuned")
     assert site.finetuned and site.label.endswith(
         f"{len(named) + len(unnamed)} cells, {len(named)} labelled, fine-tuned)"), site.label
+    # its own uncertainty threshold, never above the rule's, stored and reported
+    rule_threshold = model.rule.uncertainty_threshold
+    assert site.uncertainty_threshold is not None and site.uncertainty_threshold <= rule_threshold
+    assert summary["uncertainty_threshold"] == {"site": site.uncertainty_threshold, "rule": rule_threshold}
     from safetensors import safe_open
 
     with safe_open(str(network_path(tmp_path / "var", "tuned")), "pt") as fh:
@@ -504,12 +530,15 @@ def test_a_site_fine_tuned_on_its_named_cells_reads_its_slides_with_its_own_mode
     parameters = tuned.provenance.parameters
     assert parameters["site_diffusion_classifier"].startswith("shipped diffusion classifier fine-tuned on")
     assert "fine-tuned whole" in parameters["site_reference_network"]
+    assert parameters["review_uncertainty_threshold"] == site.uncertainty_threshold
     without = {k: v for k, v in site.network.items() if not k.startswith(DIFFUSION_PREFIX)}
     import dataclasses
 
     plain = classify_slide(sorted(SAMPLE_SLIDE.glob("*.dcm")), dataclasses.replace(
-        config, site=dataclasses.replace(site, network=without, finetuned=False)))
+        config, site=dataclasses.replace(site, network=without, finetuned=False,
+                                         uncertainty_threshold=None)))
     assert "site_diffusion_classifier" not in plain.provenance.parameters
+    assert plain.provenance.parameters["review_uncertainty_threshold"] == rule_threshold
     assert [c.probabilities for c in tuned.cells] != [c.probabilities for c in plain.cells]
 
     # where the site's network does not beat the shipped one, the file holds the diffusion

@@ -202,7 +202,7 @@ def test_a_job_names_the_sites_own_network(start_node, tmp_path: Path,
         Image.fromarray(image).save(folder / f"{i:03d}.png")
     made = subprocess.run([CYTONODE, "calibrate-site", str(cells), "--labelled", str(named),
                            "--id", "lab-4", "--pixel-spacing", str(FIELD_OF_VIEW_UM / 96),
-                           "--data-dir", str(tmp_path / "node"), "--json"],
+                           "--data-dir", str(tmp_path / "node"), "--json", "--no-finetune"],
                           check=False, capture_output=True, text=True, timeout=600)
     assert made.returncode == 0, made.stderr[-2000:]
     summary = json.loads(made.stdout)
