@@ -394,6 +394,11 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
         net = fitted.model
         row = {"site_cells": len(shot), "adapted_on": len(rest) + len(shot),
                **_score(net._fc, _features(net, scored.images), scored.labels)}
+        if diffusion is not None:  # what calibrate-site reports of the site (verify_site)
+            from analysis.site_adapt import VERIFIED_MINIMUM, verify_site
+
+            v = verify_site(d_shot, fitted.probabilities, shot.labels, rule.diffusion_weight)
+            row["verified"] = {**dataclasses.asdict(v), "below_minimum": v.balanced_accuracy < VERIFIED_MINIMUM}
         if ruling is not None:
             row["rule"] = {"shipped_reads_named": ruling.shipped.balanced_accuracy,
                            "interval_95": [ruling.shipped.low, ruling.shipped.high],
