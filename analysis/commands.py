@@ -332,6 +332,9 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
                 sys.stdout.write(f"  warning: {note}\n")
             if site.unsure_measured:
                 sys.stdout.write(f"\tunlabelled cells unsure: {site.unsure_text}\n")
+            if site.uncertainty_threshold is not None:
+                sys.stdout.write(f"\t'uncertain' above {site.uncertainty_threshold:.3f} (the site's own: "
+                                 f"its models are fine-tuned)\n")
             for reason in site.outside_reasons:
                 sys.stdout.write(f"  warning: {reason}: its slides are outside the validated domain\n")
         return 0

@@ -515,6 +515,9 @@ def test_a_site_fine_tuned_on_its_named_cells_reads_its_slides_with_its_own_mode
     rule_threshold = model.rule.uncertainty_threshold
     assert site.uncertainty_threshold is not None and site.uncertainty_threshold <= rule_threshold
     assert summary["uncertainty_threshold"] == {"site": site.uncertainty_threshold, "rule": rule_threshold}
+    listing = subprocess.run([*CLI, "--list", "--data-dir", str(tmp_path / "var")], check=False,
+                             capture_output=True, text=True, timeout=300)
+    assert f"'uncertain' above {site.uncertainty_threshold:.3f} (the site's own" in listing.stdout, listing.stdout
     from safetensors import safe_open
 
     with safe_open(str(network_path(tmp_path / "var", "tuned")), "pt") as fh:
