@@ -11,6 +11,8 @@
 # (known); writes .train/ruled_clearly/. With RULE=matched (criterion of the seventeenth session): the
 # stricter rule, and a fine-tuned site's own uncertainty threshold (site_adapt.matched_threshold, the row
 # "C: B, site threshold"); new draws 11, 12 (held out) and 3 (known); writes .train/matched/.
+# DRAWS="13 14" OUT=.train/matched2 runs other draws into another folder (the seventeenth session's
+# confirmation after the switch).
 # Usage: [RULE=clearly] bench/site_finetune_ruled.sh LAB|known:LAB [THREADS] [DATA]; held-out about 45
 # minutes a lab on one thread (bench/lolo_shipped_measure.sh LAB first), a known lab 2-15 minutes a draw.
 # Writes .train/ruled/ and prints each lab's table.
@@ -25,6 +27,9 @@ if [ "${RULE:-}" = clearly ]; then
   steps+=(--clearly) dir=.train/ruled_clearly held=(9 10) known=(2)
 elif [ "${RULE:-}" = matched ]; then
   steps+=(--clearly) dir=.train/matched held=(11 12) known=(3)
+fi
+if [ -n "${DRAWS:-}" ]; then  # other draws (e.g. DRAWS="13 14" OUT=.train/matched2: the confirmation)
+  read -r -a held <<< "$DRAWS"; known=("${held[@]}") dir=${OUT:?OUT names the folder for other draws}
 fi
 mkdir -p "$dir"
 run() {  # out options...
