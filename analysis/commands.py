@@ -495,7 +495,7 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     from analysis.framing import folder_spacing_um, read_framed
     from analysis.reference import reference_logits
     from analysis.review import ReviewModel
-    from analysis.site import fit_site, save_site
+    from analysis.site import MIN_CELLS, fit_site, save_site
 
     weights = weights_dir or WEIGHTS_DIR
     # the shipped diffusion classifier, read once and only where a step needs it
@@ -541,12 +541,17 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         logger.info("the diffusion classifier reads the %d labelled cells (the site's verification)",
                     len(named_files))
         p_named = _diffusion_read(diffusion(), named_files, spacing).probabilities
-        ruling = None
+        ruling, rule_text = None, None
         if finetune:
             ruling = finetune_rule(p_named, reference_posterior(reference_logits(
                 model.reference.model, shot)[0]), labels, model.rule.diffusion_weight, clearly=True)
-            logger.info("%s", ruling.text)
-            finetune = finetune if ruling.finetune else None
+            rule_text = ruling.text
+            if ruling.finetune and len(paths) < MIN_CELLS:  # no cells to set its own threshold on
+                rule_text = (f"{ruling.text.rsplit(':', 1)[0]}, but only {len(paths)} unlabelled cells "
+                             f"were given (at least {MIN_CELLS} set a fine-tuned site's uncertainty "
+                             f"threshold): not fine-tuned")
+            logger.info("%s", rule_text)
+            finetune = finetune if ruling.finetune and len(paths) >= MIN_CELLS else None
         fitted = fit_site_network(model.reference.model, images, shot, labels, pack,
                                   finetune_steps=finetune[0] if finetune else 0)
         verification = verify_site(p_named, fitted.probabilities, labels, model.rule.diffusion_weight)
@@ -554,8 +559,8 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         gate = {"used": fitted.used, "shipped_accuracy": fitted.shipped_accuracy,
                 "site_accuracy": fitted.site_accuracy, "finetuned": bool(finetune and fitted.used),
                 "diffusion_finetuned": bool(finetune)}
-        if ruling is not None:
-            gate["finetune_rule"] = ruling.text
+        if rule_text is not None:
+            gate["finetune_rule"] = rule_text
         if fitted.used:
             network, counts = network_state(fitted.model, whole=bool(finetune)), named_counts
             measuring = fitted.model
@@ -653,7 +658,7 @@ def _read_site(diffusion: Callable[[], Any], model: Any, files: list[Path], spac
         read = _diffusion_read(diffusion(), chosen_files, spacing)
         if rule.uncertainty_of == "combined":
             shipped = entropy(combine(read.probabilities, reference_posterior(reference_logits(
-                model.reference.model, shipped_images[chosen])[0]), w))
+                model.reference.model, shipped_images[chosen], views=model.reference.views)[0]), w))
             site = entropy(combine(pred.probabilities, p_reference, w))
         else:  # the rule judges the diffusion classifier's own uncertainty
             shipped, site = read.uncertainty, pred.uncertainty

@@ -515,6 +515,14 @@ def test_a_site_fine_tuned_on_its_named_cells_reads_its_slides_with_its_own_mode
     rule_threshold = model.rule.uncertainty_threshold
     assert site.uncertainty_threshold is not None and site.uncertainty_threshold <= rule_threshold
     assert summary["uncertainty_threshold"] == {"site": site.uncertainty_threshold, "rule": rule_threshold}
+    # the named cells alone (no unlabelled ones to set its threshold on): not fine-tuned, and why
+    alone = subprocess.run([*CLI, "--labelled", str(labelled), "--id", "named-only", *common[3:], "--json"],
+                           check=False, capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    gate = json.loads(alone.stdout)["site_network"]
+    assert not gate["finetuned"] and not gate["diffusion_finetuned"], gate
+    assert "but only 0 unlabelled cells were given" in gate["finetune_rule"], gate
+    assert gate["finetune_rule"].endswith(": not fine-tuned") and "uncertainty_threshold" not in json.loads(alone.stdout)
     listing = subprocess.run([*CLI, "--list", "--data-dir", str(tmp_path / "var")], check=False,
                              capture_output=True, text=True, timeout=300)
     assert f"'uncertain' above {site.uncertainty_threshold:.3f} (the site's own" in listing.stdout, listing.stdout
