@@ -495,7 +495,7 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     from analysis.framing import folder_spacing_um, read_framed
     from analysis.reference import reference_logits
     from analysis.review import ReviewModel
-    from analysis.site import MIN_CELLS, fit_site, save_site
+    from analysis.site import fit_site, save_site
 
     weights = weights_dir or WEIGHTS_DIR
     # the shipped diffusion classifier, read once and only where a step needs it
@@ -541,17 +541,13 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         logger.info("the diffusion classifier reads the %d labelled cells (the site's verification)",
                     len(named_files))
         p_named = _diffusion_read(diffusion(), named_files, spacing).probabilities
-        ruling, rule_text = None, None
+        ruling = None
         if finetune:
             ruling = finetune_rule(p_named, reference_posterior(reference_logits(
-                model.reference.model, shot)[0]), labels, model.rule.diffusion_weight, clearly=True)
-            rule_text = ruling.text
-            if ruling.finetune and len(paths) < MIN_CELLS:  # no cells to set its own threshold on
-                rule_text = (f"{ruling.text.rsplit(':', 1)[0]}, but only {len(paths)} unlabelled cells "
-                             f"were given (at least {MIN_CELLS} set a fine-tuned site's uncertainty "
-                             f"threshold): not fine-tuned")
-            logger.info("%s", rule_text)
-            finetune = finetune if ruling.finetune and len(paths) >= MIN_CELLS else None
+                model.reference.model, shot)[0]), labels, model.rule.diffusion_weight, clearly=True,
+                unlabelled=len(paths))
+            logger.info("%s", ruling.text)
+            finetune = finetune if ruling.finetune else None
         fitted = fit_site_network(model.reference.model, images, shot, labels, pack,
                                   finetune_steps=finetune[0] if finetune else 0)
         verification = verify_site(p_named, fitted.probabilities, labels, model.rule.diffusion_weight)
@@ -559,8 +555,8 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         gate = {"used": fitted.used, "shipped_accuracy": fitted.shipped_accuracy,
                 "site_accuracy": fitted.site_accuracy, "finetuned": bool(finetune and fitted.used),
                 "diffusion_finetuned": bool(finetune)}
-        if rule_text is not None:
-            gate["finetune_rule"] = rule_text
+        if ruling is not None:
+            gate["finetune_rule"] = ruling.text
         if fitted.used:
             network, counts = network_state(fitted.model, whole=bool(finetune)), named_counts
             measuring = fitted.model
@@ -637,10 +633,9 @@ def _read_site(diffusion: Callable[[], Any], model: Any, files: list[Path], spac
     import numpy as np
 
     from analysis.reference import reference_logits, reference_posterior
-    from analysis.review import combine, unsure
+    from analysis.review import rule_uncertainty, unsure
     from analysis.site import MIN_CELLS, UNSURE_CELLS
     from analysis.site_adapt import matched_threshold
-    from analysis.uncertainty import entropy
 
     expected = model.rule.site_unsure_share
     if len(files) < MIN_CELLS or (expected is None and shipped_images is None):
@@ -651,21 +646,18 @@ def _read_site(diffusion: Callable[[], Any], model: Any, files: list[Path], spac
     logger.info("both models read %d of the site's cells (is the site readable?)", len(chosen))
     pred = _diffusion_read(classifier, chosen_files, spacing)
     p_reference = reference_posterior(logits[chosen])
-    rule, own = model.rule, None  # the count keeps the rule's threshold (see above)
+    own = None
     if shipped_images is not None:
         logger.info("the shipped models read them too (the fine-tuned site's uncertainty threshold)")
-        w = rule.diffusion_weight
         read = _diffusion_read(diffusion(), chosen_files, spacing)
-        if rule.uncertainty_of == "combined":
-            shipped = entropy(combine(read.probabilities, reference_posterior(reference_logits(
-                model.reference.model, shipped_images[chosen], views=model.reference.views)[0]), w))
-            site = entropy(combine(pred.probabilities, p_reference, w))
-        else:  # the rule judges the diffusion classifier's own uncertainty
-            shipped, site = read.uncertainty, pred.uncertainty
-        own = matched_threshold(shipped, site, rule.uncertainty_threshold)
+        shipped = rule_uncertainty(model.rule, read.probabilities, reference_posterior(reference_logits(
+            model.reference.model, shipped_images[chosen], views=model.reference.views)[0]), read.uncertainty)
+        own = matched_threshold(shipped, rule_uncertainty(model.rule, pred.probabilities, p_reference,
+                                                          pred.uncertainty), model.rule.uncertainty_threshold)
     if expected is None:
         return None, own
-    flags = unsure(rule, pred.probabilities, p_reference, pred.uncertainty)
+    # the count keeps the rule's threshold (see above)
+    flags = unsure(model.rule, pred.probabilities, p_reference, pred.uncertainty)
     return (int(flags.sum()), len(chosen), float(expected)), own
 
 

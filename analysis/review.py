@@ -72,20 +72,26 @@ def combine(p_diffusion: np.ndarray, p_reference: np.ndarray, diffusion_weight: 
     return np.asarray(p / p.sum(axis=1, keepdims=True))
 
 
+def rule_uncertainty(rule: ReviewRule, p_diffusion: np.ndarray, p_reference: np.ndarray,
+                     diffusion_uncertainty: np.ndarray | None = None) -> np.ndarray:
+    """Per cell, the uncertainty ``rule`` judges (:attr:`ReviewRule.uncertainty_of`): the
+    normalised entropy of the reported posterior, or the diffusion classifier's own
+    (``diffusion_uncertainty``) for a rule that judges it."""
+    from analysis.uncertainty import entropy
+
+    if rule.uncertainty_of == "combined":
+        return np.asarray(entropy(combine(p_diffusion, p_reference, rule.diffusion_weight)))
+    if diffusion_uncertainty is None:
+        raise ValueError("this rule judges the diffusion classifier's own uncertainty: give it")
+    return np.asarray(diffusion_uncertainty)
+
+
 def unsure(rule: ReviewRule, p_diffusion: np.ndarray, p_reference: np.ndarray,
            diffusion_uncertainty: np.ndarray | None = None) -> np.ndarray:
     """Per cell: ``rule`` would flag it as uncertain or as the two models disagreeing, the cells
     whose class the node does not know (what :attr:`analysis.site.SiteCalibration.too_many_unsure`
     counts). ``diffusion_uncertainty``: the classifier's own, for a rule that judges it."""
-    from analysis.uncertainty import entropy
-
-    if rule.uncertainty_of == "combined":
-        u = entropy(combine(p_diffusion, p_reference, rule.diffusion_weight))
-    elif diffusion_uncertainty is None:
-        raise ValueError("this rule judges the diffusion classifier's own uncertainty: give it")
-    else:
-        u = np.asarray(diffusion_uncertainty)
-    out = u > rule.uncertainty_threshold
+    out = rule_uncertainty(rule, p_diffusion, p_reference, diffusion_uncertainty) > rule.uncertainty_threshold
     if rule.disagreement:
         out = out | (np.asarray(p_diffusion).argmax(axis=1) != np.asarray(p_reference).argmax(axis=1))
     return np.asarray(out, dtype=bool)

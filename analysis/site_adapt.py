@@ -597,27 +597,48 @@ class FinetuneRule:
     #: Fine-tune only where the whole 95 % interval lies below :data:`VERIFIED_MINIMUM`
     #: (criteria.txt, 2026-12-06 03:35), not only the figure.
     clearly: bool = False
+    #: The site's unlabelled cells; fewer than :data:`analysis.site.MIN_CELLS` leave nothing to
+    #: set a fine-tuned site's own uncertainty threshold on (:func:`matched_threshold`), so the
+    #: site is not fine-tuned (``None``: not counted).
+    unlabelled: int | None = None
 
     @property
-    def finetune(self) -> bool:
+    def below(self) -> bool:
+        """The shipped models read the named cells below the validated level."""
         v = self.shipped
         return (v.high if self.clearly else v.balanced_accuracy) < VERIFIED_MINIMUM
 
     @property
+    def too_few_unlabelled(self) -> bool:
+        from analysis.site import MIN_CELLS
+
+        return self.unlabelled is not None and self.unlabelled < MIN_CELLS
+
+    @property
+    def finetune(self) -> bool:
+        return self.below and not self.too_few_unlabelled
+
+    @property
     def text(self) -> str:
+        from analysis.site import MIN_CELLS
+
         v = self.shipped
         interval = f" (95 % interval {v.low:.1%}-{v.high:.1%})" if self.clearly else ""
         below, not_below = ("wholly below", "not wholly below") if self.clearly else ("below", "at least")
-        verdict = f"{below} {VERIFIED_MINIMUM:.0%}: fine-tuned" if self.finetune else \
-            f"{not_below} {VERIFIED_MINIMUM:.0%}: not fine-tuned"
+        verdict = f"{below if self.below else not_below} {VERIFIED_MINIMUM:.0%}"
+        if self.below and self.too_few_unlabelled:
+            verdict += (f", but only {self.unlabelled} unlabelled cells were given (at least {MIN_CELLS} "
+                        f"set a fine-tuned site's uncertainty threshold)")
+        verdict += ": fine-tuned" if self.finetune else ": not fine-tuned"
         return f"the shipped models read the named cells at {v.balanced_accuracy:.1%}{interval}, {verdict}"
 
 
 def finetune_rule(p_diffusion: np.ndarray, p_shipped: np.ndarray, labels: np.ndarray,
-                  diffusion_weight: float, *, clearly: bool = False) -> FinetuneRule:
+                  diffusion_weight: float, *, clearly: bool = False,
+                  unlabelled: int | None = None) -> FinetuneRule:
     """:class:`FinetuneRule` from the shipped diffusion classifier's and shipped network's
-    posteriors on the named cells."""
-    return FinetuneRule(verify_site(p_diffusion, p_shipped, labels, diffusion_weight), clearly)
+    posteriors on the named cells (and the count of the site's ``unlabelled`` cells)."""
+    return FinetuneRule(verify_site(p_diffusion, p_shipped, labels, diffusion_weight), clearly, unlabelled)
 
 
 def matched_threshold(shipped_uncertainty: np.ndarray, site_uncertainty: np.ndarray,

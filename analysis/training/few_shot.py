@@ -292,16 +292,18 @@ def _matched_threshold(cells: LabCells, d_cells: LabCells, named: tuple[str, ...
     """The fine-tuned site's own uncertainty threshold (:func:`analysis.site_adapt.matched_threshold`,
     criteria.txt, seventeenth session) on the site's unlabelled cells: those of the named
     cells' split (``cells`` framed for the networks, ``d_cells`` for the diffusion classifiers)
-    that were not ``named``; where fewer than 30 are left, the scored cells (labels unread):
+    that were not ``named``; where fewer than :data:`analysis.site.MIN_CELLS` are left, the scored
+    cells (labels unread):
     ``scored`` = their shipped diffusion, shipped network, site diffusion and site network
     posteriors. ``networks`` and ``classifiers``: (shipped, the site's)."""
+    from analysis.site import MIN_CELLS
     from analysis.site_adapt import matched_threshold
     from analysis.uncertainty import entropy
 
     w, u = rule.diffusion_weight, rule.uncertainty_threshold
     drawn = set(named)
     rest = tuple(p for p in cells.paths if p not in drawn)
-    if len(rest) >= 30:
+    if len(rest) >= MIN_CELLS:
         on = f"{len(rest)} unnamed cells of the named split"
         generator = lambda: torch.Generator("cpu").manual_seed(seed)
         d_images = _images_at(d_cells, rest)
@@ -404,7 +406,7 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
                            "interval_95": [ruling.shipped.low, ruling.shipped.high],
                            "clearly": clearly, "finetuned": ruling.finetune}
         if diffusion is not None:
-            site_threshold = None
+            p_site, site_threshold = _probabilities(net, scored.images), None
             d_site = d_scored if diffusion_finetune else None  # the gate shut: nothing changes
             d_always = d_scored if ruled and diffusion_finetune else None
             if d_steps and (fitted.used or ruled):
@@ -425,14 +427,13 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
                     matched = _matched_threshold(
                         site_train, d_train, shot.paths, (model, net if fitted.used else model),
                         (classifier, site_classifier), rule, seed,
-                        scored=(d_scored, p_shipped, d_tuned, _probabilities(
-                            net if fitted.used else model, scored.images)))
+                        scored=(d_scored, p_shipped, d_tuned, p_site if fitted.used else p_shipped))
                     row["site_threshold"] = matched
                     site_threshold = matched["threshold"]
             elif ruled and diffusion_finetune:
                 site_threshold = rule.uncertainty_threshold  # nothing fine-tuned: the rule's
             row["reported"] = _reported_variants(
-                fitted, _probabilities(net, scored.images), p_shipped, d_scored, d_shot,
+                fitted, p_site, p_shipped, d_scored, d_shot,
                 shot.labels, scored.labels, rule, seed, d_site, d_always, site_threshold)
             for name, r in row["reported"].items():  # type: ignore[union-attr]
                 print(f"  {lab} k={k} {name}: {r.get('balanced_accuracy', r)}", file=sys.stderr)
