@@ -404,6 +404,44 @@ def finetune_diffusion(unet: torch.nn.Module, model_config: Any, images: np.ndar
     return ema
 
 
+#: Folds of the out-of-fold reading of a fine-tuned site's named cells
+#: (:func:`out_of_fold_diffusion`; criteria.txt, 2026-12-06 07:51).
+VERIFY_FOLDS = 2
+
+
+def out_of_fold_diffusion(classifier: Any, load_images: np.ndarray, read_images: np.ndarray,
+                          labels: np.ndarray, pack_images: np.ndarray, pack_labels: np.ndarray, *,
+                          steps: int, seed: int = 0, n_folds: int = VERIFY_FOLDS) -> np.ndarray:
+    """The posteriors of a site's named cells, each from a copy of ``classifier``'s diffusion
+    model fine-tuned (:func:`finetune_diffusion`, ``steps``) without it: the cells dealt into
+    ``n_folds`` folds (:func:`folds`), each fold read by a copy trained on the others.
+    ``load_images`` are the named cells framed at the fine-tune's load size, ``read_images``
+    the same cells framed for the classifier. What a fine-tuned site's verification reads
+    (:func:`verify_site`): the shipped classifier would judge models the site does not use,
+    and the site's own was trained on these cells. Each copy learns from a fold fewer, so the
+    figure leans low."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if not len(load_images) == len(read_images) == len(labels):
+        raise ValueError("the named cells, framed twice, and their labels must be as many")
+    fold = folds(labels, n_folds, seed)
+    out: np.ndarray | None = None
+    for k in range(n_folds):
+        held = fold == k
+        if not held.any() or held.all():
+            raise ValueError(f"{len(labels)} named cells cannot fill {n_folds} folds")
+        log.info("the diffusion classifier fine-tuned without fold %d of %d (the site's verification)",
+                 k + 1, n_folds)
+        copy_ = copy.copy(classifier)
+        copy_.unet = finetune_diffusion(classifier.unet, classifier.model_config, load_images[~held],
+                                        labels[~held], pack_images, pack_labels, steps=steps, seed=seed)
+        p = copy_.predict(read_images[held], torch.Generator("cpu").manual_seed(seed)).probabilities
+        if out is None:
+            out = np.zeros((len(labels), p.shape[1]), np.float64)
+        out[held] = p
+    assert out is not None  # n_folds >= 1 folds were read
+    return out
+
+
 def resample(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 ``(N, S, S, 3)`` cells resampled (antialiased) to ``(N, size, size, 3)``: the same
     field of view at another pixel size."""

@@ -45,6 +45,8 @@ rule asks the whole 95 % interval of that reading to lie below it. A ruled run a
 row "DFT always matched threshold": a fine-tuned site under its own uncertainty threshold
 (:func:`analysis.site_adapt.matched_threshold`, matched on the named split's unnamed cells), what
 ``calibrate-site --labelled`` does by default (``RULE=matched bench/site_finetune_ruled.sh``).
+``--verify-folds`` computes only a site's verification, and for a fine-tuned site also the
+verification out of fold (:func:`run_fold_verification`; ``bench/site_verify_folds.sh``).
 """
 
 from __future__ import annotations
@@ -454,6 +456,64 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
             "cells": len(scored), "seed": seed, "site network": rows}
 
 
+def run_fold_verification(data_root: Path, lab: str, reference: Path, pack_path: Path,
+                          diffusion: Path, *, seed: int = 0, k: int = 10, named_split: str = "train",
+                          adapt_splits: str = "train+val+test", finetune_steps: int = 200,
+                          diffusion_finetune: int = 300, clearly: bool = True) -> dict[str, object]:
+    """A site's verification (criteria.txt, 2026-12-06 07:51): the named cells drawn, the rule
+    and the site network fitted as :func:`run_site_network` does for the same arguments
+    (``--ruled``), then :func:`analysis.site_adapt.verify_site` with the shipped diffusion
+    classifier's posteriors (``verified``, what calibrate-site reports) and, where the rule
+    fine-tunes, with the fine-tuned one's out of fold (``verified_out_of_fold``,
+    :func:`analysis.site_adapt.out_of_fold_diffusion`; measured, not what the node does).
+    Nothing is scored: the figures are compared with the scored run's reported class afterwards
+    (``bench/site_verify_folds.sh``)."""
+    from analysis.classifier import DiffusionClassifier, read_calibration
+    from analysis.reference import load_reference
+    from analysis.site_adapt import (
+        VERIFIED_MINIMUM,
+        finetune_rule,
+        out_of_fold_diffusion,
+        resample,
+        verify_site,
+    )
+
+    model, config, _ = load_reference(reference)
+    size = config.image_size
+    pack = SourcePack.load(pack_path)
+    classifier = DiffusionClassifier(diffusion)
+    rule = ReviewRule.from_dict(read_calibration(WEIGHTS_DIR)["review_rule"])  # type: ignore[arg-type]
+    site_train = load_lab(data_root, lab, named_split, size, FIELD_OF_VIEW_UM)
+    adapt = load_splits(data_root, lab, adapt_splits, size, FIELD_OF_VIEW_UM)
+    shot = site_train.per_class(k, seed)
+    drawn = set(shot.paths)
+    rest = adapt.images[[i for i, path in enumerate(adapt.paths) if path not in drawn]]
+    d_train = load_lab(data_root, lab, named_split, classifier.image_size, FIELD_OF_VIEW_UM)
+    read = _images_at(d_train, shot.paths)
+    d_shot = classifier.predict(read, torch.Generator("cpu").manual_seed(seed)).probabilities
+    ruling = finetune_rule(d_shot, _probabilities(model, shot.images), shot.labels,
+                           rule.diffusion_weight, clearly=clearly)
+    print(f"  {lab} seed {seed} rule: {ruling.text}", file=sys.stderr)
+    out: dict[str, object] = {"lab": lab, "reference": str(reference), "diffusion": str(diffusion),
+                              "seed": seed, "named": f"{lab} {named_split}, {k} a class",
+                              "finetuned": ruling.finetune}
+    fitted = fit_site_network(model, rest, shot.images, shot.labels, pack, seed=seed,
+                              finetune_steps=finetune_steps if ruling.finetune else 0)
+    read_by = [("verified", d_shot)]  # a site not fine-tuned: what calibrate-site verifies
+    if ruling.finetune:
+        load = classifier.image_size * 4 // 3
+        d_load = load_lab(data_root, lab, named_split, load, FIELD_OF_VIEW_UM)
+        read_by.append(("verified_out_of_fold", out_of_fold_diffusion(
+            classifier, _images_at(d_load, shot.paths), read, shot.labels, resample(pack.images, load),
+            pack.labels, steps=diffusion_finetune, seed=seed)))
+    for name, p in read_by:
+        v = verify_site(p, fitted.probabilities, shot.labels, rule.diffusion_weight)
+        out[name] = {**dataclasses.asdict(v), "below_minimum": v.balanced_accuracy < VERIFIED_MINIMUM}
+        print(f"  {lab} seed {seed} {name}: {v.balanced_accuracy} ({v.low}-{v.high})", file=sys.stderr)
+    out["gate_open"] = fitted.used
+    return out
+
+
 def run_verification(data_root: Path, lab: str, weights_dir: Path, *, seed: int = 0, k: int = 10,
                      named_split: str = "val", per_class: int = 48) -> dict[str, object]:
     """What ``calibrate-site --labelled`` reports of a site it is given (:func:`verify_site`):
@@ -527,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", type=Path, metavar="WEIGHTS",
                    help="report what calibrate-site --labelled estimates of the lab with these weights "
                         "(run_verification; named cells from val)")
+    p.add_argument("--verify-folds", action="store_true",
+                   help="with --pack and --diffusion: only a fine-tuned site's verification, with the "
+                        "shipped diffusion classifier and out of fold (run_fold_verification)")
     p.add_argument("--balanced-bn", action="store_true",
                    help="also refit after class-balanced AdaBN on the site's unlabelled cells")
     p.add_argument("--threads", type=int, default=0)
@@ -546,7 +609,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--reference is required (but for --verify)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.verify:
+    if args.verify_folds:
+        if not (args.pack and args.diffusion):
+            p.error("--verify-folds needs --pack and --diffusion")
+        result = run_fold_verification(args.data, args.lab, args.reference, args.pack, args.diffusion,
+                                       seed=args.seed, k=ks[0], named_split=args.named_split,
+                                       adapt_splits=args.adapt_splits,
+                                       finetune_steps=args.finetune or 200,
+                                       diffusion_finetune=args.diffusion_finetune or 300,
+                                       clearly=args.clearly)
+    elif args.verify:
         result = run_verification(args.data, args.lab, args.verify, seed=args.seed)
     elif args.pack:
         result = run_site_network(args.data, args.lab, args.reference, args.pack, ks=ks,

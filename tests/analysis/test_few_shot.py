@@ -5,6 +5,7 @@ bias. They chose nothing that ships, but the model card's figures rest on them."
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from analysis.site_adapt import GATE_MARGIN
 from analysis.training.few_shot import apply_log_offsets, choose_diffusion_weight, fit_log_offsets
@@ -46,3 +47,14 @@ def test_log_offsets_undo_a_sites_bias_toward_one_class() -> None:
     assert np.mean(fixed.argmax(1) == labels) == 1.0  # the neutrophils now read right, and the rest still
     assert offsets[0] > offsets[1]
     assert offsets[5:].tolist() == [0.0, 0.0, 0.0]  # classes without a named cell are left alone
+
+
+def test_verify_folds_needs_the_pack_and_the_diffusion_classifier(capsys: pytest.CaptureFixture[str]) -> None:
+    """`few_shot --verify-folds` fits the site network and reads the named cells with the
+    diffusion classifier: without either it stops at once with a usage error that says so."""
+    from analysis.training.few_shot import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--lab", "chula", "--reference", "ref.safetensors", "--verify-folds"])
+    assert stop.value.code == 2
+    assert "--verify-folds needs --pack and --diffusion" in capsys.readouterr().err

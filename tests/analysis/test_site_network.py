@@ -466,6 +466,57 @@ def test_the_diffusion_classifier_fine_tuned_on_named_cells_denoises_them_better
 
 
 @needs_weights
+def test_a_fine_tuned_sites_named_cells_are_each_read_by_a_copy_trained_without_them() -> None:
+    """`out_of_fold_diffusion` (a fine-tuned site's verification out of fold, measured by
+    `few_shot --verify-folds`; not what calibrate-site does): the named cells of each fold
+    are read by a copy of the diffusion classifier fine-tuned on the other folds' cells alone,
+    not by the copy trained on all of them (which has seen the cell it reads); too few cells
+    to fill the folds are refused."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from analysis.classifier import DiffusionClassifier
+    from analysis.site_adapt import (
+        VERIFY_FOLDS,
+        finetune_diffusion,
+        folds,
+        out_of_fold_diffusion,
+        resample,
+    )
+    from analysis.training.labs import load_lab
+
+    classifier = DiffusionClassifier(WEIGHTS_DIR)
+    classifier.config = dataclasses.replace(classifier.config, n_timesteps=8)  # a smaller budget, for time
+    size = classifier.image_size
+    load = size * 4 // 3
+    named = load_lab(DATA, "chula", "train", load, FIELD_OF_VIEW_UM).per_class(2, seed=0)
+    cells = other_stain(named.images)
+    read = resample(cells, size)
+    pack = SourcePack.load(WEIGHTS_DIR / SOURCE_PACK)
+    packed = resample(pack.images, load)
+    p = out_of_fold_diffusion(classifier, cells, read, named.labels, packed, pack.labels, steps=12, seed=1)
+    assert p.shape == (len(named), len(CLASS_NAMES)) and np.allclose(p.sum(axis=1), 1.0)
+
+    def read_by(trained: np.ndarray, scored: np.ndarray) -> np.ndarray:
+        other = copy.copy(classifier)
+        other.unet = finetune_diffusion(classifier.unet, classifier.model_config, cells[trained],
+                                        named.labels[trained], packed, pack.labels, steps=12, seed=1)
+        return other.predict(read[scored], torch.Generator("cpu").manual_seed(1)).probabilities
+
+    fold = folds(named.labels, VERIFY_FOLDS, 1)
+    everyone = np.ones(len(named), bool)
+    for k in range(VERIFY_FOLDS):
+        held = fold == k
+        assert 0 < held.sum() < len(named)
+        assert np.allclose(p[held], read_by(~held, held)), k
+    assert not np.allclose(p[held], read_by(everyone, held))  # the copy that saw them reads them otherwise
+    with pytest.raises(ValueError, match="cannot fill 2 folds"):
+        out_of_fold_diffusion(classifier, cells[:1], read[:1], named.labels[:1], packed, pack.labels, steps=1)
+
+
+@needs_weights
 @pytest.mark.timeout(900)
 def test_a_site_fine_tuned_on_its_named_cells_reads_its_slides_with_its_own_models(tmp_path: Path) -> None:
     """`calibrate-site --labelled` fine-tuning (fewer steps than the default, for time): a lab
