@@ -187,7 +187,8 @@ def _add_calibrate_site(sub: SubParsers) -> None:
     p.add_argument("--labelled", type=Path, default=None, metavar="DIR",
                    help="a folder of folders named by class (neutrophil, eosinophil, basophil, "
                         "lymphocyte, monocyte, ig, erythroblast, platelet), at least 5 cells each, "
-                        "two classes or more: the site's own labelled cells")
+                        "two classes or more: the site's own labelled cells (7 or more a class to "
+                        "show the validated 85%%: the whole 95%% interval must reach it)")
     p.add_argument("--finetune", action="store_true",
                    help="with --labelled (the default there): fine-tune the whole site network "
                         "and the diffusion classifier on the labelled cells where the shipped "
