@@ -188,7 +188,7 @@ def _add_calibrate_site(sub: SubParsers) -> None:
                    help="a folder of folders named by class (neutrophil, eosinophil, basophil, "
                         "lymphocyte, monocyte, ig, erythroblast, platelet), at least 5 cells each, "
                         "two classes or more: the site's own labelled cells (7 or more a class to "
-                        "show the validated 85%%: the whole 95%% interval must reach it)")
+                        "show the validated 85%%: the whole 95%% interval must lie at or above it)")
     p.add_argument("--finetune", action="store_true",
                    help="with --labelled (the default there): fine-tune the whole site network "
                         "and the diffusion classifier on the labelled cells where the shipped "
