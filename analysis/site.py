@@ -198,7 +198,7 @@ class SiteCalibration:
             return f"{read}, below the {VERIFIED_MINIMUM:.0%} the node is validated for"
         if self.verified_interval and self.verified_interval[0] < VERIFIED_MINIMUM:
             return (f"{read}, an interval reaching below the {VERIFIED_MINIMUM:.0%} the node is "
-                    f"validated for: too few cells to show it")
+                    f"validated for (too few cells to show it)")
         return None
 
     @property

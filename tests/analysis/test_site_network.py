@@ -119,7 +119,7 @@ def test_labelled_cells_refit_a_network_for_a_new_stain_and_not_for_a_known_one(
     verified = known["verified"]
     assert verified["balanced_accuracy"] >= VERIFIED_MINIMUM > verified["interval_95"][0], verified
     assert verified["cells"] == len(named)
-    assert verified["below_validated_accuracy"].endswith("too few cells to show it"), verified
+    assert verified["below_validated_accuracy"].endswith("(too few cells to show it)"), verified
     assert "network_sha256" not in known and not network_path(tmp_path / "var", "known").exists()
     assert "labelled" not in load_site(tmp_path / "var", "known").label
 
@@ -197,8 +197,8 @@ def test_a_site_read_below_the_validated_accuracy_is_outside_the_validated_domai
     assert not straddles.inside
     assert straddles.summary == ("outside the validated domain: site lab-5's 50 labelled cells are "
                                  "read right at 96.0% (balanced; 95% interval 84.4%-97.4%), an interval "
-                                 f"reaching below the {VERIFIED_MINIMUM:.0%} the node is validated for: "
-                                 "too few cells to show it")
+                                 f"reaching below the {VERIFIED_MINIMUM:.0%} the node is validated for "
+                                 "(too few cells to show it)")
     good = json.loads(below.to_json())
     for bad in ({"verified_balanced_accuracy": 1.2}, {"verified_interval": [0.7, 0.5]},
                 {"verified_balanced_accuracy": None}):
