@@ -327,8 +327,8 @@ def test_a_fine_tuned_sites_threshold_flags_the_share_the_shipped_models_flagged
 
 
 def test_the_verification_interval_narrows_with_more_named_cells() -> None:
-    """The interval holds the figure, a class read without error still has spread, and four
-    times the named cells give a markedly narrower interval."""
+    """The interval holds the figure (a perfect read's too), a class read without error still
+    has spread, and four times the named cells give a markedly narrower interval."""
     from analysis.site_adapt import balanced_accuracy_interval
 
     def interval(per_class: int) -> tuple[float, float]:
@@ -339,6 +339,10 @@ def test_the_verification_interval_narrows_with_more_named_cells() -> None:
 
     low5, high5 = interval(5)
     low20, high20 = interval(20)
+    # a perfect read: the interval holds the figure (100 %), and its low end keeps the spread
+    perfect = np.repeat(np.arange(5), 10)
+    low, high = balanced_accuracy_interval(np.ones(len(perfect), bool), perfect)
+    assert high == 1.0 and 0.85 < low < 0.95, (low, high)
     assert low5 < 0.92 < high5 and low20 < 0.92 < high20  # the figure, (4 x 1.0 + 0.6) / 5
     assert high5 < 1.0 and (high20 - low20) < 0.6 * (high5 - low5), (low5, high5, low20, high20)
 
