@@ -540,7 +540,7 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         named_files = [p for cells in labelled.values() for p in cells]
         logger.info("the diffusion classifier reads the %d labelled cells (the site's verification)",
                     len(named_files))
-        p_named = _diffusion_read(diffusion(), named_files, spacing).probabilities
+        p_named = _diffusion_read(named_files, spacing, diffusion())[0].probabilities
         ruling = None
         if finetune:
             ruling = finetune_rule(p_named, reference_posterior(reference_logits(
@@ -567,7 +567,7 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
     logits, features = reference_logits(measuring, images, features=True,
                                         views=model.reference.views)
     assert features is not None  # asked for
-    finetuned = bool(finetune) and network is not None
+    finetuned = bool(finetune)  # a fine-tune always leaves a network file (its diffusion classifier)
     unsure, own_threshold = _read_site(diffusion, model, paths, spacing, logits[:len(paths)], network,
                                        images[:len(paths)] if finetuned else None)
     val_rate = float(model.rule.val_normal_flag_rate)
@@ -644,12 +644,14 @@ def _read_site(diffusion: Callable[[], Any], model: Any, files: list[Path], spac
     chosen_files = [files[i] for i in chosen]
     classifier = diffusion().for_network(network)
     logger.info("both models read %d of the site's cells (is the site readable?)", len(chosen))
-    pred = _diffusion_read(classifier, chosen_files, spacing)
-    p_reference = reference_posterior(logits[chosen])
-    own = None
     if shipped_images is not None:
         logger.info("the shipped models read them too (the fine-tuned site's uncertainty threshold)")
-        read = _diffusion_read(diffusion(), chosen_files, spacing)
+    pred, *shipped_read = _diffusion_read(chosen_files, spacing, classifier,
+                                          *([diffusion()] if shipped_images is not None else []))
+    p_reference = reference_posterior(logits[chosen])
+    own = None
+    if shipped_read:
+        read = shipped_read[0]
         shipped = rule_uncertainty(model.rule, read.probabilities, reference_posterior(reference_logits(
             model.reference.model, shipped_images[chosen], views=model.reference.views)[0]), read.uncertainty)
         own = matched_threshold(shipped, rule_uncertainty(model.rule, pred.probabilities, p_reference,
@@ -661,14 +663,14 @@ def _read_site(diffusion: Callable[[], Any], model: Any, files: list[Path], spac
     return (int(flags.sum()), len(chosen), float(expected)), own
 
 
-def _diffusion_read(classifier: Any, files: list[Path], spacing: float) -> Any:
-    """The diffusion classifier's prediction on cell image ``files``, each framed for it at
-    ``spacing`` (seed 0): what the fine-tune rule, the site's verification and the unsure count
-    read."""
+def _diffusion_read(files: list[Path], spacing: float, *classifiers: Any) -> list[Any]:
+    """Each diffusion classifier's prediction (seed 0) on cell image ``files``, framed for them
+    at ``spacing`` once (they share an input size: the shipped one and a site's fine-tuned
+    copy): what the fine-tune rule, the site's verification and the unsure count read."""
     import numpy as np
     import torch
 
     from analysis.framing import read_framed
 
-    images = np.stack([read_framed(p, classifier.image_size, spacing) for p in files])
-    return classifier.predict(images, torch.Generator("cpu").manual_seed(0))
+    images = np.stack([read_framed(p, classifiers[0].image_size, spacing) for p in files])
+    return [c.predict(images, torch.Generator("cpu").manual_seed(0)) for c in classifiers]

@@ -64,8 +64,11 @@ from analysis.classifier import WEIGHTS_DIR
 from analysis.framing import FIELD_OF_VIEW_UM
 from analysis.review import ReviewRule, combine
 from analysis.site_adapt import (
+    DIFFUSION_FINETUNE_STEPS,
+    FINETUNE_STEPS,
     GATE_MARGIN,
     SiteNetwork,
+    SiteVerification,
     SourcePack,
     balanced_adapt_batchnorm,
     class_balanced_weights,
@@ -328,6 +331,22 @@ def _matched_threshold(cells: LabCells, d_cells: LabCells, named: tuple[str, ...
             "site_share": round(float(np.mean(site > t)), 4)}
 
 
+def _named_draw(site_train: LabCells, adapt: LabCells, k: int, seed: int) -> tuple[LabCells, np.ndarray]:
+    """The site's named cells (``k`` a class of ``site_train``, seeded) and the images of its
+    ``adapt`` cells that were not named (its unlabelled cells)."""
+    shot = site_train.per_class(k, seed)
+    drawn = set(shot.paths)
+    return shot, adapt.images[[i for i, path in enumerate(adapt.paths) if path not in drawn]]
+
+
+def _verified(v: SiteVerification) -> dict[str, object]:
+    """A :class:`analysis.site_adapt.SiteVerification` as a result row; ``below_minimum``: its
+    figure below :data:`analysis.site_adapt.VERIFIED_MINIMUM`."""
+    from analysis.site_adapt import VERIFIED_MINIMUM
+
+    return {**dataclasses.asdict(v), "below_minimum": v.balanced_accuracy < VERIFIED_MINIMUM}
+
+
 def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path, *,
                      ks: tuple[int, ...] = (10,), score_splits: str = "val+test",
                      adapt_splits: str = "train+val+test", seed: int = 0,
@@ -380,9 +399,7 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
                                       torch.Generator("cpu").manual_seed(seed)).probabilities
         p_shipped = _probabilities(model, scored.images)
     for k in ks:
-        shot = site_train.per_class(k, seed)
-        drawn = set(shot.paths)
-        rest = adapt.images[[i for i, path in enumerate(adapt.paths) if path not in drawn]]
+        shot, rest = _named_draw(site_train, adapt, k, seed)
         steps, d_steps, ruling = finetune_steps, diffusion_finetune, None
         if diffusion is not None:
             d_shot = classifier.predict(_images_at(d_train, shot.paths),
@@ -399,10 +416,10 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
         row = {"site_cells": len(shot), "adapted_on": len(rest) + len(shot),
                **_score(net._fc, _features(net, scored.images), scored.labels)}
         if diffusion is not None:  # what calibrate-site reports of the site (verify_site)
-            from analysis.site_adapt import VERIFIED_MINIMUM, verify_site
+            from analysis.site_adapt import verify_site
 
-            v = verify_site(d_shot, fitted.probabilities, shot.labels, rule.diffusion_weight)
-            row["verified"] = {**dataclasses.asdict(v), "below_minimum": v.balanced_accuracy < VERIFIED_MINIMUM}
+            row["verified"] = _verified(verify_site(d_shot, fitted.probabilities, shot.labels,
+                                                    rule.diffusion_weight))
         if ruling is not None:
             row["rule"] = {"shipped_reads_named": ruling.shipped.balanced_accuracy,
                            "interval_95": [ruling.shipped.low, ruling.shipped.high],
@@ -458,8 +475,9 @@ def run_site_network(data_root: Path, lab: str, reference: Path, pack_path: Path
 
 def run_fold_verification(data_root: Path, lab: str, reference: Path, pack_path: Path,
                           diffusion: Path, *, seed: int = 0, k: int = 10, named_split: str = "train",
-                          adapt_splits: str = "train+val+test", finetune_steps: int = 200,
-                          diffusion_finetune: int = 300, clearly: bool = True) -> dict[str, object]:
+                          adapt_splits: str = "train+val+test", finetune_steps: int = FINETUNE_STEPS,
+                          diffusion_finetune: int = DIFFUSION_FINETUNE_STEPS,
+                          clearly: bool = True) -> dict[str, object]:
     """A site's verification (criteria.txt, 2026-12-06 07:51): the named cells drawn, the rule
     and the site network fitted as :func:`run_site_network` does for the same arguments
     (``--ruled``), then :func:`analysis.site_adapt.verify_site` with the shipped diffusion
@@ -470,13 +488,7 @@ def run_fold_verification(data_root: Path, lab: str, reference: Path, pack_path:
     (``bench/site_verify_folds.sh``)."""
     from analysis.classifier import DiffusionClassifier, read_calibration
     from analysis.reference import load_reference
-    from analysis.site_adapt import (
-        VERIFIED_MINIMUM,
-        finetune_rule,
-        out_of_fold_diffusion,
-        resample,
-        verify_site,
-    )
+    from analysis.site_adapt import finetune_rule, out_of_fold_diffusion, resample, verify_site
 
     model, config, _ = load_reference(reference)
     size = config.image_size
@@ -485,9 +497,7 @@ def run_fold_verification(data_root: Path, lab: str, reference: Path, pack_path:
     rule = ReviewRule.from_dict(read_calibration(WEIGHTS_DIR)["review_rule"])  # type: ignore[arg-type]
     site_train = load_lab(data_root, lab, named_split, size, FIELD_OF_VIEW_UM)
     adapt = load_splits(data_root, lab, adapt_splits, size, FIELD_OF_VIEW_UM)
-    shot = site_train.per_class(k, seed)
-    drawn = set(shot.paths)
-    rest = adapt.images[[i for i, path in enumerate(adapt.paths) if path not in drawn]]
+    shot, rest = _named_draw(site_train, adapt, k, seed)
     d_train = load_lab(data_root, lab, named_split, classifier.image_size, FIELD_OF_VIEW_UM)
     read = _images_at(d_train, shot.paths)
     d_shot = classifier.predict(read, torch.Generator("cpu").manual_seed(seed)).probabilities
@@ -507,9 +517,8 @@ def run_fold_verification(data_root: Path, lab: str, reference: Path, pack_path:
             classifier, _images_at(d_load, shot.paths), read, shot.labels, resample(pack.images, load),
             pack.labels, steps=diffusion_finetune, seed=seed)))
     for name, p in read_by:
-        v = verify_site(p, fitted.probabilities, shot.labels, rule.diffusion_weight)
-        out[name] = {**dataclasses.asdict(v), "below_minimum": v.balanced_accuracy < VERIFIED_MINIMUM}
-        print(f"  {lab} seed {seed} {name}: {v.balanced_accuracy} ({v.low}-{v.high})", file=sys.stderr)
+        out[name] = v = _verified(verify_site(p, fitted.probabilities, shot.labels, rule.diffusion_weight))
+        print(f"  {lab} seed {seed} {name}: {v['balanced_accuracy']} ({v['low']}-{v['high']})", file=sys.stderr)
     out["gate_open"] = fitted.used
     return out
 
@@ -588,8 +597,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="report what calibrate-site --labelled estimates of the lab with these weights "
                         "(run_verification; named cells from val)")
     p.add_argument("--verify-folds", action="store_true",
-                   help="with --pack and --diffusion: only a fine-tuned site's verification, with the "
-                        "shipped diffusion classifier and out of fold (run_fold_verification)")
+                   help="with --pack and --diffusion: only the site's verification as calibrate-site "
+                        "computes it, and where the rule fine-tunes also out of fold (run_fold_verification)")
     p.add_argument("--balanced-bn", action="store_true",
                    help="also refit after class-balanced AdaBN on the site's unlabelled cells")
     p.add_argument("--threads", type=int, default=0)
@@ -615,8 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_fold_verification(args.data, args.lab, args.reference, args.pack, args.diffusion,
                                        seed=args.seed, k=ks[0], named_split=args.named_split,
                                        adapt_splits=args.adapt_splits,
-                                       finetune_steps=args.finetune or 200,
-                                       diffusion_finetune=args.diffusion_finetune or 300,
+                                       finetune_steps=args.finetune or FINETUNE_STEPS,
+                                       diffusion_finetune=args.diffusion_finetune or DIFFUSION_FINETUNE_STEPS,
                                        clearly=args.clearly)
     elif args.verify:
         result = run_verification(args.data, args.lab, args.verify, seed=args.seed)
