@@ -6,8 +6,12 @@
 # + test; beside it each draw's verification as calibrate-site computed it before (the shipped diffusion classifier)
 # and out of fold (few_shot --verify-folds). The summary judges the interval gate on both verifications, with the
 # held-out draws 11-14 of bench/site_verify_folds.sh (10 a class) beside them.
-# Usage: bench/site_named_count.sh [SEEDS] [KS] [THREADS] [DATA]   (defaults "15 16", "40 20", 1; about 25 minutes a
-# draw and K on one thread); "summary" prints the table only. Writes .train/named_count/chula_{ruled,verify}_kK_sS.json.
+# LONG=1 (criterion of 2026-12-06 11:28): the same scored runs with the fine-tunes twice as long (--finetune 400
+# --diffusion-finetune 600), no verification; writes chula_long_kK_sS.json (draws 15-18 and the default design's 17-18:
+# LONG=1 bench/site_named_count.sh "15 16 17 18" 40; NOVERIFY=1 bench/site_named_count.sh "17 18" 40; NOVERIFY=1:
+# the scored runs only).
+# Usage: [LONG=1] bench/site_named_count.sh [SEEDS] [KS] [THREADS] [DATA]   (defaults "15 16", "40 20", 1; about 25
+# minutes a draw and K on one thread); "summary" prints the tables only. Writes .train/named_count/chula_{ruled,verify}_kK_sS.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=.train/named_count
@@ -20,10 +24,16 @@ if [ "${1:-}" != summary ]; then
     for seed in "${seeds[@]}"; do
       common=(--lab chula --reference .train/ms/ref_no_chula_base_s2.safetensors --pack .train/ms/pack_no_chula.safetensors
               --diffusion .train/lolo_recipe/no_chula_measure/w --seed "$seed" --k "$k" --data "$DATA"
-              --threads "$threads" --finetune 200 --diffusion-finetune 300 --clearly)
+              --threads "$threads" --clearly)
+      if [ -n "${LONG:-}" ]; then
+        [ -f "$out/chula_long_k${k}_s$seed.json" ] || .venv/bin/python -m analysis.training.few_shot "${common[@]}" \
+            --finetune 400 --diffusion-finetune 600 --ruled --out "$out/chula_long_k${k}_s$seed.json"
+        continue
+      fi
+      common+=(--finetune 200 --diffusion-finetune 300)
       [ -f "$out/chula_ruled_k${k}_s$seed.json" ] || .venv/bin/python -m analysis.training.few_shot "${common[@]}" \
           --ruled --out "$out/chula_ruled_k${k}_s$seed.json"
-      [ -f "$out/chula_verify_k${k}_s$seed.json" ] || .venv/bin/python -m analysis.training.few_shot "${common[@]}" \
+      [ -n "${NOVERIFY:-}" ] || [ -f "$out/chula_verify_k${k}_s$seed.json" ] || .venv/bin/python -m analysis.training.few_shot "${common[@]}" \
           --verify-folds --out "$out/chula_verify_k${k}_s$seed.json"
     done
   done
@@ -61,4 +71,21 @@ for lab, seed, k, now, oof, scored in rows:
           f"{'inside' if inside['now'] else 'outside'} / {'inside' if inside['oof'] else 'outside'}")
 for n, (false, true) in passes.items():
     print(f"{n}: false passes (inside, scored below {M:.2f}) {false}; true passes (inside, scored {M:.2f} or more) {true}")
+long = sorted(glob.glob(f"{sys.argv[1]}/chula_long_k*_s*.json"))
+if long:  # criterion of 11:28: the fine-tunes twice as long against the default, the same draws
+    print("\nlab draw k | reported class, default / long | site threshold: flagged, error among not flagged (default / long)")
+    gains = []
+    for f in long:
+        k, seed = map(int, re.search(r"_k(\d+)_s(\d+)", f).groups())
+        base = Path(f.replace("_long_", "_ruled_"))
+        if not base.exists():
+            continue
+        row = lambda path, name: json.loads(path.read_text())["site network"][f"k={k}"]["reported"][name]
+        d, g = (row(x, "DFT always rule weight")["balanced_accuracy"] for x in (base, Path(f)))
+        dm, gm = (row(x, "DFT always matched threshold") for x in (base, Path(f)))
+        gains.append(g - d)
+        print(f"chula {seed} {k} | {d:.3f} / {g:.3f} ({g - d:+.3f}) | {dm['flagged_uncertain']:.1%}, "
+              f"{dm['error_among_not_flagged']:.1%} / {gm['flagged_uncertain']:.1%}, {gm['error_among_not_flagged']:.1%}")
+    if gains:
+        print(f"mean change {sum(gains) / len(gains):+.3f} over {len(gains)} draws; largest fall {min(gains):+.3f}")
 PY
