@@ -325,7 +325,8 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
             sys.stdout.write(f"{bad.site_id}\tDAMAGED: {bad.reason}\n")
         for site in sites:
             verified = ("" if site.verified_balanced_accuracy is None else
-                        f"\tlabelled cells read right: {site.verified_text}")
+                        f"\tlabelled cells read right: {site.verified_text}"
+                        + (" by its fine-tuned models, out of fold" if site.verified_out_of_fold else ""))
             sys.stdout.write(f"{site.label}\tsource {site.source}\tflagged {site.flag_rate_before:.1%}"
                              f" -> {site.flag_rate_after:.1%}{verified}\n")
             for note in check(site):

@@ -599,6 +599,7 @@ def test_a_site_fine_tuned_on_its_named_cells_reads_its_slides_with_its_own_mode
     listing = subprocess.run([*CLI, "--list", "--data-dir", str(tmp_path / "var")], check=False,
                              capture_output=True, text=True, timeout=300)
     assert f"'uncertain' above {site.uncertainty_threshold:.3f} (the site's own" in listing.stdout, listing.stdout
+    assert f"read right: {site.verified_text} by its fine-tuned models, out of fold" in listing.stdout
     from safetensors import safe_open
 
     with safe_open(str(network_path(tmp_path / "var", "tuned")), "pt") as fh:
