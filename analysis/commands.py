@@ -325,8 +325,7 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
             sys.stdout.write(f"{bad.site_id}\tDAMAGED: {bad.reason}\n")
         for site in sites:
             verified = ("" if site.verified_balanced_accuracy is None else
-                        f"\tlabelled cells read right: {site.verified_text}"
-                        + (" by its fine-tuned models, out of fold" if site.verified_out_of_fold else ""))
+                        f"\tlabelled cells read right: {site.verified_text}")
             sys.stdout.write(f"{site.label}\tsource {site.source}\tflagged {site.flag_rate_before:.1%}"
                              f" -> {site.flag_rate_after:.1%}{verified}\n")
             for note in check(site):
@@ -417,9 +416,7 @@ def run_calibrate_site(args: argparse.Namespace) -> int:
                                  f"of these cells the shipped models did\n")
             verified: dict[str, Any] = summary["verified"]  # type: ignore[assignment]
             sys.stdout.write(f"  the class the node reports is right on {verified['text']} of the "
-                             f"labelled cells (none read by a network fitted on it"
-                             + ("; the fine-tuned models read each out of fold" if verified["out_of_fold"]
-                                else "") + ")\n")
+                             f"labelled cells (none read by a network fitted on it)\n")
             if verified["below_validated_accuracy"]:
                 sys.stdout.write(f"  WARNING: {verified['below_validated_accuracy']}: every slide of "
                                  f"this site is outside the validated domain and all its cells go "
@@ -553,9 +550,6 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
             finetune = finetune if ruling.finetune else None
         fitted = fit_site_network(model.reference.model, images, shot, labels, pack,
                                   finetune_steps=finetune[0] if finetune else 0)
-        tuning = _tuning_set(diffusion(), named_files, pack, spacing) if finetune else None
-        if finetune:  # verified with the site's fine-tuned diffusion classifier, out of fold
-            p_named = _out_of_fold_read(diffusion(), named_files, labels, tuning, spacing, finetune[1])
         verification = verify_site(p_named, fitted.probabilities, labels, model.rule.diffusion_weight)
         images = np.concatenate([images, shot])
         gate = {"used": fitted.used, "shipped_accuracy": fitted.shipped_accuracy,
@@ -568,7 +562,8 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
             measuring = fitted.model
         if finetune:  # the site's diffusion classifier, beside its network or the shipped one
             network, counts = network or {}, named_counts
-            network.update(_finetuned_diffusion(diffusion(), labels, tuning, finetune[1]))
+            network.update(_finetuned_diffusion(diffusion(), named_files, labels, pack, spacing,
+                                                finetune[1]))
     logits, features = reference_logits(measuring, images, features=True,
                                         views=model.reference.views)
     assert features is not None  # asked for
@@ -581,7 +576,7 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
                     val_normal_flag_rate=val_rate, source=source,
                     reference_sha256=model.reference_sha256, labelled=counts, network=network,
                     verification=verification, unsure=unsure, finetuned=finetuned,
-                    uncertainty_threshold=own_threshold, verified_out_of_fold=finetuned)
+                    uncertainty_threshold=own_threshold)
     path = save_site(data_dir, site)
     summary: dict[str, object] = {
         "id": site.site_id, "label": site.label, "path": str(path), "cells": site.cells,
@@ -601,58 +596,26 @@ def calibrate_site(paths: list[Path], site_id: str, data_dir: Path, *, weights_d
         summary["verified"] = {"balanced_accuracy": site.verified_balanced_accuracy,
                                "interval_95": list(site.verified_interval),
                                "text": site.verified_text, "cells": site.verified_cells,
-                               "out_of_fold": site.verified_out_of_fold,
                                "below_validated_accuracy": site.below_validated_accuracy}
     return summary
 
 
-def _tuning_set(classifier: Any, files: list[Path], pack: Any, spacing: float) -> tuple[Any, Any, Any]:
-    """What the diffusion classifier is fine-tuned on at a site: its labelled ``files`` framed
-    at the fine-tune's load size (a third larger than the classifier's input, as training
-    frames cells), and the source ``pack``'s cells and labels resampled to it."""
-    import numpy as np
-
-    from analysis.framing import read_framed
-    from analysis.site_adapt import resample
-
-    load = classifier.image_size * 4 // 3
-    return (np.stack([read_framed(p, load, spacing) for p in files]), resample(pack.images, load),
-            pack.labels)
-
-
-def _finetuned_diffusion(classifier: Any, labels: Any, tuning: tuple[Any, Any, Any],
+def _finetuned_diffusion(classifier: Any, files: list[Path], labels: Any, pack: Any, spacing: float,
                          steps: int) -> dict[str, Any]:
-    """The diffusion classifier fine-tuned on the site's labelled cells beside the source pack
-    (``tuning``: :func:`_tuning_set`; :func:`analysis.site_adapt.finetune_diffusion`), as
-    network-file tensors."""
-    from analysis.site_adapt import DIFFUSION_PREFIX, finetune_diffusion
-
-    images, pack_images, pack_labels = tuning
-    logger.info("fine-tuning the diffusion classifier on the %d labelled cells (%d steps)",
-                len(images), steps)
-    unet = finetune_diffusion(classifier.unet, classifier.model_config, images, labels,
-                              pack_images, pack_labels, steps=steps)
-    return {DIFFUSION_PREFIX + k: v.detach().contiguous() for k, v in unet.state_dict().items()}
-
-
-def _out_of_fold_read(classifier: Any, files: list[Path], labels: Any, tuning: tuple[Any, Any, Any],
-                      spacing: float, steps: int) -> Any:
-    """A fine-tuned site's verification read (criteria.txt, 2026-12-06 10:24): each labelled
-    cell's posterior from a copy of the diffusion classifier fine-tuned as the site's is
-    (``steps``, ``tuning``: :func:`_tuning_set`) without it
-    (:func:`analysis.site_adapt.out_of_fold_diffusion`), so that no cell is read by a model
-    fitted on it."""
+    """The diffusion classifier fine-tuned on the site's labelled ``files`` beside the source
+    ``pack`` (:func:`analysis.site_adapt.finetune_diffusion`), as network-file tensors."""
     import numpy as np
 
     from analysis.framing import read_framed
-    from analysis.site_adapt import VERIFY_FOLDS, out_of_fold_diffusion
+    from analysis.site_adapt import DIFFUSION_PREFIX, finetune_diffusion, resample
 
-    images, pack_images, pack_labels = tuning
-    logger.info("the site's verification: the labelled cells read by %d copies of the diffusion "
-                "classifier, each fine-tuned without the cells it reads", VERIFY_FOLDS)
-    read = np.stack([read_framed(p, classifier.image_size, spacing) for p in files])
-    return out_of_fold_diffusion(classifier, images, read, labels, pack_images, pack_labels,
-                                 steps=steps)
+    load = classifier.image_size * 4 // 3  # framed a third larger, as training frames cells
+    logger.info("fine-tuning the diffusion classifier on the %d labelled cells (%d steps)",
+                len(files), steps)
+    images = np.stack([read_framed(p, load, spacing) for p in files])
+    unet = finetune_diffusion(classifier.unet, classifier.model_config, images, labels,
+                              resample(pack.images, load), pack.labels, steps=steps)
+    return {DIFFUSION_PREFIX + k: v.detach().contiguous() for k, v in unet.state_dict().items()}
 
 
 def _read_site(diffusion: Callable[[], Any], model: Any, files: list[Path], spacing: float,

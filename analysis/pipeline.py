@@ -631,9 +631,7 @@ def _provenance(classifier: Any, budget: Any, config: PipelineConfig,
         if site is not None and site.verified_balanced_accuracy is not None:
             parameters["site_verified"] = (
                 f"reported class right on {site.verified_text} of the site's "
-                f"{site.verified_cells} labelled cells, none read by a network fitted on it"
-                + (" (the site's fine-tuned models, each cell read by copies fine-tuned without it)"
-                   if site.verified_out_of_fold else ""))
+                f"{site.verified_cells} labelled cells, none read by a network fitted on it")
         if site is not None and site.unsure_measured:
             parameters["site_unsure"] = (
                 f"{site.unsure_text} of the site's unlabelled cells read at its calibration "

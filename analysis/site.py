@@ -118,10 +118,6 @@ class SiteCalibration:
     verified_cells: int = 0
     #: Its 95 % interval (:func:`analysis.site_adapt.balanced_accuracy_interval`; empty: none).
     verified_interval: tuple[float, ...] = ()
-    #: The verification read a fine-tuned site's named cells with its fine-tuned diffusion
-    #: classifier out of fold (:func:`analysis.site_adapt.out_of_fold_diffusion`; criteria.txt,
-    #: 2026-12-06 10:24), not with the shipped one.
-    verified_out_of_fold: bool = False
     #: Of ``unsure_measured`` of the site's unlabelled cells, those the review rule calls
     #: uncertain or on which the two models disagree (0 of 0: not measured).
     unsure_cells: int = 0
@@ -420,14 +416,12 @@ def fit_site(site_id: str, features: np.ndarray, *, density: Any,
              reference_sha256: str = "", labelled: tuple[tuple[str, int], ...] = (),
              network: Any = None, verification: Any = None,
              unsure: tuple[int, int, float] | None = None,
-             finetuned: bool = False, uncertainty_threshold: float | None = None,
-             verified_out_of_fold: bool = False) -> SiteCalibration:
+             finetuned: bool = False, uncertainty_threshold: float | None = None) -> SiteCalibration:
     """Fit a site calibration from the reference ``features`` of the site's cells
     (``density``: :class:`analysis.review.FeatureDensity`; ``reference_sha256``: the
     shipped network; ``network``: the site's own (:func:`analysis.site_adapt.network_state`,
     fitted on ``labelled`` cells per class), which then measured ``features``;
-    ``verification``: :func:`analysis.site_adapt.verify_site`'s on the labelled cells
-    (``verified_out_of_fold``: a fine-tuned site's, its diffusion classifier read out of fold);
+    ``verification``: :func:`analysis.site_adapt.verify_site`'s on the labelled cells;
     ``unsure``: ``(unsure cells, cells read, the validated labs' share)``; ``finetuned``: the
     network was fine-tuned whole and holds the site's diffusion classifier;
     ``uncertainty_threshold``: then its own, :func:`analysis.site_adapt.matched_threshold`)."""
@@ -452,7 +446,6 @@ def fit_site(site_id: str, features: np.ndarray, *, density: Any,
         verified_balanced_accuracy=None if verification is None else verification.balanced_accuracy,
         verified_cells=0 if verification is None else verification.cells,
         verified_interval=() if verification is None else (verification.low, verification.high),
-        verified_out_of_fold=verification is not None and verified_out_of_fold,
         unsure_cells=0 if unsure is None else int(unsure[0]),
         unsure_measured=0 if unsure is None else int(unsure[1]),
         unsure_expected=None if unsure is None else float(unsure[2]), finetuned=finetuned,

@@ -416,12 +416,10 @@ def out_of_fold_diffusion(classifier: Any, load_images: np.ndarray, read_images:
     model fine-tuned (:func:`finetune_diffusion`, ``steps``) without it: the cells dealt into
     ``n_folds`` folds (:func:`folds`), each fold read by a copy trained on the others.
     ``load_images`` are the named cells framed at the fine-tune's load size, ``read_images``
-    the same cells framed for the classifier. A fine-tuned site's verification in
-    ``calibrate-site`` (criteria.txt, 2026-12-06 10:24), judged by the whole-interval gate: on
-    50 named cells it verified a lab at 86 % whose held-out cells scored 0.77 (07:51), so the
-    point figure alone is not safe. Each copy learns from a fold fewer, which pulls the figure
-    down; named cells drawn from the same slides as one another push it up (it stood 3-10
-    points above the held-out figure with 20 and 40 named cells a class)."""
+    the same cells framed for the classifier. Measured as a fine-tuned site's verification
+    (``few_shot --verify-folds``; criteria.txt, 2026-12-06 07:51) and not adopted: nearer the
+    held-out figure on average, but on 50 named cells it verified a lab at 86 % whose held-out
+    cells scored 0.77. Each copy learns from a fold fewer, so the figure leans low."""
     labels = np.asarray(labels, dtype=np.int64)
     if not len(load_images) == len(read_images) == len(labels):
         raise ValueError("the named cells, framed twice, and their labels must be as many")

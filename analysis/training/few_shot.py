@@ -481,10 +481,9 @@ def run_fold_verification(data_root: Path, lab: str, reference: Path, pack_path:
     """A site's verification (criteria.txt, 2026-12-06 07:51): the named cells drawn, the rule
     and the site network fitted as :func:`run_site_network` does for the same arguments
     (``--ruled``), then :func:`analysis.site_adapt.verify_site` with the shipped diffusion
-    classifier's posteriors (``verified``, what calibrate-site reports for a site it does not
-    fine-tune) and, where the rule fine-tunes, with the fine-tuned one's out of fold
-    (``verified_out_of_fold``, :func:`analysis.site_adapt.out_of_fold_diffusion`; what
-    calibrate-site reports for a fine-tuned site since the criterion of 2026-12-06 10:24).
+    classifier's posteriors (``verified``, what calibrate-site reports) and, where the rule
+    fine-tunes, with the fine-tuned one's out of fold (``verified_out_of_fold``,
+    :func:`analysis.site_adapt.out_of_fold_diffusion`; measured, not what the node does).
     Nothing is scored: the figures are compared with the scored run's reported class afterwards
     (``bench/site_verify_folds.sh``)."""
     from analysis.classifier import DiffusionClassifier, read_calibration

@@ -193,8 +193,7 @@ def _add_calibrate_site(sub: SubParsers) -> None:
                    help="with --labelled (the default there): fine-tune the whole site network "
                         "and the diffusion classifier on the labelled cells where the shipped "
                         "models clearly read them below the validated 85%%; a fine-tuned site gets "
-                        "its own uncertainty threshold and is verified with its own models, each "
-                        "labelled cell read by copies fine-tuned without it (minutes; model card)")
+                        "its own uncertainty threshold (minutes; model card)")
     p.add_argument("--no-finetune", action="store_true",
                    help="with --labelled: refit only the site network's statistics and last layer")
     p.add_argument("--finetune-steps", default=None, metavar="NETWORK,DIFFUSION",
