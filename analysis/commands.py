@@ -644,14 +644,14 @@ def _read_site(diffusion: Callable[[], Any], model: Any, files: list[Path], spac
     chosen_files = [files[i] for i in chosen]
     classifier = diffusion().for_network(network)
     logger.info("both models read %d of the site's cells (is the site readable?)", len(chosen))
+    readers = [classifier]
     if shipped_images is not None:
         logger.info("the shipped models read them too (the fine-tuned site's uncertainty threshold)")
-    pred, *shipped_read = _diffusion_read(chosen_files, spacing, classifier,
-                                          *([diffusion()] if shipped_images is not None else []))
+        readers.append(diffusion())
+    pred, *shipped_read = _diffusion_read(chosen_files, spacing, *readers)
     p_reference = reference_posterior(logits[chosen])
     own = None
-    if shipped_read:
-        read = shipped_read[0]
+    for read in shipped_read:  # the shipped classifier's read: a fine-tuned site only
         shipped = rule_uncertainty(model.rule, read.probabilities, reference_posterior(reference_logits(
             model.reference.model, shipped_images[chosen], views=model.reference.views)[0]), read.uncertainty)
         own = matched_threshold(shipped, rule_uncertainty(model.rule, pred.probabilities, p_reference,

@@ -599,12 +599,10 @@ def balanced_accuracy_interval(correct: np.ndarray, labels: np.ndarray, *, level
     The low end, which decides the validated domain, is the quantile."""
     rng = np.random.default_rng(seed)
     correct = np.asarray(correct, dtype=bool)
-    classes = np.unique(labels)
-    recalls = [rng.beta(correct[labels == c].sum() + 0.5, (~correct[labels == c]).sum() + 0.5, draws)
-               for c in classes]
-    mean = np.mean(recalls, axis=0)
+    hits = [correct[labels == c] for c in np.unique(labels)]  # each class's cells, right or not
+    mean = np.mean([rng.beta(h.sum() + 0.5, (~h).sum() + 0.5, draws) for h in hits], axis=0)
     tail = (1.0 - level) / 2.0
-    figure = float(np.mean([correct[labels == c].mean() for c in classes]))
+    figure = float(np.mean([h.mean() for h in hits]))
     return (min(float(np.quantile(mean, tail)), figure),
             max(float(np.quantile(mean, 1.0 - tail)), figure))
 
